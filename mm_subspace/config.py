@@ -1,0 +1,118 @@
+"""Base configuration shared by every method.
+
+Configs are dataclasses with ``field(metadata={"help": ...})`` per field (as in PEFT); each method
+subclasses :class:`AdapterConfig` in its own file and sets the class variable ``method``.
+``__post_init__`` validates, so a bad value fails when the config is built, before any model is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+TargetSpec = str | list[str] | tuple[str, ...] | None
+
+
+@dataclass
+class AdapterConfig:
+    """Fields common to all adapter methods.
+
+    Args:
+        rank: r, the inner dimension of the low-rank factors (ignored by methods without one).
+        alpha: the update is scaled by ``alpha / rank`` (LoRA's convention; PEFT's ``lora_alpha``).
+        dropout: dropout probability on the adapter's input (PEFT's ``lora_dropout``).
+        targets: which modules to adapt: a preset name (``"llama"``, ``"sdxl_unet"``; see
+            :mod:`mm_subspace.presets`), a regular expression matched against the full module
+            name, or a list of names each matched exactly or as a dotted suffix (``"q_proj"``
+            matches ``model.layers.0.self_attn.q_proj``).
+        rank_pattern / alpha_pattern: per-module overrides, ``{regex: value}``; a key matches a
+            module whose name ends with it (PEFT semantics).
+        init_weights: ``True`` initialises so the adapted model equals the base at step 0 (B = 0);
+            ``False`` draws every factor at random (for tests and for loading weights over it).
+        dtype: dtype of the adapter parameters (``"float32"``, ``"bfloat16"``, ...); ``None`` takes
+            the base weight's dtype, or float32 when the base is quantised.
+    """
+
+    method: ClassVar[str] = ""
+    #: methods whose layers hold an A·B pair; MPC constraints and plain-LoRA export need it
+    low_rank: ClassVar[bool] = True
+
+    rank: int = field(default=8, metadata={"help": "inner rank r of the low-rank factors"})
+    alpha: float = field(default=8.0, metadata={"help": "scale numerator: ΔW is scaled by alpha / rank"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    targets: TargetSpec = field(
+        default=None, metadata={"help": "preset name, regex, or list of exact names / dotted suffixes"}
+    )
+    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "{regex: rank} overrides"})
+    alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": "{regex: alpha} overrides"})
+    init_weights: bool = field(default=True, metadata={"help": "True: step 0 equals the base model"})
+    dtype: str | None = field(default=None, metadata={"help": "adapter parameter dtype; None = base dtype"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ConfigError(f"{self.method}: rank must be a positive integer, got {self.rank!r}")
+        for key, value in self.rank_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{self.method}: rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"{self.method}: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dtype is not None:
+            import torch
+
+            if not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
+                raise ConfigError(f"{self.method}: dtype {self.dtype!r} is not a torch dtype name (e.g. 'float32')")
+
+    # -- per-module values ---------------------------------------------------------------------
+    @staticmethod
+    def _pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
+        for key, value in pattern.items():
+            if re.match(rf"(.*\.)?({key})$", module_name):
+                return value
+        return default
+
+    def rank_for(self, module_name: str) -> int:
+        """The rank used for ``module_name`` (``rank_pattern`` first, else ``rank``)."""
+        return int(self._pattern_value(self.rank_pattern, module_name, self.rank))
+
+    def alpha_for(self, module_name: str) -> float:
+        """The alpha used for ``module_name`` (``alpha_pattern`` first, else ``alpha``)."""
+        return float(self._pattern_value(self.alpha_pattern, module_name, self.alpha))
+
+    # -- (de)serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict with the method name under ``"method"``."""
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "AdapterConfig":
+        """Build the right config subclass from :meth:`to_dict` output; unknown fields are an error."""
+        from .registry import get_method
+
+        if not isinstance(data, dict) or "method" not in data:
+            raise ConfigError("adapter config must be a JSON object with a 'method' field")
+        data = dict(data)
+        cls = get_method(data.pop("method")).config_class
+        unknown = set(data) - cls.field_names()
+        if unknown:
+            raise ConfigError(
+                f"unknown field(s) {sorted(unknown)} for method {cls.method!r}; "
+                f"valid fields: {sorted(cls.field_names())}. Was it written by a newer mm_subspace?"
+            )
+        try:
+            return cls(**data)
+        except TypeError as err:  # wrong value types that __post_init__ did not catch
+            raise ConfigError(f"invalid config for method {cls.method!r}: {err}") from None
+
+    def replace(self, **changes: Any) -> "AdapterConfig":
+        """A copy with ``changes`` applied (re-validated)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,41 @@
+"""Exceptions raised by mm_subspace.
+
+Every error names the problem and the fix. All inherit from :class:`SubspaceError`, and from the
+builtin type a caller would naturally catch (``ValueError`` for bad input, ``RuntimeError`` for an
+operation that cannot be done in the model's current state), so ``except ValueError`` keeps working.
+These are the only exceptions the loaders let escape on bad files (see ``tests/test_reliability.py``).
+"""
+
+from __future__ import annotations
+
+
+class SubspaceError(Exception):
+    """Base class of every mm_subspace error."""
+
+
+class ConfigError(SubspaceError, ValueError):
+    """An adapter configuration is invalid (unknown method, bad rank, unknown field, ...)."""
+
+
+class TargetError(SubspaceError, ValueError):
+    """A target module name matched nothing, or matched a layer type we cannot wrap."""
+
+
+class AdapterFileError(SubspaceError, ValueError):
+    """An adapter on disk is corrupt, truncated, of an unknown format, or has wrong keys/shapes."""
+
+
+class IncompatibleAdapterError(AdapterFileError):
+    """An adapter on disk was made for a different base model (missing modules, other shapes)."""
+
+
+class MergeError(SubspaceError, RuntimeError):
+    """The adapter cannot be folded into the base weight (input-dependent or nonlinear ΔW)."""
+
+
+class AdapterStateError(SubspaceError, RuntimeError):
+    """The operation is not possible in the model's current state (e.g. adapter name exists)."""
+
+
+class NonFiniteError(SubspaceError, FloatingPointError):
+    """A NaN or inf was found in a loss or an adapter output."""

@@ -1,0 +1,188 @@
+"""Export to plain LoRA (PEFT and diffusers formats) and import of PEFT LoRA checkpoints.
+
+Every method whose ΔW has the form ``scaling · up · down`` (LoRA, MoSLoRA, TS-Mixing, and the other
+A·B-shaped methods) exports as an ordinary LoRA: the mixer is folded into B exactly (``up = B · M``),
+so stock loaders reproduce the adapter's outputs. The official MoSLoRA code loses the mixer on the
+way to diffusers; here the folded factors carry it. Methods that cannot be written as a fixed rank-r
+product (SuLoRA's routed B, nonlinear MPC) raise :class:`~mm_subspace.errors.MergeError` saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import AdapterFileError, ConfigError
+from .inject import get_state, inject, iter_adapters, remove_adapter, set_adapter
+from .io import load_tensors_into, read_tensors, save_tensors
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def lora_factors(model: nn.Module, adapter_name: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Module name -> (down (r, in), up (out, r), scaling) with ``ΔW = scaling · up · down`` (mixer folded)."""
+    get_state(model)
+    out = {}
+    for module_name, adapter in iter_adapters(model, adapter_name):
+        down, up = adapter.lora_factors()
+        out[module_name] = (down.detach(), up.detach(), float(adapter.scaling))
+    if not out:
+        raise ConfigError(f"model has no adapter named {adapter_name!r} to export")
+    return out
+
+
+def lora_state_dict(
+    model: nn.Module, adapter_name: str = "default", fold_scale: bool = False, prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """PEFT-keyed plain-LoRA tensors: ``"{prefix}{module}.lora_A.weight"`` (r, in) and ``.lora_B.weight`` (out, r).
+
+    With ``fold_scale`` the scaling ``alpha/r`` is multiplied into B (for loaders that assume alpha = r).
+    """
+    state = {}
+    for module_name, (down, up, scaling) in lora_factors(model, adapter_name).items():
+        state[f"{prefix}{module_name}.lora_A.weight"] = down.contiguous()
+        state[f"{prefix}{module_name}.lora_B.weight"] = (up * scaling if fold_scale else up).contiguous()
+    return state
+
+
+def _patterns(values: dict[str, float], default: float) -> dict[str, float]:
+    return {re.escape(name): v for name, v in values.items() if v != default}
+
+
+def export_peft(
+    model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default", base_model_name_or_path: str | None = None
+) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained`` loads.
+
+    The mixer is folded into ``lora_B``; rank and alpha are kept (per-module values go to PEFT's
+    ``rank_pattern`` / ``alpha_pattern``), so PEFT computes exactly our ΔW.
+    """
+    from peft import LoraConfig
+
+    from .io import atomic_paths
+
+    factors = lora_factors(model, adapter_name)
+    ranks = {name: int(down.shape[0]) for name, (down, _, _) in factors.items()}
+    alphas = {name: scaling * ranks[name] for name, (_, _, scaling) in factors.items()}
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=sorted(factors),
+        rank_pattern=_patterns(ranks, rank),
+        alpha_pattern=_patterns(alphas, alpha),
+        base_model_name_or_path=base_model_name_or_path,
+        lora_dropout=float(get_state(model).configs[adapter_name].dropout),
+    )
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = lora_state_dict(model, adapter_name, prefix="base_model.model.")
+    with atomic_paths(out / PEFT_WEIGHTS) as (tmp,):
+        save_tensors(tensors, tmp, metadata={"format": "pt"})
+    config.save_pretrained(str(out))
+    return out
+
+
+def export_diffusers(
+    save_directory: str | os.PathLike,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
+    adapter_name: str = "default",
+) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` that stock ``StableDiffusionXLPipeline.load_lora_weights`` loads.
+
+    Pass the injected UNet and, when adapted, the text encoders. Scale and mixer are folded into
+    ``lora_B`` (diffusers takes alpha = r when the file carries no metadata).
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    parts = {"unet_lora_layers": unet, "text_encoder_lora_layers": text_encoder, "text_encoder_2_lora_layers": text_encoder_2}
+    layers = {key: lora_state_dict(m, adapter_name, fold_scale=True) for key, m in parts.items() if m is not None}
+    if not layers:
+        raise ConfigError("export_diffusers needs at least one of unet=, text_encoder=, text_encoder_2=")
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    StableDiffusionXLPipeline.save_lora_weights(out, **layers, weight_name=DIFFUSERS_WEIGHTS)
+    return out
+
+
+def _read_peft_weights(folder: Path) -> dict[str, torch.Tensor]:
+    st, binary = folder / PEFT_WEIGHTS, folder / "adapter_model.bin"
+    if st.is_file():
+        return read_tensors(st)
+    if binary.is_file():
+        try:  # never unpickle arbitrary objects
+            state = torch.load(binary, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise AdapterFileError(f"{binary} could not be read safely as tensors ({type(err).__name__}: {err})") from None
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise AdapterFileError(f"{binary} does not hold a flat dict of tensors")
+        return state
+    raise AdapterFileError(f"no {PEFT_WEIGHTS} or adapter_model.bin in {folder}")
+
+
+def read_peft_config(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / "adapter_config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdapterFileError(f"no adapter_config.json in {folder}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFileError(f"{path} is not valid JSON: {err}") from None
+
+
+def strip_peft_prefix(key: str) -> str:
+    """``base_model.model.x.lora_A.default.weight`` -> ``x.lora_A.weight``."""
+    key = key.removeprefix("base_model.model.")
+    return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)
+
+
+def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", strict: bool = True) -> str:
+    """Load a PEFT LoRA checkpoint (``adapter_config.json`` + weights) onto ``model`` as our ``lora``.
+
+    ``use_rslora`` is converted exactly (alpha' = alpha·√r). DoRA and other PEFT variants are refused
+    with the reason. Returns the adapter name.
+    """
+    from .methods.lora import LoraConfig
+
+    folder = Path(path)
+    cfg = read_peft_config(folder)
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterFileError(f"{folder} is a {cfg.get('peft_type')!r} PEFT adapter; only LORA can be imported")
+    for flag in ("use_dora", "use_qalora", "lora_bias"):
+        if cfg.get(flag):
+            raise AdapterFileError(f"{folder}: PEFT option {flag}=True has no plain-LoRA equivalent; import refused")
+    tensors = {strip_peft_prefix(k): v for k, v in _read_peft_weights(folder).items()}
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
+    extra = sorted(k for k in tensors if not re.search(r"\.lora_[AB]\.weight$", k))
+    if extra and strict:
+        raise AdapterFileError(
+            f"{folder} holds tensors a plain LoRA does not have: {extra[:5]} ({len(extra)} in all). "
+            "A MoSLoRA checkpoint (lora_AB)? Use mm_subspace's MoSLoRA import. Or pass strict=False to skip them."
+        )
+    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    rank_pattern = {k: int(v) for k, v in (cfg.get("rank_pattern") or {}).items()}
+    alpha_pattern = {k: float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
+    if cfg.get("use_rslora"):
+        config0 = LoraConfig(rank=r, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+        alpha_pattern = {re.escape(m): config0.alpha_for(m) * config0.rank_for(m) ** 0.5 for m in modules}
+    config = LoraConfig(rank=r, alpha=alpha, targets=modules, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                        dropout=float(cfg.get("lora_dropout", 0.0)))
+    inject(model, config, adapter_name)
+    ours = {k.replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B"): v for k, v in tensors.items() if k not in extra}
+    try:
+        load_tensors_into(model, adapter_name, ours, strict=strict, source=str(folder))
+    except BaseException:
+        remove_adapter(model, adapter_name)
+        raise
+    set_adapter(model, adapter_name)
+    return adapter_name

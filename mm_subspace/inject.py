@@ -1,0 +1,375 @@
+"""The one injection mechanism and the model-level controls.
+
+``inject(model, config, adapter_name)`` matches target modules, validates everything, and only then
+replaces each target with an :class:`~mm_subspace.layer.AdapterLayer` on its parent (a failure never
+leaves a half-injected model). The other functions switch, disable, scale, merge and remove
+adapters on a model injected this way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import re
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .bases import find_base, supported_types
+from .config import AdapterConfig
+from .errors import AdapterStateError, ConfigError, MergeError, TargetError
+from .layer import Adapter, AdapterLayer, ModelState
+from .registry import get_method
+
+logger = logging.getLogger(__name__)
+STATE_ATTR = "_mm_subspace_state"
+
+
+# -- lookup helpers ---------------------------------------------------------------------------------
+def get_state(model: nn.Module, required: bool = True) -> ModelState | None:
+    """The shared :class:`ModelState` of an injected model."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None and required:
+        raise AdapterStateError(
+            f"{type(model).__name__} has no mm_subspace adapters; call mm_subspace.inject(model, config) "
+            "or mm_subspace.load_adapter(model, path) first"
+        )
+    return state
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """(module name, layer) for every :class:`AdapterLayer` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def iter_adapters(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, Adapter]]:
+    """(module name, adapter) for every adapter (or only those called ``adapter_name``)."""
+    for name, layer in adapter_layers(model):
+        for key, adapter in layer.adapters.items():
+            if adapter_name is None or key == adapter_name:
+                yield name, adapter
+
+
+def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Module names a target can match: wrapped layers count under their own name, never their insides."""
+    found: dict[str, nn.Module] = {}
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in skip):
+            continue
+        found[name] = module
+        if isinstance(module, AdapterLayer):
+            skip.append(name + ".")
+    return found
+
+
+def _hint(target: str, names: list[str]) -> str:
+    leaves = sorted({n.split(".")[-1] for n in names} | {".".join(n.split(".")[-2:]) for n in names})
+    close = difflib.get_close_matches(target, leaves, n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+
+
+def resolve_targets(model: nn.Module, targets: Any) -> list[str]:
+    """Full names of the modules ``targets`` selects (preset name, regex, or list of names/suffixes)."""
+    from . import presets
+
+    modules = _candidate_modules(model)
+    names = list(modules)
+    if targets is None or (isinstance(targets, (list, tuple)) and not targets):
+        raise ConfigError(
+            "config.targets is empty: give a preset name (one of "
+            f"{', '.join(presets.list_presets())}), a regex, or a list of module names"
+        )
+    if isinstance(targets, str):
+        preset = presets.get_preset(targets, required=False)
+        if preset is not None:
+            return preset.resolve(model)
+        try:
+            pattern = re.compile(targets)
+        except re.error as err:
+            raise ConfigError(f"targets {targets!r} is neither a preset nor a valid regex: {err}") from None
+        matched = [n for n in names if pattern.fullmatch(n)]
+        if not matched:
+            raise TargetError(
+                f"target regex {targets!r} matched no module of {type(model).__name__} (it must match the "
+                f"full dotted name, e.g. {names[-1]!r}){_hint(targets, names)}. Presets: "
+                f"{', '.join(presets.list_presets())}"
+            )
+        return matched
+    matched = []
+    for target in targets:
+        hits = [n for n in names if n == target or n.endswith("." + target)]
+        if not hits:
+            raise TargetError(
+                f"target {target!r} matched no module of {type(model).__name__}{_hint(target, names)} "
+                f"(targets match a full name or a dotted suffix; see mm_subspace.presets for ready lists)"
+            )
+        matched.extend(h for h in hits if h not in matched)
+    return matched
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdapterLayer) else module
+
+
+# -- inject -----------------------------------------------------------------------------------------
+def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
+    """Add adapter ``adapter_name`` described by ``config`` to ``model`` in place, and freeze the base.
+
+    The first adapter injected becomes active; later ones are added inactive (switch with
+    :func:`set_adapter`). Returns ``model``.
+
+    Raises:
+        ConfigError: bad config or an empty target list.
+        TargetError: a target matched nothing, matched an unsupported layer type, or the rank is
+            larger than a layer allows.
+        AdapterStateError: an adapter called ``adapter_name`` already exists.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise ConfigError(f"config must be an AdapterConfig (e.g. mm_subspace.MoSLoRAConfig), got {type(config).__name__}")
+    if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name):
+        raise ConfigError(f"adapter name {adapter_name!r} must be a non-empty string of letters, digits, '_' or '-'")
+    adapter_cls = get_method(config.method)
+    state = get_state(model, required=False)
+    if state is not None and adapter_name in state.configs:
+        raise AdapterStateError(
+            f"an adapter named {adapter_name!r} already exists on this model; pass another adapter_name, "
+            f"or call mm_subspace.remove_adapter(model, {adapter_name!r}) first"
+        )
+    modules = _candidate_modules(model)
+    targets = resolve_targets(model, config.targets)
+    plan = []
+    for name in targets:
+        module = modules[name]
+        base = _base_of(module)
+        kind = find_base(base)
+        if kind is None:
+            raise TargetError(
+                f"target {name!r} is a {type(base).__name__}, which mm_subspace cannot wrap (supported: "
+                f"{', '.join(supported_types())}); target its linear sub-layers instead"
+                f"{_child_hint(name, base)}"
+            )
+        adapter_cls.validate(kind, base, config, name)
+        plan.append((name, module, base, kind))
+
+    # everything validated: now mutate
+    if state is None:
+        state = ModelState()
+        setattr(model, STATE_ATTR, state)
+    for name, module, base, kind in plan:
+        layer = module
+        if not isinstance(module, AdapterLayer):
+            layer = AdapterLayer(base, kind, state, name)
+            _set_submodule(model, name, layer)
+        layer.adapters[adapter_name] = adapter_cls(kind, base, config, name)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    state.configs[adapter_name] = config
+    if not state.active:
+        state.active = [adapter_name]
+    _refresh_trainable(model, state)
+    logger.info("injected %s adapter %r into %d modules", config.method, adapter_name, len(plan))
+    return model
+
+
+def _child_hint(name: str, module: nn.Module) -> str:
+    children = [n for n, m in module.named_modules() if n and find_base(m) is not None]
+    return f", e.g. {', '.join(repr(f'{name}.{c}') for c in children[:4])}" if children else ""
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _refresh_trainable(model: nn.Module, state: ModelState) -> None:
+    """Parameters of active adapters train, except those the method freezes; all else is frozen."""
+    for _, layer in adapter_layers(model):
+        for key, adapter in layer.adapters.items():
+            for pname, param in adapter.named_parameters():
+                param.requires_grad_(key in state.active and pname not in adapter.frozen_parameters)
+
+
+# -- switching ----------------------------------------------------------------------------------------
+def _check_names(state: ModelState, names: list[str]) -> None:
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise AdapterStateError(f"unknown adapter(s) {unknown}; this model has {list(state.configs)}")
+
+
+def set_adapter(model: nn.Module, names: str | list[str]) -> None:
+    """Make ``names`` the active adapter(s) (applied in the given order); only they train."""
+    state = get_state(model)
+    names = [names] if isinstance(names, str) else list(names)
+    _check_names(state, names)
+    state.active = names
+    _refresh_trainable(model, state)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(get_state(model).active)
+
+
+def list_adapters(model: nn.Module) -> dict[str, AdapterConfig]:
+    """Adapter name -> config, for every adapter on ``model``."""
+    state = get_state(model, required=False)
+    return dict(state.configs) if state else {}
+
+
+def enable_adapters(model: nn.Module, enabled: bool = True) -> None:
+    """Turn all adapters on or off. Turning off a merged model unmerges it first (with a warning)."""
+    state = get_state(model)
+    if not enabled and any(layer.merged for _, layer in adapter_layers(model)):
+        logger.warning("disabling adapters on a merged model: unmerging first")
+        unmerge(model)
+    state.disabled = not enabled
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """``with disable_adapters(model): ...`` runs the base model, then restores the previous state."""
+    state = get_state(model)
+    before = state.disabled
+    enable_adapters(model, False)
+    try:
+        yield model
+    finally:
+        state.disabled = before
+
+
+def set_scale(model: nn.Module, adapter_name: str, scale: float) -> None:
+    """Multiply adapter ``adapter_name``'s update by ``scale`` (1.0 = as trained; 0 = off)."""
+    state = get_state(model)
+    _check_names(state, [adapter_name])
+    if any(adapter_name in layer.merged for _, layer in adapter_layers(model)):
+        raise AdapterStateError(f"adapter {adapter_name!r} is merged; unmerge before changing its scale")
+    for _, adapter in iter_adapters(model, adapter_name):
+        adapter.user_scale = float(scale)
+
+
+@contextlib.contextmanager
+def forward_context(model: nn.Module, adapter_rows: list[str | None] | None = None, **extras: Any) -> Iterator[None]:
+    """Per-forward context for the adapter layers of ``model``.
+
+    Args:
+        adapter_rows: one adapter name (or ``None`` for the base) per batch row; a batch that is a
+            multiple of ``len(adapter_rows)`` is tiled (so classifier-free guidance's doubled batch
+            routes correctly). Each row passes through its own adapter only; the base runs once.
+        extras: tensors adapters may read, e.g. ``attention_mask`` (batch, seq) for SuLoRA's router.
+    """
+    state = get_state(model)
+    context: dict[str, Any] = dict(extras)
+    if adapter_rows is not None:
+        rows = list(adapter_rows)
+        if not rows:
+            raise AdapterStateError("adapter_rows is empty; give one adapter name (or None) per row")
+        _check_names(state, [r for r in rows if r is not None])
+        context["adapter_rows"] = rows
+    before = state.context
+    state.context = context
+    try:
+        yield
+    finally:
+        state.context = before
+
+
+def aux_loss(model: nn.Module, reset: bool = True) -> torch.Tensor:
+    """Sum of the auxiliary losses adapters recorded since the last call (SuLoRA balance, MPC).
+
+    Each method scales its own term by its config coefficient. ``reset=True`` clears them, so call
+    it once per optimisation step and add the result to the task loss. Returns a scalar (0 if none).
+    """
+    total: torch.Tensor | None = None
+    for _, adapter in iter_adapters(model):
+        aux = adapter.pop_aux() if reset else adapter._aux
+        if aux is not None:
+            total = aux if total is None else total + aux.to(total.device)
+    if total is None:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=param.device if param is not None else "cpu")
+    return total
+
+
+# -- merge ------------------------------------------------------------------------------------------
+def merge(model: nn.Module, adapter_names: list[str] | None = None) -> None:
+    """Fold the adapters (default: the active ones) into the base weights. Outputs are unchanged."""
+    state = get_state(model)
+    names = list(state.active if adapter_names is None else adapter_names)
+    _check_names(state, names)
+    layers = [layer for _, layer in adapter_layers(model)]
+    for layer in layers:  # validate all before touching any weight
+        for name in names:
+            if name in layer.adapters and not layer.adapters[name].mergeable:
+                raise MergeError(layer.adapters[name]._refusal("merge"))
+    for layer in layers:
+        layer.merge(names)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore the base weights of every merged layer."""
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
+    """Merge, then put the plain base modules back: a stock model with the adapters baked in."""
+    merge(model, adapter_names)
+    return unload(model)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter layer, keeping the base weights as they are now (merged or not)."""
+    for name, layer in list(adapter_layers(model)):
+        _set_submodule(model, name, layer.base_layer)
+    if hasattr(model, STATE_ATTR):
+        delattr(model, STATE_ATTR)
+    return model
+
+
+def remove_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Delete adapter ``adapter_name``; layers left without adapters get their base module back."""
+    state = get_state(model)
+    _check_names(state, [adapter_name])
+    for name, layer in list(adapter_layers(model)):
+        if adapter_name in layer.adapters:
+            if layer.merged:
+                layer.unmerge()
+            del layer.adapters[adapter_name]
+        if len(layer.adapters) == 0:
+            _set_submodule(model, name, layer.base_layer)
+    del state.configs[adapter_name]
+    state.active = [a for a in state.active if a != adapter_name]
+    if not state.configs:
+        delattr(model, STATE_ATTR)
+    else:
+        _refresh_trainable(model, state)
+
+
+# -- counting -----------------------------------------------------------------------------------------
+def _numel(param: torch.Tensor) -> int:
+    # bitsandbytes packs two 4-bit values per byte: count the logical parameters, as PEFT does
+    return param.numel() * 2 if type(param).__name__ == "Params4bit" else param.numel()
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, 4-bit weights counted by their logical size."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = _numel(param)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    """Print and return ``trainable params: X || all params: Y || trainable%: Z`` (PEFT's format)."""
+    trainable, total = trainable_parameters(model)
+    line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    print(line)
+    return line

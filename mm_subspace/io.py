@@ -1,0 +1,327 @@
+"""Save and load adapters: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+Layout of a saved adapter folder::
+
+    adapter_config.json        {"format": "mm_subspace.adapter", "format_version": 1, "config": {...},
+                                "modules": {name: {"kind", "in", "out"}}, "dtype", "weights_sha256", ...}
+    adapter_model.safetensors  "<module name>.<tensor>" -> tensor, e.g. "layers.0.self_attn.q_proj.lora_A"
+
+Writes are atomic: both files are fully written to temporary names first and then renamed into
+place (weights first, config last), so an interrupted save leaves the previous adapter loadable. The
+config records the SHA-256 of the weights file; a mismatch (hand-mixed files) is an error, never a
+silent load. Loading validates everything — JSON, format version, method, module names and shapes,
+tensor keys, shapes and dtypes — and rolls back on any failure, so the model is left untouched.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import AdapterFileError, IncompatibleAdapterError, SubspaceError
+from .inject import _candidate_modules, _base_of, get_state, inject, iter_adapters, remove_adapter, set_adapter
+from .bases import find_base
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "mm_subspace.adapter"
+FORMAT_VERSION = 1
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+# -- atomic files ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
+    """Yield temporary paths beside ``targets``; on success rename each onto its target, in order.
+
+    On any exception the temporaries are deleted and the targets are untouched.
+    """
+    temps = [t.with_name(f".{t.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}") for t in targets]
+    try:
+        yield temps
+        for tmp in temps:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        for tmp, target in zip(temps, targets):
+            os.replace(tmp, target)
+    finally:
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file + rename)."""
+    with atomic_paths(Path(path)) as (tmp,):
+        tmp.write_text(text, encoding="utf-8")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors save of contiguous CPU copies (shared storage and views are not allowed there)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+# -- fingerprint --------------------------------------------------------------------------------------
+def base_fingerprint(model: nn.Module) -> str:
+    """Short hash of the base model's parameter names and shapes (adapters excluded)."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if ".adapters." in name:
+            continue
+        digest.update(f"{name.replace('.base_layer', '')}:{tuple(param.shape)};".encode())
+    return digest.hexdigest()[:16]
+
+
+def module_signature(model: nn.Module, names: list[str]) -> dict[str, dict[str, Any]]:
+    modules = _candidate_modules(model)
+    out = {}
+    for name in names:
+        base = _base_of(modules[name])
+        kind = find_base(base)
+        out[name] = {"kind": kind.name, "in": kind.in_features(base), "out": kind.out_features(base)}
+    return out
+
+
+# -- save ---------------------------------------------------------------------------------------------
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """``"<module>.<tensor>" -> tensor`` for one adapter (parameters and persistent buffers)."""
+    state = {}
+    for module_name, adapter in iter_adapters(model, adapter_name):
+        for key, value in adapter.state_dict().items():
+            state[f"{module_name}.{key}"] = value
+    return state
+
+
+def save_adapter(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    adapter_name: str = "default",
+    base_model_name_or_path: str | None = None,
+    _writer: Callable[[dict[str, torch.Tensor], Path], None] = save_tensors,
+) -> Path:
+    """Save adapter ``adapter_name`` of ``model`` to ``save_directory`` (created if needed), atomically."""
+    from . import __version__
+
+    state = get_state(model)
+    if adapter_name not in state.configs:
+        raise AdapterFileError(f"no adapter named {adapter_name!r} to save; this model has {list(state.configs)}")
+    config = state.configs[adapter_name]
+    tensors = adapter_state_dict(model, adapter_name)
+    modules = sorted({name for name, _ in iter_adapters(model, adapter_name)})
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()})
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    weights, cfg = out / WEIGHTS_NAME, out / CONFIG_NAME
+    with atomic_paths(weights, cfg) as (tmp_weights, tmp_cfg):
+        _writer(tensors, tmp_weights)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "library": "mm_subspace",
+            "library_version": __version__,
+            "adapter_name": adapter_name,
+            "config": config.to_dict(),
+            "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+            "base_model": {
+                "class": type(model).__name__,
+                "name_or_path": base_model_name_or_path or _name_or_path(model),
+                "fingerprint": base_fingerprint(model),
+            },
+            "modules": module_signature(model, modules),
+            "weights_sha256": sha256_file(tmp_weights),
+        }
+        tmp_cfg.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return out
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    value = getattr(cfg, "_name_or_path", None) if cfg is not None else None
+    if value is None and isinstance(cfg, dict):
+        value = cfg.get("_name_or_path")
+    return value or None
+
+
+# -- read ---------------------------------------------------------------------------------------------
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse and check ``adapter_config.json`` of a saved adapter (without reading the weights)."""
+    folder = Path(path)
+    cfg_path = folder / CONFIG_NAME if folder.is_dir() or not folder.suffix else folder
+    if not cfg_path.is_file():
+        raise AdapterFileError(f"no {CONFIG_NAME} in {folder}: is this an adapter folder saved by mm_subspace.save_adapter?")
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFileError(f"{cfg_path} is not valid JSON ({err}); the file is corrupt — re-save the adapter") from None
+    if not isinstance(meta, dict):
+        raise AdapterFileError(f"{cfg_path} must hold a JSON object, found {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        hint = " It looks like a PEFT adapter: use mm_subspace.import_peft(model, path)." if "peft_type" in meta else ""
+        raise AdapterFileError(f"{cfg_path} is not an mm_subspace adapter (format={meta.get('format')!r}).{hint}")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise AdapterFileError(f"{cfg_path}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{cfg_path} has format_version {version}, newer than this mm_subspace reads ({FORMAT_VERSION}); "
+            "upgrade mm_subspace (pip install -U mm-subspace)"
+        )
+    for key, typ in (("config", dict), ("modules", dict), ("weights_sha256", str)):
+        if not isinstance(meta.get(key), typ):
+            raise AdapterFileError(f"{cfg_path}: field {key!r} is missing or not a {typ.__name__}")
+    for name, sig in meta["modules"].items():
+        if not isinstance(sig, dict) or not all(isinstance(sig.get(k), int) for k in ("in", "out")):
+            raise AdapterFileError(f"{cfg_path}: modules[{name!r}] must be {{'kind', 'in', 'out'}}, got {sig!r}")
+    try:
+        meta["config_obj"] = AdapterConfig.from_dict(meta["config"])
+    except SubspaceError as err:
+        raise AdapterFileError(f"{cfg_path}: {err}") from None
+    return meta
+
+
+def read_tensors(path: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; any corruption becomes :class:`AdapterFileError`."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise AdapterFileError(f"missing weights file {path}")
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+        raise AdapterFileError(
+            f"{path} does not match the checksum in {CONFIG_NAME}: the weights are truncated, corrupt, or "
+            "from a different save than the config. Re-save the adapter (or restore both files together)."
+        )
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises several types for bad headers/truncation
+        raise AdapterFileError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
+def check_compatible(model: nn.Module, modules: dict[str, dict[str, Any]], where: str = "adapter") -> None:
+    """Raise :class:`IncompatibleAdapterError` unless every module exists in ``model`` with the same shape."""
+    present = _candidate_modules(model)
+    missing = [n for n in modules if n not in present]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} module(s) absent from the model, e.g. {missing[:3]}")
+    for name, sig in modules.items():
+        if name in missing:
+            continue
+        base = _base_of(present[name])
+        kind = find_base(base)
+        if kind is None:
+            problems.append(f"{name!r} is a {type(base).__name__}, not a layer type we can wrap")
+            continue
+        shape = (kind.in_features(base), kind.out_features(base))
+        if shape != (sig["in"], sig["out"]):
+            problems.append(f"{name!r} is in={shape[0]}, out={shape[1]} here but in={sig['in']}, out={sig['out']} in the {where}")
+    if problems:
+        raise IncompatibleAdapterError(
+            f"the {where} was made for a different base model ({type(model).__name__} here): "
+            + "; ".join(problems[:5])
+            + ". Load it onto the model it was trained on (see base_model in adapter_config.json)."
+        )
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str | None = None,
+    strict: bool = True,
+    activate: bool = True,
+) -> str:
+    """Load an adapter saved by :func:`save_adapter` onto ``model``; returns its adapter name.
+
+    Args:
+        adapter_name: name on this model (default: the name it was saved under).
+        strict: unexpected or missing tensor keys are an error; with ``strict=False`` they are
+            skipped and listed in a warning. Shape or dtype mismatches are always an error.
+        activate: make the loaded adapter the active one.
+
+    Raises:
+        AdapterFileError / IncompatibleAdapterError / ConfigError / TargetError /
+        AdapterStateError: the model is left exactly as it was.
+    """
+    folder = Path(path)
+    meta = read_adapter_config(folder)
+    name = adapter_name or meta.get("adapter_name") or "default"
+    config: AdapterConfig = meta["config_obj"]
+    check_compatible(model, meta["modules"])
+    tensors = read_tensors(folder / WEIGHTS_NAME, meta["weights_sha256"])
+    saved_dtypes = meta.get("dtype")
+    saved_dtypes = {saved_dtypes} if isinstance(saved_dtypes, str) else set(saved_dtypes or [])
+    bad_dtype = [k for k, t in tensors.items() if t.is_floating_point() and saved_dtypes and str(t.dtype).replace("torch.", "") not in saved_dtypes]
+    if bad_dtype:
+        raise AdapterFileError(
+            f"tensor(s) {bad_dtype[:3]} in {folder / WEIGHTS_NAME} have dtype "
+            f"{tensors[bad_dtype[0]].dtype}, but {CONFIG_NAME} says {sorted(saved_dtypes)}: the files do not belong together"
+        )
+    state_before = get_state(model, required=False)
+    active_before = list(state_before.active) if state_before else []
+    inject(model, config.replace(targets=list(meta["modules"])), adapter_name=name)
+    try:
+        load_tensors_into(model, name, tensors, strict=strict, source=str(folder / WEIGHTS_NAME))
+    except BaseException:
+        remove_adapter(model, name)
+        state = get_state(model, required=False)
+        if state is not None:
+            state.active = active_before
+        raise
+    if activate:
+        set_adapter(model, name)
+    return name
+
+
+def load_tensors_into(
+    model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], strict: bool = True, source: str = "file"
+) -> None:
+    """Copy ``"<module>.<tensor>"`` tensors into adapter ``adapter_name``, checking keys, shapes and dtypes."""
+    expected: dict[str, torch.Tensor] = {}
+    for module_name, adapter in iter_adapters(model, adapter_name):
+        for key, value in adapter.state_dict(keep_vars=True).items():
+            expected[f"{module_name}.{key}"] = value
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if (missing or unexpected) and strict:
+        raise AdapterFileError(
+            f"{source} does not match adapter {adapter_name!r}: "
+            + (f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all); " if missing else "")
+            + (f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all); " if unexpected else "")
+            + "pass strict=False to load the rest and skip these"
+        )
+    if missing or unexpected:
+        logger.warning("loading %s non-strictly: ignored unexpected keys %s; left missing keys at init %s", source, unexpected, missing)
+    wrong = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)
+    ]
+    wrong += [f"{k}: file dtype {tensors[k].dtype} is not floating point" for k in expected
+              if k in tensors and expected[k].is_floating_point() and not tensors[k].is_floating_point()]
+    if wrong:
+        raise AdapterFileError(f"{source}: {len(wrong)} tensor(s) do not fit: {wrong[:5]}")
+    with torch.no_grad():
+        for key, target in expected.items():
+            if key in tensors:
+                target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))

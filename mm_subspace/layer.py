@@ -1,0 +1,328 @@
+"""The one wrapper layer and the adapter base classes.
+
+Shape conventions (``nn.Linear`` style, used throughout the package):
+
+* base weight ``W``: (out, in); ``y = x Wᵀ + b``
+* ``lora_A``: (r, in), ``mixer`` M: (r, r), ``lora_B``: (out, r)
+* ``ΔW = s · B · M · A`` with ``s = alpha / r``; the adapter adds ``s · B(M(A x))`` to the output.
+
+The MoSLoRA paper writes the same thing in row form, ``x · A · W · B`` with A (d1×r), W (r×r) and
+B (r×d2): our ``lora_A`` is its Aᵀ, our ``lora_B`` its Bᵀ, our ``mixer`` its Wᵀ (Eq. 7).
+
+An :class:`AdapterLayer` replaces a target module in its parent. It runs the base module once, then
+lets each active adapter turn the base output into the adapted output. All layers of one model share
+one :class:`ModelState` (active adapters, disabled flag, per-forward context), so switching adapters
+is O(1) and per-row routing (batched side-by-side generation) is one context manager.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bases import BaseKind
+from .config import AdapterConfig
+from .errors import AdapterStateError, MergeError, TargetError
+
+
+class ModelState:
+    """State shared by every :class:`AdapterLayer` of one model.
+
+    Attributes:
+        configs: adapter name -> its config, in injection order.
+        active: names of the adapters applied in forward, in order.
+        disabled: when True every layer returns the base output.
+        context: per-forward extras set by :func:`mm_subspace.forward_context`: ``adapter_rows``
+            (one adapter name or ``None`` per batch row, tiled over the batch) and any tensors
+            adapters read (``attention_mask`` for SuLoRA's router).
+
+    Not thread-safe: two threads calling ``set_adapter`` or ``forward_context`` on the same model
+    race. Use one model per thread, or the per-row routing of one batched call instead.
+    """
+
+    def __init__(self) -> None:
+        self.configs: dict[str, AdapterConfig] = {}
+        self.active: list[str] = []
+        self.disabled: bool = False
+        self.context: dict[str, Any] = {}
+        self._row_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def row_groups(self, batch: int, device: torch.device) -> dict[str | None, torch.Tensor]:
+        """For the routed forward: adapter name -> indices of the batch rows it owns."""
+        rows = self.context["adapter_rows"]
+        key = (tuple(rows), batch, str(device))
+        groups = self._row_cache.get(key)
+        if groups is None:
+            k = len(rows)
+            if batch % k:
+                raise AdapterStateError(
+                    f"batch of {batch} rows is not a multiple of the {k} routed adapter rows {rows}; "
+                    "pass one adapter name per prompt/image (classifier-free guidance doubling is handled)"
+                )
+            owner = [rows[i % k] for i in range(batch)]
+            groups = {}
+            for name in dict.fromkeys(rows):
+                idx = [i for i, o in enumerate(owner) if o == name]
+                groups[name] = torch.tensor(idx, dtype=torch.long, device=device)
+            self._row_cache = {key: groups}
+        return groups
+
+
+class Adapter(nn.Module):
+    """One adapter's parameters and math for one wrapped layer.
+
+    Subclasses set ``config_class`` and implement :meth:`forward` (and, when ΔW is a fixed matrix,
+    :meth:`delta_weight`). Register them with :func:`mm_subspace.registry.register_method`.
+
+    Args:
+        kind: reader for the base module (dimensions, dense weight).
+        base: the wrapped base module (read at construction only; not stored).
+        config: the method's config.
+        module_name: full name of the wrapped module, for error messages.
+    """
+
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    method: ClassVar[str] = ""
+    #: ΔW is a fixed matrix, so it can be folded into W (merge) — False for routed/nonlinear methods
+    mergeable: ClassVar[bool] = True
+    #: why merge is impossible, for the error message when ``mergeable`` is False
+    merge_refusal: ClassVar[str] = ""
+    #: names of parameters the method keeps frozen (e.g. SuLoRA's A); all others train when active
+    frozen_parameters: ClassVar[tuple[str, ...]] = ()
+    #: short formula for docs and the README table
+    formula: ClassVar[str] = ""
+    #: paper / table reference for docs
+    paper: ClassVar[str] = ""
+
+    def __init__(self, kind: BaseKind, base: nn.Module, config: AdapterConfig, module_name: str) -> None:
+        super().__init__()
+        self.config = config
+        self.module_name = module_name
+        self.in_features = kind.in_features(base)
+        self.out_features = kind.out_features(base)
+        self.rank = config.rank_for(module_name)
+        self.alpha = config.alpha_for(module_name)
+        self.scaling = self.alpha / self.rank
+        self.user_scale = 1.0
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self._aux: torch.Tensor | None = None
+        self.factory = {
+            "device": kind.device(base),
+            "dtype": getattr(torch, config.dtype) if config.dtype else kind.float_dtype(base),
+        }
+
+    # -- checks done before any model is touched ----------------------------------------------------
+    @classmethod
+    def validate(cls, kind: BaseKind, base: nn.Module, config: AdapterConfig, module_name: str) -> None:
+        """Raise a clear error if ``config`` cannot adapt ``base``. Runs before injection mutates anything."""
+        if config.low_rank:
+            r, fan_in, fan_out = config.rank_for(module_name), kind.in_features(base), kind.out_features(base)
+            if r > min(fan_in, fan_out):
+                raise TargetError(
+                    f"rank {r} is larger than min(in, out) = min({fan_in}, {fan_out}) of module "
+                    f"{module_name!r}: a rank above the layer's own rank adds parameters but no expressive "
+                    f"power. Use rank <= {min(fan_in, fan_out)}, or set rank_pattern={{{module_name.split('.')[-1]!r}: "
+                    f"{min(fan_in, fan_out)}}} for this module."
+                )
+
+    # -- math -----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, **context: Any) -> torch.Tensor:
+        """Adapted output from the layer input ``x`` (…, in) and the base output (…, out)."""
+        raise MergeError(f"{type(self).__name__} does not define forward()")
+
+    @property
+    def total_scale(self) -> float:
+        return self.scaling * self.user_scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW (out, in), scaled, such that the merged weight is W + ΔW. Only for ``mergeable`` methods."""
+        raise MergeError(self._refusal("merge"))
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down (r, in), up (out, r)) with ``ΔW = scaling · up · down`` — the plain-LoRA export."""
+        raise MergeError(self._refusal("export to plain LoRA"))
+
+    def merge_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Merged dense weight from the base weight. Default: ``W + ΔW``."""
+        return weight + self.delta_weight().to(weight.dtype)
+
+    def unmerge_weight(self, merged: torch.Tensor) -> torch.Tensor:
+        """Base weight back from the merged one. Default: ``W' − ΔW``."""
+        return merged - self.delta_weight().to(merged.dtype)
+
+    def _refusal(self, what: str) -> str:
+        reason = self.merge_refusal or f"{self.method} does not define a fixed ΔW"
+        return f"cannot {what} adapter method {self.method!r} on {self.module_name!r}: {reason}"
+
+    # -- auxiliary losses (SuLoRA load balance, MPC regularisers) ------------------------------------
+    def record_aux(self, loss: torch.Tensor) -> None:
+        """Add ``loss`` to what :func:`mm_subspace.aux_loss` will collect from this adapter."""
+        self._aux = loss if self._aux is None else self._aux + loss
+
+    def pop_aux(self) -> torch.Tensor | None:
+        """Return and clear the recorded auxiliary loss (None if nothing was recorded)."""
+        aux, self._aux = self._aux, None
+        return aux
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+class LowRankAdapter(Adapter):
+    """Shared A·M·B math: ``ΔW x = (alpha/r) · B · M · A · x`` (MoSLoRA Eq. 7 in column form).
+
+    Subclasses choose the mixer through :meth:`make_mixer` (``None`` = identity = plain LoRA) and may
+    put a function between A and B through :meth:`inner`. A uses Kaiming-uniform (a=√5, as LoRA's
+    and PEFT's code), B starts at zero so the adapted model equals the base at step 0.
+    """
+
+    mixer_trainable: ClassVar[bool] = True
+
+    def __init__(self, kind: BaseKind, base: nn.Module, config: AdapterConfig, module_name: str) -> None:
+        super().__init__(kind, base, config, module_name)
+        r, dd = self.rank, self.factory
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **dd))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **dd))
+        mixer = self.make_mixer(r, dd)
+        if mixer is None:
+            self.mixer = None
+        elif self.mixer_trainable:
+            self.mixer = nn.Parameter(mixer)
+        else:
+            self.register_buffer("mixer", mixer)
+        self.reset_factors()
+
+    def make_mixer(self, r: int, dd: dict[str, Any]) -> torch.Tensor | None:
+        """The r×r mixer at init, or ``None`` for no mixer (identity)."""
+        return None
+
+    def reset_factors(self) -> None:
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if self.config.init_weights:
+                nn.init.zeros_(self.lora_B)
+            else:
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+
+    def inner(self, h: torch.Tensor) -> torch.Tensor:
+        """Applied to the rank-r activation between A (and the mixer) and B. Identity here."""
+        return h
+
+    def up_weight(self) -> torch.Tensor:
+        """The (out, r) matrix that multiplies the rank-r activation: B, or B·M with a mixer."""
+        return self.lora_B if self.mixer is None else self.lora_B @ self.mixer
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, **context: Any) -> torch.Tensor:
+        # Cheapest order for an input of n tokens: (r·in + r·r + out·r)·n, never materialising ΔW.
+        h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
+        if self.mixer is not None:
+            h = F.linear(h, self.mixer)
+        h = self.inner(h) * self.total_scale
+        return base_out + F.linear(h, self.lora_B).to(base_out.dtype)
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A, self.up_weight()
+
+    def delta_weight(self) -> torch.Tensor:
+        down, up = self.lora_factors()
+        return (up @ down) * self.total_scale
+
+
+class AdapterLayer(nn.Module):
+    """Wraps one base module and holds its adapters by name (``adapters``, a ModuleDict).
+
+    ``forward`` runs the base once, then each active, unmerged adapter in order; with
+    ``adapter_rows`` in the shared context, each batch row goes through its own adapter only.
+    """
+
+    def __init__(self, base_layer: nn.Module, kind: BaseKind, state: ModelState, module_name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.merged: list[str] = []
+        # plain attributes, not submodules: they must not appear in state_dict
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "state", state)
+        object.__setattr__(self, "module_name", module_name)
+
+    # ``in_features``/``weight`` pass-throughs keep code that inspects the layer working
+    @property
+    def in_features(self) -> int:
+        return self.kind.in_features(self.base_layer)
+
+    @property
+    def out_features(self) -> int:
+        return self.kind.out_features(self.base_layer)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        state = self.state
+        if state.disabled or not state.active:
+            return out
+        context = state.context
+        if "adapter_rows" in context:
+            return self._routed_forward(x, out, context)
+        for name in state.active:
+            if name in self.adapters and name not in self.merged:
+                out = self.adapters[name](x, out, **context)
+        return out
+
+    def _routed_forward(self, x: torch.Tensor, out: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
+        if self.merged:
+            raise AdapterStateError(
+                f"per-row adapter routing on {self.module_name!r} while {self.merged} is merged into the "
+                "weight; call mm_subspace.unmerge(model) first"
+            )
+        batch = x.shape[0]
+        extras = {k: v for k, v in context.items() if k != "adapter_rows"}
+        result = out
+        for name, rows in self.state.row_groups(batch, x.device).items():
+            if name is None or name not in self.adapters or rows.numel() == 0:
+                continue
+            sub = {
+                k: v.index_select(0, rows) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch else v
+                for k, v in extras.items()
+            }
+            new = self.adapters[name](x.index_select(0, rows), out.index_select(0, rows), **sub)
+            result = result.index_copy(0, rows, new)
+        return result
+
+    # -- merge ----------------------------------------------------------------------------------------
+    def merge(self, names: list[str]) -> None:
+        """Fold the named adapters into the base weight, in order."""
+        for name in names:
+            if name not in self.adapters or name in self.merged:
+                continue
+            adapter = self.adapters[name]
+            if not adapter.mergeable:
+                raise MergeError(adapter._refusal("merge"))
+        for name in names:
+            if name not in self.adapters or name in self.merged:
+                continue
+            weight = self.kind.weight(self.base_layer)
+            with torch.no_grad():
+                self.kind.set_weight(self.base_layer, self.adapters[name].merge_weight(weight.float()))
+            self.merged.append(name)
+
+    def unmerge(self) -> None:
+        """Restore the base weight, undoing merges in reverse order."""
+        while self.merged:
+            name = self.merged.pop()
+            weight = self.kind.weight(self.base_layer)
+            with torch.no_grad():
+                self.kind.set_weight(self.base_layer, self.adapters[name].unmerge_weight(weight.float()))
+
+    def extra_repr(self) -> str:
+        return f"module={self.module_name!r}, kind={self.kind.name}, merged={self.merged}"

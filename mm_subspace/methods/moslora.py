@@ -1,0 +1,73 @@
+"""MoSLoRA (Wu et al., 2024): a learnable r×r mixer between A and B, ΔW = (alpha/r) · B · M · A."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig
+from ..errors import ConfigError
+from ..layer import LowRankAdapter
+from ..registry import register_method
+
+MIXER_INITS = ("kaiming_uniform", "orthogonal", "identity", "normal", "zero")
+
+
+@dataclass
+class MoSLoRAConfig(AdapterConfig):
+    """MoSLoRA.
+
+    Args:
+        mixer_init: initialisation of the mixer M (MoSLoRA §3.2, Table 3): ``kaiming_uniform``
+            (default; best average score, 85.6), ``orthogonal`` (84.4; the paper's SDXL recipe),
+            ``identity`` (starts as LoRA; 82.6), ``normal``, or ``zero`` — which never trains: with
+            B = 0 and M = 0 every gradient of A, M and B is zero (Appendix C).
+    """
+
+    method = "moslora"
+    mixer_init: str = field(default="kaiming_uniform", metadata={"help": f"one of {MIXER_INITS}"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mixer_init not in MIXER_INITS:
+            raise ConfigError(f"moslora: mixer_init {self.mixer_init!r} is not one of {MIXER_INITS}")
+
+
+def init_mixer(kind: str, r: int, dd: dict[str, Any]) -> torch.Tensor:
+    """An r×r mixer initialised as ``kind`` (see :class:`MoSLoRAConfig`)."""
+    if kind == "identity":
+        return torch.eye(r, **dd)
+    mixer = torch.empty(r, r, **dd)
+    if mixer.is_meta:
+        return mixer
+    with torch.no_grad():
+        if kind == "kaiming_uniform":
+            nn.init.kaiming_uniform_(mixer, a=math.sqrt(5))
+        elif kind == "orthogonal":
+            # orthogonal_ needs a QR decomposition, unavailable for half types on CPU: draw in float32
+            mixer.copy_(nn.init.orthogonal_(torch.empty(r, r, device=mixer.device)))
+        elif kind == "normal":
+            nn.init.normal_(mixer, std=1.0 / math.sqrt(r))
+        else:
+            nn.init.zeros_(mixer)
+    return mixer
+
+
+@register_method
+class MoSLoRA(LowRankAdapter):
+    """``ΔW x = (alpha/r) · B · M · A · x`` with a trainable mixer M (r, r) — MoSLoRA Eq. (7).
+
+    M fuses all r² rank-1 sub-spaces A_i B_j (Table 2). It costs r² extra parameters per layer:
+    40,960 on LLaMA-3-8B at r=16 on q,k,v,up,down (Table 4: 28.3M → 28.4M).
+    """
+
+    config_class = MoSLoRAConfig
+    formula = "s·B·M·A"
+    paper = "Wu et al. 2024, MoSLoRA Eq. (7), Table 3-4"
+
+    def make_mixer(self, r: int, dd: dict[str, Any]) -> torch.Tensor:
+        return init_mixer(self.config.mixer_init, r, dd)
