@@ -165,7 +165,7 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
         if not isinstance(module, AdapterLayer):
             layer = AdapterLayer(base, kind, state, name)
             _set_submodule(model, name, layer)
-        layer.adapters[adapter_name] = adapter_cls(kind, base, config, name)
+        layer.add_adapter(adapter_name, adapter_cls(kind, base, config, name))
     for param in model.parameters():
         param.requires_grad_(False)
     state.configs[adapter_name] = config

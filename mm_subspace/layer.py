@@ -115,6 +115,21 @@ class Adapter(nn.Module):
             "dtype": getattr(torch, config.dtype) if config.dtype else kind.float_dtype(base),
         }
 
+    # -- access to the wrapped layer (set by AdapterLayer; a plain attribute, not a submodule) --------
+    def attach(self, layer: "AdapterLayer") -> None:
+        object.__setattr__(self, "_layer", layer)
+
+    def base_weight(self) -> torch.Tensor:
+        """The wrapped layer's current dense weight (out, in), dequantised if need be; for methods that use W."""
+        layer = self.__dict__.get("_layer")
+        if layer is None:
+            raise AdapterStateError(f"{self.method} adapter on {self.module_name!r} is not attached to a layer")
+        return layer.kind.weight(layer.base_layer)
+
+    def base_bias(self) -> torch.Tensor | None:
+        layer = self.__dict__.get("_layer")
+        return getattr(layer.base_layer, "bias", None) if layer is not None else None
+
     # -- checks done before any model is touched ----------------------------------------------------
     @classmethod
     def validate(cls, kind: BaseKind, base: nn.Module, config: AdapterConfig, module_name: str) -> None:
@@ -323,6 +338,10 @@ class AdapterLayer(nn.Module):
             weight = self.kind.weight(self.base_layer)
             with torch.no_grad():
                 self.kind.set_weight(self.base_layer, self.adapters[name].unmerge_weight(weight.float()))
+
+    def add_adapter(self, name: str, adapter: Adapter) -> None:
+        adapter.attach(self)
+        self.adapters[name] = adapter
 
     def extra_repr(self) -> str:
         return f"module={self.module_name!r}, kind={self.kind.name}, merged={self.merged}"
