@@ -189,10 +189,6 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _to_dtype(model: Any, torch_dtype: torch.dtype | None) -> Any:
-    return model if torch_dtype is None else model.to(torch_dtype)
-
-
 # --------------------------------------------------------------------------- tokenizers
 
 
@@ -421,7 +417,7 @@ def _tiny_sdxl_components() -> dict[str, Any]:
 
 
 def tiny_sdxl_path() -> Path:
-    """Folder of the tiny SDXL pipeline, loadable with ``StableDiffusionXLPipeline.from_pretrained``.
+    """Folder of the tiny SDXL pipeline (``StableDiffusionXLPipeline.from_pretrained`` loads it).
 
     Same layout as stabilityai/stable-diffusion-xl-base-1.0 (unet, vae, text_encoder,
     text_encoder_2, tokenizer, tokenizer_2, scheduler), random weights. VAE scale factor 2,
@@ -431,7 +427,8 @@ def tiny_sdxl_path() -> Path:
     def build(folder: Path) -> None:
         from diffusers import StableDiffusionXLPipeline
 
-        pipe = StableDiffusionXLPipeline(**_tiny_sdxl_components(), force_zeros_for_empty_prompt=True)
+        components = _tiny_sdxl_components()
+        pipe = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True)
         pipe.save_pretrained(folder)
 
     return _cached(TINY_SDXL_NAME, build)
@@ -471,7 +468,7 @@ def _tiny_llama_config() -> LlamaConfig:
 
 
 def tiny_llama_path() -> Path:
-    """Folder of the tiny LLaMA; ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load it.
+    """Folder of the tiny LLaMA (``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``).
 
     ``LlamaForCausalLM``: hidden 64, intermediate 128, 2 layers, 4 heads, 2 KV heads, vocab
     49,472 (~6.4M parameters, mostly embeddings). Tokenizer: see ``lm_tokenizer``.
@@ -647,7 +644,7 @@ def tiny_open_clip_vit(seed: int = SEED, width: int = 64) -> torch.nn.Module:
 
 
 def tiny_timm_vit(seed: int = SEED, num_classes: int = 10) -> torch.nn.Module:
-    """Seeded timm ``VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)``."""
+    """Seeded timm ``VisionTransformer``: img 32, patch 8, embed 64, depth 2, 4 heads."""
     from timm.models.vision_transformer import VisionTransformer
 
     with _seeded(seed):
@@ -681,7 +678,7 @@ def llama3_8b_config() -> LlamaConfig:
 
 
 def clip_vit_l14_config() -> CLIPVisionConfig:
-    """``CLIPVisionConfig`` of openai/clip-vit-large-patch14 (vision tower 303,179,776 parameters)."""
+    """``CLIPVisionConfig`` of openai/clip-vit-large-patch14 (vision tower: 303,179,776 params)."""
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
@@ -785,7 +782,7 @@ def cat_photos(n: int = 4, size: int = 64, seed: int = SEED) -> list[PIL.Image.I
 
 
 def write_cat_photos(folder: str | os.PathLike[str], n: int = 4, size: int = 64) -> list[Path]:
-    """Save ``cat_photos(n, size)`` as ``cat_00.png`` ... in ``folder`` (a DreamBooth instance dir)."""
+    """Save ``cat_photos(n, size)`` as ``folder/cat_00.png`` ... (a DreamBooth instance folder)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
