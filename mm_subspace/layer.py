@@ -169,6 +169,22 @@ class Adapter(nn.Module):
         """Base weight back from the merged one. Default: ``W' − ΔW``."""
         return merged - self.delta_weight().to(merged.dtype)
 
+    #: merge rewrites W; False for methods whose merge only touches the bias (BitFit), so a
+    #: quantised W is never re-quantised for nothing
+    merges_weight: ClassVar[bool] = True
+
+    def merge_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """Merged bias (out,) from the base bias (float32, ``None`` when the base has none).
+
+        Default: unchanged (return ``bias`` itself). A tensor returned for a bias-less base is
+        written as a new bias, which unmerge removes again.
+        """
+        return bias
+
+    def unmerge_bias(self, merged: torch.Tensor | None) -> torch.Tensor | None:
+        """Base bias back from the merged one. Default: unchanged (return ``merged`` itself)."""
+        return merged
+
     def _refusal(self, what: str) -> str:
         reason = self.merge_refusal or f"{self.method} does not define a fixed ΔW"
         return f"cannot {what} adapter method {self.method!r} on {self.module_name!r}: {reason}"
@@ -326,18 +342,45 @@ class AdapterLayer(nn.Module):
         for name in names:
             if name not in self.adapters or name in self.merged:
                 continue
-            weight = self.kind.weight(self.base_layer)
+            adapter = self.adapters[name]
             with torch.no_grad():
-                self.kind.set_weight(self.base_layer, self.adapters[name].merge_weight(weight.float()))
+                if adapter.merges_weight:
+                    weight = self.kind.weight(self.base_layer)
+                    self.kind.set_weight(self.base_layer, adapter.merge_weight(weight.float()))
+                self._write_bias(name, adapter, merging=True)
             self.merged.append(name)
 
     def unmerge(self) -> None:
         """Restore the base weight, undoing merges in reverse order."""
         while self.merged:
             name = self.merged.pop()
-            weight = self.kind.weight(self.base_layer)
+            adapter = self.adapters[name]
             with torch.no_grad():
-                self.kind.set_weight(self.base_layer, self.adapters[name].unmerge_weight(weight.float()))
+                if adapter.merges_weight:
+                    weight = self.kind.weight(self.base_layer)
+                    self.kind.set_weight(self.base_layer, adapter.unmerge_weight(weight.float()))
+                self._write_bias(name, adapter, merging=False)
+
+    def _write_bias(self, name: str, adapter: Adapter, merging: bool) -> None:
+        """Apply ``adapter.merge_bias``/``unmerge_bias`` to the base bias (no-op when it returns its input).
+
+        A bias-less base gets a new frozen bias on merge; undoing that merge removes it again.
+        """
+        bias = self.bias
+        if not merging and self.__dict__.get("_bias_owner") == name:
+            self.base_layer.bias = None
+            self.__dict__["_bias_owner"] = None
+            return
+        current = None if bias is None else bias.detach().float()
+        new = (adapter.merge_bias if merging else adapter.unmerge_bias)(current)
+        if new is current:
+            return
+        if bias is None:
+            dtype = self.kind.float_dtype(self.base_layer)
+            self.base_layer.bias = nn.Parameter(new.to(dtype), requires_grad=False)
+            self.__dict__["_bias_owner"] = name
+        else:
+            bias.data.copy_(new.to(bias.dtype))
 
     def add_adapter(self, name: str, adapter: Adapter) -> None:
         adapter.attach(self)
