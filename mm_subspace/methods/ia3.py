@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
-from ..errors import MergeError
+from ..errors import ConfigError, MergeError
 from ..layer import Adapter
 from ..registry import register_method
 
@@ -47,13 +47,13 @@ class ScalingAdapter(Adapter):
 
     def __init__(self, kind: Any, base: nn.Module, config: AdapterConfig, module_name: str) -> None:
         super().__init__(kind, base, config, module_name)
-        scale_in, scale_out = self.sides(config)
+        scale_in, scale_out = self.sides(config, module_name)
         self.l_in = self._vector(self.in_features) if scale_in else None
         self.l_out = self._vector(self.out_features) if scale_out else None
 
     @classmethod
-    def sides(cls, config: AdapterConfig) -> tuple[bool, bool]:
-        """(scale the input, scale the output) for this config."""
+    def sides(cls, config: AdapterConfig, module_name: str) -> tuple[bool, bool]:
+        """(scale the input, scale the output) of module ``module_name`` under ``config``."""
         return True, True
 
     def _vector(self, n: int) -> nn.Parameter:
@@ -118,15 +118,37 @@ class IA3Config(AdapterConfig):
     """(IA)³.
 
     Args:
-        feedforward: ``False`` (default): scale the output, ``y = l ⊙ (W x + b)`` (keys, values).
-            ``True``: scale the input, ``y = W (l ⊙ x) + b`` — the paper's ``l_ff ⊙ γ(W₁ x)`` seen from
-            the second feedforward layer (PEFT's ``feedforward_modules``: target ``down_proj``/``fc2``).
+        feedforward: which targets are feedforward layers (PEFT's ``feedforward_modules``). On
+            those the input is scaled, ``y = W (l ⊙ x) + b`` — the paper's ``l_ff ⊙ γ(W₁ x)`` seen
+            from the second feedforward layer (``down_proj``/``fc2``); on the others the output,
+            ``y = l ⊙ (W x + b)`` (keys, values). ``False`` (default) = none, ``True`` = all, or a
+            list of module names, each matched exactly or as a dotted suffix (like ``targets``).
         ``rank``/``alpha``/``dropout`` are unused.
     """
 
     method = "ia3"
     low_rank = False
-    feedforward: bool = field(default=False, metadata={"help": "True: scale the layer input (feedforward W₂)"})
+    feedforward: bool | list[str] = field(
+        default=False, metadata={"help": "True/False for all targets, or names/suffixes of the feedforward ones"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.feedforward, tuple):
+            self.feedforward = list(self.feedforward)
+        if not isinstance(self.feedforward, bool) and not (
+            isinstance(self.feedforward, list) and all(isinstance(n, str) for n in self.feedforward)
+        ):
+            raise ConfigError(
+                f"ia3: feedforward must be True, False or a list of module names, got {self.feedforward!r}; "
+                "e.g. feedforward=['down_proj']"
+            )
+
+    def is_feedforward(self, module_name: str) -> bool:
+        """Whether ``module_name`` gets input-side scaling."""
+        if isinstance(self.feedforward, bool):
+            return self.feedforward
+        return any(module_name == n or module_name.endswith("." + n) for n in self.feedforward)
 
 
 @register_method
@@ -144,5 +166,6 @@ class IA3(ScalingAdapter):
     paper = "Liu et al. 2022 ((IA)³, §3.3); survey §3.2.2 Eq. (7)"
 
     @classmethod
-    def sides(cls, config: AdapterConfig) -> tuple[bool, bool]:
-        return bool(config.feedforward), not config.feedforward
+    def sides(cls, config: AdapterConfig, module_name: str) -> tuple[bool, bool]:
+        feedforward = config.is_feedforward(module_name)
+        return feedforward, not feedforward

@@ -33,5 +33,5 @@ class SSL(ScalingAdapter):
     paper = "Subspace-tuning survey §3.2.2 Eq. (7), Fig. 2c"
 
     @classmethod
-    def sides(cls, config: AdapterConfig) -> tuple[bool, bool]:
+    def sides(cls, config: AdapterConfig, module_name: str) -> tuple[bool, bool]:
         return True, False
