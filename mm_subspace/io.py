@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -46,20 +47,44 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
     """Yield temporary paths beside ``targets``; on success rename each onto its target, in order.
 
-    On any exception the temporaries are deleted and the targets are untouched.
+    On any exception the temporaries are deleted and the targets are untouched — also when a rename
+    fails after an earlier target was already replaced: that one is put back from a hard link of its
+    old content (so weights and config never end up from two different saves).
     """
     temps = [t.with_name(f".{t.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}") for t in targets]
+    olds = [tmp.with_name(tmp.name + ".old") for tmp in temps]
+    done: list[tuple[Path, Path | None]] = []
     try:
         yield temps
         for tmp in temps:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
-        for tmp, target in zip(temps, targets):
+        for tmp, target, old in zip(temps, targets, olds):
+            kept = _keep_old(target, old)
             os.replace(tmp, target)
+            done.append((target, kept))
+    except BaseException:
+        for target, kept in reversed(done):  # roll back the renames already made
+            if kept is None:
+                target.unlink()
+            else:
+                os.replace(kept, target)
+        raise
     finally:
-        for tmp in temps:
+        for tmp in temps + olds:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+def _keep_old(target: Path, old: Path) -> Path | None:
+    """Make ``old`` a second name (hard link, else a copy) of ``target``'s current content; None if absent."""
+    if not target.exists():
+        return None
+    try:
+        os.link(target, old)
+    except OSError:
+        shutil.copyfile(target, old)
+    return old
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
