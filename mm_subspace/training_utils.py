@@ -1,0 +1,559 @@
+"""Helpers shared by the training scripts in ``training/`` (DreamBooth SDXL, and the ones to come).
+
+Everything here is model-family agnostic: it works on "parts", a ``{name: model}`` dict such as
+``{"unet": unet, "text_encoder": te1, "text_encoder_2": te2}``, where each model carries an
+mm_subspace adapter called ``"default"``.
+
+* :func:`param_groups`, :func:`cast_trainable_params`: optimizer groups per part, fp32 trainables.
+* :class:`CheckpointManager`: atomic ``accelerate.save_state`` checkpoints under
+  ``<output_dir>/training_state/checkpoint-<step>``, rotation, ``latest`` resolution, and
+  save/load hooks that write the adapters in our own format (``<checkpoint>/<part>/``).
+* :func:`step_generator`, :func:`sample_indices`: randomness that is a pure function of
+  ``(seed, rank, micro step)``, so a resumed run draws exactly what the uninterrupted one drew.
+* :func:`check_finite`, :func:`locate_nonfinite`: stop on a NaN/inf loss, naming the module.
+* :func:`adapters_digest`, :func:`assert_replicas_in_sync`: all ranks hold the same adapters.
+* :class:`LossHistory`, :func:`save_loss_curve`, :func:`image_grid`, :func:`write_model_card`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .errors import AdapterFileError, ConfigError, NonFiniteError
+from .inject import adapter_layers, get_state
+from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, atomic_write_text, load_tensors_into
+from .io import read_adapter_config, read_tensors, save_adapter
+
+if TYPE_CHECKING:
+    import PIL.Image
+    from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_DIR = "training_state"
+TRAINER_STATE = "trainer_state.json"
+
+
+# -- parameters --------------------------------------------------------------------------------------
+def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every parameter of ``model`` that requires grad."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def param_groups(
+    parts: dict[str, nn.Module], lr: dict[str, float], weight_decay: dict[str, float] | float = 0.0
+) -> list[dict[str, Any]]:
+    """One optimizer group per part with trainable parameters: ``{"name", "params", "lr", "weight_decay"}``.
+
+    Args:
+        parts: ``{part name: model}``.
+        lr: learning rate per part name (``"*"`` is the fallback).
+        weight_decay: per part name (``"*"`` fallback) or one value for all.
+
+    Raises:
+        ConfigError: no part has a trainable parameter (nothing would be trained).
+    """
+    groups = []
+    for name, model in parts.items():
+        params = [p for _, p in trainable_named_parameters(model)]
+        if not params:
+            continue
+        wd = weight_decay if isinstance(weight_decay, (int, float)) else weight_decay.get(name, weight_decay.get("*", 0.0))
+        groups.append({"name": name, "params": params, "lr": lr.get(name, lr.get("*")), "weight_decay": float(wd)})
+    if not groups:
+        raise ConfigError(f"no trainable parameters in {list(parts)}: inject an adapter (mm_subspace.inject) first")
+    return groups
+
+
+def cast_trainable_params(models: Iterable[nn.Module], dtype: torch.dtype = torch.float32) -> int:
+    """Cast every trainable parameter to ``dtype`` in place (fp32 masters under mixed precision).
+
+    Frozen weights may stay in half precision; the adapters still see their own dtype because
+    :class:`~mm_subspace.layer.LowRankAdapter` casts its input to ``lora_A``'s dtype. Returns the
+    number of parameters cast.
+    """
+    n = 0
+    for model in models:
+        for _, param in trainable_named_parameters(model):
+            if param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                n += 1
+    return n
+
+
+# -- deterministic randomness ------------------------------------------------------------------------
+def step_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed that depends only on ``seed`` and ``keys`` (e.g. rank, micro step)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *map(int, keys)]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def step_generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` seeded by :func:`step_seed` — noise, timesteps and VAE samples per step.
+
+    Drawing every random number of step ``k`` from ``step_generator(seed, rank, k)`` makes a
+    resumed run bit-identical to an uninterrupted one, whatever happened to the global RNG.
+    """
+    return torch.Generator(device=device).manual_seed(step_seed(seed, *keys))
+
+
+def sample_indices(n: int, batch: int, micro_step: int, rank: int, world: int, seed: int) -> list[int]:
+    """Dataset indices of micro-batch ``micro_step`` on ``rank``: epochs of seeded permutations, sharded.
+
+    Position ``p = (micro_step·world + rank)·batch + j`` reads ``perm(epoch = p // n)[p % n]``, so the
+    ranks together walk each epoch's permutation once, and the order is a function of the step only.
+    """
+    if n <= 0:
+        raise ConfigError("the training set is empty")
+    out, perms = [], {}
+    for j in range(batch):
+        pos = (micro_step * world + rank) * batch + j
+        epoch = pos // n
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=step_generator(seed, 0x5EED, epoch)).tolist()
+        out.append(perms[epoch][pos % n])
+    return out
+
+
+# -- non-finite detection ---------------------------------------------------------------------------
+def _tensors(obj: Any) -> Iterable[torch.Tensor]:
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+    elif hasattr(obj, "to_tuple"):  # diffusers/transformers ModelOutput
+        yield from _tensors(obj.to_tuple())
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def nonfinite_parameters(parts: dict[str, nn.Module], grads: bool = False) -> list[str]:
+    """Names (``part.param``) of trainable parameters (or their gradients) holding NaN/inf."""
+    bad = []
+    for part, model in parts.items():
+        for name, param in trainable_named_parameters(model):
+            value = param.grad if grads else param
+            if value is not None and not _finite(value):
+                bad.append(f"{part}.{name}")
+    return bad
+
+
+def locate_nonfinite(parts: dict[str, nn.Module], run: Callable[[], Any]) -> str | None:
+    """Re-run ``run()`` (no grad) with hooks on every module; name the first whose output is NaN/inf.
+
+    Returns ``"<part>.<module name> (<class>)"`` or ``None`` when every output was finite.
+    """
+    found: list[str] = []
+    handles = []
+
+    def hook_for(label: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not found and not all(_finite(t) for t in _tensors(output)):
+                found.append(f"{label} ({type(module).__name__})")
+
+        return hook
+
+    for part, model in parts.items():
+        for name, module in model.named_modules():
+            is_leaf = not any(True for _ in module.children())
+            if name and (is_leaf or type(module).__name__ == "AdapterLayer"):
+                handles.append(module.register_forward_hook(hook_for(f"{part}.{name}")))
+    try:
+        with torch.no_grad():
+            run()
+    except Exception as err:  # the re-run is diagnostic only
+        logger.debug("diagnostic re-run failed: %s", err)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
+
+
+def check_finite(values: dict[str, float], step: int, where: Callable[[], str], last_checkpoint: Path | None) -> None:
+    """Raise :class:`NonFiniteError` if any of ``values`` (loss terms, grad norm) is NaN/inf.
+
+    Args:
+        values: ``{"loss": ..., "aux_loss": ..., "grad_norm": ...}`` as Python floats.
+        step: optimizer step being computed (1-based), for the message.
+        where: called only on failure; returns a description of the first NaN/inf module.
+        last_checkpoint: the last good checkpoint, kept on disk.
+    """
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if not bad:
+        return
+    keep = (
+        f"The last good checkpoint {last_checkpoint} is kept: resume from it with "
+        "--resume_from_checkpoint latest and a lower --learning_rate (or --max_grad_norm, or no fp16)."
+        if last_checkpoint is not None
+        else "No checkpoint was written before it (use --checkpointing_steps to keep one)."
+    )
+    raise NonFiniteError(
+        f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; first NaN/inf appears in "
+        f"{where()}. Training stopped without saving the current weights. {keep}"
+    )
+
+
+# -- replicas ---------------------------------------------------------------------------------------
+def adapters_digest(parts: dict[str, nn.Module]) -> str:
+    """SHA-256 (16 hex digits) of every adapter tensor of every part, in a fixed order."""
+    digest = hashlib.sha256()
+    for part in sorted(parts):
+        for key, tensor in sorted(adapter_state_dict(parts[part], ADAPTER_NAME).items()):
+            digest.update(f"{part}.{key}".encode())
+            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def assert_replicas_in_sync(accelerator: Accelerator, parts: dict[str, nn.Module]) -> str:
+    """Gather :func:`adapters_digest` from every rank; raise if any rank differs. Returns the digest."""
+    digest = adapters_digest(parts)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        digests = gather_object([digest])
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"adapter weights differ across ranks: {digests}; gradients were not synchronised")
+    return digest
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def unwrap(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    model = accelerator.unwrap_model(model)
+    return getattr(model, "_orig_mod", model)
+
+
+def save_parts(parts: dict[str, nn.Module], folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> list[Path]:
+    """``save_adapter`` each part to ``folder/<part>/`` (our format; atomic per file)."""
+    return [
+        save_adapter(model, Path(folder) / part, ADAPTER_NAME, base_model_name_or_path=base_model_name_or_path)
+        for part, model in parts.items()
+    ]
+
+
+def check_adapter_folder(folder: Path, method: str, parts: Sequence[str]) -> None:
+    """Check that ``folder/<part>/`` holds a readable adapter of ``method`` for every part (before training)."""
+    for part in parts:
+        meta = read_adapter_config(folder / part)
+        saved = meta["config"].get("method")
+        if saved != method:
+            raise ConfigError(
+                f"{folder} was trained with --adapter {saved}, not {method}: resume with --adapter {saved}, "
+                "or start a fresh run (another --output_dir, or no --resume_from_checkpoint)"
+            )
+
+
+def load_parts(parts: dict[str, nn.Module], folder: str | os.PathLike, method: str | None = None) -> None:
+    """Load ``folder/<part>/`` (saved by :func:`save_parts`) into the already-injected parts, exactly."""
+    folder = Path(folder)
+    if method is not None:
+        check_adapter_folder(folder, method, list(parts))
+    for part, model in parts.items():
+        meta = read_adapter_config(folder / part)
+        tensors = read_tensors(folder / part / WEIGHTS_NAME, meta["weights_sha256"])
+        load_tensors_into(model, ADAPTER_NAME, tensors, source=str(folder / part / WEIGHTS_NAME))
+
+
+@dataclass
+class CheckpointManager:
+    """Atomic, rotated ``accelerate`` checkpoints in ``<output_dir>/training_state/checkpoint-<step>``.
+
+    ``save`` has every rank write into ``.checkpoint-<step>.tmp`` (accelerate writes the per-rank
+    RNG states there), then rank 0 renames it into place: a killed run leaves either a whole
+    checkpoint or none, and ``latest`` ignores leftovers. Only then are old checkpoints rotated
+    out (``total_limit``), so the last good one always survives a failure.
+
+    Args:
+        output_dir: the run's output folder.
+        method: adapter method, recorded and checked on resume.
+        total_limit: keep at most this many checkpoints (``None`` = all).
+    """
+
+    output_dir: Path
+    method: str
+    total_limit: int | None = None
+    last_saved: Path | None = field(default=None, init=False)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.output_dir) / STATE_DIR
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+        return sorted(found, key=checkpoint_step)
+
+    def resolve(self, spec: str | None) -> Path | None:
+        """Path of the checkpoint ``spec`` names: ``"latest"`` (None if there is none), a path, or a name.
+
+        Raises:
+            FileNotFoundError: a named checkpoint does not exist (lists the ones that do).
+        """
+        if spec is None:
+            return None
+        if spec == "latest":
+            found = self.checkpoints()
+            return found[-1] if found else None
+        for candidate in (Path(spec), self.root / spec, self.root / Path(spec).name):
+            if candidate.is_dir() and (candidate / TRAINER_STATE).is_file():
+                return candidate
+        have = ", ".join(p.name for p in self.checkpoints()) or "none"
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {spec}: no such checkpoint (a folder with {TRAINER_STATE}); checkpoints in "
+            f"{self.root}: {have}. Pass 'latest', one of those names, or a checkpoint path."
+        )
+
+    def check_resumable(self, path: Path, parts: Sequence[str]) -> int:
+        """Validate a checkpoint before any model is built; returns its step."""
+        try:
+            state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise AdapterFileError(f"{path / TRAINER_STATE} is unreadable ({err}); pick another checkpoint") from None
+        if state.get("method") != self.method:
+            raise ConfigError(
+                f"checkpoint {path} belongs to a --adapter {state.get('method')} run, not {self.method}: resume with "
+                f"--adapter {state.get('method')}, or use another --output_dir for a fresh {self.method} run"
+            )
+        missing = [p for p in parts if not (path / p / CONFIG_NAME).is_file()]
+        if missing:
+            raise ConfigError(
+                f"checkpoint {path} has no adapter for {missing} (was it trained without --train_text_encoder?); "
+                "resume with the same flags as the original run"
+            )
+        check_adapter_folder(path, self.method, parts)
+        return int(state["step"])
+
+    def register_hooks(self, accelerator: Accelerator, parts: dict[str, nn.Module], base_model: str | None = None) -> None:
+        """Make ``accelerator.save_state``/``load_state`` write/read the adapters in our format.
+
+        The hooks pop the models accelerate would otherwise pickle whole (the frozen base too).
+        """
+        def find(model: nn.Module) -> str:
+            inner = unwrap(accelerator, model)
+            for name, part in parts.items():
+                if inner is part:
+                    return name
+            raise ConfigError(f"unexpected model {type(inner).__name__} in save_state; not one of {list(parts)}")
+
+        def save_hook(models: list[nn.Module], weights: list[Any], output_dir: str) -> None:
+            names = [find(m) for m in models]
+            if accelerator.is_main_process:
+                save_parts({n: parts[n] for n in names}, output_dir, base_model)
+            weights.clear()
+
+        def load_hook(models: list[nn.Module], input_dir: str) -> None:
+            names = [find(m) for m in models]
+            load_parts({n: parts[n] for n in names}, input_dir, self.method)
+            models.clear()
+
+        accelerator.register_save_state_pre_hook(save_hook)
+        accelerator.register_load_state_pre_hook(load_hook)
+
+    def save(self, accelerator: Accelerator, step: int, extra: dict[str, Any] | None = None) -> Path:
+        """``accelerator.save_state`` into ``checkpoint-<step>`` atomically; then rotate. Call on every rank."""
+        final = self.root / f"{CHECKPOINT_PREFIX}{step}"
+        tmp = self.root / f".{final.name}.tmp"
+        if accelerator.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"step": step, "method": self.method, **(extra or {})}
+            atomic_write_text(tmp / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
+            _fsync_dir(tmp)
+            if final.exists():  # a re-run of the same step: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self._rotate()
+        accelerator.wait_for_everyone()
+        self.last_saved = final
+        logger.info("saved checkpoint %s", final)
+        return final
+
+    def _rotate(self) -> None:
+        if self.total_limit is None:
+            return
+        found = self.checkpoints()
+        for old in found[: max(0, len(found) - self.total_limit)]:
+            logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", old, self.total_limit)
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- loss history and plots -------------------------------------------------------------------------
+class LossHistory:
+    """Per-step scalars (loss, aux loss, lr). Checkpointed with ``accelerator.register_for_checkpointing``."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def append(self, step: int, **values: float) -> None:
+        self.rows.append({"step": step, **{k: float(v) for k, v in values.items()}})
+
+    def last(self, key: str) -> float | None:
+        for row in reversed(self.rows):
+            if key in row:
+                return row[key]
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": list(self.rows)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = list(state["rows"])
+
+
+def save_loss_curve(history: LossHistory, path: str | os.PathLike, title: str = "training loss") -> Path:
+    """Plot every recorded series except ``step``/``lr`` against the step; PNG written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_paths
+
+    keys = [k for k in dict.fromkeys(k for r in history.rows for k in r) if k not in ("step", "lr")]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for key in keys:
+        rows = [r for r in history.rows if key in r]
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key, marker="." if len(rows) < 50 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    if keys:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_paths(path) as (tmp,):
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def image_grid(images: Sequence[PIL.Image.Image], cols: int | None = None) -> PIL.Image.Image:
+    """Tile ``images`` (same size) into a grid, ``cols`` wide (default: ~square)."""
+    from PIL import Image
+
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def save_image_grid(images: Sequence[PIL.Image.Image], path: str | os.PathLike, cols: int | None = None) -> Path:
+    """:func:`image_grid` saved as PNG atomically."""
+    from .io import atomic_paths
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_paths(path) as (tmp,):
+        image_grid(images, cols).save(tmp, format="PNG")
+    return path
+
+
+# -- model card -------------------------------------------------------------------------------------
+def _md_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def write_model_card(
+    output_dir: str | os.PathLike,
+    *,
+    title: str,
+    base_model: str,
+    method: str,
+    summary: dict[str, Any],
+    flags: dict[str, Any],
+    images: dict[str, str] | None = None,
+    sections: dict[str, str] | None = None,
+    tags: Sequence[str] = (),
+) -> Path:
+    """Write ``output_dir/README.md``: YAML front matter, a summary table, images, sections, all flags.
+
+    Args:
+        title: heading.
+        base_model: base model id or path (front matter ``base_model``).
+        method: adapter method (front matter tag, summary).
+        summary: key facts (steps, final loss, export status), one table row each.
+        flags: every command-line flag and its value.
+        images: caption -> path relative to ``output_dir``.
+        sections: heading -> Markdown body (usage, notes).
+        tags: extra front-matter tags.
+    """
+    from .registry import get_method
+
+    adapter_cls = get_method(method)
+    lines = ["---", f"base_model: {json.dumps(str(base_model))}", "library_name: mm_subspace", "tags:"]
+    lines += [f"- {t}" for t in ("mm-subspace", method, *tags)]
+    lines += ["---", "", f"# {title}", ""]
+    lines += [f"Adapter method **{method}**: `ΔW = {adapter_cls.formula}` ({adapter_cls.paper}).", ""]
+    lines += ["| | |", "|---|---|"] + [f"| {_md_cell(k)} | {_md_cell(v)} |" for k, v in summary.items()] + [""]
+    for caption, rel in (images or {}).items():
+        lines += [f"**{caption}**", "", f"![{caption}]({rel})", ""]
+    for heading, body in (sections or {}).items():
+        lines += [f"## {heading}", "", body.strip(), ""]
+    lines += ["## Training flags", "", "| flag | value |", "|---|---|"]
+    lines += [f"| `--{k}` | {_md_cell(v)} |" for k, v in sorted(flags.items())] + [""]
+    path = Path(output_dir) / "README.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def adapter_summary(parts: dict[str, nn.Module]) -> dict[str, str]:
+    """``{part: "N modules, P trainable parameters"}`` for the model card and the log."""
+    out = {}
+    for part, model in parts.items():
+        get_state(model)
+        n_layers = sum(1 for _ in adapter_layers(model))
+        n_params = sum(p.numel() for _, p in trainable_named_parameters(model))
+        out[part] = f"{n_layers} modules, {n_params:,d} trainable parameters"
+    return out

@@ -1,0 +1,771 @@
+#!/usr/bin/env python
+"""DreamBooth for SDXL with any mm_subspace adapter (LoRA, MoSLoRA, SuLoRA, ...).
+
+    accelerate launch training/dreambooth_sdxl.py --adapter moslora
+
+With no other flag it runs offline on the embedded default: the tiny SDXL of
+``mm_subspace.tiny_models`` (real diffusers/transformers classes, random weights, real CLIP
+tokenizers), four real photos of one cat (crops of scikit-image's ``chelsea``) and the prompt
+"a photo of sks cat". ``--pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0``
+trains the real model.
+
+Modelled on diffusers' ``examples/dreambooth/train_dreambooth_lora_sdxl.py`` (same flag names,
+same order in ``main``: accelerator, frozen models, adapters, hooks, optimizer, data, prepare,
+loop under ``accumulate``, checkpoints on ``sync_gradients``, validation, save), and beyond it:
+
+* ``--adapter`` takes any registered method; aux losses (SuLoRA balance, MPC) are added to the
+  diffusion loss and logged separately as ``aux_loss``.
+* Output folder: ``unet/`` (+ ``text_encoder/``, ``text_encoder_2/``) in our format, one folder
+  per model part (each ``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
+  ``mm_subspace.load_adapter(pipe.unet, out / "unet")``); ``pytorch_lora_weights.safetensors``
+  (stock ``StableDiffusionXLPipeline.load_lora_weights``) when the method folds to plain LoRA;
+  ``README.md`` model card; ``loss_curve.png``; ``validation/step-<N>.png`` grids;
+  ``training_state/checkpoint-<N>/`` written atomically.
+* Every random draw of a step (data order, VAE sample, noise, timesteps) comes from a generator
+  seeded by ``(seed, rank, micro step)``, so ``--resume_from_checkpoint latest`` after a kill
+  reproduces the uninterrupted run bit for bit on CPU.
+* ``--recipe moslora_paper``: the MoSLoRA paper's SDXL setting (Wu et al. 2024, §4.3): lr 1e-4,
+  batch 4, 500 steps, orthogonal mixer init. Flags given explicitly still win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import mm_subspace
+from mm_subspace import tiny_models
+from mm_subspace.errors import ConfigError, MergeError
+from mm_subspace.training_utils import (
+    CheckpointManager,
+    LossHistory,
+    adapter_summary,
+    assert_replicas_in_sync,
+    cast_trainable_params,
+    check_finite,
+    locate_nonfinite,
+    nonfinite_parameters,
+    param_groups,
+    sample_indices,
+    save_image_grid,
+    save_loss_curve,
+    save_parts,
+    step_generator,
+    unwrap,
+    write_model_card,
+)
+
+logger = logging.getLogger("dreambooth_sdxl")
+
+DEFAULT_INSTANCE_PROMPT = "a photo of sks cat"
+EMBEDDED_MAX_STEPS = 20  # embedded default: finishes in ~1-2 minutes on 2 CPU cores
+REAL_MAX_STEPS = 500  # the MoSLoRA paper's step count
+EMBEDDED_INSTANCE_IMAGES = 4
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+TEXT_ENCODER_PARTS = ("text_encoder", "text_encoder_2")
+
+#: ``--recipe`` presets; ``total_batch_size`` is reached through gradient accumulation
+RECIPES: dict[str, dict[str, Any]] = {
+    "moslora_paper": {
+        "learning_rate": 1e-4,
+        "total_batch_size": 4,
+        "max_train_steps": 500,
+        "mixer_init": "orthogonal",
+        "_doc": "MoSLoRA §4.3 (SDXL, DreamBooth): lr 1e-4, batch 4, 500 steps, orthogonal mixer init",
+    },
+}
+
+#: flags that map to a field of the method's config; passed only when the method has that field
+METHOD_FLAGS = ("mixer_init", "num_subspaces")
+
+
+# --------------------------------------------------------------------------------------------- args
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="DreamBooth for SDXL with any mm_subspace adapter. No arguments: the embedded tiny SDXL "
+        "and four real cat photos, offline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                   help="SDXL hub id or local folder (diffusers layout). Default: the embedded tiny SDXL "
+                   "(mm_subspace.tiny_models.tiny_sdxl_path()).")
+    g.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                   help="A separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix. Default: the model's vae/.")
+    g.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the hub.")
+    g.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
+
+    g = parser.add_argument_group("adapter")
+    g.add_argument("--adapter", type=str, default="moslora",
+                   help="Adapter method: any of mm_subspace.list_methods() (lora, moslora, sulora, ts_mixing, ...).")
+    g.add_argument("--rank", type=int, default=4, help="Rank r of the adapter's low-rank factors.")
+    g.add_argument("--alpha", type=float, default=None, help="Scale numerator (ΔW scaled by alpha/rank). Default: = rank.")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the adapter input.")
+    g.add_argument("--mixer_init", type=str, default=None,
+                   help="MoSLoRA mixer init (kaiming_uniform, orthogonal, identity, normal, zero). Only for methods with a mixer_init field.")
+    g.add_argument("--num_subspaces", type=int, default=None,
+                   help="SuLoRA: number of subspaces the router picks from. Only for methods with a num_subspaces field.")
+    g.add_argument("--target_preset", type=str, default="sdxl_unet",
+                   help="UNet modules to adapt: a preset name (mm_subspace.list_presets()) or comma-separated module names/suffixes.")
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="Also put adapters on both text encoders (targets: --text_encoder_target_preset).")
+    g.add_argument("--text_encoder_target_preset", type=str, default="sdxl_text_encoders",
+                   help="Text-encoder modules to adapt with --train_text_encoder: preset name or comma-separated names.")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--instance_data_dir", type=str, default=None,
+                   help="Folder of subject photos. Default: <output_dir>/instance_images, filled with real cat photos "
+                   "(crops of scikit-image's chelsea, CC0).")
+    g.add_argument("--instance_prompt", type=str, default=DEFAULT_INSTANCE_PROMPT,
+                   help="Prompt with the identifier of the subject.")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="Training image size (square). Default: the model's native size (UNet sample_size × VAE factor: "
+                   "64 for the embedded model, 1024 for SDXL). Must be divisible by the VAE factor.")
+    g.add_argument("--center_crop", action="store_true", help="Center-crop instead of random-crop after resizing.")
+    g.add_argument("--random_flip", action="store_true", help="Flip each image horizontally with probability 0.5.")
+    g.add_argument("--image_interpolation_mode", type=str, default="lanczos",
+                   choices=["lanczos", "bicubic", "bilinear", "nearest"], help="Resize interpolation.")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="Encode every image with the VAE once before training (faster steps; the VAE sample is fixed).")
+
+    g = parser.add_argument_group("prior preservation")
+    g.add_argument("--with_prior_preservation", action="store_true",
+                   help="Add the prior-preservation loss on class images (DreamBooth, Ruiz et al. 2023).")
+    g.add_argument("--class_data_dir", type=str, default=None,
+                   help="Folder of class images; missing ones are generated with the base pipeline. "
+                   "Default: <output_dir>/class_images.")
+    g.add_argument("--class_prompt", type=str, default=None, help="Prompt of the class, e.g. 'a photo of a cat'.")
+    g.add_argument("--num_class_images", type=int, default=100, help="Number of class images to use (and generate if missing).")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
+    g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
+    g.add_argument("--class_inference_steps", type=int, default=25, help="Denoising steps per generated class image.")
+
+    g = parser.add_argument_group("training")
+    g.add_argument("--recipe", type=str, default=None, choices=sorted(RECIPES),
+                   help="Preset hyper-parameters: moslora_paper = lr 1e-4, batch 4 (via accumulation), 500 steps, "
+                   "orthogonal mixer init (MoSLoRA §4.3). Flags given explicitly win.")
+    g.add_argument("--train_batch_size", type=int, default=1, help="Batch size per process.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help=f"Optimizer steps. Default: {EMBEDDED_MAX_STEPS} on the embedded model, {REAL_MAX_STEPS} otherwise.")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate of the adapter parameters.")
+    g.add_argument("--text_encoder_lr", type=float, default=None, help="Learning rate of text-encoder adapters. Default: --learning_rate.")
+    g.add_argument("--scale_lr", action="store_true",
+                   help="Multiply the learning rates by accumulation × batch size × processes.")
+    g.add_argument("--lr_scheduler", type=str, default="constant",
+                   help='Scheduler: "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the scheduler.")
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay of the UNet adapters.")
+    g.add_argument("--adam_weight_decay_text_encoder", type=float, default=1e-3, help="AdamW weight decay of text-encoder adapters.")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="Min-SNR weighting gamma (Hang et al. 2023, §3.4); 5.0 is recommended. Default: plain MSE.")
+    g.add_argument("--noise_offset", type=float, default=0.0, help="Noise offset (per-channel constant added to the noise).")
+    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                   help="Mixed precision; frozen weights are cast to it, adapters stay fp32. Default: accelerate config.")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet (and text encoders).")
+    g.add_argument("--seed", type=int, default=0, help="Seed of every random draw (models, data order, noise, validation).")
+
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument("--output_dir", type=str, default=None,
+                   help="Output folder. Default: runs/dreambooth-sdxl-<adapter> (the comparison app scans runs/).")
+    g.add_argument("--checkpointing_steps", type=int, default=500,
+                   help="Save a resumable checkpoint (training_state/checkpoint-<step>) every N optimizer steps.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    g.add_argument("--resume_from_checkpoint", type=str, default=None,
+                   help='"latest", a checkpoint name (checkpoint-10) or path. "latest" with none starts fresh.')
+
+    g = parser.add_argument_group("validation and logging")
+    g.add_argument("--validation_prompt", type=str, default=None, help="Prompt of the validation images. Default: --instance_prompt.")
+    g.add_argument("--num_validation_images", type=int, default=4, help="Images per validation grid (0 disables validation).")
+    g.add_argument("--validation_steps", type=int, default=None,
+                   help="Validate every N steps (a grid validation/step-<N>.png each time). A final validation always runs.")
+    g.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps of validation images.")
+    g.add_argument("--report_to", type=str, default="tensorboard",
+                   help='Tracker: "tensorboard" (offline, <output_dir>/logs), "wandb", "all" or "none".')
+    g.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    return parser
+
+
+def _explicit_flags(parser: argparse.ArgumentParser, input_args: list[str] | None) -> set[str]:
+    """Destinations the user passed on the command line (so recipes never override them)."""
+    quiet = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if action.nargs == 0:
+                kwargs["action"] = "store_true"
+            quiet.add_argument(*action.option_strings, **kwargs)
+    known, _ = quiet.parse_known_args(input_args)
+    return set(vars(known))
+
+
+def _positive(args: argparse.Namespace, names: list[str], allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            raise ValueError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    """Parse and cross-check the flags (bad combinations raise ``ValueError`` here, before anything runs)."""
+    parser = build_parser()
+    args = parser.parse_args(input_args)
+    explicit = _explicit_flags(parser, input_args)
+
+    adapter_cls = mm_subspace.get_method(args.adapter)  # ConfigError with "did you mean" on unknown names
+    fields = adapter_cls.config_class.field_names()
+
+    if args.recipe:
+        recipe = RECIPES[args.recipe]
+        for key in ("learning_rate", "max_train_steps"):
+            if key not in explicit:
+                setattr(args, key, recipe[key])
+        if "mixer_init" in fields and "mixer_init" not in explicit:
+            args.mixer_init = recipe["mixer_init"]
+        if "gradient_accumulation_steps" not in explicit:
+            args.gradient_accumulation_steps = max(1, recipe["total_batch_size"] // args.train_batch_size)
+
+    for flag in METHOD_FLAGS:
+        if getattr(args, flag) is not None and flag not in fields:
+            have = [m for m in mm_subspace.list_methods() if flag in mm_subspace.get_method(m).config_class.field_names()]
+            raise ConfigError(f"--{flag} does not apply to --adapter {args.adapter}; it is a flag of {', '.join(have) or 'no method'}")
+
+    _positive(args, ["rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate",
+                     "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "resolution", "snr_gamma",
+                     "num_class_images", "sample_batch_size", "validation_inference_steps", "class_inference_steps",
+                     "text_encoder_lr"])
+    _positive(args, ["num_validation_images", "prior_loss_weight", "lr_warmup_steps", "max_grad_norm", "noise_offset"],
+              allow_zero=True)
+    if args.alpha is None:
+        args.alpha = float(args.rank)
+
+    if args.with_prior_preservation:
+        if args.class_prompt is None:
+            raise ValueError("--with_prior_preservation needs --class_prompt (e.g. --class_prompt 'a photo of a cat')")
+    else:
+        if args.class_data_dir is not None:
+            warnings.warn("--class_data_dir is ignored without --with_prior_preservation")
+        if args.class_prompt is not None:
+            warnings.warn("--class_prompt is ignored without --with_prior_preservation")
+
+    args.embedded_model = args.pretrained_model_name_or_path is None
+    if args.max_train_steps is None:
+        args.max_train_steps = EMBEDDED_MAX_STEPS if args.embedded_model else REAL_MAX_STEPS
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"dreambooth-sdxl-{args.adapter}")
+    if args.class_data_dir is None and args.with_prior_preservation:
+        args.class_data_dir = os.path.join(args.output_dir, "class_images")
+    if args.validation_prompt is None:
+        args.validation_prompt = args.instance_prompt
+    return args
+
+
+# --------------------------------------------------------------------------------------------- data
+def _targets(spec: str) -> str | list[str]:
+    """A preset name stays a string; ``"to_q,to_v"`` becomes a list of module names."""
+    if spec in mm_subspace.list_presets():
+        return spec
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ConfigError(f"empty target list {spec!r}; presets: {', '.join(mm_subspace.list_presets())}")
+    return names
+
+
+def adapter_config(args: argparse.Namespace, targets: str | list[str]) -> mm_subspace.AdapterConfig:
+    """``config_for(args.adapter, ...)`` with the method-specific flags its config has."""
+    fields = mm_subspace.get_method(args.adapter).config_class.field_names()
+    kwargs: dict[str, Any] = dict(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=targets)
+    kwargs.update({f: getattr(args, f) for f in METHOD_FLAGS if f in fields and getattr(args, f) is not None})
+    return mm_subspace.config_for(args.adapter, **kwargs)
+
+
+def list_images(folder: Path, what: str, flag: str) -> list[tuple[Path, Any]]:
+    """Open every image in ``folder``; unreadable or non-image files are skipped with a warning naming them.
+
+    Raises:
+        FileNotFoundError / ValueError: the folder is missing, empty, or holds no readable image.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {folder} does not exist; point it at a folder of {what} photos")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise ValueError(f"{flag} {folder} is empty; put a few {what} photos (png/jpg) in it")
+    images, skipped = [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                images.append((path, ImageOps.exif_transpose(im).convert("RGB")))
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            skipped.append(f"{path.name} ({type(err).__name__})")
+    if skipped:
+        logger.warning("skipped %d unreadable/non-image file(s) in %s: %s", len(skipped), folder, ", ".join(skipped))
+    if not images:
+        raise ValueError(f"{flag} {folder} holds no readable image (skipped: {', '.join(skipped)}); add png/jpg photos")
+    return images
+
+
+def preprocess(images: list[Any], resolution: int, center_crop: bool, random_flip: bool, interpolation: str,
+               seed: int) -> tuple[torch.Tensor, list[tuple[int, int]], list[tuple[int, int]]]:
+    """Resize (short side), flip, crop, normalise to [-1, 1] — once, seeded (diffusers' DreamBooth order).
+
+    Returns pixel values (n, 3, res, res) and, per image, SDXL's micro-conditioning
+    ``original_size`` (h, w) and ``crop_top_left`` (y, x).
+    """
+    from torchvision import transforms
+    from torchvision.transforms import functional as TF
+
+    mode = getattr(transforms.InterpolationMode, interpolation.upper())
+    rng = random.Random(seed)
+    pixels, sizes, crops = [], [], []
+    for image in images:
+        sizes.append((image.height, image.width))
+        image = TF.resize(image, resolution, interpolation=mode)
+        if random_flip and rng.random() < 0.5:
+            image = TF.hflip(image)
+        if center_crop:
+            y = max(0, int(round((image.height - resolution) / 2.0)))
+            x = max(0, int(round((image.width - resolution) / 2.0)))
+        else:
+            y = rng.randint(0, image.height - resolution)
+            x = rng.randint(0, image.width - resolution)
+        image = TF.crop(image, y, x, resolution, resolution)
+        crops.append((y, x))
+        pixels.append(TF.normalize(TF.to_tensor(image), [0.5], [0.5]))
+    return torch.stack(pixels), sizes, crops
+
+
+def tokenize(tokenizer: Any, prompt: str | list[str]) -> torch.Tensor:
+    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def encode_prompt(text_encoders: list[torch.nn.Module], input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL conditioning (``StableDiffusionXLPipeline.encode_prompt``): penultimate hidden states of both
+    encoders concatenated (b, 77, d1 + d2), and the pooled projection of the second (b, d_proj)."""
+    embeds = []
+    for encoder, ids in zip(text_encoders, input_ids):
+        out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True, return_dict=False)
+        pooled = out[0]
+        embeds.append(out[-1][-2])
+    return torch.cat(embeds, dim=-1), pooled.reshape(pooled.shape[0], -1)
+
+
+def generate_class_images(args: argparse.Namespace, model_path: str, class_dir: Path, resolution: int,
+                          accelerator: Any) -> None:
+    """Fill ``class_dir`` up to ``--num_class_images`` with base-pipeline samples of ``--class_prompt`` (rank 0)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    class_dir.mkdir(parents=True, exist_ok=True)
+    have = len([p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES])
+    missing = args.num_class_images - have
+    if missing <= 0:
+        return
+    logger.info("generating %d class images of %r in %s", missing, args.class_prompt, class_dir)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_path, revision=args.revision, variant=args.variant)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(accelerator.device)
+    for start in range(have, args.num_class_images, args.sample_batch_size):
+        idx = list(range(start, min(start + args.sample_batch_size, args.num_class_images)))
+        gens = [torch.Generator().manual_seed(args.seed * 100_003 + i) for i in idx]
+        images = pipe([args.class_prompt] * len(idx), generator=gens, height=resolution, width=resolution,
+                      num_inference_steps=args.class_inference_steps).images
+        for i, image in zip(idx, images):
+            image.save(class_dir / f"class_{i:05d}.png")
+    del pipe
+
+
+# --------------------------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train; returns ``{"output_dir", "global_step", "final_loss", "digest", "exported", "resumed_from"}``."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_snr
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # as diffusers: TE1 pooled is unused
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logger.info("%s", accelerator.state)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(args.seed)
+
+    # -- 1. everything that can be wrong with the input is checked before any model loads ----------
+    model_path = args.pretrained_model_name_or_path or str(tiny_models.tiny_sdxl_path())
+    vae_path = args.pretrained_vae_model_name_or_path or model_path
+    vae_sub = None if args.pretrained_vae_model_name_or_path else "vae"
+    unet_cfg = UNet2DConditionModel.load_config(model_path, subfolder="unet", revision=args.revision)
+    vae_cfg = AutoencoderKL.load_config(vae_path, subfolder=vae_sub, revision=args.revision)
+    vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    resolution = args.resolution or int(unet_cfg["sample_size"]) * vae_factor
+    if resolution % vae_factor:
+        raise ValueError(
+            f"--resolution {resolution} is not divisible by the VAE factor {vae_factor} of {vae_path}: use "
+            f"{resolution - resolution % vae_factor or vae_factor} or {resolution - resolution % vae_factor + vae_factor}"
+        )
+    config_unet = adapter_config(args, _targets(args.target_preset))  # ConfigError on bad values
+    config_text = adapter_config(args, _targets(args.text_encoder_target_preset)) if args.train_text_encoder else None
+    part_names = ["unet", *(TEXT_ENCODER_PARTS if args.train_text_encoder else ())]
+
+    manager = CheckpointManager(output_dir, args.adapter, args.checkpoints_total_limit)
+    resume_path = manager.resolve(args.resume_from_checkpoint)
+    if args.resume_from_checkpoint == "latest" and resume_path is None:
+        logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run", manager.root)
+    resume_step = manager.check_resumable(resume_path, part_names) if resume_path else 0
+
+    instance_dir = Path(args.instance_data_dir) if args.instance_data_dir else output_dir / "instance_images"
+    if args.instance_data_dir is None and accelerator.is_main_process and not instance_dir.is_dir():
+        tiny_models.write_cat_photos(instance_dir, n=EMBEDDED_INSTANCE_IMAGES, size=max(resolution, 64))
+        logger.info("wrote %d cat photos to %s", EMBEDDED_INSTANCE_IMAGES, instance_dir)
+    accelerator.wait_for_everyone()
+    instance = list_images(instance_dir, "subject", "--instance_data_dir")
+    logger.info("%d instance images from %s", len(instance), instance_dir)
+
+    if args.with_prior_preservation:
+        class_dir = Path(args.class_data_dir)
+        if accelerator.is_main_process:
+            generate_class_images(args, model_path, class_dir, resolution, accelerator)
+        accelerator.wait_for_everyone()
+        classes = list_images(class_dir, "class", "--class_data_dir")[: args.num_class_images]
+
+    # -- 2. frozen models ----------------------------------------------------------------------------
+    load = dict(revision=args.revision, variant=args.variant)
+    tokenizers = [AutoTokenizer.from_pretrained(model_path, subfolder=s, revision=args.revision) for s in ("tokenizer", "tokenizer_2")]
+    text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **load)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", **load)
+    vae = AutoencoderKL.from_pretrained(vae_path, subfolder=vae_sub, **load)
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **load)
+    noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", revision=args.revision)
+    for model in (vae, text_encoder, text_encoder_2, unet):
+        model.requires_grad_(False)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    device = accelerator.device
+    for model in (unet, text_encoder, text_encoder_2, vae):  # the VAE stays fp32 (fp16 VAEs overflow to NaN)
+        model.to(device)
+        if weight_dtype != torch.float32 and model is not vae:
+            model.to(dtype=weight_dtype)
+
+    # -- 3. adapters ---------------------------------------------------------------------------------
+    mm_subspace.inject(unet, config_unet)  # TargetError (rank too large, bad targets) before training
+    parts: dict[str, torch.nn.Module] = {"unet": unet}
+    if args.train_text_encoder:
+        mm_subspace.inject(text_encoder, config_text)
+        mm_subspace.inject(text_encoder_2, config_text)
+        parts.update(text_encoder=text_encoder, text_encoder_2=text_encoder_2)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            for te in (text_encoder, text_encoder_2):
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cast_trainable_params(parts.values(), torch.float32)
+    for part, text in adapter_summary(parts).items():
+        logger.info("%s adapter on %s: %s", args.adapter, part, text)
+
+    # -- 4. optimizer and schedule ---------------------------------------------------------------------
+    scale = args.gradient_accumulation_steps * args.train_batch_size * world if args.scale_lr else 1
+    lrs = {"unet": args.learning_rate * scale, "*": (args.text_encoder_lr or args.learning_rate) * scale}
+    decay = {"unet": args.adam_weight_decay, "*": args.adam_weight_decay_text_encoder}
+    optimizer = torch.optim.AdamW(param_groups(parts, lrs, decay), betas=(args.adam_beta1, args.adam_beta2),
+                                  eps=args.adam_epsilon)
+    # accelerate steps a prepared scheduler once per process: scale the horizon as diffusers does
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * world,
+                                 num_training_steps=args.max_train_steps * world, num_cycles=args.lr_num_cycles,
+                                 power=args.lr_power)
+
+    # -- 5. data (pixels and micro-conditioning computed once; text embeddings once if frozen) --------
+    pixels, sizes, crops = preprocess([im for _, im in instance], resolution, args.center_crop, args.random_flip,
+                                      args.image_interpolation_mode, args.seed)
+    if args.with_prior_preservation:
+        class_pixels, class_sizes, class_crops = preprocess([im for _, im in classes], resolution, args.center_crop,
+                                                            False, args.image_interpolation_mode, args.seed + 1)
+    latents_mean = vae_cfg.get("latents_mean")
+    latents_std = vae_cfg.get("latents_std")
+
+    def encode_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        with torch.no_grad():
+            latents = vae.encode(x.to(device, dtype=vae.dtype)).latent_dist.sample(generator=generator)
+        if latents_mean is not None and latents_std is not None:
+            mean = torch.tensor(latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(latents_std).view(1, -1, 1, 1).to(latents)
+            return ((latents - mean) * vae.config.scaling_factor / std).to(weight_dtype)
+        return (latents * vae.config.scaling_factor).to(weight_dtype)
+
+    if args.cache_latents:
+        pixels = encode_images(pixels, step_generator(args.seed, 0xCAC4E))
+        if args.with_prior_preservation:
+            class_pixels = encode_images(class_pixels, step_generator(args.seed, 0xCAC4E, 1))
+
+    prompts = [args.instance_prompt] + ([args.class_prompt] if args.with_prior_preservation else [])
+    token_ids = [tokenize(tok, prompts) for tok in tokenizers]
+    if not args.train_text_encoder:
+        with torch.no_grad():
+            fixed_embeds = encode_prompt([text_encoder, text_encoder_2], token_ids)
+
+    def time_ids(size: tuple[int, int], crop: tuple[int, int]) -> list[int]:
+        return [*size, *crop, resolution, resolution]  # SDXL add_time_ids (Podell et al. 2023, §2.2)
+
+    # -- 6. accelerate: hooks write our adapter format into checkpoints -------------------------------
+    history = LossHistory()
+    manager.register_hooks(accelerator, parts, base_model=args.pretrained_model_name_or_path or "mm_subspace.tiny_sdxl")
+    accelerator.register_for_checkpointing(history)
+    trained = list(parts)
+    prepared = accelerator.prepare(*[parts[n] for n in trained], optimizer, lr_scheduler)
+    wrapped = dict(zip(trained, prepared[: len(trained)]))
+    optimizer, lr_scheduler = prepared[len(trained):]
+    unet_w = wrapped["unet"]
+    text_models = [wrapped.get("text_encoder", text_encoder), wrapped.get("text_encoder_2", text_encoder_2)]
+    trainable = [p for n in trained for _, p in parts[n].named_parameters() if p.requires_grad]
+
+    if accelerator.is_main_process and args.report_to != "none":
+        tracker_cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+        accelerator.init_trackers(f"dreambooth-sdxl-{args.adapter}", config=tracker_cfg)
+
+    global_step = 0
+    if resume_path is not None:
+        logger.info("resuming from %s (step %d)", resume_path, resume_step)
+        accelerator.load_state(str(resume_path))
+        global_step = resume_step
+        manager.last_saved = resume_path
+
+    total_batch = args.train_batch_size * world * args.gradient_accumulation_steps
+    logger.info("***** training: %d instance images, %d steps, batch %d per process x %d processes x %d accumulation = %d",
+                len(instance), args.max_train_steps, args.train_batch_size, world, args.gradient_accumulation_steps,
+                total_batch)
+
+    # -- 7. one micro-step: every random draw from step_generator(seed, rank, micro_step) -------------
+    def micro_batch(micro_step: int) -> dict[str, Any]:
+        gen = step_generator(args.seed, rank, micro_step)
+        idx = sample_indices(len(sizes), args.train_batch_size, micro_step, rank, world, args.seed)
+        x = pixels[idx]
+        conds = [time_ids(sizes[i], crops[i]) for i in idx]
+        prompt_rows = [0] * len(idx)
+        if args.with_prior_preservation:
+            cidx = sample_indices(len(class_sizes), args.train_batch_size, micro_step, rank, world, args.seed + 1)
+            x = torch.cat([x, class_pixels[cidx]])
+            conds += [time_ids(class_sizes[i], class_crops[i]) for i in cidx]
+            prompt_rows += [1] * len(cidx)
+        latents = x.to(device, dtype=weight_dtype) if args.cache_latents else encode_images(x, gen)
+        noise = torch.randn(latents.shape, generator=gen, dtype=latents.dtype).to(device)
+        if args.noise_offset:
+            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen, dtype=latents.dtype)
+            noise = noise + args.noise_offset * offset.to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+        timesteps = timesteps.to(device)
+        return dict(latents=latents, noise=noise, timesteps=timesteps, rows=torch.tensor(prompt_rows),
+                    time_ids=torch.tensor(conds, device=device, dtype=weight_dtype))
+
+    def predict(batch: dict[str, Any], models: list[torch.nn.Module]) -> torch.Tensor:
+        if args.train_text_encoder:
+            embeds, pooled = encode_prompt(models[1:], token_ids)
+        else:
+            embeds, pooled = fixed_embeds
+        rows = batch["rows"].to(embeds.device)
+        noisy = noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
+        cond = {"time_ids": batch["time_ids"], "text_embeds": pooled[rows].to(weight_dtype)}
+        return models[0](noisy, batch["timesteps"], embeds[rows].to(weight_dtype), added_cond_kwargs=cond,
+                         return_dict=False)[0]
+
+    def diffusion_loss(batch: dict[str, Any], pred: torch.Tensor) -> torch.Tensor:
+        if noise_scheduler.config.prediction_type == "epsilon":
+            target = batch["noise"]
+        elif noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(batch["latents"], batch["noise"], batch["timesteps"])
+        else:
+            raise ValueError(f"unknown prediction type {noise_scheduler.config.prediction_type}")
+        timesteps = batch["timesteps"]
+        if args.with_prior_preservation:  # instance rows first, class rows second (DreamBooth Eq. 2)
+            pred, pred_prior = pred.chunk(2)
+            target, target_prior = target.chunk(2)
+            timesteps = timesteps.chunk(2)[0]
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if args.snr_gamma is not None:  # Min-SNR weighting, Hang et al. 2023 Eq. (8), for ε-prediction
+            snr = compute_snr(noise_scheduler, timesteps)
+            weight = torch.clamp(snr, max=args.snr_gamma) / snr
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                weight = weight + 1
+            per_sample = per_sample * weight
+        loss = per_sample.mean()
+        if args.with_prior_preservation:
+            loss = loss + args.prior_loss_weight * F.mse_loss(pred_prior.float(), target_prior.float())
+        return loss
+
+    def where_nonfinite(batch: dict[str, Any]) -> str:
+        bad = nonfinite_parameters(parts)
+        if bad:
+            return f"adapter parameters {bad[:3]}"
+        bad = nonfinite_parameters(parts, grads=True)
+        if bad:
+            return f"gradients of {bad[:3]}"
+        unwrapped = [unwrap(accelerator, m) for m in [unet_w, *text_models]]
+        name = locate_nonfinite(parts, lambda: predict(batch, unwrapped))
+        return f"the output of {name}" if name else "the loss only (every module output was finite: inputs or targets?)"
+
+    # -- 8. validation ---------------------------------------------------------------------------------
+    def log_validation(step: int) -> Path | None:
+        if args.num_validation_images == 0:
+            return None
+        models = {n: unwrap(accelerator, wrapped.get(n, m)) for n, m in
+                  (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))}
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            model_path, vae=vae, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], dtype=weight_dtype, **models, **load
+        )
+        pipe.set_progress_bar_config(disable=True)
+        for m in models.values():
+            m.eval()
+        gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
+        autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
+        with autocast:
+            images = pipe(args.validation_prompt, num_images_per_prompt=args.num_validation_images, generator=gens,
+                          height=resolution, width=resolution, num_inference_steps=args.validation_inference_steps).images
+        for name, m in models.items():
+            m.train(name in parts)
+        path = save_image_grid(images, output_dir / "validation" / f"step-{step:06d}.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+        logger.info("validation grid %s", path)
+        return path
+
+    # -- 9. train ---------------------------------------------------------------------------------------
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+    for m in wrapped.values():
+        m.train()
+    last_grid: Path | None = None
+    models = [unet_w, *text_models]
+    while global_step < args.max_train_steps:
+        sums = torch.zeros(2, device=device)  # diffusion loss, aux loss over this optimizer step
+        for micro in range(args.gradient_accumulation_steps):
+            micro_step = global_step * args.gradient_accumulation_steps + micro
+            batch = micro_batch(micro_step)
+            with accelerator.accumulate(*wrapped.values()):
+                pred = predict(batch, models)
+                loss = diffusion_loss(batch, pred)
+                aux = sum((mm_subspace.aux_loss(parts[n]) for n in trained), torch.zeros((), device=device))
+                terms = accelerator.gather(torch.stack([loss.detach(), aux.detach().float()]).reshape(1, 2)).mean(0)
+                check_finite({"loss": terms[0].item(), "aux_loss": terms[1].item()}, global_step + 1,
+                             lambda: where_nonfinite(batch), manager.last_saved)
+                sums += terms / args.gradient_accumulation_steps
+                accelerator.backward(loss + aux)
+                grad_norm = None
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                    check_finite({"grad_norm": float(grad_norm)}, global_step + 1, lambda: where_nonfinite(batch),
+                                 manager.last_saved)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+        if not accelerator.sync_gradients:  # cannot happen: micro steps are a multiple of accumulation
+            raise RuntimeError("gradient accumulation out of step with accelerate")
+        global_step += 1
+        logs = {"loss": sums[0].item(), "aux_loss": sums[1].item(), "lr": lr_scheduler.get_last_lr()[0]}
+        history.append(global_step, **logs)
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", aux=f"{logs['aux_loss']:.3g}", lr=f"{logs['lr']:.2e}")
+        accelerator.log(logs, step=global_step)
+        if global_step % args.checkpointing_steps == 0:
+            manager.save(accelerator, global_step)
+        if args.validation_steps and global_step % args.validation_steps == 0:
+            if accelerator.is_main_process:
+                last_grid = log_validation(global_step)
+            accelerator.wait_for_everyone()
+    progress.close()
+
+    # -- 10. save: adapters (our format), diffusers export, validation, curve, card (rank 0 only) ------
+    final = {n: unwrap(accelerator, wrapped[n]) for n in trained}
+    digest = assert_replicas_in_sync(accelerator, final)
+    logger.info("rank %d adapter digest %s", rank, digest)
+    if world > 1 and accelerator.is_main_process:
+        logger.info("adapters identical on all %d ranks (digest %s)", world, digest)
+    exported, export_note = False, ""
+    if accelerator.is_main_process:
+        save_parts(final, output_dir, args.pretrained_model_name_or_path or "mm_subspace.tiny_sdxl")
+        try:
+            mm_subspace.export_diffusers(output_dir, **final)
+            exported = True
+            export_note = "`pytorch_lora_weights.safetensors`: plain LoRA, mixer and scale folded into B (exact)."
+        except MergeError as err:
+            (output_dir / "pytorch_lora_weights.safetensors").unlink(missing_ok=True)
+            export_note = f"not exported to diffusers LoRA: {err}"
+            logger.warning("%s", export_note)
+        if args.num_validation_images and (last_grid is None or not last_grid.name.endswith(f"{global_step:06d}.png")):
+            last_grid = log_validation(global_step)
+        curve = save_loss_curve(history, output_dir / "loss_curve.png", f"DreamBooth SDXL, {args.adapter}")
+        flags = {k: v for k, v in vars(args).items() if k != "embedded_model"}
+        (output_dir / "training_args.json").write_text(json.dumps(flags, indent=2, default=str) + "\n")
+        _model_card(args, output_dir, history, global_step, total_batch, world, export_note, last_grid, curve, final)
+        logger.info("saved %s adapter to %s", args.adapter, output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"output_dir": output_dir, "global_step": global_step, "final_loss": history.last("loss"),
+            "digest": digest, "exported": exported, "resumed_from": resume_path}
+
+
+def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory, steps: int, total_batch: int,
+                world: int, export_note: str, grid: Path | None, curve: Path, parts: dict[str, torch.nn.Module]) -> None:
+    base = args.pretrained_model_name_or_path or "embedded tiny SDXL (mm_subspace.tiny_models.tiny_sdxl_path())"
+    loss = history.last("loss")
+    summary = {
+        "base model": base,
+        "instance prompt": f"`{args.instance_prompt}`",
+        "steps": steps,
+        "batch (per process × processes × accumulation)": f"{args.train_batch_size} × {world} × "
+                                                          f"{args.gradient_accumulation_steps} = {total_batch}",
+        "final loss": f"{loss:.5f}" if loss is not None else "n/a (no step run)",
+        "final aux loss": f"{history.last('aux_loss'):.5g}" if history.rows else "n/a",
+        "recipe": args.recipe or "none",
+        "diffusers export": export_note,
+        **{f"adapter on {k}": v for k, v in adapter_summary(parts).items()},
+    }
+    images = {}
+    if grid is not None:
+        images[f"Validation: `{args.validation_prompt}`"] = grid.relative_to(output_dir).as_posix()
+    images["Loss curve"] = curve.relative_to(output_dir).as_posix()
+    load_ours = "\n".join(f'mms.load_adapter(pipe.{p}, "{output_dir.as_posix()}/{p}")' for p in parts)
+    usage = (
+        "```python\nimport mm_subspace as mms\nfrom diffusers import StableDiffusionXLPipeline\n\n"
+        f'pipe = StableDiffusionXLPipeline.from_pretrained("{args.pretrained_model_name_or_path or "<tiny sdxl path>"}")\n'
+        f"{load_ours}\nimage = pipe({args.validation_prompt!r}).images[0]\n```\n"
+    )
+    if export_note.startswith("`pytorch"):
+        usage += (f"\nStock diffusers, no mm_subspace needed:\n\n```python\npipe.load_lora_weights("
+                  f'"{output_dir.as_posix()}")\n```\n')
+    write_model_card(
+        output_dir, title=f"DreamBooth SDXL — {args.adapter}", base_model=base, method=args.adapter, summary=summary,
+        flags={k: v for k, v in vars(args).items() if k != "embedded_model"}, images=images,
+        sections={"Use it": usage}, tags=("dreambooth", "sdxl", "text-to-image"),
+    )
+
+
+if __name__ == "__main__":
+    main(parse_args())
