@@ -184,6 +184,18 @@ def test_plain_lora_export_is_exact(method, kw, weight_fn, rank):
     torch.testing.assert_close(w + scaling * up @ down, weight_fn(model[0].adapters["default"], w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["spectral", "svdiff"])
+def test_peft_export_reproduces_the_outputs(method, tmp_path):
+    """export_peft writes the exact factors; stock PEFT loads them (svdiff: per-layer ranks via rank_pattern)."""
+    import peft
+
+    model = _inject(method)
+    x = _x()
+    mms.export_peft(model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(_net(), tmp_path)
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_dora_refuses_plain_lora_export_with_the_reason():
     with pytest.raises(MergeError, match="not a rank-r product"):
         mms.lora_factors(_inject("dora"))
