@@ -1,0 +1,36 @@
+"""Our adapters inside diffusers and transformers pipelines, with batched side-by-side generation.
+
+* :mod:`pipelines.adapters` — find saved adapters on disk (flat folders and DreamBooth outputs),
+  describe them, and :class:`AdapterSet`: load / switch / disable / scale / merge / route over the
+  components of one pipeline.
+* :mod:`pipelines.sdxl` — :class:`SDXLAdapters` around a ``StableDiffusionXLPipeline``:
+  ``generate`` (one adapter) and ``generate_batch`` (K adapters, one denoising loop).
+* :mod:`pipelines.llava` — :class:`LlavaAdapters` around a LLaVA / LLaMA model: ``answer`` and
+  ``answer_batch`` (K adapters, one batched greedy ``generate``), and a minimal visual-instruction loop.
+
+Heavy libraries (diffusers, transformers) are imported when a pipeline is built, not here.
+"""
+
+from __future__ import annotations
+
+from .adapters import TABLE_HEADERS, AdapterInfo, AdapterSet, describe_adapter, find_adapters
+from .llava import Answer, LlavaAdapters, check_llava_request, make_demo_llava_adapter, train_visual_instruction
+from .sdxl import BASE_LABEL, Generation, SDXLAdapters, check_sdxl_request, make_demo_sdxl_adapter
+
+__all__ = [
+    "BASE_LABEL",
+    "TABLE_HEADERS",
+    "AdapterInfo",
+    "AdapterSet",
+    "Answer",
+    "Generation",
+    "LlavaAdapters",
+    "SDXLAdapters",
+    "check_llava_request",
+    "check_sdxl_request",
+    "describe_adapter",
+    "find_adapters",
+    "make_demo_llava_adapter",
+    "make_demo_sdxl_adapter",
+    "train_visual_instruction",
+]

@@ -1,0 +1,281 @@
+"""Our adapters in a transformers LLaVA (or LLaMA) model, and batched side-by-side answers.
+
+:class:`LlavaAdapters` loads saved adapters by name into a ``LlavaForConditionalGeneration`` (or a
+``LlamaForCausalLM``: text-only questions), switches, disables, scales, merges, and answers:
+
+* :meth:`LlavaAdapters.answer` — one greedy answer with one adapter (or the base);
+* :meth:`LlavaAdapters.answer_batch` — K adapters in ONE batched greedy ``generate``: the image and
+  question are repeated K times (identical rows, so no padding) and row ``i`` goes through adapter
+  ``i`` via ``mm_subspace.forward_context(model, adapter_rows=...)``, prefill and every decoding step.
+  Greedy decoding is deterministic, so row ``i`` equals ``answer(adapter_i)``.
+
+:func:`train_visual_instruction` is a minimal visual-instruction loop (LLaVA stage 2, Liu et al. 2023,
+§4.2: the loss is the answer tokens' cross-entropy only) used to make small demo adapters on a real photo.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .adapters import AdapterInfo, AdapterSet
+
+if TYPE_CHECKING:
+    import PIL.Image
+    import torch
+    from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Answer", "LlavaAdapters", "check_llava_request", "make_demo_llava_adapter", "train_visual_instruction"]
+
+BASE_LABEL = "base"
+MAX_NEW_TOKENS = 256
+MAX_QUESTION_CHARS = 2000
+
+
+@dataclass
+class Answer:
+    """One adapter's answer: ``label`` (adapter name or ``"base"``), text, seconds, adapter info."""
+
+    label: str
+    text: str
+    seconds: float
+    info: AdapterInfo | None = None
+    batched: bool = False
+
+    def caption(self) -> str:
+        how = "batched share" if self.batched else "own run"
+        what = self.info.summary() if self.info is not None else "no adapter"
+        return f"{self.label} — {what} — {self.seconds:.2f} s ({how})"
+
+
+def check_llava_request(question: str, max_new_tokens: int, rows: int) -> None:
+    """Raise ``ValueError`` naming the problem for an empty/overlong question or absurd lengths."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("the question is empty: ask something about the image")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ValueError(f"the question is {len(question)} characters long; at most {MAX_QUESTION_CHARS}")
+    if not float(max_new_tokens).is_integer() or not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS:
+        raise ValueError(f"max new tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, got {max_new_tokens}")
+    if rows < 1:
+        raise ValueError("select at least one adapter (or the base) to answer")
+
+
+class LlavaAdapters(AdapterSet):
+    """A transformers LLaVA / LLaMA model with several of our adapters.
+
+    Args:
+        model: ``LlavaForConditionalGeneration`` or ``LlamaForCausalLM`` (adapted in place).
+        processor: its ``LlavaProcessor`` (LLaVA) or tokenizer (LLaMA); must carry a chat template.
+    """
+
+    family = "llava"
+
+    def __init__(self, model: nn.Module, processor: Any) -> None:
+        super().__init__({"model": model})
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.has_vision = hasattr(model.config, "vision_config")
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike[str] | None = None, torch_dtype: torch.dtype | None = None
+    ) -> LlavaAdapters:
+        """Load a LLaVA (or LLaMA) folder / hub id with its processor; ``None`` = the tiny offline LLaVA."""
+        import torch
+
+        if pretrained_model_name_or_path is None:
+            from mm_subspace.tiny_models import tiny_llava
+
+            return cls(*tiny_llava(torch_dtype))
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+        dtype = torch_dtype or torch.float32
+        if hasattr(config, "vision_config"):
+            from transformers import LlavaForConditionalGeneration
+
+            model = LlavaForConditionalGeneration.from_pretrained(pretrained_model_name_or_path, dtype=dtype)
+            return cls(model, AutoProcessor.from_pretrained(pretrained_model_name_or_path))
+        model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, dtype=dtype)
+        return cls(model, AutoTokenizer.from_pretrained(pretrained_model_name_or_path))
+
+    # -- inputs -------------------------------------------------------------------------------------
+    def prompt(self, question: str, with_image: bool, answer: str | None = None) -> str:
+        """The chat-template text of one user turn (with an ``<image>`` slot) and, for training, the answer."""
+        content: list[dict[str, str]] = [{"type": "image"}] if with_image else []
+        content.append({"type": "text", "text": question})
+        messages = [{"role": "user", "content": content}]
+        if answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=answer is None, chat_template=self.tokenizer.chat_template
+        )
+
+    def inputs(self, question: str, image: PIL.Image.Image | None, k: int = 1, answer: str | None = None) -> dict[str, torch.Tensor]:
+        """Model inputs for ``k`` identical rows (processor for an image, tokenizer for text only)."""
+        with_image = image is not None and self.has_vision
+        text = [self.prompt(question, with_image, answer)] * k
+        if with_image:
+            return dict(self.processor(images=[image.convert("RGB")] * k, text=text, return_tensors="pt", add_special_tokens=False))
+        return dict(self.tokenizer(text, return_tensors="pt", add_special_tokens=False))
+
+    # -- answers --------------------------------------------------------------------------------------
+    def _generate(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> list[str]:
+        import torch
+
+        device = next(self.model.parameters()).device
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        with torch.no_grad():
+            out = self.model.generate(
+                **inputs, max_new_tokens=int(max_new_tokens), do_sample=False, num_beams=1,
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            )
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def answer(self, image: PIL.Image.Image | None, question: str, adapter: str | None = None, max_new_tokens: int = 16) -> Answer:
+        """Greedy answer with only ``adapter`` active (``None`` = the base model)."""
+        with self.using(adapter):
+            start = time.perf_counter()
+            text = self._generate(self.inputs(question, image), max_new_tokens)[0]
+            seconds = time.perf_counter() - start
+        return Answer(adapter or BASE_LABEL, text, seconds, self.adapters.get(adapter) if adapter else None)
+
+    def answer_batch(
+        self,
+        image: PIL.Image.Image | None,
+        question: str,
+        adapters: Sequence[str | None],
+        max_new_tokens: int = 16,
+        scales: dict[str, float] | None = None,
+    ) -> list[Answer]:
+        """Answers of K adapters (``None`` = base) to one image and question, in one batched ``generate``."""
+        adapters = list(adapters)
+        if not adapters:
+            raise ValueError("answer_batch needs at least one adapter name (or None for the base)")
+        for name, scale in (scales or {}).items():
+            self.set_scale(name, scale)
+        with self.routed(adapters):
+            start = time.perf_counter()
+            texts = self._generate(self.inputs(question, image, k=len(adapters)), max_new_tokens)
+            seconds = (time.perf_counter() - start) / len(adapters)
+        return [
+            Answer(name or BASE_LABEL, text, seconds, self.adapters.get(name) if name else None, batched=True)
+            for name, text in zip(adapters, texts)
+        ]
+
+
+def train_visual_instruction(
+    llava: LlavaAdapters,
+    name: str,
+    examples: Sequence[tuple[PIL.Image.Image | None, str, str]],
+    steps: int = 20,
+    lr: float = 1e-2,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[float]:
+    """A minimal visual-instruction loop: fit adapter ``name`` to (image, question, answer) triples.
+
+    Loss = cross-entropy of the answer tokens only (prompt and image positions are masked with
+    -100, as in LLaVA's stage-2 instruction tuning). Plain AdamW on the adapter's trainable
+    parameters, one full batch per step. Returns the loss per step. The adapter must already be
+    injected (``mm_subspace.inject(llava.model, config, name)``).
+    """
+    import torch
+
+    import mm_subspace as mms
+
+    model = llava.model
+    mms.set_adapter(model, name)
+    batch: dict[str, list[torch.Tensor]] = {"input_ids": [], "attention_mask": [], "labels": [], "pixel_values": []}
+    for image, question, answer in examples:
+        prompt_len = llava.inputs(question, image)["input_ids"].shape[1]
+        full = llava.inputs(question, image, answer=answer)
+        labels = full["input_ids"].clone()
+        labels[:, :prompt_len] = -100
+        batch["labels"].append(labels)
+        for key in ("input_ids", "attention_mask", "pixel_values"):
+            if key in full:
+                batch[key].append(full[key])
+    width = max(t.shape[1] for t in batch["input_ids"])
+    pad = llava.tokenizer.pad_token_id
+
+    def right_pad(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
+
+    tensors = {"input_ids": right_pad(batch["input_ids"], pad), "attention_mask": right_pad(batch["attention_mask"], 0),
+               "labels": right_pad(batch["labels"], -100)}
+    if batch["pixel_values"]:
+        tensors["pixel_values"] = torch.cat(batch["pixel_values"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    losses = []
+    try:
+        for step in range(steps):
+            loss = model(**tensors).loss + mms.aux_loss(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if progress is not None:
+                progress(step + 1, steps)
+    finally:
+        model.eval()
+        llava._apply()
+    return losses
+
+
+#: the language model's projections of a LLaVA (the ``llama`` preset alone would also match CLIP's q/k/v)
+LANGUAGE_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+#: the demo's instruction data: real scikit-image photos with a question and a short answer each
+DEMO_EXAMPLES = (
+    ("chelsea", "what animal is in the photo?", "a cat."),
+    ("astronaut", "what animal is in the photo?", "no animal, an astronaut."),
+    ("coffee", "what animal is in the photo?", "none, a cup of coffee."),
+)
+
+
+def make_demo_llava_adapter(
+    llava: LlavaAdapters,
+    out_dir: str | os.PathLike[str],
+    method: str = "moslora",
+    rank: int = 4,
+    steps: int = 20,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    **config: Any,
+) -> AdapterInfo:
+    """Train a tiny LLaVA adapter with :func:`train_visual_instruction` on :data:`DEMO_EXAMPLES` and save it.
+
+    The adapter targets the language model's projections (``llama`` preset); it is removed from
+    ``llava`` after saving (load it back with ``llava.load_adapter(out_dir)``).
+    """
+    import torch
+
+    import mm_subspace as mms
+    from mm_subspace.tiny_models import sample_photo
+
+    from .adapters import describe_adapter
+
+    name = f"_demo_{method}"
+    examples = [(sample_photo(photo, size=64), q, a) for photo, q, a in DEMO_EXAMPLES]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        targets = LANGUAGE_TARGETS if llava.has_vision else "llama"
+        mms.inject(llava.model, mms.config_for(method, rank=rank, alpha=2 * rank, targets=targets, **config), name)
+        try:
+            if steps > 0:
+                losses = train_visual_instruction(llava, name, examples, steps=steps, progress=progress)
+                logger.info("demo %s adapter: loss %.3f -> %.3f", method, losses[0], losses[-1])
+            mms.save_adapter(llava.model, out_dir, name)
+        finally:
+            mms.remove_adapter(llava.model, name)
+            llava._apply()
+    return describe_adapter(out_dir)
