@@ -9,9 +9,13 @@ q/k/v projections) means registering one more small reader here, not subclassing
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .layer import AdapterLayer, ModelState
 
 _KINDS: list["BaseKind"] = []
 
@@ -52,6 +56,12 @@ class BaseKind(ABC):
     def has_bias(self, module: nn.Module) -> bool:
         return getattr(module, "bias", None) is not None
 
+    def wrap(self, module: nn.Module, state: "ModelState", module_name: str) -> "AdapterLayer":
+        """The layer that replaces ``module`` on injection; kinds needing their own forward override it."""
+        from .layer import AdapterLayer
+
+        return AdapterLayer(module, self, state, module_name)
+
 
 class LinearKind(BaseKind):
     """``torch.nn.Linear`` (and subclasses that keep its forward): y = x Wᵀ + b, W of shape (out, in)."""
@@ -84,5 +94,8 @@ def supported_types() -> list[str]:
 
 
 register_base(LinearKind())
+# kinds shipped in their own modules (bitsandbytes Linear4bit, nn.MultiheadAttention); cheap imports,
+# bitsandbytes itself is only imported when such a layer is met
+from . import fused as _fused, quant as _quant  # noqa: E402,F401
 
 __all__ = ["BaseKind", "LinearKind", "register_base", "find_base", "supported_types"]

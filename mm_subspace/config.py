@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 from .errors import ConfigError
 
 TargetSpec = str | list[str] | tuple[str, ...] | None
+#: slices of a fused projection that can carry their own adapter (``o``: nn.MultiheadAttention's out_proj)
+FUSED_PARTS = ("q", "k", "v", "o")
 
 
 @dataclass
@@ -51,6 +53,14 @@ class AdapterConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": "{regex: alpha} overrides"})
     init_weights: bool = field(default=True, metadata={"help": "True: step 0 equals the base model"})
     dtype: str | None = field(default=None, metadata={"help": "adapter parameter dtype; None = base dtype"})
+    fused_slices: dict[str, list[str]] = field(
+        default_factory=dict,
+        metadata={"help": "{regex: slices}: fused q/k/v projections adapted per slice (q, k, v; o = MHA out_proj); see mm_subspace.fused"},
+    )
+    trainable_modules: list[str] = field(
+        default_factory=list,
+        metadata={"help": "names/dotted suffixes of modules trained fully and saved with the adapter (PEFT's modules_to_save)"},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
@@ -62,11 +72,28 @@ class AdapterConfig:
                 raise ConfigError(f"{self.method}: rank_pattern[{key!r}] must be a positive integer, got {value!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"{self.method}: dropout must be in [0, 1), got {self.dropout!r}")
+        self._check_fused_and_trainable()
         if self.dtype is not None:
             import torch
 
             if not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
                 raise ConfigError(f"{self.method}: dtype {self.dtype!r} is not a torch dtype name (e.g. 'float32')")
+
+    def _check_fused_and_trainable(self) -> None:
+        if isinstance(self.trainable_modules, str):
+            self.trainable_modules = [self.trainable_modules]
+        self.trainable_modules = list(self.trainable_modules or [])
+        slices = {}
+        for key, value in dict(self.fused_slices or {}).items():
+            parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
+            bad = [p for p in parts if p not in FUSED_PARTS]
+            if not parts or bad or len(set(parts)) != len(parts):
+                raise ConfigError(
+                    f"{self.method}: fused_slices[{key!r}] = {value!r} must list distinct slices out of {FUSED_PARTS}, "
+                    "e.g. {'qkv': ['q', 'v']} (o = the out_proj of an nn.MultiheadAttention)"
+                )
+            slices[key] = parts
+        self.fused_slices = slices
 
     # -- per-module values ---------------------------------------------------------------------
     @staticmethod
@@ -79,6 +106,10 @@ class AdapterConfig:
     def rank_for(self, module_name: str) -> int:
         """The rank used for ``module_name`` (``rank_pattern`` first, else ``rank``)."""
         return int(self._pattern_value(self.rank_pattern, module_name, self.rank))
+
+    def slices_for(self, module_name: str) -> list[str] | None:
+        """The fused slices adapted separately in ``module_name`` (``fused_slices``), or ``None``."""
+        return self._pattern_value(self.fused_slices, module_name, None)
 
     def alpha_for(self, module_name: str) -> float:
         """The alpha used for ``module_name`` (``alpha_pattern`` first, else ``alpha``)."""

@@ -133,6 +133,10 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
         raise ConfigError(f"config must be an AdapterConfig (e.g. mm_subspace.MoSLoRAConfig), got {type(config).__name__}")
     if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name):
         raise ConfigError(f"adapter name {adapter_name!r} must be a non-empty string of letters, digits, '_' or '-'")
+    from .fused import build_adapter, check_adapter
+    from .presets import with_preset_defaults
+
+    config = with_preset_defaults(config)
     adapter_cls = get_method(config.method)
     state = get_state(model, required=False)
     if state is not None and adapter_name in state.configs:
@@ -153,8 +157,9 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
                 f"{', '.join(supported_types())}); target its linear sub-layers instead"
                 f"{_child_hint(name, base)}"
             )
-        adapter_cls.validate(kind, base, config, name)
+        check_adapter(kind, adapter_cls, base, config, name)
         plan.append((name, module, base, kind))
+    trainable_module_names(model, config)  # raises if a trainable_modules entry matches nothing
 
     # everything validated: now mutate
     if state is None:
@@ -163,9 +168,9 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     for name, module, base, kind in plan:
         layer = module
         if not isinstance(module, AdapterLayer):
-            layer = AdapterLayer(base, kind, state, name)
+            layer = kind.wrap(base, state, name)
             _set_submodule(model, name, layer)
-        layer.add_adapter(adapter_name, adapter_cls(kind, base, config, name))
+        layer.add_adapter(adapter_name, build_adapter(kind, adapter_cls, base, config, name))
     for param in model.parameters():
         param.requires_grad_(False)
     state.configs[adapter_name] = config
@@ -188,11 +193,38 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _refresh_trainable(model: nn.Module, state: ModelState) -> None:
-    """Parameters of active adapters train, except those the method freezes; all else is frozen."""
+    """Parameters of active adapters train, except those the method freezes; all else is frozen.
+
+    The ``trainable_modules`` of active adapters train fully (their own weights, not adapters inside).
+    """
     for _, layer in adapter_layers(model):
         for key, adapter in layer.adapters.items():
             for pname, param in adapter.named_parameters():
                 param.requires_grad_(key in state.active and pname not in adapter.frozen_parameters)
+    active = {key for key in state.active if key in state.configs}
+    on = {k for key in active for k in trainable_module_state(model, state.configs[key])}
+    for config in state.configs.values():
+        for key, param in trainable_module_state(model, config).items():
+            param.requires_grad_(key in on)
+
+
+TRAINABLE_PREFIX = "trainable_modules."
+
+
+def trainable_module_names(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Full names of the modules ``config.trainable_modules`` selects (exact names or dotted suffixes)."""
+    return resolve_targets(model, config.trainable_modules) if config.trainable_modules else []
+
+
+def trainable_module_state(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Parameter]:
+    """``"trainable_modules.<module>.<param>" -> parameter`` of the fully trained modules (adapters excluded)."""
+    out = {}
+    for name in trainable_module_names(model, config):
+        for pname, param in model.get_submodule(name).named_parameters():
+            if pname.startswith("adapters.") or ".adapters." in pname:
+                continue
+            out[f"{TRAINABLE_PREFIX}{name}.{pname.replace('base_layer.', '')}"] = param
+    return out
 
 
 # -- switching ----------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from torch import nn
 from .config import AdapterConfig
 from .errors import AdapterFileError, IncompatibleAdapterError, SubspaceError
 from .inject import _candidate_modules, _base_of, get_state, inject, iter_adapters, remove_adapter, set_adapter
+from .inject import trainable_module_state
 from .bases import find_base
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     for module_name, adapter in iter_adapters(model, adapter_name):
         for key, value in adapter.state_dict().items():
             state[f"{module_name}.{key}"] = value
+    config = get_state(model).configs.get(adapter_name)
+    if config is not None:  # fully trained modules (config.trainable_modules), under "trainable_modules."
+        state.update({k: v.detach() for k, v in trainable_module_state(model, config).items()})
     return state
 
 
@@ -326,6 +330,7 @@ def load_tensors_into(
     for module_name, adapter in iter_adapters(model, adapter_name):
         for key, value in adapter.state_dict(keep_vars=True).items():
             expected[f"{module_name}.{key}"] = value
+    expected.update(trainable_module_state(model, get_state(model).configs[adapter_name]))
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if (missing or unexpected) and strict:

@@ -298,11 +298,15 @@ class AdapterLayer(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
+        return self.apply_adapters(x, self.base_layer(x, *args, **kwargs))
+
+    def apply_adapters(self, x: torch.Tensor, out: torch.Tensor, **extra: Any) -> torch.Tensor:
+        """The active adapters applied to base output ``out`` of input ``x``; ``extra`` reaches every adapter
+        (layers with their own forward, e.g. :class:`mm_subspace.fused.MultiheadAttentionLayer`, call this)."""
         state = self.state
         if state.disabled or not state.active:
             return out
-        context = state.context
+        context = {**state.context, **extra} if extra else state.context
         if "adapter_rows" in context:
             return self._routed_forward(x, out, context)
         for name in state.active:
