@@ -146,6 +146,23 @@ def strip_peft_prefix(key: str) -> str:
     return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)
 
 
+def peft_lora_fields(cfg: dict[str, Any], modules: list[str]) -> dict[str, Any]:
+    """Our config fields (rank, alpha, patterns, dropout) from a PEFT LoRA ``adapter_config.json`` dict.
+
+    ``use_rslora`` (scale alpha/√r) is converted exactly: alpha' = alpha·√r per module.
+    """
+    from .methods.lora import LoraConfig
+
+    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    rank_pattern = {k: int(v) for k, v in (cfg.get("rank_pattern") or {}).items()}
+    alpha_pattern = {k: float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
+    if cfg.get("use_rslora"):
+        config0 = LoraConfig(rank=r, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+        alpha_pattern = {re.escape(m): config0.alpha_for(m) * config0.rank_for(m) ** 0.5 for m in modules}
+    return dict(rank=r, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                dropout=float(cfg.get("lora_dropout", 0.0)))
+
+
 def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", strict: bool = True) -> str:
     """Load a PEFT LoRA checkpoint (``adapter_config.json`` + weights) onto ``model`` as our ``lora``.
 
@@ -169,16 +186,10 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "
             f"{folder} holds tensors a plain LoRA does not have: {extra[:5]} ({len(extra)} in all). "
             "A MoSLoRA checkpoint (lora_AB)? Use mm_subspace's MoSLoRA import. Or pass strict=False to skip them."
         )
-    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
-    rank_pattern = {k: int(v) for k, v in (cfg.get("rank_pattern") or {}).items()}
-    alpha_pattern = {k: float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
-    if cfg.get("use_rslora"):
-        config0 = LoraConfig(rank=r, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-        alpha_pattern = {re.escape(m): config0.alpha_for(m) * config0.rank_for(m) ** 0.5 for m in modules}
-    config = LoraConfig(rank=r, alpha=alpha, targets=modules, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                        dropout=float(cfg.get("lora_dropout", 0.0)))
+    config = LoraConfig(targets=modules, **peft_lora_fields(cfg, modules))
     inject(model, config, adapter_name)
-    ours = {k.replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B"): v for k, v in tensors.items() if k not in extra}
+    # extras stay in: with strict=False load_tensors_into logs them as ignored (never dropped silently)
+    ours = {k.replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B"): v for k, v in tensors.items()}
     try:
         load_tensors_into(model, adapter_name, ours, strict=strict, source=str(folder))
     except BaseException:

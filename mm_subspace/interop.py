@@ -1,0 +1,555 @@
+"""Interop with other ecosystems: kohya/A1111 SDXL LoRA files and the official MoSLoRA checkpoints.
+
+Formats handled here (PEFT and diffusers are in :mod:`mm_subspace.export`):
+
+* **kohya / A1111 / ComfyUI (SDXL)** — one safetensors file, one entry per module::
+
+      lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight   (r, in)
+      lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight     (out, r)
+      lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha              ()  = alpha
+      lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight        ...
+      lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight        ...
+
+  UNet names are those of kohya's SDXL training UNet (Stability's "sgm" layout: ``input_blocks``,
+  ``middle_block``, ``output_blocks``) with ``.`` replaced by ``_``; the update is
+  ``ΔW = (alpha / r) · up · down``. MoSLoRA's and TS-Mixing's mixer is folded exactly into
+  ``lora_up = B · M`` (MoSLoRA Eq. 7: ``B M A`` is a rank-r product), and the true alpha is written,
+  so any kohya-compatible loader reproduces our outputs.
+
+* **official MoSLoRA** (wutaiqiang/MoSLoRA, a patched PEFT 0.10) — a PEFT folder whose
+  ``adapter_config.json`` has ``"lora_use_mixer": true`` and whose weights hold, per module,
+  ``lora_A.weight`` (r, in), ``lora_AB.weight`` (r, r) and ``lora_B.weight`` (out, r), keys prefixed
+  ``base_model.model.``. Its forward is ``lora_B(lora_AB(lora_A(dropout(x)))) * scaling``, which is
+  our ``moslora`` with ``mixer = lora_AB.weight``.
+
+Every loader here is strict by default: unknown keys (``lora_AB`` offered to a plain-LoRA
+loader, ``dora_scale``), missing keys and shape mismatches raise :class:`AdapterFileError` listing
+them; ``strict=False`` loads the rest and logs exactly what was ignored.
+
+Conversions can run without the base model: :func:`standin_model` builds zero-cost ``nn.Linear``
+stand-ins of the recorded shapes (weights are a broadcast scalar), which is all the low-rank
+factors need.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import AdapterFileError, ConfigError
+from .export import _read_peft_weights, export_diffusers, export_peft, lora_factors, peft_lora_fields, read_peft_config
+from .inject import get_state, inject, remove_adapter, set_adapter
+from .io import CONFIG_NAME, atomic_paths, load_adapter, load_tensors_into, read_adapter_config, read_tensors, save_adapter, save_tensors
+
+logger = logging.getLogger(__name__)
+
+#: diffusers pipeline component -> kohya key prefix
+KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+#: model class recorded in ``adapter_config.json`` -> SDXL pipeline component
+COMPONENT_OF_CLASS = {
+    "UNet2DConditionModel": "unet",
+    "CLIPTextModel": "text_encoder",
+    "CLIPTextModelWithProjection": "text_encoder_2",
+}
+SDXL_LAYERS_PER_BLOCK = 2
+#: formats an adapter converts to
+FORMATS = ("mm_subspace", "peft", "diffusers", "kohya")
+KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+def report_ignored(source: str, ignored: list[str], what: str = "ignored keys") -> None:
+    """Log (non-strict loading) exactly which entries were skipped."""
+    if ignored:
+        logger.warning("loading %s non-strictly: %s (%d): %s", source, what, len(ignored), ignored)
+
+
+def _listing(keys: list[str], n: int = 8) -> str:
+    return f"{keys[:n]}{' ...' if len(keys) > n else ''} ({len(keys)} in all)"
+
+
+# -- kohya names ------------------------------------------------------------------------------------
+def sgm_unet_name(name: str, layers_per_block: int = SDXL_LAYERS_PER_BLOCK) -> str:
+    """diffusers UNet module name -> the name in kohya's SDXL ("sgm") UNet.
+
+    Inverse of diffusers' ``_maybe_map_sgm_blocks_to_diffusers``: down block ``b``'s layer ``j`` is
+    ``input_blocks.{1 + b·(L+1) + j}``, up block ``b``'s layer ``j`` is ``output_blocks.{b·(L+1) + j}``
+    (``L`` = layers per block; sub-module ``.0`` = resnet, ``.1`` = attention), the mid block is the
+    flat sequence ``middle_block.{0, 1, 2}`` = resnet, attention, resnet.
+
+    Raises:
+        ConfigError: a module outside the attention blocks, time embeddings and resnet time
+            projections (kohya's SDXL LoRA does not name it), or an index that does not fit ``L``.
+    """
+    step = layers_per_block + 1
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
+    }
+    if name in fixed:
+        return fixed[name]
+    m = re.fullmatch(r"(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets)\.(\d+)\.(.+)", name)
+    if m:
+        kind, block, sub, layer, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        limit = layers_per_block if kind == "down_blocks" else step
+        if layer >= limit:
+            raise ConfigError(
+                f"{name!r}: layer index {layer} does not fit layers_per_block={layers_per_block}; pass the UNet's "
+                "config value (unet.config.layers_per_block) as layers_per_block"
+            )
+        index = 1 + block * step + layer if kind == "down_blocks" else block * step + layer
+        prefix = "input_blocks" if kind == "down_blocks" else "output_blocks"
+        return _sgm_inner(f"{prefix}.{index}", sub, rest, name)
+    m = re.fullmatch(r"mid_block\.(attentions|resnets)\.(\d+)\.(.+)", name)
+    if m:
+        # the mid block is one flat sequence (resnet, attention, resnet): no inner index
+        index = {("attentions", 0): 1, ("resnets", 0): 0, ("resnets", 1): 2}.get((m[1], int(m[2])))
+        if index is not None and (m[1] == "attentions" or m[3] == "time_emb_proj"):
+            return f"middle_block.{index}.{m[3] if m[1] == 'attentions' else 'emb_layers.1'}"
+    raise ConfigError(
+        f"UNet module {name!r} has no name in kohya's SDXL LoRA layout (attention blocks, resnet time "
+        "projections and time/added embeddings only); export it with export_diffusers instead"
+    )
+
+
+def _sgm_inner(prefix: str, sub: str, rest: str, name: str) -> str:
+    if sub == "attentions":
+        return f"{prefix}.1.{rest}"
+    if rest == "time_emb_proj":
+        return f"{prefix}.0.emb_layers.1"
+    raise ConfigError(
+        f"UNet module {name!r}: only the time_emb_proj of a resnet has a kohya SDXL name; "
+        "export it with export_diffusers instead"
+    )
+
+
+def kohya_module_key(component: str, name: str, layers_per_block: int = SDXL_LAYERS_PER_BLOCK) -> str:
+    """``"lora_unet_input_blocks_4_1_..._to_q"`` for a module of an SDXL pipeline component."""
+    if component not in KOHYA_PREFIX:
+        raise ConfigError(f"unknown SDXL component {component!r}; one of {sorted(KOHYA_PREFIX)}")
+    if component == "unet":
+        name = sgm_unet_name(name, layers_per_block)
+    elif not name.startswith(("text_model.", "text_projection")):
+        name = "text_model." + name  # transformers 5's CLIPTextModel dropped the prefix kohya keeps
+    return f"{KOHYA_PREFIX[component]}_{name.replace('.', '_')}"
+
+
+def _layers_per_block(model: nn.Module | None, default: int | None) -> int:
+    value = getattr(getattr(model, "config", None), "layers_per_block", None)
+    if value is not None:
+        return int(value)
+    return SDXL_LAYERS_PER_BLOCK if default is None else int(default)
+
+
+def kohya_state_dict(
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
+    adapter_name: str = "default",
+    layers_per_block: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """kohya-keyed tensors (``lora_down`` (r, in), ``lora_up`` = B·M (out, r), ``alpha``) for the given components.
+
+    Args:
+        layers_per_block: the UNet's ``layers_per_block``; read from ``unet.config`` when present,
+            else SDXL's 2.
+    """
+    parts = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    if all(m is None for m in parts.values()):
+        raise ConfigError("kohya export needs at least one of unet=, text_encoder=, text_encoder_2=")
+    lpb = _layers_per_block(unet, layers_per_block)
+    state: dict[str, torch.Tensor] = {}
+    for component, model in parts.items():
+        if model is None:
+            continue
+        factors = lora_factors(model, adapter_name)
+        leaves = {name.rsplit(".", 1)[-1] for name in factors}
+        if component != "unet" and leaves & {"q_proj", "k_proj", "v_proj"} and "out_proj" not in leaves:
+            logger.warning(
+                "%s: q/k/v_proj adapted without out_proj. A1111/ComfyUI load this file, but diffusers' kohya "
+                "converter (0.42) recognises text-encoder attention keys only when out_proj is present and "
+                "then drops or rejects them; add out_proj to the targets or export with export_diffusers", component)
+        for name, (down, up, scaling) in factors.items():
+            key = kohya_module_key(component, name, lpb)
+            state[f"{key}.lora_down.weight"] = down.contiguous()
+            state[f"{key}.lora_up.weight"] = up.contiguous()
+            state[f"{key}.alpha"] = torch.tensor(scaling * down.shape[0], dtype=torch.float32)
+    return state
+
+
+def export_kohya(
+    path: str | os.PathLike,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
+    adapter_name: str = "default",
+    layers_per_block: int | None = None,
+) -> Path:
+    """Write one kohya/A1111 SDXL LoRA ``.safetensors`` file (see the module docstring); returns its path.
+
+    Stock ``StableDiffusionXLPipeline.load_lora_weights(path)``, A1111 and ComfyUI load it; the mixer
+    of MoSLoRA / TS-Mixing is folded into ``lora_up`` and alpha is the true one.
+    """
+    state = kohya_state_dict(unet, text_encoder, text_encoder_2, adapter_name, layers_per_block)
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"kohya LoRAs are single .safetensors files; got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    downs = [v for k, v in state.items() if k.endswith(".lora_down.weight")]
+    alphas = [float(v) for k, v in state.items() if k.endswith(".alpha")]
+    methods = sorted({get_state(m).configs[adapter_name].method for m in (unet, text_encoder, text_encoder_2) if m is not None})
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(max(int(d.shape[0]) for d in downs)),
+        "ss_network_alpha": str(max(alphas)),
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "mm_subspace_methods": ",".join(methods),
+    }
+    with atomic_paths(out) as (tmp,):
+        save_tensors(state, tmp, metadata=metadata)
+    return out
+
+
+def _kohya_name_map(component: str, model: nn.Module, layers_per_block: int) -> dict[str, str]:
+    """kohya module key -> module name, for every wrappable module of ``model`` (sgm and diffusers spellings)."""
+    from .bases import find_base
+    from .inject import _base_of, _candidate_modules
+
+    found = {}
+    for name, module in _candidate_modules(model).items():
+        if find_base(_base_of(module)) is None:
+            continue
+        found[f"{KOHYA_PREFIX[component]}_{name.replace('.', '_')}"] = name
+        try:
+            found[kohya_module_key(component, name, layers_per_block)] = name
+        except ConfigError:
+            pass  # no sgm spelling for this module; its diffusers spelling above still resolves
+    return found
+
+
+def import_kohya(
+    path: str | os.PathLike,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
+    adapter_name: str = "default",
+    strict: bool = True,
+    layers_per_block: int | None = None,
+) -> dict[str, list[str]]:
+    """Load a kohya/A1111 SDXL LoRA file onto the given components as our ``lora`` (per-module rank and alpha).
+
+    Returns component -> adapted module names. Keys that are not plain LoRA (``dora_scale``,
+    LoCon's ``lora_mid``, LoHa's ``hada_*``), keys of components not passed, and modules the models
+    do not have are errors listed in full; ``strict=False`` skips and logs them.
+    """
+    from .methods.lora import LoraConfig
+
+    source = Path(path)
+    tensors = read_tensors(source)
+    parts = {c: m for c, m in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)) if m is not None}
+    if not parts:
+        raise ConfigError("import_kohya needs at least one of unet=, text_encoder=, text_encoder_2=")
+    lpb = _layers_per_block(unet, layers_per_block)
+    names = {c: _kohya_name_map(c, m, lpb) for c, m in parts.items()}
+    plan: dict[str, dict[str, dict[str, torch.Tensor]]] = {c: {} for c in parts}
+    unknown, wrong = [], []
+    for key, value in tensors.items():
+        module_key, _, rest = key.partition(".")
+        suffix = "." + rest
+        component = next((c for c, p in KOHYA_PREFIX.items() if module_key.startswith(p + "_")), None)
+        module = names.get(component, {}).get(module_key)
+        if suffix not in KOHYA_SUFFIXES or module is None:
+            unknown.append(key)
+            continue
+        plan[component].setdefault(module, {})[suffix] = value
+    for component, modules in plan.items():
+        for module, entry in modules.items():
+            lacking = [s for s in KOHYA_SUFFIXES[:2] if s not in entry]
+            if lacking:
+                wrong.append(f"{component}:{module} lacks {lacking}")
+            elif entry[".lora_down.weight"].dim() != 2 or entry[".lora_up.weight"].shape[1] != entry[".lora_down.weight"].shape[0]:
+                wrong.append(f"{component}:{module} has down {tuple(entry['.lora_down.weight'].shape)}, up {tuple(entry['.lora_up.weight'].shape)}")
+    if wrong:
+        raise AdapterFileError(f"{source}: {len(wrong)} module(s) are not a valid LoRA pair: {wrong[:5]}")
+    if unknown and strict:
+        raise AdapterFileError(
+            f"{source} holds keys that are not plain LoRA of the passed components: {_listing(unknown)}. "
+            "(dora_scale / lora_mid / hada_* are other methods; lora_te2_* needs text_encoder_2=.) "
+            "Pass strict=False to load the rest and skip these."
+        )
+    report_ignored(str(source), unknown)
+    done: dict[str, list[str]] = {}
+    injected: list[nn.Module] = []
+    try:
+        for component, modules in plan.items():
+            if not modules:
+                continue
+            model = parts[component]
+            ranks = {re.escape(m): int(e[".lora_down.weight"].shape[0]) for m, e in modules.items()}
+            alphas = {re.escape(m): float(e[".alpha"]) if ".alpha" in e else float(ranks[re.escape(m)]) for m, e in modules.items()}
+            config = LoraConfig(rank=max(ranks.values()), targets=sorted(modules), rank_pattern=ranks, alpha_pattern=alphas)
+            inject(model, config, adapter_name)
+            injected.append(model)
+            ours = {f"{m}.lora_A": e[".lora_down.weight"] for m, e in modules.items()}
+            ours.update({f"{m}.lora_B": e[".lora_up.weight"] for m, e in modules.items()})
+            load_tensors_into(model, adapter_name, ours, strict=True, source=f"{source} ({component})")
+            set_adapter(model, adapter_name)
+            done[component] = sorted(modules)
+    except BaseException:
+        for model in injected:
+            remove_adapter(model, adapter_name)
+        raise
+    if not done:
+        raise AdapterFileError(f"{source}: no LoRA module of the passed components was found (keys: {_listing(sorted(tensors))})")
+    return done
+
+
+# -- official MoSLoRA checkpoints -------------------------------------------------------------------
+_OFFICIAL_KEY = re.compile(r"\.(lora_A|lora_B|lora_AB)(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+_OURS = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_AB": "mixer"}
+
+
+def read_official_moslora(path: str | os.PathLike, strict: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read an official MoSLoRA checkpoint: (its PEFT config, ``"<module>.<lora_A|mixer|lora_B>"`` -> tensor).
+
+    ``.bin`` weights are read with ``torch.load(weights_only=True)`` only (never unpickled).
+    """
+    folder = Path(path)
+    cfg = read_peft_config(folder)
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterFileError(f"{folder} is a {cfg.get('peft_type')!r} PEFT adapter, not an (official) MoSLoRA checkpoint")
+    for flag in ("use_dora", "lora_bias"):
+        if cfg.get(flag):
+            raise AdapterFileError(f"{folder}: option {flag}=True is not part of MoSLoRA; import refused")
+    raw = _read_peft_weights(folder)
+    ours, unknown = {}, []
+    for key, value in raw.items():
+        m = _OFFICIAL_KEY.search(key)
+        if m is None:
+            unknown.append(key)
+            continue
+        module = key[: m.start()].removeprefix("base_model.model.")
+        ours[f"{module}.{_OURS[m[1]]}"] = value
+    if not any(k.endswith(".mixer") for k in ours):
+        hint = "" if cfg.get("lora_use_mixer") else " (and lora_use_mixer is not set)"
+        raise AdapterFileError(
+            f"{folder} has no lora_AB mixer tensors{hint}: it is a plain LoRA, not MoSLoRA. Load it with "
+            "mm_subspace.import_peft(model, path)"
+        )
+    if unknown and strict:
+        raise AdapterFileError(
+            f"{folder} holds tensors that are not MoSLoRA's lora_A / lora_AB / lora_B: {_listing(sorted(unknown))}. "
+            "Pass strict=False to load the rest and skip these."
+        )
+    report_ignored(str(folder), sorted(unknown))
+    return cfg, ours
+
+
+def _modules_of(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return sorted({k.rsplit(".", 1)[0] for k in tensors})
+
+
+def import_moslora(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", strict: bool = True) -> str:
+    """Load an official MoSLoRA checkpoint (wutaiqiang/MoSLoRA layout) onto ``model`` as our ``moslora``.
+
+    ``lora_AB.weight`` becomes the mixer M, so the adapted outputs are the official ones:
+    ``B(M(A x))·s`` (MoSLoRA Eq. 7). Rank/alpha (with ``rank_pattern``/``alpha_pattern`` and
+    ``use_rslora``) come from ``adapter_config.json``. Missing tensors (a module without
+    ``lora_AB``), unknown keys and shape mismatches raise, listing them; ``strict=False`` loads the
+    rest and logs what was skipped. Returns the adapter name.
+    """
+    from .methods.moslora import MoSLoRAConfig
+
+    cfg, tensors = read_official_moslora(path, strict=strict)
+    modules = _modules_of(tensors)
+    config = MoSLoRAConfig(targets=modules, **peft_lora_fields(cfg, modules))
+    inject(model, config, adapter_name)
+    try:
+        load_tensors_into(model, adapter_name, tensors, strict=strict, source=str(path))
+    except BaseException:
+        remove_adapter(model, adapter_name)
+        raise
+    set_adapter(model, adapter_name)
+    return adapter_name
+
+
+# -- stand-in models: conversions without the base model --------------------------------------------
+def standin_model(modules: dict[str, dict[str, Any]], dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A module tree with an ``nn.Linear`` of the recorded ``{"in", "out"}`` shape at every name.
+
+    The weights are a broadcast zero scalar (no memory), enough to inject adapters, load their
+    tensors and compute low-rank factors; not for running the base model.
+    """
+    root = nn.Module()
+    for name, sig in sorted(modules.items()):
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        linear = nn.Linear(int(sig["in"]), int(sig["out"]), bias=False, device="meta")
+        linear.weight = nn.Parameter(torch.zeros((), dtype=dtype).expand(int(sig["out"]), int(sig["in"])), requires_grad=False)
+        parent.add_module(leaf, linear)
+    return root
+
+
+def load_standin(path: str | os.PathLike, strict: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a saved adapter folder onto a stand-in of its recorded module shapes: (model, adapter_config.json)."""
+    meta = read_adapter_config(path)
+    dtype = meta.get("dtype")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype) else torch.float32
+    model = standin_model(meta["modules"], dtype)
+    load_adapter(model, path, strict=strict)
+    return model, meta
+
+
+def standin_from_official(path: str | os.PathLike, strict: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """An official MoSLoRA checkpoint imported onto a stand-in model: (model, its PEFT config)."""
+    cfg, tensors = read_official_moslora(path, strict=strict)
+    shapes = {}
+    for module in _modules_of(tensors):
+        a, b = tensors.get(f"{module}.lora_A"), tensors.get(f"{module}.lora_B")
+        if a is None or b is None or a.dim() != 2 or b.dim() != 2:
+            raise AdapterFileError(f"{path}: module {module!r} lacks a 2-D lora_A or lora_B tensor")
+        shapes[module] = {"kind": "linear", "in": int(a.shape[1]), "out": int(b.shape[0])}
+    dtypes = {t.dtype for t in tensors.values()}
+    model = standin_model(shapes, dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    import_moslora(model, path, strict=strict)
+    return model, cfg
+
+
+# -- adapter folders of a whole SDXL pipeline -------------------------------------------------------
+def adapter_components(path: str | os.PathLike, component: str | None = None) -> dict[str | None, Path]:
+    """Adapter folders of ``path``: ``{component: folder}``.
+
+    A pipeline adapter folder holds ``unet/``, ``text_encoder/``, ``text_encoder_2/`` sub-folders
+    (each saved with :func:`mm_subspace.save_adapter`, as diffusers lays out a pipeline); a single
+    adapter folder maps to ``component`` or, when not given, to the SDXL component its recorded base
+    class names (``None`` for other models).
+    """
+    folder = Path(path)
+    if (folder / CONFIG_NAME).is_file():
+        if component is None:
+            meta = read_adapter_config(folder)
+            component = COMPONENT_OF_CLASS.get((meta.get("base_model") or {}).get("class"))
+        elif component not in KOHYA_PREFIX:
+            raise ConfigError(f"unknown SDXL component {component!r}; one of {sorted(KOHYA_PREFIX)}")
+        return {component: folder}
+    found = {c: folder / c for c in KOHYA_PREFIX if (folder / c / CONFIG_NAME).is_file()}
+    if not found:
+        raise AdapterFileError(
+            f"{folder} is neither an adapter folder ({CONFIG_NAME}) nor a pipeline adapter folder with "
+            f"{', '.join(f'{c}/' for c in KOHYA_PREFIX)} sub-folders"
+        )
+    return found
+
+
+def convert_models(
+    models: dict[str | None, nn.Module], out: str | os.PathLike, to: str, adapter_name: str = "default",
+    layers_per_block: int | None = None,
+) -> Path:
+    """Write adapted ``{component: model}`` to ``out`` in format ``to`` (mm_subspace, peft, diffusers, kohya).
+
+    ``mm_subspace`` and ``peft`` write one folder per component (``out/<component>/``, or ``out``
+    itself for a single model); ``diffusers`` a folder with ``pytorch_lora_weights.safetensors``;
+    ``kohya`` one ``.safetensors`` file.
+    """
+    if to not in FORMATS:
+        raise ConfigError(f"unknown format {to!r}; one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if to in ("diffusers", "kohya"):
+        if None in models:
+            raise ConfigError(
+                f"the {to} format is for SDXL pipelines; say which component this adapter belongs to "
+                f"(component= / --component, one of {sorted(KOHYA_PREFIX)})"
+            )
+        if to == "kohya":
+            return export_kohya(out, **models, adapter_name=adapter_name, layers_per_block=layers_per_block)
+        return export_diffusers(out, **models, adapter_name=adapter_name)
+    single = len(models) == 1
+    for component, model in models.items():
+        target = out if single else out / str(component)
+        if to == "peft":
+            export_peft(model, target, adapter_name)
+        else:
+            save_adapter(model, target, adapter_name)
+    return out
+
+
+
+def convert_adapter(
+    path: str | os.PathLike, out: str | os.PathLike, to: str, component: str | None = None,
+    layers_per_block: int | None = None, strict: bool = True,
+) -> Path:
+    """Convert a saved adapter (or pipeline adapter folder) to format ``to`` without loading the base model."""
+    models = {c: load_standin(folder, strict=strict)[0] for c, folder in adapter_components(path, component).items()}
+    return convert_models(models, out, to, layers_per_block=layers_per_block)
+
+
+def convert_official_moslora(
+    path: str | os.PathLike, out: str | os.PathLike, to: str = "diffusers", component: str | None = "unet",
+    layers_per_block: int | None = None, strict: bool = True,
+) -> Path:
+    """One step: official MoSLoRA checkpoint -> ``to`` (``diffusers``/``kohya`` with the mixer folded into B,
+    ``peft``, or ``mm_subspace``). ``component`` names the SDXL part it adapts (``None`` for a non-SDXL model,
+    then only ``peft``/``mm_subspace``)."""
+    model, cfg = standin_from_official(path, strict=strict)
+    if component is not None and component not in KOHYA_PREFIX:
+        raise ConfigError(f"unknown SDXL component {component!r}; one of {sorted(KOHYA_PREFIX)} or None")
+    return convert_models({component: model}, out, to, layers_per_block=layers_per_block)
+
+
+def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:
+    """What ``mm-subspace inspect`` prints: method, ranks, alphas, targets, trainable parameters, base fingerprint."""
+    folder = Path(path)
+    meta = read_adapter_config(folder)
+    config: AdapterConfig = meta["config_obj"]
+    model, _ = load_standin(folder)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    modules = sorted(meta["modules"])
+    ranks = sorted({config.rank_for(m) for m in modules})
+    alphas = sorted({config.alpha_for(m) for m in modules})
+    base = meta.get("base_model") or {}
+    return {
+        "path": str(folder),
+        "method": config.method,
+        "rank": ranks[0] if len(ranks) == 1 else ranks,
+        "alpha": alphas[0] if len(alphas) == 1 else alphas,
+        "modules": len(modules),
+        "targets": sorted({m.split(".")[-1] if not m.split(".")[-1].isdigit() else ".".join(m.split(".")[-2:]) for m in modules}),
+        "trainable_params": trainable,
+        "base_class": base.get("class"),
+        "base_name_or_path": base.get("name_or_path"),
+        "base_fingerprint": base.get("fingerprint"),
+        "dtype": meta.get("dtype"),
+    }
+
+
+__all__ = [
+    "FORMATS",
+    "KOHYA_PREFIX",
+    "adapter_components",
+    "convert_adapter",
+    "convert_models",
+    "convert_official_moslora",
+    "describe_adapter",
+    "export_kohya",
+    "import_kohya",
+    "import_moslora",
+    "kohya_module_key",
+    "kohya_state_dict",
+    "load_standin",
+    "read_official_moslora",
+    "sgm_unet_name",
+    "standin_from_official",
+    "standin_model",
+]

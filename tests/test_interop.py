@@ -1,0 +1,355 @@
+"""kohya/A1111 SDXL export and import, official MoSLoRA checkpoints, stand-in conversions, strict loading.
+
+The official MoSLoRA layout (wutaiqiang/MoSLoRA, a patched PEFT 0.10), written here by hand:
+
+    adapter_config.json        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_use_mixer": true,
+                                "target_modules": [...], "lora_dropout": 0.0, ...}
+    adapter_model.safetensors  (or adapter_model.bin, a torch.save'd dict of tensors)
+        base_model.model.<module>.lora_A.weight    (r, in)    nn.Linear(in, r)
+        base_model.model.<module>.lora_AB.weight   (r, r)     nn.Linear(r, r)   the mixer
+        base_model.model.<module>.lora_B.weight    (out, r)   nn.Linear(r, out)
+
+and its forward is ``base(x) + lora_B(lora_AB(lora_A(dropout(x)))) * lora_alpha / r``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mm_subspace as mms
+from mm_subspace.errors import AdapterFileError, ConfigError
+from mm_subspace.interop import (
+    convert_adapter,
+    convert_official_moslora,
+    export_kohya,
+    import_kohya,
+    import_moslora,
+    kohya_state_dict,
+    sgm_unet_name,
+)
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "time_emb_proj",
+                "time_embedding.linear_1", "add_embedding.linear_2"]
+LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+def _pipe():
+    from mm_subspace.tiny_models import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _latents(pipe) -> torch.Tensor:
+    return pipe("a photo of sks cat", num_inference_steps=2, height=64, width=64, output_type="latent",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    """Tiny SDXL with MoSLoRA on the UNet (attention, ff, resnet time projections, embeddings),
+    TS-Mixing on text_encoder and LoRA on text_encoder_2; random non-zero A, M, B."""
+    torch.manual_seed(0)
+    pipe = _pipe()
+    base = _latents(pipe)
+    mms.inject(pipe.unet, mms.MoSLoRAConfig(rank=4, alpha=8, init_weights=False, targets=UNET_TARGETS,
+                                            rank_pattern={"ff.net.2": 2}))
+    mms.inject(pipe.text_encoder, mms.TSMixingConfig(rank=4, alpha=6, init_weights=False, targets="sdxl_text_encoders"))
+    mms.inject(pipe.text_encoder_2, mms.LoraConfig(rank=2, alpha=3, init_weights=False,
+                                                   targets=["q_proj", "v_proj", "out_proj", "fc1"]))
+    with torch.no_grad():  # B starts random too (init_weights=False); keep the update moderate
+        for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+            for _, adapter in mms.iter_adapters(model):
+                adapter.lora_B.mul_(0.3)
+    ours = _latents(pipe)
+    assert not torch.allclose(ours, base, atol=1e-3)
+    return pipe, ours
+
+
+def _llama():
+    from transformers import LlamaForCausalLM
+
+    from mm_subspace.tiny_models import tiny_llama_path
+
+    return LlamaForCausalLM.from_pretrained(tiny_llama_path()).eval()
+
+
+IDS = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+# -- kohya --------------------------------------------------------------------------------------------
+def test_sgm_names_are_the_inverse_of_diffusers_block_mapping():
+    # SDXL: layers_per_block 2 -> down block b, layer j is input_blocks[1 + 3b + j]; up: output_blocks[3b + j]
+    assert sgm_unet_name("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == \
+        "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    assert sgm_unet_name("down_blocks.2.attentions.1.proj_in") == "input_blocks.8.1.proj_in"
+    assert sgm_unet_name("mid_block.attentions.0.transformer_blocks.3.ff.net.2") == "middle_block.1.transformer_blocks.3.ff.net.2"
+    assert sgm_unet_name("up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_out.0") == \
+        "output_blocks.2.1.transformer_blocks.9.attn2.to_out.0"
+    assert sgm_unet_name("up_blocks.1.resnets.2.time_emb_proj") == "output_blocks.5.0.emb_layers.1"
+    assert sgm_unet_name("mid_block.resnets.1.time_emb_proj") == "middle_block.2.emb_layers.1"
+    with pytest.raises(ConfigError, match="export_diffusers"):
+        sgm_unet_name("conv_in")
+    with pytest.raises(ConfigError, match="layers_per_block"):
+        sgm_unet_name("down_blocks.0.attentions.2.proj_in")
+
+
+def test_kohya_keys_follow_diffusers_conversion_rules(sdxl):
+    """diffusers' own kohya converter maps every key we write back to the module it came from."""
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers,
+        _maybe_map_sgm_blocks_to_diffusers,
+    )
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    pipe, _ = sdxl
+    state = kohya_state_dict(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    assert all(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for k in state)
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in state  # kohya keeps text_model
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha" in state
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(_maybe_map_sgm_blocks_to_diffusers(dict(state), pipe.unet.config))
+
+    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    for component, model in parts.items():  # then the same PEFT-key conversion load_lora_weights applies
+        sub = {k.removeprefix(component + "."): v for k, v in converted.items() if k.startswith(component + ".")}
+        if component == "unet":
+            peft_keys = convert_unet_state_dict_to_peft(sub)
+        else:
+            peft_keys = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sub))
+            if not hasattr(model, "text_model"):
+                peft_keys = {k.removeprefix("text_model."): v for k, v in peft_keys.items()}
+        got = {k.removesuffix(".lora_A.weight") for k in peft_keys if k.endswith(".lora_A.weight")}
+        assert got == {name for name, _ in mms.iter_adapters(model)}, component
+    assert len(alphas) == sum(len(list(mms.iter_adapters(m))) for m in parts.values())
+
+
+def test_kohya_export_loads_in_stock_diffusers_and_imports_back(sdxl, tmp_path):
+    pipe, ours = sdxl
+    path = export_kohya(tmp_path / "lora.safetensors", pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        keys = set(fh.keys())
+        meta = fh.metadata()
+        alpha = fh.get_tensor("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha")
+        up = fh.get_tensor("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight")
+    adapter = pipe.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q").adapters["default"]
+    assert float(alpha) == 8.0  # the true alpha, not r
+    torch.testing.assert_close(up, adapter.lora_B.detach() @ adapter.mixer.detach())  # mixer folded: up = B·M
+    assert meta["ss_network_module"] == "networks.lora" and "moslora" in meta["mm_subspace_methods"]
+    assert len(keys) == 3 * sum(len(list(mms.iter_adapters(m))) for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2))
+
+    stock = _pipe()
+    stock.load_lora_weights(str(path))
+    torch.testing.assert_close(_latents(stock), ours, rtol=1e-4, atol=1e-4)
+
+    # and back into our own plain LoRA, per-module rank and alpha kept
+    stock.unload_lora_weights()
+    done = import_kohya(path, stock.unet, stock.text_encoder, stock.text_encoder_2)
+    assert set(done) == {"unet", "text_encoder", "text_encoder_2"}
+    assert mms.list_adapters(stock.unet)["default"].method == "lora"
+    torch.testing.assert_close(_latents(stock), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_kohya_import_is_strict_about_unknown_keys(sdxl, tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    pipe, _ = sdxl
+    state = kohya_state_dict(text_encoder=pipe.text_encoder)
+    dora = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.dora_scale"
+    save_file({**state, dora: torch.ones(1, 32)}, str(tmp_path / "d.safetensors"))
+    te = _pipe().text_encoder
+    with pytest.raises(AdapterFileError, match="dora_scale") as err:
+        import_kohya(tmp_path / "d.safetensors", text_encoder=te)
+    assert "strict=False" in str(err.value)
+    assert mms.list_adapters(te) == {}  # nothing injected on failure
+    with caplog.at_level(logging.WARNING, logger="mm_subspace"):
+        import_kohya(tmp_path / "d.safetensors", text_encoder=te, strict=False)
+    assert dora in caplog.text
+    # shape mismatch: up of the wrong rank
+    bad = dict(state)
+    key = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"
+    bad[key] = torch.zeros(32, 3)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(AdapterFileError, match="not a valid LoRA pair"):
+        import_kohya(tmp_path / "bad.safetensors", text_encoder=_pipe().text_encoder)
+
+
+# -- official MoSLoRA checkpoints ---------------------------------------------------------------------
+def write_official(folder: Path, model, targets: list[str], r: int = 4, alpha: float = 8.0, fmt: str = "safetensors",
+                   seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Write an official-layout MoSLoRA checkpoint from known random tensors; returns module -> (A, AB, B)."""
+    gen = torch.Generator().manual_seed(seed)
+    factors, state = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            a = torch.randn(r, module.in_features, generator=gen) * 0.2
+            ab = torch.randn(r, r, generator=gen) * 0.5
+            b = torch.randn(module.out_features, r, generator=gen) * 0.2
+            factors[name] = (a, ab, b)
+            for key, value in (("lora_A", a), ("lora_AB", ab), ("lora_B", b)):
+                state[f"base_model.model.{name}.{key}.weight"] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_use_mixer": True, "target_modules": targets,
+              "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+              "task_type": "CAUSAL_LM", "base_model_name_or_path": "tiny", "init_lora_weights": True}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(folder / "adapter_model.safetensors"))
+    else:
+        torch.save(state, folder / "adapter_model.bin")
+    return factors
+
+
+def _official_forward(model, factors, scaling: float):
+    """The official code's forward, by hand: base(x) + lora_B(lora_AB(lora_A(x))) * scaling."""
+    for name, (a, ab, b) in factors.items():
+        def hook(mod, inputs, out, a=a, ab=ab, b=b):
+            return out + F.linear(F.linear(F.linear(inputs[0], a), ab), b) * scaling
+        model.get_submodule(name).register_forward_hook(hook)
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_official_moslora_import_reproduces_its_outputs(tmp_path, fmt):
+    model = _llama()
+    factors = write_official(tmp_path / "official", model, LLAMA_TARGETS, fmt=fmt)
+    expected = _logits(_official_forward(_llama(), factors, 8.0 / 4))
+    import_moslora(model, tmp_path / "official")
+    assert mms.list_adapters(model)["default"].method == "moslora"
+    torch.testing.assert_close(_logits(model), expected, rtol=1e-5, atol=1e-5)
+    adapter = model.get_submodule("model.layers.0.self_attn.q_proj").adapters["default"]
+    torch.testing.assert_close(adapter.mixer.detach(), factors["model.layers.0.self_attn.q_proj"][1])
+
+    # one step to PEFT (mixer folded into B): stock PeftModel reproduces it too
+    from peft import PeftModel
+
+    convert_official_moslora(tmp_path / "official", tmp_path / "peft", to="peft", component=None)
+    peft_model = PeftModel.from_pretrained(_llama(), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(_logits(peft_model), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_official_checkpoint_strictness(tmp_path, caplog):
+    model = _llama()
+    write_official(tmp_path / "o", model, ["q_proj"])
+    # a plain-LoRA loader refuses lora_AB, naming it; non-strict loads A, B and logs every skipped key
+    with pytest.raises(AdapterFileError, match="lora_AB"):
+        mms.import_peft(_llama(), tmp_path / "o")
+    with caplog.at_level(logging.WARNING, logger="mm_subspace"):
+        mms.import_peft(_llama(), tmp_path / "o", strict=False)
+    assert "model.layers.0.self_attn.q_proj.lora_AB.weight" in caplog.text
+    assert "model.layers.1.self_attn.q_proj.lora_AB.weight" in caplog.text
+
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "o" / "adapter_model.safetensors"))
+    missing = {k: v for k, v in state.items() if k != "base_model.model.model.layers.1.self_attn.q_proj.lora_AB.weight"}
+    save_file(missing, str(tmp_path / "o" / "adapter_model.safetensors"))
+    with pytest.raises(AdapterFileError, match=r"missing keys \['model.layers.1.self_attn.q_proj.mixer'\]"):
+        import_moslora(model, tmp_path / "o")
+    assert mms.list_adapters(model) == {}  # rolled back
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mm_subspace"):
+        import_moslora(model, tmp_path / "o", strict=False)
+    assert "model.layers.1.self_attn.q_proj.mixer" in caplog.text
+
+    wrong = dict(state)
+    wrong["base_model.model.model.layers.0.self_attn.q_proj.lora_AB.weight"] = torch.zeros(3, 3)
+    save_file(wrong, str(tmp_path / "o" / "adapter_model.safetensors"))
+    with pytest.raises(AdapterFileError, match=r"q_proj.mixer: file \(3, 3\) vs model \(4, 4\)"):
+        import_moslora(_llama(), tmp_path / "o")
+    save_file({**state, "base_model.model.x.dora_scale": torch.ones(3)}, str(tmp_path / "o" / "adapter_model.safetensors"))
+    with pytest.raises(AdapterFileError, match="dora_scale"):
+        import_moslora(_llama(), tmp_path / "o")
+
+
+def test_official_sdxl_checkpoint_converts_in_one_step_to_diffusers_and_kohya(sdxl, tmp_path):
+    """Written from our UNet's MoSLoRA tensors, converted without a model: same files as our own export."""
+    from safetensors.torch import load_file, save_file
+
+    pipe, _ = sdxl
+    folder = tmp_path / "official"
+    folder.mkdir()
+    state = {}
+    for name, adapter in mms.iter_adapters(pipe.unet):
+        for ours, theirs in (("lora_A", "lora_A"), ("mixer", "lora_AB"), ("lora_B", "lora_B")):
+            state[f"base_model.model.{name}.{theirs}.weight"] = getattr(adapter, ours).detach().clone()
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_use_mixer": True, "rank_pattern": {"ff.net.2": 2},
+         "target_modules": UNET_TARGETS}))
+    convert_official_moslora(folder, tmp_path / "diffusers", to="diffusers", component="unet")
+    mms.export_diffusers(tmp_path / "ref", unet=pipe.unet)
+    got, ref = (load_file(str(tmp_path / d / "pytorch_lora_weights.safetensors")) for d in ("diffusers", "ref"))
+    assert got.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key])
+    path = convert_official_moslora(folder, tmp_path / "k.safetensors", to="kohya", component="unet")
+    ref = kohya_state_dict(unet=pipe.unet)
+    got = load_file(str(path))
+    assert got.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key])
+
+
+# -- every format, from the saved folder alone --------------------------------------------------------
+@pytest.mark.parametrize("method", ["lora", "moslora", "ts_mixing"])
+def test_llama_round_trips_through_every_format(tmp_path, method):
+    from peft import PeftModel
+
+    model = _llama()
+    mms.inject(model, mms.config_for(method, rank=4, alpha=8, init_weights=False, targets=LLAMA_TARGETS,
+                                      rank_pattern={"down_proj": 2}))
+    with torch.no_grad():
+        for _, adapter in mms.iter_adapters(model):
+            adapter.lora_B.mul_(0.3)
+    expected = _logits(model)
+    mms.save_adapter(model, tmp_path / "ours")
+    convert_adapter(tmp_path / "ours", tmp_path / "copy", "mm_subspace")
+    convert_adapter(tmp_path / "ours", tmp_path / "peft", "peft")
+
+    reloaded = _llama()
+    mms.load_adapter(reloaded, tmp_path / "copy")
+    assert torch.equal(_logits(reloaded), expected)  # the stand-in re-save is bit-exact
+    peft_model = PeftModel.from_pretrained(_llama(), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(_logits(peft_model), expected, rtol=1e-5, atol=1e-5)
+    imported = _llama()
+    mms.import_peft(imported, tmp_path / "peft")
+    torch.testing.assert_close(_logits(imported), expected, rtol=1e-5, atol=1e-5)
+    for fmt in ("diffusers", "kohya"):
+        with pytest.raises(ConfigError, match="component"):
+            convert_adapter(tmp_path / "ours", tmp_path / fmt, fmt)
+
+
+def test_sdxl_standin_conversion_equals_export_from_the_live_pipeline(sdxl, tmp_path):
+    from safetensors.torch import load_file
+
+    pipe, _ = sdxl
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        mms.save_adapter(getattr(pipe, component), tmp_path / "pipe" / component)
+    path = convert_adapter(tmp_path / "pipe", tmp_path / "k.safetensors", "kohya")
+    ref = kohya_state_dict(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    got = load_file(str(path))
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    convert_adapter(tmp_path / "pipe", tmp_path / "d", "diffusers")
+    mms.export_diffusers(tmp_path / "ref", pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    got, ref = (load_file(str(tmp_path / d / "pytorch_lora_weights.safetensors")) for d in ("d", "ref"))
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    # a single component folder knows its component from the recorded base class
+    one = convert_adapter(tmp_path / "pipe" / "text_encoder_2", tmp_path / "te2.safetensors", "kohya")
+    assert all(k.startswith("lora_te2_") for k in load_file(str(one)))
