@@ -32,7 +32,7 @@ def top_svd(weight: torch.Tensor, k: int, dd: dict[str, Any]) -> tuple[torch.Ten
 
 
 class SVDAdapter(Adapter):
-    """Base for adapters built on the SVD ``W = U diag(S) Vhᵀ`` of the frozen weight, taken at injection.
+    """Base for adapters built on the SVD ``W = U · diag(S) · Vh`` of the frozen weight, taken at injection.
 
     The top-``k`` singular triplets are stored as frozen, persistent buffers ``svd_U`` (out, k),
     ``svd_S`` (k,), ``svd_Vh`` (k, in), so a saved adapter reloads bit-exactly (no SVD recomputed
