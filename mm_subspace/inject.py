@@ -160,17 +160,19 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
         check_adapter(kind, adapter_cls, base, config, name)
         plan.append((name, module, base, kind))
     trainable_module_names(model, config)  # raises if a trainable_modules entry matches nothing
+    # build every adapter before touching the model: a constructor error leaves it unchanged
+    built = [build_adapter(kind, adapter_cls, base, config, name) for name, _, base, kind in plan]
 
     # everything validated: now mutate
     if state is None:
         state = ModelState()
         setattr(model, STATE_ATTR, state)
-    for name, module, base, kind in plan:
+    for (name, module, base, kind), adapter in zip(plan, built):
         layer = module
         if not isinstance(module, AdapterLayer):
             layer = kind.wrap(base, state, name)
             _set_submodule(model, name, layer)
-        layer.add_adapter(adapter_name, build_adapter(kind, adapter_cls, base, config, name))
+        layer.add_adapter(adapter_name, adapter)
     for param in model.parameters():
         param.requires_grad_(False)
     state.configs[adapter_name] = config
