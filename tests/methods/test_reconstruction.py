@@ -194,6 +194,7 @@ def test_ia3_matches_peft(tmp_path):
             target = theirs.base_model.model.get_submodule(name).ia3_l["default"]
             target.copy_(ours.get_submodule(name).adapters["default"].get_parameter(
                 "l_in" if name == "2" else "l_out").view_as(target))
+    assert torch.equal(ours[0](x), theirs.base_model.model[0](x))  # output scaling: the same op, bit for bit
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
     mms.merge(ours)
     merged = theirs.merge_and_unload()
