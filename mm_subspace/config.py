@@ -147,3 +147,38 @@ class AdapterConfig:
     def replace(self, **changes: Any) -> "AdapterConfig":
         """A copy with ``changes`` applied (re-validated)."""
         return dataclasses.replace(self, **changes)
+
+
+MPC_MODES = ("orthogonal", "diagonal", "nonlinear")
+
+
+@dataclass
+class LowRankConfig(AdapterConfig):
+    """Fields shared by the A·B-shaped methods (lora, moslora, ts_mixing, asylora, sulora, flora, trilora).
+
+    Args:
+        mpc: Matrix Pattern Constraint from the subspace-tuning survey (§4.2): ``"orthogonal"``
+            (MPC_o, Eq. 20), ``"diagonal"`` (MPC_d, Eq. 21), ``"nonlinear"`` (MPC_n: a nonlinearity
+            between A and B; the adapter then cannot be merged or exported as plain LoRA), or ``None``.
+            See :mod:`mm_subspace.losses` for the orientation in our (r, in)/(out, r) shapes.
+        mpc_coef: weight of the MPC_o/MPC_d penalty added to :func:`mm_subspace.aux_loss` (the survey
+            gives no value; PEFT's AdaLoRA orthogonality weight defaults to 0.5).
+        mpc_activation: the nonlinearity of ``mpc="nonlinear"`` (one of ``mm_subspace.losses.ACTIVATIONS``).
+    """
+
+    mpc: str | None = field(default=None, metadata={"help": f"matrix pattern constraint: None or one of {MPC_MODES}"})
+    mpc_coef: float = field(default=0.1, metadata={"help": "weight of the MPC penalty in mm_subspace.aux_loss"})
+    mpc_activation: str = field(default="relu", metadata={"help": "nonlinearity for mpc='nonlinear'"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .losses import ACTIVATIONS
+
+        if self.mpc is not None and self.mpc not in MPC_MODES:
+            raise ConfigError(f"{self.method}: mpc must be None or one of {MPC_MODES}, got {self.mpc!r}")
+        if isinstance(self.mpc_coef, bool) or not isinstance(self.mpc_coef, (int, float)) or self.mpc_coef < 0:
+            raise ConfigError(f"{self.method}: mpc_coef must be a number >= 0, got {self.mpc_coef!r}")
+        if self.mpc_activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"{self.method}: mpc_activation {self.mpc_activation!r} is not one of {sorted(ACTIVATIONS)}"
+            )

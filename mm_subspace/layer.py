@@ -27,6 +27,7 @@ from torch import nn
 from .bases import BaseKind
 from .config import AdapterConfig
 from .errors import AdapterStateError, MergeError, TargetError
+from .losses import MPC_PENALTIES, activation
 
 
 class ModelState:
@@ -216,8 +217,9 @@ class LowRankAdapter(Adapter):
     def __init__(self, kind: BaseKind, base: nn.Module, config: AdapterConfig, module_name: str) -> None:
         super().__init__(kind, base, config, module_name)
         r, dd = self.rank, self.factory
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **dd))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **dd))
+        shape_a, shape_b = self.factor_shapes()
+        self.lora_A = nn.Parameter(torch.empty(*shape_a, **dd))
+        self.lora_B = nn.Parameter(torch.empty(*shape_b, **dd))
         mixer = self.make_mixer(r, dd)
         if mixer is None:
             self.mixer = None
@@ -226,6 +228,18 @@ class LowRankAdapter(Adapter):
         else:
             self.register_buffer("mixer", mixer)
         self.reset_factors()
+        # Matrix Pattern Constraints (survey §4.2) for configs derived from LowRankConfig
+        self.mpc: str | None = getattr(config, "mpc", None)
+        if self.mpc == "nonlinear":
+            self.mergeable = False
+            self.merge_refusal = (
+                f"mpc='nonlinear' puts {config.mpc_activation} between A and B (survey §4.2, MPC_n), so the "
+                "update depends on the input and is not a fixed ΔW; train without it to merge or export"
+            )
+
+    def factor_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of ``lora_A`` and ``lora_B``: (r, in) and (out, r) here."""
+        return (self.rank, self.in_features), (self.out_features, self.rank)
 
     def make_mixer(self, r: int, dd: dict[str, Any]) -> torch.Tensor | None:
         """The r×r mixer at init, or ``None`` for no mixer (identity)."""
@@ -240,8 +254,15 @@ class LowRankAdapter(Adapter):
                 nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
 
     def inner(self, h: torch.Tensor) -> torch.Tensor:
-        """Applied to the rank-r activation between A (and the mixer) and B. Identity here."""
+        """Applied to the rank-r activation between A (and the mixer) and B: identity, or MPC_n's σ."""
+        if self.mpc == "nonlinear":
+            return activation(self.config.mpc_activation)(h)
         return h
+
+    def record_mpc(self) -> None:
+        """During training, record ``mpc_coef ·`` MPC_o / MPC_d of (``lora_A``, ``lora_B``) for :func:`mm_subspace.aux_loss`."""
+        if self.training and self.mpc in ("orthogonal", "diagonal") and torch.is_grad_enabled():
+            self.record_aux(self.config.mpc_coef * MPC_PENALTIES[self.mpc](self.lora_A, self.lora_B))
 
     def up_weight(self) -> torch.Tensor:
         """The (out, r) matrix that multiplies the rank-r activation: B, or B·M with a mixer."""
@@ -253,9 +274,12 @@ class LowRankAdapter(Adapter):
         if self.mixer is not None:
             h = F.linear(h, self.mixer)
         h = self.inner(h) * self.total_scale
+        self.record_mpc()
         return base_out + F.linear(h, self.lora_B).to(base_out.dtype)
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.mergeable:
+            raise MergeError(self._refusal("export to plain LoRA"))
         return self.lora_A, self.up_weight()
 
     def delta_weight(self) -> torch.Tensor:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import AdapterConfig
+from ..config import LowRankConfig
 from ..layer import LowRankAdapter
 from ..registry import register_method
 
 
 @dataclass
-class LoraConfig(AdapterConfig):
-    """Plain LoRA. See :class:`~mm_subspace.config.AdapterConfig` for the fields."""
+class LoraConfig(LowRankConfig):
+    """Plain LoRA. See :class:`~mm_subspace.config.LowRankConfig` for the fields (incl. MPC)."""
 
     method = "lora"
 

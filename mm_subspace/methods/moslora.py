@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
+from ..config import LowRankConfig
 from ..errors import ConfigError
 from ..layer import LowRankAdapter
 from ..registry import register_method
@@ -18,7 +18,7 @@ MIXER_INITS = ("kaiming_uniform", "orthogonal", "identity", "normal", "zero")
 
 
 @dataclass
-class MoSLoRAConfig(AdapterConfig):
+class MoSLoRAConfig(LowRankConfig):
     """MoSLoRA.
 
     Args:

@@ -7,14 +7,14 @@ from typing import Any
 
 import torch
 
-from ..config import AdapterConfig
+from ..config import LowRankConfig
 from ..errors import ConfigError
 from ..layer import LowRankAdapter
 from ..registry import register_method
 
 
 @dataclass
-class TSMixingConfig(AdapterConfig):
+class TSMixingConfig(LowRankConfig):
     """TS-Mixing: rank must be even (A and B are split into two halves, each of rank r/2)."""
 
     method = "ts_mixing"

@@ -1,0 +1,169 @@
+"""SuLoRA (Ding et al., Findings of ACL 2025): B split into N column sub-spaces, r of them routed per instance.
+
+No public implementation exists; this file is written from the paper (Eq. 4-6, §3.3-3.4,
+Appendix B.3-B.4) and is meant to be the reference one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..bases import BaseKind
+from ..config import LowRankConfig
+from ..errors import ConfigError
+from ..layer import LowRankAdapter
+from ..losses import load_balance_loss
+from ..registry import register_method
+
+ORDERS = ("index", "score")
+
+
+@dataclass
+class SuLoRAConfig(LowRankConfig):
+    """SuLoRA.
+
+    Args:
+        num_subspaces: N, the number of candidate columns of B (N >= r). ``None`` = 2r per module,
+            the paper's choice (§4.3, Table 7: best at N = 2r). N = r selects every column and is
+            exactly AsyLoRA with A frozen (Table 7 caption).
+        subspace_order: order of the r selected columns: ``"index"`` (default; sorted by sub-space
+            index, so the pairing of B's columns with A's rows does not depend on the scores) or
+            ``"score"`` (descending router probability, the order top-r returns).
+        balance_coef: weight of the load-balance loss (negative entropy of the batch's selection
+            distribution, Eq. 6) each layer records for :func:`mm_subspace.aux_loss`; 0 disables it.
+            The paper gives no value; 0.01 is the usual MoE auxiliary-loss weight.
+    """
+
+    method = "sulora"
+    num_subspaces: int | None = field(default=None, metadata={"help": "N candidate columns of B (None = 2·rank)"})
+    subspace_order: str = field(default="index", metadata={"help": f"order of the selected columns: one of {ORDERS}"})
+    balance_coef: float = field(default=0.01, metadata={"help": "weight of the load-balance loss (Eq. 6) in aux_loss"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.subspace_order not in ORDERS:
+            raise ConfigError(f"sulora: subspace_order must be one of {ORDERS}, got {self.subspace_order!r}")
+        if isinstance(self.balance_coef, bool) or not isinstance(self.balance_coef, (int, float)) or self.balance_coef < 0:
+            raise ConfigError(f"sulora: balance_coef must be a number >= 0, got {self.balance_coef!r}")
+        n = self.num_subspaces
+        if n is not None:
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise ConfigError(f"sulora: num_subspaces must be an integer or None, got {n!r}")
+            too_big = max([self.rank, *self.rank_pattern.values()])
+            if n < too_big:
+                raise ConfigError(
+                    f"sulora: num_subspaces ({n}) must be >= the rank ({too_big}): r sub-spaces are selected "
+                    f"out of N. Use num_subspaces={2 * too_big} (the paper's N = 2r) or None."
+                )
+
+    def subspaces_for(self, rank: int) -> int:
+        """N for a module of rank ``rank``."""
+        return self.num_subspaces if self.num_subspaces is not None else 2 * rank
+
+
+@register_method
+class SuLoRA(LowRankAdapter):
+    """``ΔW x = (alpha/r) · [b_{i_1} … b_{i_r}] · A · x`` with ``{i_j} = top_r softmax(W_q · mean(x))`` — SuLoRA Eq. (4)-(5).
+
+    Parameters: ``lora_A`` (r, in), frozen after its Kaiming-uniform init (as AsyLoRA, §3.2);
+    ``lora_B`` (out, N), the bank of N column sub-spaces b_i, zero at init so step 0 equals the
+    base (the paper builds on LoRA/AsyLoRA and states no other init); ``router`` W_q (N, in),
+    Kaiming-uniform like an ``nn.Linear``.
+
+    Routing (§3.4): one choice per instance, not per token. For an input (batch, seq, in) the
+    router reads h̄ = the mean over the sequence (padding excluded when an ``attention_mask``
+    (batch, seq) matching x is in the forward context); a (batch, in) input is one token per
+    instance; extra middle dims are averaged like the sequence. The router sees the input before
+    dropout. The r winners are placed in index order (or score order, ``subspace_order="score"``);
+    Appendix B.4 / Table 9 finds the order barely matters, so we default to the deterministic one.
+
+    Gradient to the router: top-r is not differentiable, so each selected column is multiplied by
+    a straight-through gate ``g = (p − stopgrad(p)) + 1``: its forward value is exactly 1 (the
+    subtraction is exactly 0), so Eq. (4) holds bit for bit, while ``∂g/∂p = 1`` passes the
+    column's gradient ``s·⟨∂L/∂y, b_i⟩·(A x)_j`` back through the softmax to W_q. (Multiplying by
+    p itself, as MoE layers do, would rescale the update and break Eq. 4.) The load-balance term
+    (Eq. 6, :func:`mm_subspace.losses.load_balance_loss`) also trains the router.
+
+    Compute, with no loop over the batch and ΔW never formed: ``h = A x`` (batch, seq, r) is
+    scattered into the chosen slots of a zero (batch, seq, N) tensor ``z`` and multiplied by the
+    whole bank in one GEMM, ``z · Bᵀ`` — which is exactly ``Σ_j b_{i_j} h_j`` (Eq. 4). We prefer
+    this to gathering the chosen columns into a (batch, r, out) tensor and a ``bmm``: the gather
+    keeps a batch·r·out copy of B alive for backward (≈16 MB per layer at batch 16, r 64, out
+    4096), while ``z`` is tokens·N; the extra (N − r)·out multiply-adds per token are < 1 % of the
+    base layer's in·out at N = 2r; both measured the same speed on CPU; and with N = r the
+    scatter is the identity, so the result is bit-identical to AsyLoRA's ``F.linear(h, B)``.
+
+    Merge and plain-LoRA export are impossible: B depends on the input.
+    """
+
+    config_class = SuLoRAConfig
+    mergeable = False
+    merge_refusal = (
+        "SuLoRA picks B's columns per input instance with its router (Eq. 5), so ΔW is not one fixed matrix; "
+        "keep it as an adapter (save_adapter/load_adapter work) or train lora/asylora to get a mergeable one"
+    )
+    frozen_parameters = ("lora_A",)
+    formula = "s·[b_i for i in top_r softmax(W_q·mean x)]·A, A frozen"
+    paper = "Ding et al. 2025 (SuLoRA) Eq. (4)-(6)"
+
+    def __init__(self, kind: BaseKind, base: nn.Module, config: SuLoRAConfig, module_name: str) -> None:
+        self.num_subspaces = config.subspaces_for(config.rank_for(module_name))
+        super().__init__(kind, base, config, module_name)
+        self.router = nn.Parameter(torch.empty(self.num_subspaces, self.in_features, **self.factory))
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
+        self.last_selection: torch.Tensor | None = None
+
+    def factor_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (self.rank, self.in_features), (self.out_features, self.num_subspaces)
+
+    # -- routing (Eq. 5) ------------------------------------------------------------------------
+    def summarize(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h̄ (batch, in): the mean of ``x`` over its middle dims, padding excluded when the mask fits."""
+        if x.dim() == 2:
+            return x
+        if attention_mask is not None and x.dim() == 3 and tuple(attention_mask.shape) == tuple(x.shape[:2]):
+            mask = attention_mask.to(x.dtype).unsqueeze(-1)
+            return (x * mask).sum(1) / mask.sum(1).clamp_min(1)
+        return x.reshape(x.shape[0], -1, x.shape[-1]).mean(1)
+
+    def route(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(probs (batch, N), selected indices (batch, r), selected probabilities (batch, r)) for input ``x``."""
+        logits = F.linear(self.summarize(x.to(self.router.dtype), attention_mask), self.router)
+        probs = logits.float().softmax(-1)
+        top_p, idx = probs.topk(self.rank, dim=-1)
+        if self.config.subspace_order == "index":
+            idx, perm = idx.sort(-1)
+            top_p = top_p.gather(-1, perm)
+        return probs, idx, top_p
+
+    # -- forward (Eq. 4) --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, **context: Any) -> torch.Tensor:
+        probs, idx, top_p = self.route(x, context.get("attention_mask"))
+        self.last_selection = idx.detach()
+        batch = x.shape[0]
+        gate = ((top_p - top_p.detach()) + 1.0).to(self.lora_A.dtype)  # forward exactly 1, ∂/∂p = 1
+        h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A).reshape(batch, -1, self.rank)
+        h = (self.inner(h) * self.total_scale) * gate.unsqueeze(1)
+        # place the r activations in their sub-spaces' slots of an N-vector (zeros elsewhere): one GEMM with the bank
+        slots = idx.unsqueeze(1).expand(-1, h.shape[1], -1)
+        z = h.new_zeros(batch, h.shape[1], self.num_subspaces).scatter(-1, slots, h)
+        delta = F.linear(z, self.lora_B).reshape(base_out.shape)
+        if self.training and torch.is_grad_enabled() and self.config.balance_coef > 0:
+            self.record_aux(self.config.balance_coef * load_balance_loss(probs))
+        self.record_mpc()
+        return base_out + delta.to(base_out.dtype)
+
+    def up_weight(self) -> torch.Tensor:
+        return self.lora_B
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_subspaces={self.num_subspaces}, order={self.config.subspace_order}"
