@@ -190,7 +190,7 @@ def _name_or_path(model: nn.Module) -> str | None:
     value = getattr(cfg, "_name_or_path", None) if cfg is not None else None
     if value is None and isinstance(cfg, dict):
         value = cfg.get("_name_or_path")
-    return value or None
+    return str(value) if value else None  # diffusers keeps a Path here when loaded from one
 
 
 # -- read ---------------------------------------------------------------------------------------------
