@@ -225,8 +225,9 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
             raise AdapterFileError(f"{cfg_path}: modules[{name!r}] must be {{'kind', 'in', 'out'}}, got {sig!r}")
     try:
         meta["config_obj"] = AdapterConfig.from_dict(meta["config"])
-    except SubspaceError as err:
-        raise AdapterFileError(f"{cfg_path}: {err}") from None
+    except Exception as err:  # SubspaceError, or a wrong value type in a hand-edited file
+        detail = err if isinstance(err, SubspaceError) else f"a config value has the wrong type ({type(err).__name__}: {err})"
+        raise AdapterFileError(f"{cfg_path}: {detail}") from None
     return meta
 
 
@@ -308,7 +309,15 @@ def load_adapter(
         )
     state_before = get_state(model, required=False)
     active_before = list(state_before.active) if state_before else []
-    inject(model, config.replace(targets=list(meta["modules"])), adapter_name=name)
+    try:  # inject builds every adapter before it swaps any layer, so a failure here changes nothing
+        inject(model, config.replace(targets=list(meta["modules"])), adapter_name=name)
+    except Exception as err:
+        if isinstance(err, SubspaceError):
+            raise
+        raise AdapterFileError(
+            f"{folder / CONFIG_NAME}: its config cannot build the adapter ({type(err).__name__}: {err}); "
+            "the file was edited by hand or is corrupt — re-save the adapter"
+        ) from None
     try:
         load_tensors_into(model, name, tensors, strict=strict, source=str(folder / WEIGHTS_NAME))
     except BaseException:
