@@ -1,0 +1,220 @@
+"""The ``mm-subspace`` command line: inspect, convert, import and merge adapters.
+
+::
+
+    mm-subspace inspect out/adapter
+    mm-subspace export out/adapter --to kohya out/my_lora.safetensors
+    mm-subspace import-moslora official_ckpt/ out/diffusers_lora --to diffusers --component unet
+    mm-subspace merge --base path/to/model --adapter out/adapter out/merged
+
+Every subcommand works from folders on disk (``export`` and ``import-moslora`` do not even need
+the base model: the adapters are rebuilt on stand-ins of the recorded shapes). Bad input prints one
+``error: ...`` line naming the fix and exits with status 2 (usage) or 1 (anything else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ConfigError, SubspaceError
+from .interop import FORMATS, KOHYA_PREFIX
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = tuple(KOHYA_PREFIX)
+
+
+def _add_layout_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--component", choices=COMPONENTS, default=None,
+        help="SDXL component a single adapter belongs to (default: from the recorded base class)",
+    )
+    parser.add_argument(
+        "--layers-per-block", type=int, default=None,
+        help="the UNet's layers_per_block, for kohya names (default: SDXL's 2)",
+    )
+    parser.add_argument(
+        "--no-strict", dest="strict", action="store_false",
+        help="load what fits and list every ignored key instead of failing",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mm-subspace",
+        description="Inspect, convert, import and merge mm_subspace adapters (LoRA, MoSLoRA, TS-Mixing, ...).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("inspect", help="print method, rank, targets, trainable parameters, base fingerprint",
+                       description="Describe a saved adapter folder (or a pipeline adapter folder with unet/, "
+                                   "text_encoder/, text_encoder_2/).")
+    p.add_argument("dir", help="adapter folder saved by mm_subspace.save_adapter")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("export", help="convert a saved adapter to peft, diffusers or kohya",
+                       description="Convert a saved adapter without loading the base model. Mixers are folded "
+                                   "into B exactly; alpha is kept (peft, kohya) or folded into B (diffusers).")
+    p.add_argument("dir", help="adapter folder, or pipeline adapter folder with unet/ text_encoder/ text_encoder_2/")
+    p.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    p.add_argument("out", help="output folder (kohya: a .safetensors file)")
+    _add_layout_args(p)
+
+    p = sub.add_parser("import-moslora", help="convert an official MoSLoRA checkpoint (lora_A, lora_AB, lora_B)",
+                       description="Read a checkpoint of the official MoSLoRA code (PEFT adapter_config.json + "
+                                   "adapter_model.safetensors/.bin with lora_AB) and write it as an mm_subspace "
+                                   "moslora adapter, or in one step as diffusers / kohya / peft LoRA with the "
+                                   "mixer folded into B.")
+    p.add_argument("src", help="official MoSLoRA checkpoint folder")
+    p.add_argument("out", help="output folder (kohya: a .safetensors file)")
+    p.add_argument("--to", choices=FORMATS, default="mm_subspace", help="output format (default: mm_subspace)")
+    _add_layout_args(p)
+
+    p = sub.add_parser("merge", help="fold an adapter into a base model and save_pretrained it",
+                       description="Load the base (a transformers model folder, a diffusers model folder such as "
+                                   "unet/, or a diffusers pipeline folder with model_index.json), load the "
+                                   "adapter, merge it into the weights and save the plain model.")
+    p.add_argument("--base", required=True, help="local base model folder")
+    p.add_argument("--adapter", required=True, help="adapter folder (pipeline adapter folder for a pipeline base)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--component", choices=COMPONENTS, default=None,
+                   help="for a pipeline base and a single adapter: the component it adapts")
+    return parser
+
+
+# -- commands -------------------------------------------------------------------------------------
+def _inspect(args: argparse.Namespace) -> int:
+    from .interop import adapter_components, describe_adapter
+
+    folders = adapter_components(args.dir)
+    described = {str(c) if c else "model": describe_adapter(f) for c, f in folders.items()}
+    if args.json:
+        print(json.dumps(described if len(described) > 1 else next(iter(described.values())), indent=2))
+        return 0
+    for component, info in described.items():
+        if len(described) > 1:
+            print(f"[{component}]")
+        for key in ("method", "rank", "alpha", "modules", "targets", "trainable_params", "dtype",
+                    "base_class", "base_name_or_path", "base_fingerprint"):
+            value = info[key]
+            if key == "targets":
+                value = ", ".join(value)
+            elif key == "trainable_params":
+                value = f"{value:,d}"
+            print(f"{key:18s} {value}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .interop import convert_adapter
+
+    out = convert_adapter(args.dir, args.out, args.to, component=args.component,
+                          layers_per_block=args.layers_per_block, strict=args.strict)
+    print(f"wrote {args.to} adapter to {out}")
+    return 0
+
+
+def _import_moslora(args: argparse.Namespace) -> int:
+    from .interop import convert_official_moslora
+
+    component = args.component
+    if component is None and args.to in ("diffusers", "kohya"):
+        raise ConfigError(f"--to {args.to} needs --component (one of {', '.join(COMPONENTS)})")
+    out = convert_official_moslora(args.src, args.out, to=args.to, component=component,
+                                   layers_per_block=args.layers_per_block, strict=args.strict)
+    print(f"wrote {args.to} adapter to {out}")
+    return 0
+
+
+def _load_base(folder: Path) -> tuple[Any, str]:
+    """(model or pipeline, kind) from a local folder: 'pipeline', 'diffusers' or 'transformers'."""
+    if not folder.is_dir():
+        raise ConfigError(f"--base {folder} is not a folder; give a local model folder (save_pretrained output)")
+    if (folder / "model_index.json").is_file():
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(folder, local_files_only=True), "pipeline"
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"--base {folder} has neither model_index.json (diffusers pipeline) nor config.json (model)")
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if "_class_name" in cfg:
+        import diffusers
+
+        cls = getattr(diffusers, cfg["_class_name"], None)
+        if cls is None:
+            raise ConfigError(f"--base {folder}: diffusers has no model class {cfg['_class_name']!r}")
+        return cls.from_pretrained(folder, local_files_only=True), "diffusers"
+    import transformers
+
+    archs = cfg.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else transformers.AutoModel
+    if cls is None:
+        raise ConfigError(f"--base {folder}: transformers has no class {archs[0]!r}; upgrade transformers")
+    return cls.from_pretrained(folder, local_files_only=True), "transformers"
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .inject import merge_and_unload
+    from .interop import adapter_components
+    from .io import base_fingerprint, load_adapter, read_adapter_config
+
+    base_dir, out = Path(args.base), Path(args.out)
+    folders = adapter_components(args.adapter, args.component)  # validates the adapter before the slow load
+    base, kind = _load_base(base_dir)
+    if kind == "pipeline":
+        if None in folders:
+            raise ConfigError("a pipeline base needs a pipeline adapter folder (unet/, text_encoder/, ...) or --component")
+        targets = {c: getattr(base, str(c), None) for c in folders}
+        missing = [c for c, m in targets.items() if m is None]
+        if missing:
+            raise ConfigError(f"pipeline {base_dir} has no component(s) {missing}")
+    else:
+        if len(folders) > 1:
+            raise ConfigError(f"{args.adapter} holds adapters for a pipeline ({sorted(map(str, folders))}); "
+                              "pass the pipeline folder (with model_index.json) as --base")
+        targets = {c: base for c in folders}
+    for component, model in targets.items():
+        meta = read_adapter_config(folders[component])
+        load_adapter(model, folders[component])
+        recorded = (meta.get("base_model") or {}).get("fingerprint")
+        merge_and_unload(model)
+        if recorded and recorded != base_fingerprint(model):
+            logger.warning("%s: the base's fingerprint differs from the one the adapter was saved with "
+                           "(%s); shapes match, so it was merged anyway", component or base_dir, recorded)
+    out.mkdir(parents=True, exist_ok=True)
+    base.save_pretrained(out)
+    if kind == "transformers" and (base_dir / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    print(f"merged {', '.join(str(c or 'model') for c in folders)} into {out}")
+    return 0
+
+
+COMMANDS = {"inspect": _inspect, "export": _export, "import-moslora": _import_moslora, "merge": _merge}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``mm-subspace``; returns the exit status (0 ok, 1 bad input/file, 2 usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse prints usage; keep its status (0 for --help, 2 for usage errors)
+        return int(exit_.code or 0)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (SubspaceError, FileNotFoundError, NotADirectoryError, OSError) as err:
+        print(f"mm-subspace {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
