@@ -455,6 +455,7 @@ def save_loss_curve(history: LossHistory, path: str | os.PathLike, title: str = 
     from .io import atomic_paths
 
     keys = [k for k in dict.fromkeys(k for r in history.rows for k in r) if k not in ("step", "lr")]
+    keys = [k for k in keys if any(r.get(k, 0.0) != 0.0 for r in history.rows)]  # e.g. no aux loss at all
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for key in keys:
         rows = [r for r in history.rows if key in r]
