@@ -57,18 +57,22 @@ def _patterns(values: dict[str, float], default: float) -> dict[str, float]:
 
 
 def export_peft(
-    model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default", base_model_name_or_path: str | None = None
+    model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default", base_model_name_or_path: str | None = None,
+    *, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None, use_dora: bool = False,
 ) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained`` loads.
 
     The mixer is folded into ``lora_B``; rank and alpha are kept (per-module values go to PEFT's
-    ``rank_pattern`` / ``alpha_pattern``), so PEFT computes exactly our ΔW.
+    ``rank_pattern`` / ``alpha_pattern``), so PEFT computes exactly our ΔW. ``factors`` (default
+    :func:`lora_factors`), ``extra_tensors`` (PEFT keys) and ``use_dora`` let other layouts (DoRA,
+    see :func:`mm_subspace.interop.export_dora_peft`) reuse this writer.
     """
     from peft import LoraConfig
 
     from .io import atomic_paths
 
-    factors = lora_factors(model, adapter_name)
+    factors = lora_factors(model, adapter_name) if factors is None else factors
     ranks = {name: int(down.shape[0]) for name, (down, _, _) in factors.items()}
     alphas = {name: scaling * ranks[name] for name, (_, _, scaling) in factors.items()}
     rank = max(set(ranks.values()), key=list(ranks.values()).count)
@@ -81,10 +85,15 @@ def export_peft(
         alpha_pattern=_patterns(alphas, alpha),
         base_model_name_or_path=base_model_name_or_path,
         lora_dropout=float(get_state(model).configs[adapter_name].dropout),
+        use_dora=use_dora,
     )
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = lora_state_dict(model, adapter_name, prefix="base_model.model.")
+    tensors = {}
+    for name, (down, up, _) in factors.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = down
+        tensors[f"base_model.model.{name}.lora_B.weight"] = up
+    tensors.update(extra_tensors or {})
     with atomic_paths(out / PEFT_WEIGHTS) as (tmp,):
         save_tensors(tensors, tmp, metadata={"format": "pt"})
     config.save_pretrained(str(out))

@@ -170,6 +170,7 @@ def kohya_state_dict(
     for component, model in parts.items():
         if model is None:
             continue
+        refuse_dora(model, adapter_name, "kohya")
         factors = lora_factors(model, adapter_name)
         leaves = {name.rsplit(".", 1)[-1] for name in factors}
         if component != "unet" and leaves & {"q_proj", "k_proj", "v_proj"} and "out_proj" not in leaves:
@@ -312,9 +313,126 @@ def import_kohya(
     return done
 
 
+def _inject_and_load(model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor], adapter_name: str,
+                     strict: bool, source: str | os.PathLike) -> str:
+    """Inject ``config``, load ``tensors`` (strictly unless told), activate; on failure leave ``model`` as it was."""
+    inject(model, config, adapter_name)
+    try:
+        load_tensors_into(model, adapter_name, tensors, strict=strict, source=str(source))
+    except BaseException:
+        remove_adapter(model, adapter_name)
+        raise
+    set_adapter(model, adapter_name)
+    return adapter_name
+
+
+#: PEFT-side tensor name -> ours
+_OUR_NAME = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_AB": "mixer", "lora_magnitude_vector": "magnitude"}
+
+
+def _peft_tensors(raw: dict[str, torch.Tensor], folder: Path, pattern: re.Pattern, what: str, strict: bool) -> dict[str, torch.Tensor]:
+    """PEFT-keyed tensors (``base_model.model.<m>.<name>[.<adapter>].weight``) -> ``"<m>.<our name>"``.
+
+    Keys ``pattern`` does not match are an error listing them, or with ``strict=False`` skipped and logged.
+    """
+    ours, unknown = {}, []
+    for key, value in raw.items():
+        m = pattern.search(key)
+        if m is None:
+            unknown.append(key)
+            continue
+        ours[f"{key[: m.start()].removeprefix('base_model.model.')}.{_OUR_NAME[m[1]]}"] = value
+    if unknown and strict:
+        raise AdapterFileError(
+            f"{folder} holds tensors that are not {what} tensors: {_listing(sorted(unknown))}. "
+            "Pass strict=False to load the rest and skip these."
+        )
+    report_ignored(str(folder), sorted(unknown))
+    return ours
+
+
+# -- DoRA ---------------------------------------------------------------------------------------------
+DORA_REFUSAL = {
+    "kohya": (
+        "kohya/LyCORIS files store DoRA's magnitude as `dora_scale`, whose axis depends on the trainer (one "
+        "value per input column, 1×in, or per output row, out×1 — LyCORIS' wd_on_out), and diffusers' SDXL "
+        "loader drops dora_scale with a warning"
+    ),
+    "diffusers": "diffusers' LoRA file assumes alpha = r and a plain B·A update; DoRA's per-row magnitude has no slot there",
+}
+
+
+def dora_magnitudes(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Module name -> DoRA magnitude (out,) for every adapter that has one (empty for non-DoRA adapters)."""
+    from .inject import iter_adapters
+
+    return {name: a.magnitude for name, a in iter_adapters(model, adapter_name) if isinstance(getattr(a, "magnitude", None), torch.Tensor)}
+
+
+def refuse_dora(model: nn.Module, adapter_name: str, fmt: str) -> None:
+    """Raise :class:`ConfigError` with the reason if ``model``'s adapter is DoRA and ``fmt`` cannot hold it."""
+    found = dora_magnitudes(model, adapter_name)
+    if found:
+        raise ConfigError(
+            f"cannot export DoRA adapter {adapter_name!r} ({len(found)} modules) to the {fmt} format: {DORA_REFUSAL[fmt]}. "
+            "mm_subspace's DoRA keeps one magnitude per output row (DoRA Eq. 5, PEFT's axis): export it with "
+            "export_dora_peft (PEFT use_dora=True layout), or merge it into the base model"
+        )
+
+
+def export_dora_peft(
+    model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default", base_model_name_or_path: str | None = None
+) -> Path:
+    """Write our ``dora`` in PEFT's ``use_dora=True`` layout: ``lora_A`` (r, in), ``lora_B`` = B·M (out, r),
+    ``lora_magnitude_vector`` (out,).
+
+    DoRA Eq. (5): ``W' = m ⊙ (W + ΔW) / ‖W + ΔW‖``, the norm taken per output row of the (out, in)
+    weight — the axis of PEFT's ``lora_magnitude_vector`` and of our ``magnitude``, so the tensor is
+    copied as is. With a MoSLoRA mixer, ``ΔW = s·(B·M)·A`` both inside the norm and on the low-rank
+    path, so folding M into B is exact. ``PeftModel.from_pretrained`` reproduces the outputs.
+    """
+    from .inject import iter_adapters
+
+    magnitudes = dora_magnitudes(model, adapter_name)
+    adapters = dict(iter_adapters(model, adapter_name))
+    if not adapters:
+        raise ConfigError(f"model has no adapter named {adapter_name!r} to export")
+    plain = sorted(set(adapters) - set(magnitudes))
+    if plain:
+        raise ConfigError(f"export_dora_peft: {plain[:3]} are {adapters[plain[0]].method} adapters, not DoRA; use export_peft")
+    factors, extra = {}, {}
+    for name, adapter in adapters.items():
+        magnitude = magnitudes[name].detach()
+        if tuple(magnitude.shape) != (adapter.out_features,):
+            raise ConfigError(
+                f"{name!r}: DoRA magnitude has shape {tuple(magnitude.shape)}, not one value per output row "
+                f"({adapter.out_features},) as PEFT's lora_magnitude_vector; refusing to write it on another axis"
+            )
+        factors[name] = (adapter.lora_A.detach(), adapter.up_weight().detach(), float(adapter.scaling))
+        extra[f"base_model.model.{name}.lora_magnitude_vector"] = magnitude
+    return export_peft(model, save_directory, adapter_name, base_model_name_or_path,
+                       factors=factors, extra_tensors=extra, use_dora=True)
+
+
+_PEFT_DORA_KEY = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
+
+
+def import_dora_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", strict: bool = True) -> str:
+    """Load a PEFT ``use_dora=True`` LoRA checkpoint onto ``model`` as our ``dora`` (magnitude per output row)."""
+    from .methods.dora import DoRAConfig
+
+    folder = Path(path)
+    cfg = read_peft_config(folder)
+    if cfg.get("peft_type") != "LORA" or not cfg.get("use_dora"):
+        raise AdapterFileError(f"{folder} is not a PEFT DoRA checkpoint (peft_type LORA with use_dora=true); "
+                               "use mm_subspace.import_peft for plain LoRA")
+    ours = _peft_tensors(_read_peft_weights(folder), folder, _PEFT_DORA_KEY, "a DoRA adapter's", strict)
+    modules = _modules_of(ours)
+    return _inject_and_load(model, DoRAConfig(targets=modules, **peft_lora_fields(cfg, modules)), ours, adapter_name, strict, folder)
+
+
 # -- official MoSLoRA checkpoints -------------------------------------------------------------------
 _OFFICIAL_KEY = re.compile(r"\.(lora_A|lora_B|lora_AB)(?:\.[A-Za-z0-9_\-]+)?\.weight$")
-_OURS = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_AB": "mixer"}
 
 
 def read_official_moslora(path: str | os.PathLike, strict: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -330,26 +448,13 @@ def read_official_moslora(path: str | os.PathLike, strict: bool = True) -> tuple
         if cfg.get(flag):
             raise AdapterFileError(f"{folder}: option {flag}=True is not part of MoSLoRA; import refused")
     raw = _read_peft_weights(folder)
-    ours, unknown = {}, []
-    for key, value in raw.items():
-        m = _OFFICIAL_KEY.search(key)
-        if m is None:
-            unknown.append(key)
-            continue
-        module = key[: m.start()].removeprefix("base_model.model.")
-        ours[f"{module}.{_OURS[m[1]]}"] = value
-    if not any(k.endswith(".mixer") for k in ours):
+    if not any(_OFFICIAL_KEY.search(k) and ".lora_AB" in k for k in raw):
         hint = "" if cfg.get("lora_use_mixer") else " (and lora_use_mixer is not set)"
         raise AdapterFileError(
             f"{folder} has no lora_AB mixer tensors{hint}: it is a plain LoRA, not MoSLoRA. Load it with "
             "mm_subspace.import_peft(model, path)"
         )
-    if unknown and strict:
-        raise AdapterFileError(
-            f"{folder} holds tensors that are not MoSLoRA's lora_A / lora_AB / lora_B: {_listing(sorted(unknown))}. "
-            "Pass strict=False to load the rest and skip these."
-        )
-    report_ignored(str(folder), sorted(unknown))
+    ours = _peft_tensors(raw, folder, _OFFICIAL_KEY, "MoSLoRA's lora_A / lora_AB / lora_B", strict)
     return cfg, ours
 
 
@@ -371,14 +476,7 @@ def import_moslora(model: nn.Module, path: str | os.PathLike, adapter_name: str 
     cfg, tensors = read_official_moslora(path, strict=strict)
     modules = _modules_of(tensors)
     config = MoSLoRAConfig(targets=modules, **peft_lora_fields(cfg, modules))
-    inject(model, config, adapter_name)
-    try:
-        load_tensors_into(model, adapter_name, tensors, strict=strict, source=str(path))
-    except BaseException:
-        remove_adapter(model, adapter_name)
-        raise
-    set_adapter(model, adapter_name)
-    return adapter_name
+    return _inject_and_load(model, config, tensors, adapter_name, strict, path)
 
 
 # -- stand-in models: conversions without the base model --------------------------------------------
@@ -472,6 +570,8 @@ def convert_models(
                 f"the {to} format is for SDXL pipelines; say which component this adapter belongs to "
                 f"(component= / --component, one of {sorted(KOHYA_PREFIX)})"
             )
+        for model in models.values():
+            refuse_dora(model, adapter_name, to)
         if to == "kohya":
             return export_kohya(out, **models, adapter_name=adapter_name, layers_per_block=layers_per_block)
         return export_diffusers(out, **models, adapter_name=adapter_name)
@@ -479,7 +579,7 @@ def convert_models(
     for component, model in models.items():
         target = out if single else out / str(component)
         if to == "peft":
-            export_peft(model, target, adapter_name)
+            (export_dora_peft if dora_magnitudes(model, adapter_name) else export_peft)(model, target, adapter_name)
         else:
             save_adapter(model, target, adapter_name)
     return out
@@ -542,7 +642,10 @@ __all__ = [
     "convert_models",
     "convert_official_moslora",
     "describe_adapter",
+    "dora_magnitudes",
+    "export_dora_peft",
     "export_kohya",
+    "import_dora_peft",
     "import_kohya",
     "import_moslora",
     "kohya_module_key",

@@ -353,3 +353,47 @@ def test_sdxl_standin_conversion_equals_export_from_the_live_pipeline(sdxl, tmp_
     # a single component folder knows its component from the recorded base class
     one = convert_adapter(tmp_path / "pipe" / "text_encoder_2", tmp_path / "te2.safetensors", "kohya")
     assert all(k.startswith("lora_te2_") for k in load_file(str(one)))
+
+
+# -- DoRA ---------------------------------------------------------------------------------------------
+def test_dora_exports_to_peft_layout_and_refuses_other_axes(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from mm_subspace.interop import export_dora_peft, import_dora_peft
+
+    torch.manual_seed(0)
+    model = _llama()
+    mms.inject(model, mms.config_for("dora", rank=4, alpha=8, init_weights=False, targets=LLAMA_TARGETS,
+                                      mixer_init="orthogonal"))
+    with torch.no_grad():
+        for _, adapter in mms.iter_adapters(model):
+            adapter.lora_B.mul_(0.3)
+            adapter.magnitude.mul_(1 + 0.2 * torch.randn_like(adapter.magnitude))
+    expected = _logits(model)
+    export_dora_peft(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    state = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert config["use_dora"] is True
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    magnitude = state["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"]
+    assert magnitude.shape == (q.out_features,)  # one value per output row (DoRA Eq. 5, PEFT's axis)
+    torch.testing.assert_close(magnitude, q.adapters["default"].magnitude.detach())
+
+    peft_model = PeftModel.from_pretrained(_llama(), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(_logits(peft_model), expected, rtol=1e-4, atol=1e-4)
+    back = _llama()
+    import_dora_peft(back, tmp_path / "peft")
+    assert mms.list_adapters(back)["default"].method == "dora"
+    torch.testing.assert_close(_logits(back), expected, rtol=1e-4, atol=1e-4)
+
+    # from the saved folder alone, "peft" picks the DoRA layout; kohya / diffusers refuse with the reason
+    mms.save_adapter(model, tmp_path / "ours")
+    convert_adapter(tmp_path / "ours", tmp_path / "peft2", "peft")
+    state2 = load_file(str(tmp_path / "peft2" / "adapter_model.safetensors"))
+    assert state2.keys() == state.keys()
+    for fmt, reason in (("kohya", "dora_scale"), ("diffusers", "no slot")):
+        with pytest.raises(ConfigError, match=reason):
+            convert_adapter(tmp_path / "ours", tmp_path / fmt, fmt, component="text_encoder")
+    with pytest.raises(ConfigError, match="export_dora_peft"):
+        kohya_state_dict(text_encoder=model)
