@@ -185,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--output_dir", type=str, default=None,
                    help="Output folder. Default: runs/dreambooth-sdxl-<adapter> (the comparison app scans runs/).")
-    g.add_argument("--checkpointing_steps", type=int, default=500,
-                   help="Save a resumable checkpoint (training_state/checkpoint-<step>) every N optimizer steps.")
+    g.add_argument("--checkpointing_steps", type=int, default=None,
+                   help="Save a resumable checkpoint (training_state/checkpoint-<step>) every N optimizer steps. "
+                   "Default: 500, or half of --max_train_steps when that is less (the embedded default saves at 10 and 20).")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help='"latest", a checkpoint name (checkpoint-10) or path. "latest" with none starts fresh.')
@@ -268,6 +269,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     args.embedded_model = args.pretrained_model_name_or_path is None
     if args.max_train_steps is None:
         args.max_train_steps = EMBEDDED_MAX_STEPS if args.embedded_model else REAL_MAX_STEPS
+    if args.checkpointing_steps is None:
+        args.checkpointing_steps = min(500, max(1, args.max_train_steps // 2))
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"dreambooth-sdxl-{args.adapter}")
     if args.class_data_dir is None and args.with_prior_preservation:
