@@ -153,7 +153,7 @@ def describe_adapter(root: Path, name: str | None = None) -> AdapterInfo | None:
 def find_adapters(dirs: Iterable[str | os.PathLike[str]], max_depth: int = 3) -> list[AdapterInfo]:
     """Every adapter under ``dirs`` (each a folder of adapters, or an adapter folder itself).
 
-    Names are unique: a repeated name gets ``-2``, ``-3``... Sorted by family, then path.
+    Names are unique within a family: a repeated name gets ``-2``, ``-3``... Sorted by family, then path.
     """
     found: list[AdapterInfo] = []
     seen: set[Path] = set()
@@ -174,12 +174,12 @@ def find_adapters(dirs: Iterable[str | os.PathLike[str]], max_depth: int = 3) ->
     for d in dirs:
         visit(Path(d).expanduser(), 0)
     found.sort(key=lambda i: (i.family, str(i.path)))
-    used: dict[str, int] = {}
-    for info in found:
-        base = info.name
-        used[base] = used.get(base, 0) + 1
-        if used[base] > 1:
-            info.name = f"{base}-{used[base]}"
+    used: dict[tuple[str, str], int] = {}
+    for info in found:  # unique per family: the two families load into different pipelines
+        key = (info.family, info.name)
+        used[key] = used.get(key, 0) + 1
+        if used[key] > 1:
+            info.name = f"{info.name}-{used[key]}"
     return found
 
 

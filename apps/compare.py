@@ -1,0 +1,288 @@
+"""Side-by-side comparison of adapters: same prompt, same seed, one labelled image per adapter.
+
+    python apps/compare.py                                   # tiny offline default, adapters from runs/
+    python apps/compare.py --adapters runs/ other_runs/ --server_port 7861
+    python apps/compare.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0
+
+UI only: every computation is in ``pipelines/`` (``SDXLAdapters.generate_batch`` renders all selected
+adapters in one denoising loop; ``LlavaAdapters.answer_batch`` answers with all of them in one batched
+``generate``). When the adapters folder holds no SDXL adapter, two small ones (lora, moslora) are
+trained for a few steps first (``training/dreambooth_sdxl.py`` when present); when it holds no LLaVA
+adapter, two tiny ones are made with ``pipelines.llava.train_visual_instruction`` on real photos.
+Adapters made for another base model are listed with the reason instead of loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python apps/compare.py` from a checkout
+    sys.path.insert(0, str(REPO))
+
+from pipelines import (  # noqa: E402
+    BASE_LABEL,
+    TABLE_HEADERS,
+    AdapterInfo,
+    LlavaAdapters,
+    SDXLAdapters,
+    check_llava_request,
+    check_sdxl_request,
+    find_adapters,
+    make_demo_llava_adapter,
+    make_demo_sdxl_adapter,
+)
+
+logger = logging.getLogger("compare")
+
+DEFAULT_ADAPTERS_DIR = "runs"
+DEFAULT_PROMPT = "a photo of sks cat"
+DEFAULT_QUESTION = "what animal is in the photo?"
+DEMO_METHODS = ("lora", "moslora")
+DETAIL_HEADERS = ["adapter", "method", "rank", "params", "seconds", "run"]
+ANSWER_HEADERS = ["adapter", "answer", "method", "rank", "params", "seconds", "run"]
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Compare adapters side by side (Gradio app).")
+    parser.add_argument("--adapters", nargs="+", default=[DEFAULT_ADAPTERS_DIR],
+                        help="folders to search for saved adapters (default: runs/, where the training scripts write)")
+    parser.add_argument("--pretrained_model_name_or_path", default=None,
+                        help="SDXL pipeline folder or hub id (default: the tiny offline SDXL)")
+    parser.add_argument("--llava_model_name_or_path", default=None,
+                        help="LLaVA (or LLaMA) folder or hub id (default: the tiny offline LLaVA)")
+    parser.add_argument("--server_name", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    parser.add_argument("--server_port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
+    parser.add_argument("--demo_steps", type=int, default=5,
+                        help="training steps of each demo adapter made when the adapters folder is empty")
+    parser.add_argument("--no_llava", action="store_true", help="only the SDXL tab")
+    args = parser.parse_args(input_args)
+    if args.demo_steps < 1:
+        parser.error("--demo_steps must be >= 1")
+    return args
+
+
+# -- start-up: find or make adapters ------------------------------------------------------------------
+def _dreambooth_script() -> Any | None:
+    """``training/dreambooth_sdxl.py`` as a module, or None when this checkout has no such script."""
+    path = REPO / "training" / "dreambooth_sdxl.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("dreambooth_sdxl", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_default_sdxl_adapters(sd: SDXLAdapters, out_dir: Path, steps: int, pretrained: str | None) -> None:
+    """Train two small SDXL adapters (lora, moslora) for ``steps`` steps into ``out_dir``, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    script = _dreambooth_script()
+    for method in DEMO_METHODS:
+        target = out_dir / f"dreambooth-sdxl-{method}"
+        print(f"no SDXL adapter in {out_dir}: training a small {method} adapter ({steps} steps) into {target}")
+        if script is not None:
+            argv = ["--adapter", method, "--rank", "4", "--max_train_steps", str(steps), "--output_dir", str(target)]
+            if pretrained:
+                argv += ["--pretrained_model_name_or_path", pretrained]
+            script.main(script.parse_args(argv))
+            continue
+        with tqdm(total=steps, desc=f"training {method}") as bar:
+            make_demo_sdxl_adapter(sd, target, method, rank=4, steps=steps, progress=lambda i, n: bar.update(1))
+
+
+def make_default_llava_adapters(llava: LlavaAdapters, out_dir: Path, steps: int) -> None:
+    """Make two tiny LLaVA adapters (lora, moslora) with a minimal visual-instruction loop, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    for method in DEMO_METHODS:
+        target = out_dir / f"llava-{method}"
+        print(f"no LLaVA adapter in {out_dir}: training a tiny {method} adapter ({6 * steps} steps) into {target}")
+        with tqdm(total=6 * steps, desc=f"training {method}") as bar:
+            make_demo_llava_adapter(llava, target, method, rank=4, steps=6 * steps, progress=lambda i, n: bar.update(1))
+
+
+def load_all(args: argparse.Namespace) -> tuple[SDXLAdapters, LlavaAdapters | None, list[AdapterInfo]]:
+    """Build the pipelines, find the adapters (making demo ones if there are none) and load them."""
+    sd = SDXLAdapters.from_pretrained(args.pretrained_model_name_or_path)
+    llava = None if args.no_llava else LlavaAdapters.from_pretrained(args.llava_model_name_or_path)
+    out_dir = Path(args.adapters[0])
+    found = find_adapters(args.adapters)
+    if not any(i.family == "sdxl" for i in found):
+        make_default_sdxl_adapters(sd, out_dir, args.demo_steps, args.pretrained_model_name_or_path)
+    if llava is not None and not any(i.family == "llava" for i in found):
+        make_default_llava_adapters(llava, out_dir, args.demo_steps)
+    found = find_adapters(args.adapters)
+    infos = sd.load_adapters(found)
+    if llava is not None:
+        infos += llava.load_adapters(found)
+    for info in found:  # the other family's adapters when that tab is off, and unreadable folders
+        if info not in infos:
+            infos.append(info)
+    for info in infos:
+        print(f"  {info.name:24s} {info.family:6s} {info.summary()}")
+    return sd, llava, infos
+
+
+# -- request handling (validation + calls into pipelines/) ------------------------------------------------
+def _scales(table: Any, selected: list[str]) -> dict[str, float]:
+    """``{adapter: scale}`` from the scale table's rows; a bad number raises ValueError with the row."""
+    rows = table.values.tolist() if hasattr(table, "values") else (table.get("data", []) if isinstance(table, dict) else table or [])
+    scales = {}
+    for row in rows:
+        if not row or row[0] not in selected:
+            continue
+        try:
+            value = float(row[1])
+        except (TypeError, ValueError):
+            raise ValueError(f"scale of {row[0]!r} must be a number, got {row[1]!r}") from None
+        if not -10.0 <= value <= 10.0:
+            raise ValueError(f"scale of {row[0]!r} must be between -10 and 10, got {value}")
+        scales[str(row[0])] = value
+    return scales
+
+
+def _rows(selected: list[str]) -> list[str | None]:
+    return [None if name == BASE_LABEL else name for name in selected]
+
+
+def _info_cells(info: AdapterInfo | None) -> list[Any]:
+    return [info.method, info.rank, info.params] if info is not None else ["-", 0, 0]
+
+
+def run_generate(
+    sd: SDXLAdapters, prompt: str, negative: str, seed: float, steps: float, guidance: float, width: float,
+    height: float, selected: list[str], scale_table: Any, batched: bool, progress: Any = None,
+) -> tuple[list[tuple[Any, str]], list[list[Any]], str]:
+    """Gallery items ``(image, adapter name)``, details rows and a status line; bad input -> status only."""
+    selected = list(selected or [])
+    try:
+        check_sdxl_request(prompt, steps, height, width, guidance, len(selected))
+        scales = _scales(scale_table, selected)
+        if seed is None or not float(seed).is_integer() or not 0 <= int(seed) < 2**63:
+            raise ValueError(f"seed must be a whole number from 0 to 2^63-1, got {seed}")
+    except ValueError as err:
+        return [], [], f"⚠️ Rejected: {err}"
+    callback = None
+    if progress is not None:
+        callback = lambda i, n: progress((i, n), desc="denoising")  # noqa: E731
+    kwargs = dict(seed=int(seed), negative_prompt=negative or None, num_inference_steps=int(steps),
+                  guidance_scale=float(guidance), height=int(height), width=int(width), scales=scales, callback=callback)
+    rows = _rows(selected)
+    results = sd.generate_batch(prompt, rows, **kwargs) if batched else sd.generate_sequential(prompt, rows, **kwargs)
+    gallery = [(r.image, r.label) for r in results]
+    details = [[r.label, *_info_cells(r.info), round(r.seconds, 3), "batched" if r.batched else "own run"] for r in results]
+    total = sum(r.seconds for r in results)
+    how = "one batched denoising loop" if batched else f"{len(results)} separate runs"
+    return gallery, details, f"✅ {len(results)} image(s), seed {int(seed)}, {how}: {total:.2f} s in all"
+
+
+def run_answer(
+    llava: LlavaAdapters, image: Any, question: str, max_new_tokens: float, selected: list[str], scale_table: Any, batched: bool,
+) -> tuple[list[list[Any]], str]:
+    """Answer rows (adapter, answer, method, rank, params, seconds) and a status line."""
+    selected = list(selected or [])
+    try:
+        check_llava_request(question, max_new_tokens, len(selected))
+        scales = _scales(scale_table, selected)
+    except ValueError as err:
+        return [], f"⚠️ Rejected: {err}"
+    rows = _rows(selected)
+    if batched:
+        answers = llava.answer_batch(image, question, rows, max_new_tokens=int(max_new_tokens), scales=scales)
+    else:
+        for name, scale in scales.items():
+            llava.set_scale(name, scale)
+        answers = [llava.answer(image, question, name, max_new_tokens=int(max_new_tokens)) for name in rows]
+    table = [[a.label, a.text, *_info_cells(a.info), round(a.seconds, 3), "batched" if a.batched else "own run"] for a in answers]
+    return table, f"✅ {len(answers)} answer(s){' (no image given: text only)' if image is None else ''}"
+
+
+# -- UI ---------------------------------------------------------------------------------------------------
+def build_ui(sd: SDXLAdapters, llava: LlavaAdapters | None, infos: list[AdapterInfo]) -> Any:
+    import gradio as gr
+
+    table = [info.row() for info in infos]
+    size = sd.pipe.default_sample_size * sd.pipe.vae_scale_factor
+    with gr.Blocks(title="mm-subspace · compare adapters") as demo:
+        gr.Markdown("## mm-subspace · adapters side by side\nSame prompt, same seed, one image per adapter — "
+                    "all selected adapters run in **one batched denoising loop** (each batch row routed to its own adapter).")
+        with gr.Tab("Text to image (SDXL)"):
+            names = [BASE_LABEL] + list(sd.adapters)
+            with gr.Row():
+                with gr.Column(scale=2):
+                    prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, elem_id="prompt")
+                    negative = gr.Textbox(label="Negative prompt", value="")
+                    with gr.Row():
+                        seed = gr.Number(label="Seed", value=0, precision=0)
+                        steps = gr.Number(label="Steps", value=8, precision=0)
+                        guidance = gr.Number(label="Guidance", value=5.0)
+                        width = gr.Number(label="Width", value=size, precision=0)
+                        height = gr.Number(label="Height", value=size, precision=0)
+                    adapters = gr.CheckboxGroup(names, value=names, label="Adapters (+ base)", elem_id="sdxl-adapters")
+                    batched = gr.Checkbox(value=True, label="Batched: all adapters in one denoising loop")
+                with gr.Column(scale=1):
+                    scales = gr.Dataframe([[n, 1.0] for n in sd.adapters], headers=["adapter", "scale"],
+                                          datatype=["str", "number"], type="array", interactive=True,
+                                          label="Per-adapter scale", static_columns=[0])
+                    button = gr.Button("Generate", variant="primary", elem_id="generate")
+            status = gr.Markdown(elem_id="sdxl-status")
+            gallery = gr.Gallery(label="Images (label = adapter)", columns=max(2, min(len(names), 5)), height="auto",
+                                 format="png", object_fit="contain", elem_id="gallery")
+            details = gr.Dataframe(headers=DETAIL_HEADERS, label="Time per adapter and method / rank / params", interactive=False)
+
+            def on_generate(p, n, s, st, g, w, h, sel, sc, b, progress=gr.Progress()):
+                return run_generate(sd, p, n, s, st, g, w, h, sel, sc, b, progress)
+
+            inputs = [prompt, negative, seed, steps, guidance, width, height, adapters, scales, batched]
+            button.click(on_generate, inputs, [gallery, details, status], api_name="generate")
+            prompt.submit(on_generate, inputs, [gallery, details, status], api_name=False)
+        if llava is not None:
+            from mm_subspace.tiny_models import sample_photo
+
+            with gr.Tab("Visual instructions (LLaVA)"):
+                lnames = [BASE_LABEL] + list(llava.adapters)
+                with gr.Row():
+                    image = gr.Image(value=sample_photo("chelsea"), type="pil", label="Image", height=240)
+                    with gr.Column():
+                        question = gr.Textbox(label="Question", value=DEFAULT_QUESTION)
+                        max_tokens = gr.Number(label="Max new tokens", value=12, precision=0)
+                        ladapters = gr.CheckboxGroup(lnames, value=lnames, label="Adapters (+ base)")
+                        lbatched = gr.Checkbox(value=True, label="Batched: all adapters in one generate call")
+                        lscales = gr.Dataframe([[n, 1.0] for n in llava.adapters], headers=["adapter", "scale"],
+                                               datatype=["str", "number"], type="array", interactive=True,
+                                               label="Per-adapter scale", static_columns=[0])
+                        ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                lstatus = gr.Markdown()
+                answers = gr.Dataframe(headers=ANSWER_HEADERS, label="Answers", interactive=False, wrap=True)
+
+                def on_ask(img, q, m, sel, sc, b):
+                    return run_answer(llava, img, q, m, sel, sc, b)
+
+                ask.click(on_ask, [image, question, max_tokens, ladapters, lscales, lbatched], [answers, lstatus], api_name="answer")
+        with gr.Accordion("Adapters found (incompatible ones with the reason)", open=False):
+            gr.Dataframe(table, headers=TABLE_HEADERS, interactive=False, wrap=True)
+    return demo
+
+
+def main(input_args: list[str] | None = None) -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(input_args)
+    sd, llava, infos = load_all(args)
+    demo = build_ui(sd, llava, infos)
+    demo.queue(default_concurrency_limit=1).launch(
+        server_name=args.server_name, server_port=args.server_port, share=args.share, footer_links=["api"],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Start ``apps/compare.py`` once per test session (shared by test_app.py and test_app_browser.py).
+
+The app runs in a subprocess on 127.0.0.1 with a free port and pre-made adapters (random non-zero
+factors, saved in a temporary folder): two SDXL adapters in the DreamBooth layout and one LLaVA
+adapter, so it trains nothing at start-up. Stopped (by its pid) when the session ends.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SDXL_NAMES = ("lora", "moslora")
+LLAVA_NAMES = ("lora",)
+START_TIMEOUT = 300
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_adapters(root: Path) -> None:
+    """Save the test adapters into ``root`` (a subprocess, so the test process stays light)."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path; root = Path(sys.argv[1])\n"
+        "from pipelines import SDXLAdapters, LlavaAdapters, make_demo_sdxl_adapter, make_demo_llava_adapter\n"
+        "sd = SDXLAdapters.from_pretrained()\n"
+        "make_demo_sdxl_adapter(sd, root / 'dreambooth-sdxl-lora', 'lora', steps=0, init_weights=False)\n"
+        "make_demo_sdxl_adapter(sd, root / 'dreambooth-sdxl-moslora', 'moslora', steps=0, init_weights=False,"
+        " train_text_encoder=True, seed=1)\n"
+        "ll = LlavaAdapters.from_pretrained()\n"
+        "make_demo_llava_adapter(ll, root / 'llava-lora', 'lora', steps=0, init_weights=False)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(root), str(REPO)], check=True, cwd=REPO, timeout=START_TIMEOUT)
+
+
+@functools.lru_cache(maxsize=None)
+def app_url() -> str:
+    """URL of the running app (started on first call); raises with the app's log if it does not come up."""
+    root = Path(tempfile.mkdtemp(prefix="compare-app-"))
+    make_adapters(root / "runs")
+    port = free_port()
+    log = open(root / "app.log", "w")
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "apps" / "compare.py"), "--adapters", str(root / "runs"),
+         "--server_name", "127.0.0.1", "--server_port", str(port)],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+    atexit.register(stop)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"compare.py exited with {proc.returncode}:\n{(root / 'app.log').read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return url
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"compare.py did not answer on {url} in {START_TIMEOUT} s:\n{(root / 'app.log').read_text()[-3000:]}")

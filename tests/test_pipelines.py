@@ -1,0 +1,199 @@
+"""pipelines/: our adapters in the SDXL and LLaVA pipelines, and batched multi-adapter generation.
+
+Adapters are saved with random non-zero factors (``init_weights=False``) so every adapter changes
+the output; the batched call must reproduce K separate single-adapter runs with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import mm_subspace as mms
+from pipelines import (
+    LlavaAdapters,
+    SDXLAdapters,
+    check_llava_request,
+    check_sdxl_request,
+    find_adapters,
+    make_demo_llava_adapter,
+    make_demo_sdxl_adapter,
+    train_visual_instruction,
+)
+from pipelines.llava import DEMO_EXAMPLES, LANGUAGE_TARGETS
+
+PROMPT = "a photo of sks cat"
+GEN = dict(num_inference_steps=2, height=32, width=32, output_type="np", guidance_scale=5.0)
+ATOL = 1e-5  # float rounding of a different batch size; adapters move pixels by ~5e-2
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """Tiny SDXL with a UNet-only lora and a UNet + both-text-encoder moslora, plus the base image."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("sdxl_adapters")
+    sd = SDXLAdapters.from_pretrained()
+    base = sd.pipe(PROMPT, generator=torch.Generator().manual_seed(7), **GEN).images[0]
+    make_demo_sdxl_adapter(sd, root / "dreambooth-sdxl-lora", "lora", steps=0, init_weights=False)
+    make_demo_sdxl_adapter(sd, root / "dreambooth-sdxl-moslora", "moslora", steps=0, init_weights=False,
+                           train_text_encoder=True, seed=1)
+    infos = sd.load_adapters(find_adapters([root]))
+    assert [i.name for i in infos] == ["lora", "moslora"] and all(i.compatible for i in infos)
+    return sd, base, root
+
+
+def test_find_adapters_layouts(sdxl, tmp_path):
+    _, _, root = sdxl
+    infos = {i.name: i for i in find_adapters([root])}
+    assert set(infos["moslora"].parts) == {"unet", "text_encoder", "text_encoder_2"}
+    assert set(infos["lora"].parts) == {"unet"} and infos["lora"].method == "lora" and infos["lora"].rank == 4
+    # params = every tensor of every part (lora: A and B per adapted UNet module)
+    sd = sdxl[0]
+    expected = sum(p.numel() for n, p in sd.pipe.unet.named_parameters() if ".adapters.lora." in n)
+    assert infos["lora"].params == expected
+    # a flat folder is found too, and the training state of a run is not taken for an adapter
+    (root / "dreambooth-sdxl-lora" / "training_state" / "checkpoint-1").mkdir(parents=True, exist_ok=True)
+    assert len(find_adapters([root])) == 2
+
+
+def test_base_row_equals_the_pipeline_alone(sdxl):
+    sd, base, _ = sdxl
+    single = sd.generate(PROMPT, None, seed=7, **GEN).image
+    np.testing.assert_array_equal(single, base)  # same call, same seed: bit-identical
+    batched = sd.generate_batch(PROMPT, [None], seed=7, **GEN)[0].image
+    np.testing.assert_allclose(batched, base, atol=ATOL)
+
+
+def test_sdxl_batched_equals_single_runs(sdxl):
+    sd, base, _ = sdxl
+    rows = ["lora", "moslora", None, "lora"]
+    batched = sd.generate_batch(PROMPT, rows, seed=7, **GEN)
+    single = sd.generate_sequential(PROMPT, rows, seed=7, **GEN)
+    assert [g.label for g in batched] == ["lora", "moslora", "base", "lora"]
+    for b, s in zip(batched, single):
+        np.testing.assert_allclose(b.image, s.image, atol=ATOL)
+    np.testing.assert_allclose(batched[2].image, base, atol=ATOL)
+    # every adapter really changes the image, and differently
+    assert np.abs(batched[0].image - base).max() > 1e-3
+    assert np.abs(batched[1].image - batched[0].image).max() > 1e-3
+    # the single run is the stock pipeline with that adapter active on every component
+    sd.set_adapter("moslora")
+    stock = sd.pipe(PROMPT, generator=torch.Generator().manual_seed(7), **GEN).images[0]
+    sd.set_adapter([])
+    np.testing.assert_array_equal(stock, single[1].image)
+
+
+def test_sdxl_switch_scale_disable_merge(sdxl):
+    sd, base, _ = sdxl
+    run = lambda: sd.pipe(PROMPT, generator=torch.Generator().manual_seed(7), **GEN).images[0]  # noqa: E731
+    sd.set_adapter("moslora")
+    adapted = run()
+    assert mms.active_adapters(sd.pipe.text_encoder) == ["moslora"] and mms.active_adapters(sd.pipe.unet) == ["moslora"]
+    with sd.disable_adapters():
+        np.testing.assert_array_equal(run(), base)
+    np.testing.assert_array_equal(run(), adapted)
+    sd.set_scale("moslora", 0.0)
+    np.testing.assert_allclose(run(), base, atol=ATOL)
+    sd.set_scale("moslora", 1.0)
+    sd.merge()
+    assert sd.is_merged()
+    np.testing.assert_allclose(run(), adapted, atol=1e-4)
+    # a batched call on a merged pipeline unmerges first, and still matches
+    np.testing.assert_allclose(sd.generate_batch(PROMPT, ["moslora"], seed=7, **GEN)[0].image, adapted, atol=ATOL)
+    assert not sd.is_merged()
+    sd.set_adapter("lora")  # UNet-only adapter: text encoders run their base weights
+    assert mms.active_adapters(sd.pipe.text_encoder) == [] and mms.active_adapters(sd.pipe.unet) == ["lora"]
+    sd.set_adapter(None)
+    np.testing.assert_allclose(run(), base, atol=ATOL)  # unmerge restores W up to float rounding
+    with pytest.raises(mms.AdapterStateError, match="unknown adapter"):
+        sd.set_adapter("nope")
+
+
+def test_incompatible_adapter_is_reported(sdxl, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    sd, _, _ = sdxl
+    other = UNet2DConditionModel(  # another base: other widths than the tiny SDXL UNet
+        sample_size=8, block_out_channels=(32, 48), layers_per_block=1, cross_attention_dim=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), norm_num_groups=16,
+    )
+    mms.inject(other, mms.LoraConfig(rank=2, targets="sdxl_unet"), "other")
+    mms.save_adapter(other, tmp_path / "dreambooth-sdxl-other" / "unet", "other")
+    # a LLaVA adapter offered to the SDXL pipeline, and an unreadable folder
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+    infos = {i.name: i for i in sd.load_adapters(find_adapters([tmp_path]))}
+    assert not infos["other"].compatible and "different base model" in infos["other"].reason
+    assert "other" not in sd.adapters and "other" in sd.incompatible
+    assert not infos["broken"].compatible and "not valid JSON" in infos["broken"].reason
+    with pytest.raises(mms.IncompatibleAdapterError, match="different base model"):
+        sd.load_adapter(tmp_path / "dreambooth-sdxl-other", name="other2")
+    assert "other2" not in mms.list_adapters(sd.pipe.unet)
+    meta = json.loads((tmp_path / "dreambooth-sdxl-other" / "unet" / "adapter_config.json").read_text())
+    assert meta["base_model"]["class"] == "UNet2DConditionModel"
+
+
+def test_request_checks():
+    with pytest.raises(ValueError, match="prompt is empty"):
+        check_sdxl_request("  ", 4, 64, 64, 5.0, 2)
+    with pytest.raises(ValueError, match="steps"):
+        check_sdxl_request("cat", 100000, 64, 64, 5.0, 2)
+    with pytest.raises(ValueError, match="height"):
+        check_sdxl_request("cat", 4, 99999, 64, 5.0, 2)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        check_sdxl_request("cat", 4, 64, 60, 5.0, 2)
+    with pytest.raises(ValueError, match="at least one adapter"):
+        check_sdxl_request("cat", 4, 64, 64, 5.0, 0)
+    with pytest.raises(ValueError, match="question is empty"):
+        check_llava_request("", 8, 1)
+    with pytest.raises(ValueError, match="max new tokens"):
+        check_llava_request("what?", 0, 1)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("llava_adapters")
+    ll = LlavaAdapters.from_pretrained()
+    make_demo_llava_adapter(ll, root / "llava-lora", "lora", steps=0, init_weights=False)
+    make_demo_llava_adapter(ll, root / "llava-moslora", "moslora", steps=0, init_weights=False, seed=1)
+    assert [i.name for i in ll.load_adapters(find_adapters([root]))] == ["lora", "moslora"]
+    return ll
+
+
+def test_llava_batched_equals_single_runs(llava):
+    from mm_subspace.tiny_models import sample_photo
+
+    image, question = sample_photo("chelsea", size=64), "what animal is in the photo?"
+    rows = ["lora", None, "moslora"]
+    batched = llava.answer_batch(image, question, rows, max_new_tokens=6)
+    single = [llava.answer(image, question, r, max_new_tokens=6) for r in rows]
+    assert [a.label for a in batched] == ["lora", "base", "moslora"]
+    assert [a.text for a in batched] == [a.text for a in single]
+    assert len({a.text for a in batched}) == 3  # the adapters answer differently from the base and each other
+    # the base answer is the plain model's greedy answer
+    with llava.disable_adapters():
+        inputs = llava.inputs(question, image)
+        out = llava.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    plain = llava.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert batched[1].text == plain
+
+
+def test_visual_instruction_loop_fits_the_answers(llava):
+    from mm_subspace.tiny_models import sample_photo
+
+    torch.manual_seed(0)
+    mms.inject(llava.model, mms.LoraConfig(rank=4, alpha=8, targets=LANGUAGE_TARGETS), "fit")
+    try:
+        examples = [(sample_photo(p, size=64), q, a) for p, q, a in DEMO_EXAMPLES]
+        losses = train_visual_instruction(llava, "fit", examples, steps=8)
+        assert losses[-1] < losses[0] - 0.5 and losses[-1] == min(losses)  # ~10.8 (= ln vocab) -> ~10.0
+        # only the adapter trained: the base weights are untouched and frozen
+        assert all(not p.requires_grad for n, p in llava.model.named_parameters() if ".adapters." not in n)
+    finally:
+        mms.remove_adapter(llava.model, "fit")
+        llava._apply()
