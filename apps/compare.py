@@ -170,7 +170,7 @@ def run_generate(
         if seed is None or not float(seed).is_integer() or not 0 <= int(seed) < 2**63:
             raise ValueError(f"seed must be a whole number from 0 to 2^63-1, got {seed}")
     except ValueError as err:
-        return [], [], f"⚠️ Rejected: {err}"
+        return [], [], f"**Rejected:** {err}"
     callback = None
     if progress is not None:
         callback = lambda i, n: progress((i, n), desc="denoising")  # noqa: E731
@@ -182,7 +182,7 @@ def run_generate(
     details = [[r.label, *_info_cells(r.info), round(r.seconds, 3), "batched" if r.batched else "own run"] for r in results]
     total = sum(r.seconds for r in results)
     how = "one batched denoising loop" if batched else f"{len(results)} separate runs"
-    return gallery, details, f"✅ {len(results)} image(s), seed {int(seed)}, {how}: {total:.2f} s in all"
+    return gallery, details, f"**Done:** {len(results)} image(s), seed {int(seed)}, {how}: {total:.2f} s in all"
 
 
 def run_answer(
@@ -194,7 +194,7 @@ def run_answer(
         check_llava_request(question, max_new_tokens, len(selected))
         scales = _scales(scale_table, selected)
     except ValueError as err:
-        return [], f"⚠️ Rejected: {err}"
+        return [], f"**Rejected:** {err}"
     rows = _rows(selected)
     if batched:
         answers = llava.answer_batch(image, question, rows, max_new_tokens=int(max_new_tokens), scales=scales)
@@ -203,7 +203,7 @@ def run_answer(
             llava.set_scale(name, scale)
         answers = [llava.answer(image, question, name, max_new_tokens=int(max_new_tokens)) for name in rows]
     table = [[a.label, a.text, *_info_cells(a.info), round(a.seconds, 3), "batched" if a.batched else "own run"] for a in answers]
-    return table, f"✅ {len(answers)} answer(s){' (no image given: text only)' if image is None else ''}"
+    return table, f"**Done:** {len(answers)} answer(s){' (no image given: text only)' if image is None else ''}"
 
 
 # -- UI ---------------------------------------------------------------------------------------------------
@@ -222,11 +222,11 @@ def build_ui(sd: SDXLAdapters, llava: LlavaAdapters | None, infos: list[AdapterI
                     prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, elem_id="prompt")
                     negative = gr.Textbox(label="Negative prompt", value="")
                     with gr.Row():
-                        seed = gr.Number(label="Seed", value=0, precision=0)
-                        steps = gr.Number(label="Steps", value=8, precision=0)
-                        guidance = gr.Number(label="Guidance", value=5.0)
-                        width = gr.Number(label="Width", value=size, precision=0)
-                        height = gr.Number(label="Height", value=size, precision=0)
+                        seed = gr.Number(label="Seed", value=0, precision=0, min_width=80)
+                        steps = gr.Number(label="Steps", value=8, precision=0, min_width=80)
+                        guidance = gr.Number(label="Guidance", value=5.0, min_width=80)
+                        width = gr.Number(label="Width", value=size, precision=0, min_width=80)
+                        height = gr.Number(label="Height", value=size, precision=0, min_width=80)
                     adapters = gr.CheckboxGroup(names, value=names, label="Adapters (+ base)", elem_id="sdxl-adapters")
                     batched = gr.Checkbox(value=True, label="Batched: all adapters in one denoising loop")
                 with gr.Column(scale=1):

@@ -39,14 +39,14 @@ def test_two_adapters_give_two_labelled_images(client):
     assert rows["lora"][1:4] == ["lora", 4, rows["lora"][3]] and rows["lora"][3] > 0  # method, rank, params
     assert rows["moslora"][1] == "moslora" and rows["moslora"][3] > rows["lora"][3]  # + mixers, + text encoders
     assert all(row[4] > 0 and row[5] == "batched" for row in details["data"])
-    assert status.startswith("✅ 2 image(s)")
+    assert status.startswith("**Done:** 2 image(s)")
 
 
 def test_bad_input_is_rejected_in_the_ui(client):
     for kwargs, message in (({"prompt": "  "}, "prompt is empty"), ({"steps": 100000}, "steps"),
                             ({"size": 100000}, "height"), ({"adapters": []}, "at least one adapter")):
         gallery, _, status = generate(client, **kwargs)
-        assert gallery == [] and status.startswith("⚠️ Rejected") and message in status
+        assert gallery == [] and status.startswith("**Rejected:**") and message in status
 
 
 def test_llava_tab_answers_per_adapter(client, tmp_path):
@@ -58,5 +58,5 @@ def test_llava_tab_answers_per_adapter(client, tmp_path):
     sample_photo("chelsea", size=64).save(target)
     table, status = client.predict(handle_file(str(target)), "what animal is in the photo?", 4, ["base", "lora"],
                                    {"headers": ["adapter", "scale"], "data": [["lora", 1.0]]}, True, api_name="/answer")
-    assert [row[0] for row in table["data"]] == ["base", "lora"] and status.startswith("✅ 2 answer(s)")
+    assert [row[0] for row in table["data"]] == ["base", "lora"] and status.startswith("**Done:** 2 answer(s)")
     assert table["data"][1][2:5] == ["lora", 4, table["data"][1][4]] and table["data"][1][4] > 0
