@@ -142,3 +142,23 @@ def test_save_load_round_trip_is_bit_exact(method, tmp_path):
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
     frozen = {n for n, p in fresh.named_parameters() if not p.requires_grad and "adapters" in n}
     assert frozen == {n for n, p in net.named_parameters() if not p.requires_grad and "adapters" in n}
+
+
+COUNTS_4096_R8 = {  # analytic counts for one 4096×4096 layer at r = 8 (README table)
+    "asylora": 8 * 4096,  # B only (freeze="A"); A only with freeze="B": also 8·4096
+    "sulora": 16 * 4096 + 16 * 4096,  # bank (out, N=2r) + router (N, in); A frozen
+    "trilora": 8 * (4096 + 4096) + 8,  # A, B, e
+    "flora": 8 * (4096 + 4096) + 8 * 8,  # A, B, G
+    "parallel_adapter": 8 * (4096 + 4096),
+    "bottleneck_adapter": 8 * 4096 + 4096 * 8,  # A (r, out), B (out, r)
+    "lora": 8 * (4096 + 4096),  # with any mpc: MPC adds no parameters
+}
+
+
+@pytest.mark.parametrize("method", sorted(COUNTS_4096_R8))
+def test_trainable_counts_for_a_4096_layer_at_rank_8(method):
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(4096, 4096, bias=False))
+    extra = {"mpc": "orthogonal"} if method == "lora" else {}
+    mms.inject(net, mms.config_for(method, rank=8, targets=["0"], **extra))
+    assert mms.trainable_parameters(net)[0] == COUNTS_4096_R8[method]
