@@ -228,7 +228,7 @@ def with_preset_defaults(config):
     for key, value in preset.extra.items():
         current = getattr(config, key)
         if isinstance(value, dict):
-            merged = {**value, **current}
+            merged = {**current, **{k: v for k, v in value.items() if k not in current}}  # user's keys match first
             if merged != current:
                 changes[key] = merged
         elif defaults[key].default is not dataclasses.MISSING and current == defaults[key].default:

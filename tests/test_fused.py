@@ -185,3 +185,22 @@ def test_fused_errors():
     assert mms.list_adapters(model) == {}  # failed injections leave the model untouched
     with pytest.raises(ConfigError, match="distinct slices"):
         mms.LoraConfig(fused_slices={"qkv": ["q", "q"]})
+
+
+def test_user_slices_override_preset_and_rows_route_per_adapter():
+    torch.manual_seed(0)
+    model = tiny_timm_vit()
+    mms.inject(model, _config("lora", targets="timm_vit", fused_slices={"qkv": ["v"]}))
+    assert list(model.blocks[1].attn.qkv.adapters["default"].parts) == ["v"]  # the user's entry wins
+    vit = tiny_open_clip_vit()
+    x = torch.randn(2, 5, 64)
+    mha = vit.transformer.resblocks[0].attn
+    with torch.no_grad():
+        base = mha(x, x, x, need_weights=False)[0]
+        mms.inject(vit, _config("moslora", targets="open_clip"))
+        adapted = vit.transformer.resblocks[0].attn(x, x, x, need_weights=False)[0]
+        with mms.forward_context(vit, adapter_rows=["default", None]):
+            routed = vit.transformer.resblocks[0].attn(x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(routed[0], adapted[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(routed[1], base[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(adapted[0], base[0])
