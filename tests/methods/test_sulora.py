@@ -153,14 +153,19 @@ def test_straight_through_gradient_is_the_softmax_path():
     torch.testing.assert_close(ad.router.grad, router.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_merge_and_plain_lora_export_raise_with_reason(tmp_path):
-    net, _ = build(init_weights=False)
+def test_merge_and_plain_lora_export_raise_with_reason():
+    net, ad = build(init_weights=False)
+    x = torch.randn(2, 3, IN)
+    y = net(x)
     with pytest.raises(MergeError, match="router"):
         mms.merge(net)
     with pytest.raises(MergeError, match="router"):
         mms.lora_factors(net)
     with pytest.raises(MergeError, match="per input instance"):
-        mms.export_peft(net, tmp_path / "peft")
+        mms.lora_state_dict(net)  # what export_peft / export_diffusers write
+    with pytest.raises(MergeError):
+        ad.delta_weight()
+    assert torch.equal(net(x), y) and not net.proj.merged  # nothing was touched
 
 
 def test_attention_mask_excludes_padding():
