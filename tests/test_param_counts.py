@@ -11,6 +11,7 @@ from torch import nn
 
 import mm_subspace as mms
 from mm_subspace import tiny_models
+from single_thread import one_thread  # noqa: F401
 
 RANKS = (4, 8, 16)
 

@@ -11,14 +11,7 @@ from torch import nn
 import mm_subspace as mms
 from mm_subspace import presets, tiny_models
 from mm_subspace.errors import ConfigError, TargetError
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from single_thread import one_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,9 @@ from torch import nn
 import mm_subspace as mms
 from mm_subspace import quant
 from mm_subspace.tiny_models import tiny_llama, tiny_llama_path
+from single_thread import one_thread  # noqa: F401
 
 bnb = pytest.importorskip("bitsandbytes")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread is ~10x faster than two on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
