@@ -48,6 +48,14 @@ def _pipe():
     return pipe
 
 
+def _text_encoder():
+    from transformers import CLIPTextModel
+
+    from mm_subspace.tiny_models import tiny_sdxl_path
+
+    return CLIPTextModel.from_pretrained(tiny_sdxl_path() / "text_encoder")
+
+
 def _latents(pipe) -> torch.Tensor:
     return pipe("a photo of sks cat", num_inference_steps=2, height=64, width=64, output_type="latent",
                 generator=torch.Generator().manual_seed(0)).images
@@ -59,7 +67,6 @@ def sdxl():
     TS-Mixing on text_encoder and LoRA on text_encoder_2; random non-zero A, M, B."""
     torch.manual_seed(0)
     pipe = _pipe()
-    base = _latents(pipe)
     mms.inject(pipe.unet, mms.MoSLoRAConfig(rank=4, alpha=8, init_weights=False, targets=UNET_TARGETS,
                                             rank_pattern={"ff.net.2": 2}))
     mms.inject(pipe.text_encoder, mms.TSMixingConfig(rank=4, alpha=6, init_weights=False, targets="sdxl_text_encoders"))
@@ -69,9 +76,12 @@ def sdxl():
         for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
             for _, adapter in mms.iter_adapters(model):
                 adapter.lora_B.mul_(0.3)
-    ours = _latents(pipe)
-    assert not torch.allclose(ours, base, atol=1e-3)
-    return pipe, ours
+    ids = pipe.tokenizer("a photo of sks cat", return_tensors="pt").input_ids
+    with torch.no_grad():
+        adapted = pipe.text_encoder(ids).last_hidden_state
+        with mms.disable_adapters(pipe.text_encoder):
+            assert not torch.allclose(pipe.text_encoder(ids).last_hidden_state, adapted, atol=1e-3)
+    return pipe, _latents(pipe)
 
 
 def _llama():
@@ -171,7 +181,7 @@ def test_kohya_import_is_strict_about_unknown_keys(sdxl, tmp_path, caplog):
     state = kohya_state_dict(text_encoder=pipe.text_encoder)
     dora = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.dora_scale"
     save_file({**state, dora: torch.ones(1, 32)}, str(tmp_path / "d.safetensors"))
-    te = _pipe().text_encoder
+    te = _text_encoder()
     with pytest.raises(AdapterFileError, match="dora_scale") as err:
         import_kohya(tmp_path / "d.safetensors", text_encoder=te)
     assert "strict=False" in str(err.value)
@@ -185,7 +195,7 @@ def test_kohya_import_is_strict_about_unknown_keys(sdxl, tmp_path, caplog):
     bad[key] = torch.zeros(32, 3)
     save_file(bad, str(tmp_path / "bad.safetensors"))
     with pytest.raises(AdapterFileError, match="not a valid LoRA pair"):
-        import_kohya(tmp_path / "bad.safetensors", text_encoder=_pipe().text_encoder)
+        import_kohya(tmp_path / "bad.safetensors", text_encoder=_text_encoder())
 
 
 # -- official MoSLoRA checkpoints ---------------------------------------------------------------------
