@@ -91,7 +91,7 @@ def make_default_sdxl_adapters(sd: SDXLAdapters, out_dir: Path, steps: int, pret
         print(f"no SDXL adapter in {out_dir}: training a small {method} adapter ({steps} steps) into {target}")
         if script is not None:
             argv = ["--adapter", method, "--rank", "4", "--max_train_steps", str(steps), "--output_dir", str(target),
-                    "--num_validation_images", "0", "--report_to", "none"]
+                    "--num_validation_images", "0", "--report_to", "none", "--checkpointing_steps", str(10 * steps)]
             if pretrained:
                 argv += ["--pretrained_model_name_or_path", pretrained]
             script.main(script.parse_args(argv))

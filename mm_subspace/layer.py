@@ -27,7 +27,7 @@ from torch import nn
 from .bases import BaseKind
 from .config import AdapterConfig
 from .errors import AdapterStateError, MergeError, TargetError
-from .losses import MPC_PENALTIES, activation
+from .losses import MPC_PENALTIES, activation, record_once, training_forward
 
 
 class ModelState:
@@ -261,8 +261,8 @@ class LowRankAdapter(Adapter):
 
     def record_mpc(self) -> None:
         """During training, record ``mpc_coef ·`` MPC_o / MPC_d of (``lora_A``, ``lora_B``) for :func:`mm_subspace.aux_loss`."""
-        if self.training and self.mpc in ("orthogonal", "diagonal") and torch.is_grad_enabled():
-            self.record_aux(self.config.mpc_coef * MPC_PENALTIES[self.mpc](self.lora_A, self.lora_B))
+        if self.mpc in ("orthogonal", "diagonal") and training_forward(self):
+            record_once(self, self.config.mpc_coef * MPC_PENALTIES[self.mpc](self.lora_A, self.lora_B))
 
     def up_weight(self) -> torch.Tensor:
         """The (out, r) matrix that multiplies the rank-r activation: B, or B·M with a mixer."""
@@ -346,8 +346,12 @@ class AdapterLayer(nn.Module):
             )
         batch = x.shape[0]
         extras = {k: v for k, v in context.items() if k != "adapter_rows"}
-        result = out
-        for name, rows in self.state.row_groups(batch, x.device).items():
+        groups = self.state.row_groups(batch, x.device)
+        if len(groups) == 1:  # every row has the same owner: no gather/scatter
+            name = next(iter(groups))
+            return self.adapters[name](x, out, **extras) if name in self.adapters else out
+        result = None  # one copy of the output, written in place per group (not one copy per group)
+        for name, rows in groups.items():
             if name is None or name not in self.adapters or rows.numel() == 0:
                 continue
             sub = {
@@ -355,8 +359,9 @@ class AdapterLayer(nn.Module):
                 for k, v in extras.items()
             }
             new = self.adapters[name](x.index_select(0, rows), out.index_select(0, rows), **sub)
-            result = result.index_copy(0, rows, new)
-        return result
+            result = out.clone() if result is None else result
+            result.index_copy_(0, rows, new.to(result.dtype))
+        return out if result is None else result
 
     # -- merge ----------------------------------------------------------------------------------------
     def merge(self, names: list[str]) -> None:
