@@ -297,12 +297,10 @@ def import_kohya(
             ranks = {re.escape(m): int(e[".lora_down.weight"].shape[0]) for m, e in modules.items()}
             alphas = {re.escape(m): float(e[".alpha"]) if ".alpha" in e else float(ranks[re.escape(m)]) for m, e in modules.items()}
             config = LoraConfig(rank=max(ranks.values()), targets=sorted(modules), rank_pattern=ranks, alpha_pattern=alphas)
-            inject(model, config, adapter_name)
-            injected.append(model)
             ours = {f"{m}.lora_A": e[".lora_down.weight"] for m, e in modules.items()}
             ours.update({f"{m}.lora_B": e[".lora_up.weight"] for m, e in modules.items()})
-            load_tensors_into(model, adapter_name, ours, strict=True, source=f"{source} ({component})")
-            set_adapter(model, adapter_name)
+            _inject_and_load(model, config, ours, adapter_name, True, f"{source} ({component})")
+            injected.append(model)
             done[component] = sorted(modules)
     except BaseException:
         for model in injected:
@@ -602,9 +600,9 @@ def convert_official_moslora(
     """One step: official MoSLoRA checkpoint -> ``to`` (``diffusers``/``kohya`` with the mixer folded into B,
     ``peft``, or ``mm_subspace``). ``component`` names the SDXL part it adapts (``None`` for a non-SDXL model,
     then only ``peft``/``mm_subspace``)."""
-    model, cfg = standin_from_official(path, strict=strict)
     if component is not None and component not in KOHYA_PREFIX:
         raise ConfigError(f"unknown SDXL component {component!r}; one of {sorted(KOHYA_PREFIX)} or None")
+    model, _ = standin_from_official(path, strict=strict)
     return convert_models({component: model}, out, to, layers_per_block=layers_per_block)
 
 
