@@ -27,7 +27,7 @@ from torch import nn
 from .bases import BaseKind
 from .config import AdapterConfig
 from .errors import AdapterStateError, MergeError, TargetError
-from .losses import MPC_PENALTIES, activation
+from .losses import MPC_PENALTIES, activation, record_once, training_forward
 
 
 class ModelState:
@@ -261,8 +261,8 @@ class LowRankAdapter(Adapter):
 
     def record_mpc(self) -> None:
         """During training, record ``mpc_coef ·`` MPC_o / MPC_d of (``lora_A``, ``lora_B``) for :func:`mm_subspace.aux_loss`."""
-        if self.training and self.mpc in ("orthogonal", "diagonal") and torch.is_grad_enabled():
-            self.record_aux(self.config.mpc_coef * MPC_PENALTIES[self.mpc](self.lora_A, self.lora_B))
+        if self.mpc in ("orthogonal", "diagonal") and training_forward(self):
+            record_once(self, self.config.mpc_coef * MPC_PENALTIES[self.mpc](self.lora_A, self.lora_B))
 
     def up_weight(self) -> torch.Tensor:
         """The (out, r) matrix that multiplies the rank-r activation: B, or B·M with a mixer."""

@@ -17,7 +17,7 @@ FLoRA, TriLoRA) is not constrained: the survey's penalties act on the outer fact
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,24 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The elementwise nonlinearity called ``name`` (one of :data:`ACTIVATIONS`)."""
     return ACTIVATIONS[name]
+
+
+def training_forward(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s forward should compute its auxiliary losses: training mode, gradients on."""
+    return module.training and torch.is_grad_enabled()
+
+
+def record_once(adapter: Any, loss: torch.Tensor) -> None:
+    """``adapter.record_aux(loss)``, except while the autograd engine runs a backward pass.
+
+    Activation checkpointing re-runs the forward inside backward, after the training loop has
+    already collected :func:`mm_subspace.aux_loss`; recording there would leak a stale term into
+    the next step. The loss is still *computed* in the re-run (the caller does that), because
+    non-reentrant checkpointing requires the re-run to save exactly the tensors the first run did.
+    """
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    if task_id is None or task_id() == -1:
+        adapter.record_aux(loss)
 
 
 def _grams(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,4 +107,4 @@ def load_balance_loss(probs: torch.Tensor) -> torch.Tensor:
     return (p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum()
 
 
-__all__ = ["ACTIVATIONS", "MPC_PENALTIES", "activation", "load_balance_loss", "mpc_diagonal", "mpc_orthogonal"]
+__all__ = ["ACTIVATIONS", "MPC_PENALTIES", "activation", "load_balance_loss", "mpc_diagonal", "mpc_orthogonal", "record_once", "training_forward"]

@@ -18,7 +18,7 @@ from ..bases import BaseKind
 from ..config import LowRankConfig
 from ..errors import ConfigError
 from ..layer import LowRankAdapter
-from ..losses import load_balance_loss
+from ..losses import load_balance_loss, record_once, training_forward
 from ..registry import register_method
 
 ORDERS = ("index", "score")
@@ -157,8 +157,8 @@ class SuLoRA(LowRankAdapter):
         slots = idx.unsqueeze(1).expand(-1, h.shape[1], -1)
         z = h.new_zeros(batch, h.shape[1], self.num_subspaces).scatter(-1, slots, h)
         delta = F.linear(z, self.lora_B).reshape(base_out.shape)
-        if self.training and torch.is_grad_enabled() and self.config.balance_coef > 0:
-            self.record_aux(self.config.balance_coef * load_balance_loss(probs))
+        if self.config.balance_coef > 0 and training_forward(self):
+            record_once(self, self.config.balance_coef * load_balance_loss(probs))
         self.record_mpc()
         return base_out + delta.to(base_out.dtype)
 
