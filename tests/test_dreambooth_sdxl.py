@@ -82,6 +82,8 @@ def test_writes_every_output(trained: dict, method: str) -> None:
     result = trained[method]
     out = Path(result["output_dir"])
     assert result["global_step"] == 3 and np.isfinite(result["final_loss"])
+    # SuLoRA's load-balance loss (Eq. 6) reaches the objective and the log; LoRA/MoSLoRA have none
+    assert (result["final_aux_loss"] != 0) == (method == "sulora")
     parts = ["unet", "text_encoder", "text_encoder_2"] if method == "moslora" else ["unet"]
     for part in parts:
         meta = json.loads((out / part / "adapter_config.json").read_text())
@@ -128,22 +130,22 @@ def test_export_loads_in_stock_diffusers_and_matches(trained: dict, method: str)
 
 
 # -- resume after SIGKILL ----------------------------------------------------------------------------
-RESUME = [*FAST, "--adapter", "moslora", "--num_validation_images", "0", "--checkpointing_steps", "2",
+RESUME = [*FAST, "--adapter", "moslora", "--num_validation_images", "0", "--checkpointing_steps", "1",
           "--lr_scheduler", "constant", "--gradient_accumulation_steps", "2"]
 
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, instance_dir: Path) -> None:
-    """Kill a run (SIGKILL) after checkpoint-2, resume with `latest`: same weights as 4 uninterrupted steps.
+    """Kill a run (SIGKILL) after checkpoint-1, resume with `latest`: same weights as 2 uninterrupted steps.
 
     The killed run is given a huge --max_train_steps (constant lr, so the schedule does not depend on
-    it) so it is still training when killed; checkpoints it wrote after checkpoint-2 are removed, so
-    the resume covers steps 3-4.
+    it) so it is still training when killed; checkpoints it wrote after checkpoint-1 are removed, so
+    the resume covers step 2 (two accumulated micro-batches).
     """
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(SCRIPT), *RESUME, "--instance_data_dir", str(instance_dir), "--output_dir", str(killed),
            "--max_train_steps", "100000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ckpt = killed / "training_state" / "checkpoint-2"
+    ckpt = killed / "training_state" / "checkpoint-1"
     deadline = time.time() + 240
     while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -152,15 +154,15 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, instance_dir: Path) -
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     for path in (killed / "training_state").iterdir():
-        if path.name != "checkpoint-2":
+        if path.name != "checkpoint-1":
             shutil.rmtree(path)
     assert not (killed / "unet").exists()  # never finished
 
     resumed = db.main(db.parse_args([*RESUME, "--instance_data_dir", str(instance_dir), "--output_dir", str(killed),
-                                     "--max_train_steps", "4", "--resume_from_checkpoint", "latest"]))
-    assert resumed["resumed_from"] == ckpt and resumed["global_step"] == 4
+                                     "--max_train_steps", "2", "--resume_from_checkpoint", "latest"]))
+    assert resumed["resumed_from"] == ckpt and resumed["global_step"] == 2
     straight = db.main(db.parse_args([*RESUME, "--instance_data_dir", str(instance_dir),
-                                      "--output_dir", str(tmp_path / "straight"), "--max_train_steps", "4"]))
+                                      "--output_dir", str(tmp_path / "straight"), "--max_train_steps", "2"]))
     a = load_file(killed / "unet" / "adapter_model.safetensors")
     b = load_file(tmp_path / "straight" / "unet" / "adapter_model.safetensors")
     assert a.keys() == b.keys()

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 import mm_subspace
 from mm_subspace import tiny_models
 from mm_subspace.errors import ConfigError, MergeError
+from mm_subspace.io import atomic_write_text
 from mm_subspace.training_utils import (
     CheckpointManager,
     LossHistory,
@@ -399,7 +400,8 @@ def generate_class_images(args: argparse.Namespace, model_path: str, class_dir: 
 
 # --------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Train; returns ``{"output_dir", "global_step", "final_loss", "digest", "exported", "resumed_from"}``."""
+    """Train; returns ``{"output_dir", "global_step", "final_loss", "final_aux_loss", "digest", "exported",
+    "resumed_from"}``."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -680,6 +682,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                              lambda: where_nonfinite(batch), manager.last_saved)
                 sums += terms / args.gradient_accumulation_steps
                 accelerator.backward(loss + aux)
+                for n in trained:  # drop aux terms re-recorded by gradient-checkpointing recomputation
+                    mm_subspace.aux_loss(parts[n])
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -725,13 +729,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             last_grid = log_validation(global_step)
         curve = save_loss_curve(history, output_dir / "loss_curve.png", f"DreamBooth SDXL, {args.adapter}")
         flags = {k: v for k, v in vars(args).items() if k != "embedded_model"}
-        (output_dir / "training_args.json").write_text(json.dumps(flags, indent=2, default=str) + "\n")
+        atomic_write_text(output_dir / "training_args.json", json.dumps(flags, indent=2, default=str) + "\n")
         _model_card(args, output_dir, history, global_step, total_batch, world, export_note, last_grid, curve, final)
         logger.info("saved %s adapter to %s", args.adapter, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"output_dir": output_dir, "global_step": global_step, "final_loss": history.last("loss"),
-            "digest": digest, "exported": exported, "resumed_from": resume_path}
+            "final_aux_loss": history.last("aux_loss"), "digest": digest, "exported": exported, "resumed_from": resume_path}
 
 
 def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory, steps: int, total_batch: int,
@@ -755,11 +759,13 @@ def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory
         images[f"Validation: `{args.validation_prompt}`"] = grid.relative_to(output_dir).as_posix()
     images["Loss curve"] = curve.relative_to(output_dir).as_posix()
     load_ours = "\n".join(f'mms.load_adapter(pipe.{p}, "{output_dir.as_posix()}/{p}")' for p in parts)
-    usage = (
-        "```python\nimport mm_subspace as mms\nfrom diffusers import StableDiffusionXLPipeline\n\n"
-        f'pipe = StableDiffusionXLPipeline.from_pretrained("{args.pretrained_model_name_or_path or "<tiny sdxl path>"}")\n'
-        f"{load_ours}\nimage = pipe({args.validation_prompt!r}).images[0]\n```\n"
-    )
+    if args.pretrained_model_name_or_path:
+        make_pipe = ("from diffusers import StableDiffusionXLPipeline\n\n"
+                     f'pipe = StableDiffusionXLPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n')
+    else:
+        make_pipe = "from mm_subspace.tiny_models import tiny_sdxl_pipeline\n\npipe = tiny_sdxl_pipeline()\n"
+    usage = (f"```python\nimport mm_subspace as mms\n{make_pipe}{load_ours}\n"
+             f"image = pipe({args.validation_prompt!r}).images[0]\n```\n")
     if export_note.startswith("`pytorch"):
         usage += (f"\nStock diffusers, no mm_subspace needed:\n\n```python\npipe.load_lora_weights("
                   f'"{output_dir.as_posix()}")\n```\n')
