@@ -159,7 +159,7 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
             )
         check_adapter(kind, adapter_cls, base, config, name)
         plan.append((name, module, base, kind))
-    trainable_module_names(model, config)  # raises if a trainable_modules entry matches nothing
+    _check_trainable_modules(model, config)
     # build every adapter before touching the model: a constructor error leaves it unchanged
     built = [build_adapter(kind, adapter_cls, base, config, name) for name, _, base, kind in plan]
 
@@ -216,6 +216,17 @@ TRAINABLE_PREFIX = "trainable_modules."
 def trainable_module_names(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Full names of the modules ``config.trainable_modules`` selects (exact names or dotted suffixes)."""
     return resolve_targets(model, config.trainable_modules) if config.trainable_modules else []
+
+
+def _check_trainable_modules(model: nn.Module, config: AdapterConfig) -> None:
+    """Every ``trainable_modules`` entry matches a module whose weights can train (not quantised)."""
+    frozen = [k for k, p in trainable_module_state(model, config).items() if not p.is_floating_point()]
+    if frozen:
+        raise ConfigError(
+            f"trainable_modules cannot train {frozen[:3]}: the weights are quantised (not floating point). Keep "
+            "those modules in full precision (load_4bit(..., skip_modules=[...]) / llm_int8_skip_modules), or "
+            "adapt them instead of training them fully"
+        )
 
 
 def trainable_module_state(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Parameter]:

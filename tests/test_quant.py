@@ -178,3 +178,41 @@ def test_4bit_trained_adapter_exports_to_full_precision_base(llama4, tmp_path):
     ids = _batch(1)
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_llava_4bit_vision_tower_small_layers_and_fully_trained_projector():
+    """4-bit LLaVA: vision layers with in_features 32 survive generate (no CPU repack); projector kept fp32 and trained."""
+    from transformers import LlavaForConditionalGeneration
+
+    from mm_subspace import presets
+    from mm_subspace.tiny_models import IMAGE_TOKEN_ID, tiny_llava_path
+
+    model = quant.load_4bit(tiny_llava_path(), model_class=LlavaForConditionalGeneration,
+                            skip_modules=["model.multi_modal_projector", "lm_head"])
+    assert isinstance(model.model.vision_tower.encoder.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert not isinstance(model.model.multi_modal_projector.linear_1, bnb.nn.Linear4bit)
+    mms.inject(model, presets.llava_config("moslora", llm_rank=8, llm_alpha=16, vision_rank=4, vision_alpha=2, projector="train"))
+    ids = torch.tensor([[49406] + [IMAGE_TOKEN_ID] * 16 + [320, 1929, 539]])
+    pixels = torch.randn(1, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=2)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, pixel_values=pixels, labels=ids).loss
+        loss.backward()
+        assert model.model.multi_modal_projector.linear_1.weight.grad is not None
+        assert model.model.language_model.layers[0].self_attn.q_proj.adapters["default"].lora_B.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_trainable_module_must_not_be_quantised():
+    q = quant.quantize_model_4bit(_mlp())
+    with pytest.raises(mms.ConfigError, match="quantised"):
+        mms.inject(q, mms.LoraConfig(rank=4, targets=["2"], trainable_modules=["0"]))
+    assert mms.list_adapters(q) == {} and isinstance(q[2], bnb.nn.Linear4bit)  # nothing was mutated
