@@ -112,7 +112,7 @@ def test_open_clip_mha_q_v_equals_separate_linears(method):
     torch.testing.assert_close(mha.in_proj_weight.detach(), w_in, rtol=0, atol=1e-6)
 
 
-def test_mha_default_slices_include_out_proj_and_whole_model_step0():
+def test_mha_default_slices_include_out_proj_and_whole_model_step0(tmp_path):
     torch.manual_seed(0)
     vit = tiny_open_clip_vit()
     images = torch.randn(2, 3, 32, 32)
@@ -126,7 +126,15 @@ def test_mha_default_slices_include_out_proj_and_whole_model_step0():
     # out_proj is adapted for real (wrapping it alone would be ignored by the MHA): change B of o only
     with torch.no_grad():
         adapter.parts["o"].lora_B.normal_()
-        assert not torch.allclose(vit(images), base)
+        adapted = vit(images)
+        assert not torch.allclose(adapted, base)
+    mms.save_adapter(vit, tmp_path)
+    fresh = tiny_open_clip_vit()
+    mms.load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(images), adapted, rtol=0, atol=0)
+        mms.merge(fresh)  # o slice merged into out_proj.weight, read by the stock MHA forward
+        torch.testing.assert_close(mms.unload(fresh)(images), adapted, rtol=1e-5, atol=1e-5)
 
 
 def test_mha_masks_match_torch():
