@@ -57,17 +57,25 @@ def run(out: Path, *extra: str, instance: Path | None = None) -> dict:
 METHODS = ["lora", "moslora", "sulora"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, instance_dir: Path) -> dict[str, dict]:
-    root = tmp_path_factory.mktemp("runs")
-    results = {}
-    for method in METHODS:
+class Runs(dict):
+    """method -> result of a 3-step run, trained on first use (so `-k sulora` trains only sulora)."""
+
+    def __init__(self, root: Path, instance: Path) -> None:
+        super().__init__()
+        self.root, self.instance = root, instance
+
+    def __missing__(self, method: str) -> dict:
         if method not in mms.list_methods():
-            continue
+            pytest.skip(f"method {method!r} is not registered (mm_subspace.list_methods() = {mms.list_methods()})")
         extra = ["--train_text_encoder"] if method == "moslora" else []
-        results[method] = run(root / method, "--adapter", method, "--max_train_steps", "3", "--checkpointing_steps", "2",
-                              "--num_validation_images", "2", *extra, instance=instance_dir)
-    return results
+        self[method] = run(self.root / method, "--adapter", method, "--max_train_steps", "3",
+                           "--checkpointing_steps", "2", "--num_validation_images", "2", *extra, instance=self.instance)
+        return self[method]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, instance_dir: Path) -> Runs:
+    return Runs(tmp_path_factory.mktemp("runs"), instance_dir)
 
 
 def _images(pipe, seed: int = 7) -> np.ndarray:
@@ -76,9 +84,7 @@ def _images(pipe, seed: int = 7) -> np.ndarray:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_writes_every_output(trained: dict, method: str) -> None:
-    if method not in trained:
-        pytest.skip(f"method {method!r} is not registered (mm_subspace.list_methods() = {mms.list_methods()})")
+def test_writes_every_output(trained: Runs, method: str) -> None:
     result = trained[method]
     out = Path(result["output_dir"])
     assert result["global_step"] == 3 and np.isfinite(result["final_loss"])
@@ -106,7 +112,7 @@ def test_writes_every_output(trained: dict, method: str) -> None:
 
 
 @pytest.mark.parametrize("method", ["lora", "moslora"])
-def test_export_loads_in_stock_diffusers_and_matches(trained: dict, method: str) -> None:
+def test_export_loads_in_stock_diffusers_and_matches(trained: Runs, method: str) -> None:
     """pytorch_lora_weights.safetensors + stock load_lora_weights == our unmerged adapters, same seed."""
     out = Path(trained[method]["output_dir"])
     base = tiny_models.tiny_sdxl_pipeline()
@@ -257,7 +263,7 @@ def test_bad_instance_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
     assert "broken.png" in caplog.text and "notes.txt" in caplog.text
 
 
-def test_bad_resolution_rank_and_resume(tmp_path: Path, instance_dir: Path, trained: dict) -> None:
+def test_bad_resolution_rank_and_resume(tmp_path: Path, instance_dir: Path, trained: Runs) -> None:
     with pytest.raises(ValueError, match="not divisible by the VAE factor 2"):
         run(tmp_path / "r", "--resolution", "33", "--max_train_steps", "1", instance=instance_dir)
     with pytest.raises(TargetError, match="rank 65 is larger than"):

@@ -1,0 +1,115 @@
+"""mm_subspace.training_utils: checkpoints (atomic, rotated, resumable, our adapter format), NaN location,
+param groups, fp32 casting, deterministic step randomness, image grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mm_subspace as mms
+from mm_subspace.errors import ConfigError, NonFiniteError
+from mm_subspace.training_utils import (
+    CheckpointManager,
+    LossHistory,
+    adapters_digest,
+    cast_trainable_params,
+    check_finite,
+    image_grid,
+    locate_nonfinite,
+    param_groups,
+    step_generator,
+)
+
+
+def tiny(method: str = "moslora", seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    return mms.inject(model, mms.config_for(method, rank=2, targets=["0", "2"], init_weights=False))
+
+
+def test_checkpoints_are_atomic_rotated_and_restore_adapters_exactly(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny()
+    history = LossHistory()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    manager = CheckpointManager(tmp_path, "moslora", total_limit=2)
+    manager.register_hooks(accelerator, {"net": model})
+    accelerator.register_for_checkpointing(history)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    digests = {}
+    for step in (1, 2, 3):
+        model(torch.randn(3, 8)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append(step, loss=float(step))
+        manager.save(accelerator, step)
+        digests[step] = adapters_digest({"net": model})
+    (manager.root / ".checkpoint-4.tmp").mkdir()  # a save killed half-way
+    assert [p.name for p in manager.checkpoints()] == ["checkpoint-2", "checkpoint-3"]
+    latest = manager.resolve("latest")
+    assert latest.name == "checkpoint-3"
+    # the checkpoint holds our adapter format, not a pickled model
+    meta = json.loads((latest / "net" / "adapter_config.json").read_text())
+    assert meta["config"]["method"] == "moslora" and not list(latest.glob("model*.safetensors"))
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    history.rows.clear()
+    assert manager.check_resumable(manager.resolve("checkpoint-2"), ["net"]) == 2
+    accelerator.load_state(str(manager.resolve("checkpoint-2")))
+    assert adapters_digest({"net": model}) == digests[2]
+    assert [r["step"] for r in history.rows] == [1, 2]
+
+    with pytest.raises(ConfigError, match="belongs to a --adapter moslora run, not lora"):
+        CheckpointManager(tmp_path, "lora").check_resumable(latest, ["net"])
+    with pytest.raises(ConfigError, match=r"has no adapter for \['text_encoder'\]"):
+        manager.check_resumable(latest, ["net", "text_encoder"])
+    with pytest.raises(FileNotFoundError, match="checkpoint-2, checkpoint-3"):
+        manager.resolve("checkpoint-9")
+    assert CheckpointManager(tmp_path / "fresh", "moslora").resolve("latest") is None
+
+
+def test_locate_nonfinite_names_the_first_bad_module() -> None:
+    model = tiny("lora")
+    with torch.no_grad():
+        layer = dict(mms.iter_adapters(model))["2"]
+        layer.lora_B.fill_(float("inf"))
+    x = torch.randn(2, 8)
+    assert locate_nonfinite({"net": model}, lambda: model(x)) == "net.2 (AdapterLayer)"
+    fine = tiny("lora")
+    assert locate_nonfinite({"net": fine}, lambda: fine(x)) is None
+    with pytest.raises(NonFiniteError, match=r"non-finite loss=nan at step 7; first NaN/inf appears in net\.2.*No checkpoint"):
+        check_finite({"loss": float("nan"), "aux_loss": 0.0}, 7, lambda: "net.2", None)
+    check_finite({"loss": 1.0}, 1, lambda: pytest.fail("only called on failure"), None)
+
+
+def test_param_groups_and_fp32_cast() -> None:
+    a, b = tiny("lora"), nn.Linear(3, 3).requires_grad_(False)
+    groups = param_groups({"unet": a, "frozen": b}, {"unet": 1e-3, "*": 5e-4}, {"unet": 0.1})
+    assert [(g["name"], g["lr"], g["weight_decay"], len(g["params"])) for g in groups] == [("unet", 1e-3, 0.1, 4)]
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        param_groups({"frozen": b}, {"*": 1e-3})
+    half = tiny("lora").to(torch.bfloat16)
+    assert cast_trainable_params([half]) == 4
+    assert {p.dtype for p in half.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in half.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+def test_step_generator_is_a_function_of_its_keys() -> None:
+    draw = lambda *k: torch.randn(4, generator=step_generator(0, *k))  # noqa: E731
+    assert torch.equal(draw(0, 5), draw(0, 5))
+    assert not torch.equal(draw(0, 5), draw(1, 5)) and not torch.equal(draw(0, 5), draw(0, 6))
+
+
+def test_image_grid_tiles() -> None:
+    from PIL import Image
+
+    grid = image_grid([Image.new("RGB", (8, 6), c) for c in ("red", "green", "blue")])
+    assert grid.size == (16, 12) and grid.getpixel((9, 0)) == (0, 128, 0) and grid.getpixel((0, 7)) == (0, 0, 255)
