@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import-moslora", help="convert an official MoSLoRA checkpoint (lora_A, lora_AB, lora_B)",
                        description="Read a checkpoint of the official MoSLoRA code (PEFT adapter_config.json + "
-                                   "adapter_model.safetensors/.bin with lora_AB) and write it as an mm_subspace "
+                                   "adapter_model.safetensors/.bin with lora_AB, or the SDXL script's "
+                                   "pytorch_lora_weights.safetensors with lora.downB) and write it as an mm_subspace "
                                    "moslora adapter, or in one step as diffusers / kohya / peft LoRA with the "
                                    "mixer folded into B.")
     p.add_argument("src", help="official MoSLoRA checkpoint folder")
@@ -123,10 +124,7 @@ def _export(args: argparse.Namespace) -> int:
 def _import_moslora(args: argparse.Namespace) -> int:
     from .interop import convert_official_moslora
 
-    component = args.component
-    if component is None and args.to in ("diffusers", "kohya"):
-        raise ConfigError(f"--to {args.to} needs --component (one of {', '.join(COMPONENTS)})")
-    out = convert_official_moslora(args.src, args.out, to=args.to, component=component,
+    out = convert_official_moslora(args.src, args.out, to=args.to, component=args.component,
                                    layers_per_block=args.layers_per_block, strict=args.strict)
     print(f"wrote {args.to} adapter to {out}")
     return 0

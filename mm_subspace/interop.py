@@ -44,7 +44,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import AdapterFileError, ConfigError
-from .export import _read_peft_weights, export_diffusers, export_peft, lora_factors, peft_lora_fields, read_peft_config
+from .export import DIFFUSERS_WEIGHTS, _read_peft_weights, export_diffusers, export_peft, lora_factors, peft_lora_fields, read_peft_config
 from .inject import get_state, inject, remove_adapter, set_adapter
 from .io import CONFIG_NAME, atomic_paths, load_adapter, load_tensors_into, read_adapter_config, read_tensors, save_adapter, save_tensors
 
@@ -325,7 +325,11 @@ def _inject_and_load(model: nn.Module, config: AdapterConfig, tensors: dict[str,
 
 
 #: PEFT-side tensor name -> ours
-_OUR_NAME = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_AB": "mixer", "lora_magnitude_vector": "magnitude"}
+_OUR_NAME = {
+    "lora_A": "lora_A", "lora_B": "lora_B", "lora_AB": "mixer", "lora_magnitude_vector": "magnitude",
+    "lora.down": "lora_A", "lora.downB": "mixer", "lora.up": "lora_B",  # diffusers' spellings (official SDXL files)
+    "lora_linear_layer.down": "lora_A", "lora_linear_layer.downB": "mixer", "lora_linear_layer.up": "lora_B",
+}
 
 
 def _peft_tensors(raw: dict[str, torch.Tensor], folder: Path, pattern: re.Pattern, what: str, strict: bool) -> dict[str, torch.Tensor]:
@@ -430,48 +434,102 @@ def import_dora_peft(model: nn.Module, path: str | os.PathLike, adapter_name: st
 
 
 # -- official MoSLoRA checkpoints -------------------------------------------------------------------
-_OFFICIAL_KEY = re.compile(r"\.(lora_A|lora_B|lora_AB)(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+# PEFT spelling (lora_A / lora_AB / lora_B, optional adapter segment) and the diffusers spellings the
+# official SDXL script writes through convert_state_dict_to_diffusers, which turns lora_AB into "downB"
+_OFFICIAL_KEY = re.compile(
+    r"\.(lora_AB|lora_A|lora_B|lora\.downB|lora\.down|lora\.up|lora_linear_layer\.downB|lora_linear_layer\.down"
+    r"|lora_linear_layer\.up)(?:\.[A-Za-z0-9_\-]+)?\.weight$"
+)
 
 
-def read_official_moslora(path: str | os.PathLike, strict: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read an official MoSLoRA checkpoint: (its PEFT config, ``"<module>.<lora_A|mixer|lora_B>"`` -> tensor).
+def read_official_moslora(
+    path: str | os.PathLike, strict: bool = True
+) -> dict[str | None, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+    """Read an official MoSLoRA checkpoint: component -> (PEFT-style config, ``"<module>.<lora_A|mixer|lora_B>"`` -> tensor).
+
+    Two layouts are read:
+
+    * the PEFT folder of the LLM experiments (``adapter_config.json`` + ``adapter_model.safetensors``
+      or ``.bin``; component ``None``);
+    * the diffusers folder of the SDXL experiments (``pytorch_lora_weights.safetensors`` written by
+      the official ``train_dreambooth_lora_sdxl.py``: keys ``unet.`` / ``text_encoder.`` /
+      ``text_encoder_2.`` + module + ``lora.down`` / ``lora.downB`` (the mixer) / ``lora.up``, or the
+      ``lora_linear_layer.*`` spelling). No alpha is recorded there: alpha = r, the rule diffusers
+      applies and the script's ``lora_alpha=rank``. ``text_encoder`` names lose ``text_model.``
+      (transformers 5's ``CLIPTextModel``).
 
     ``.bin`` weights are read with ``torch.load(weights_only=True)`` only (never unpickled).
     """
     folder = Path(path)
-    cfg = read_peft_config(folder)
-    if cfg.get("peft_type") != "LORA":
-        raise AdapterFileError(f"{folder} is a {cfg.get('peft_type')!r} PEFT adapter, not an (official) MoSLoRA checkpoint")
-    for flag in ("use_dora", "lora_bias"):
-        if cfg.get(flag):
-            raise AdapterFileError(f"{folder}: option {flag}=True is not part of MoSLoRA; import refused")
-    raw = _read_peft_weights(folder)
-    if not any(_OFFICIAL_KEY.search(k) and ".lora_AB" in k for k in raw):
-        hint = "" if cfg.get("lora_use_mixer") else " (and lora_use_mixer is not set)"
+    if (folder / DIFFUSERS_WEIGHTS).is_file() and not (folder / "adapter_config.json").is_file():
+        parts = _read_official_diffusers(folder, strict)
+    else:
+        cfg = read_peft_config(folder)
+        if cfg.get("peft_type") != "LORA":
+            raise AdapterFileError(f"{folder} is a {cfg.get('peft_type')!r} PEFT adapter, not an (official) MoSLoRA checkpoint")
+        for flag in ("use_dora", "lora_bias"):
+            if cfg.get(flag):
+                raise AdapterFileError(f"{folder}: option {flag}=True is not part of MoSLoRA; import refused")
+        parts = {None: (cfg, _peft_tensors(_read_peft_weights(folder), folder, _OFFICIAL_KEY, "MoSLoRA's lora_A / lora_AB / lora_B", strict))}
+    if not any(k.endswith(".mixer") for _, tensors in parts.values() for k in tensors):
         raise AdapterFileError(
-            f"{folder} has no lora_AB mixer tensors{hint}: it is a plain LoRA, not MoSLoRA. Load it with "
-            "mm_subspace.import_peft(model, path)"
+            f"{folder} has no lora_AB mixer tensors: it is a plain LoRA, not MoSLoRA. Load it with "
+            "mm_subspace.import_peft(model, path) (PEFT) or load_lora_weights (diffusers)"
         )
-    ours = _peft_tensors(raw, folder, _OFFICIAL_KEY, "MoSLoRA's lora_A / lora_AB / lora_B", strict)
-    return cfg, ours
+    return parts
+
+
+def _read_official_diffusers(folder: Path, strict: bool) -> dict[str | None, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in read_tensors(folder / DIFFUSERS_WEIGHTS).items():
+        component, _, rest = key.partition(".")
+        if component in KOHYA_PREFIX:
+            groups.setdefault(component, {})[rest] = value
+        else:
+            unknown.append(key)
+    if unknown and strict:
+        raise AdapterFileError(f"{folder / DIFFUSERS_WEIGHTS} holds keys of no SDXL component: {_listing(sorted(unknown))}. "
+                               "Pass strict=False to load the rest and skip these.")
+    report_ignored(str(folder), sorted(unknown))
+    parts = {}
+    for component, raw in groups.items():
+        tensors = _peft_tensors(raw, folder, _OFFICIAL_KEY, "MoSLoRA's lora down / downB / up", strict)
+        if component == "text_encoder":
+            tensors = {k.removeprefix("text_model."): v for k, v in tensors.items()}
+        ranks = {re.escape(m): int(tensors[f"{m}.lora_A"].shape[0]) for m in _modules_of(tensors) if f"{m}.lora_A" in tensors}
+        if not ranks:
+            raise AdapterFileError(f"{folder}: no lora down (lora_A) tensor for {component}")
+        cfg = {"peft_type": "LORA", "r": max(ranks.values()), "lora_alpha": max(ranks.values()),
+               "rank_pattern": ranks, "alpha_pattern": {k: float(v) for k, v in ranks.items()}}
+        parts[component] = (cfg, tensors)
+    return parts
 
 
 def _modules_of(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted({k.rsplit(".", 1)[0] for k in tensors})
 
 
-def import_moslora(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", strict: bool = True) -> str:
-    """Load an official MoSLoRA checkpoint (wutaiqiang/MoSLoRA layout) onto ``model`` as our ``moslora``.
+def import_moslora(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", strict: bool = True, component: str | None = None
+) -> str:
+    """Load an official MoSLoRA checkpoint (wutaiqiang/MoSLoRA layouts) onto ``model`` as our ``moslora``.
 
     ``lora_AB.weight`` becomes the mixer M, so the adapted outputs are the official ones:
     ``B(M(A x))·s`` (MoSLoRA Eq. 7). Rank/alpha (with ``rank_pattern``/``alpha_pattern`` and
     ``use_rslora``) come from ``adapter_config.json``. Missing tensors (a module without
     ``lora_AB``), unknown keys and shape mismatches raise, listing them; ``strict=False`` loads the
-    rest and logs what was skipped. Returns the adapter name.
+    rest and logs what was skipped. For an SDXL (diffusers-layout) checkpoint pass ``component``
+    (``"unet"``, ``"text_encoder"``, ``"text_encoder_2"``) unless it holds only one. Returns the adapter name.
     """
     from .methods.moslora import MoSLoRAConfig
 
-    cfg, tensors = read_official_moslora(path, strict=strict)
+    parts = read_official_moslora(path, strict=strict)
+    if component not in parts:
+        if component is not None or len(parts) > 1:
+            raise ConfigError(f"{path} holds MoSLoRA adapters for {sorted(map(str, parts))}; pass component= one of them")
+        component = next(iter(parts))
+    cfg, tensors = parts[component]
     modules = _modules_of(tensors)
     config = MoSLoRAConfig(targets=modules, **peft_lora_fields(cfg, modules))
     return _inject_and_load(model, config, tensors, adapter_name, strict, path)
@@ -508,19 +566,21 @@ def load_standin(path: str | os.PathLike, strict: bool = True) -> tuple[nn.Modul
     return model, meta
 
 
-def standin_from_official(path: str | os.PathLike, strict: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """An official MoSLoRA checkpoint imported onto a stand-in model: (model, its PEFT config)."""
-    cfg, tensors = read_official_moslora(path, strict=strict)
-    shapes = {}
-    for module in _modules_of(tensors):
-        a, b = tensors.get(f"{module}.lora_A"), tensors.get(f"{module}.lora_B")
-        if a is None or b is None or a.dim() != 2 or b.dim() != 2:
-            raise AdapterFileError(f"{path}: module {module!r} lacks a 2-D lora_A or lora_B tensor")
-        shapes[module] = {"kind": "linear", "in": int(a.shape[1]), "out": int(b.shape[0])}
-    dtypes = {t.dtype for t in tensors.values()}
-    model = standin_model(shapes, dtypes.pop() if len(dtypes) == 1 else torch.float32)
-    import_moslora(model, path, strict=strict)
-    return model, cfg
+def standin_from_official(path: str | os.PathLike, strict: bool = True) -> dict[str | None, nn.Module]:
+    """An official MoSLoRA checkpoint imported onto stand-in models: component (``None`` for the PEFT layout) -> model."""
+    models = {}
+    for component, (_, tensors) in read_official_moslora(path, strict=strict).items():
+        shapes = {}
+        for module in _modules_of(tensors):
+            a, b = tensors.get(f"{module}.lora_A"), tensors.get(f"{module}.lora_B")
+            if a is None or b is None or a.dim() != 2 or b.dim() != 2:
+                raise AdapterFileError(f"{path}: module {module!r} lacks a 2-D lora_A or lora_B tensor")
+            shapes[module] = {"kind": "linear", "in": int(a.shape[1]), "out": int(b.shape[0])}
+        dtypes = {t.dtype for t in tensors.values()}
+        model = standin_model(shapes, dtypes.pop() if len(dtypes) == 1 else torch.float32)
+        import_moslora(model, path, strict=strict, component=component)
+        models[component] = model
+    return models
 
 
 # -- adapter folders of a whole SDXL pipeline -------------------------------------------------------
@@ -598,12 +658,17 @@ def convert_official_moslora(
     layers_per_block: int | None = None, strict: bool = True,
 ) -> Path:
     """One step: official MoSLoRA checkpoint -> ``to`` (``diffusers``/``kohya`` with the mixer folded into B,
-    ``peft``, or ``mm_subspace``). ``component`` names the SDXL part it adapts (``None`` for a non-SDXL model,
-    then only ``peft``/``mm_subspace``)."""
+    ``peft``, or ``mm_subspace``).
+
+    ``component`` names the SDXL part a PEFT-layout checkpoint adapts (``None`` for a non-SDXL model,
+    then only ``peft``/``mm_subspace``); a diffusers-layout checkpoint names its components itself.
+    """
     if component is not None and component not in KOHYA_PREFIX:
         raise ConfigError(f"unknown SDXL component {component!r}; one of {sorted(KOHYA_PREFIX)} or None")
-    model, _ = standin_from_official(path, strict=strict)
-    return convert_models({component: model}, out, to, layers_per_block=layers_per_block)
+    models = standin_from_official(path, strict=strict)
+    if None in models:
+        models = {component: models[None]}
+    return convert_models(models, out, to, layers_per_block=layers_per_block)
 
 
 def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:

@@ -317,6 +317,40 @@ def test_official_sdxl_checkpoint_converts_in_one_step_to_diffusers_and_kohya(sd
         torch.testing.assert_close(got[key], ref[key])
 
 
+def test_official_sdxl_diffusers_layout_imports_and_converts(sdxl, tmp_path):
+    """The official SDXL script saves ``pytorch_lora_weights.safetensors`` via convert_state_dict_to_diffusers,
+    which renames lora_A/lora_AB/lora_B to ``lora.down``/``lora.downB``/``lora.up`` (UNet) and
+    ``lora_linear_layer.down``/``downB``/``up`` (text encoders), ``unet.``/``text_encoder.`` prefixed, alpha = r.
+    Written here from our UNet MoSLoRA and text-encoder TS-Mixing (its butterfly is a mixer too), scale folded into up."""
+    from safetensors.torch import load_file, save_file
+
+    pipe, _ = sdxl
+    state = {}
+    for component, spell in (("unet", "lora"), ("text_encoder", "lora_linear_layer")):
+        for name, adapter in mms.iter_adapters(getattr(pipe, component)):
+            prefix = f"{component}.{'text_model.' if component == 'text_encoder' else ''}{name}.{spell}"
+            state[f"{prefix}.down.weight"] = adapter.lora_A.detach().clone()
+            state[f"{prefix}.downB.weight"] = adapter.mixer.detach().clone()
+            state[f"{prefix}.up.weight"] = adapter.lora_B.detach() * adapter.scaling
+    (tmp_path / "official").mkdir()
+    save_file(state, str(tmp_path / "official" / "pytorch_lora_weights.safetensors"))
+
+    convert_official_moslora(tmp_path / "official", tmp_path / "diffusers", to="diffusers")
+    mms.export_diffusers(tmp_path / "ref", unet=pipe.unet, text_encoder=pipe.text_encoder)
+    got, ref = (load_file(str(tmp_path / d / "pytorch_lora_weights.safetensors")) for d in ("diffusers", "ref"))
+    assert got.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6)
+
+    te = _text_encoder()
+    with pytest.raises(ConfigError, match="component"):
+        import_moslora(te, tmp_path / "official")
+    import_moslora(te, tmp_path / "official", component="text_encoder")
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(te(ids).last_hidden_state, pipe.text_encoder(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
 # -- every format, from the saved folder alone --------------------------------------------------------
 @pytest.mark.parametrize("method", ["lora", "moslora", "ts_mixing"])
 def test_llama_round_trips_through_every_format(tmp_path, method):
