@@ -20,7 +20,9 @@ Formats handled here (PEFT and diffusers are in :mod:`mm_subspace.export`):
   ``adapter_config.json`` has ``"lora_use_mixer": true`` and whose weights hold, per module,
   ``lora_A.weight`` (r, in), ``lora_AB.weight`` (r, r) and ``lora_B.weight`` (out, r), keys prefixed
   ``base_model.model.``. Its forward is ``lora_B(lora_AB(lora_A(dropout(x)))) * scaling``, which is
-  our ``moslora`` with ``mixer = lora_AB.weight``.
+  our ``moslora`` with ``mixer = lora_AB.weight``. Its SDXL script writes a diffusers
+  ``pytorch_lora_weights.safetensors`` instead, where ``lora_AB`` became ``lora.downB`` (which stock
+  loaders drop with an "unexpected keys" warning); both layouts are read.
 
 Every loader here is strict by default: unknown keys (``lora_AB`` offered to a plain-LoRA
 loader, ``dora_scale``), missing keys and shape mismatches raise :class:`AdapterFileError` listing
