@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterFileError, ConfigError
-from .inject import get_state, inject, iter_adapters, remove_adapter, set_adapter
+from .inject import TRAINABLE_PREFIX, get_state, inject, iter_adapters, remove_adapter, set_adapter, trainable_module_state
 from .io import load_tensors_into, read_tensors, save_tensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -86,6 +86,7 @@ def export_peft(
         base_model_name_or_path=base_model_name_or_path,
         lora_dropout=float(get_state(model).configs[adapter_name].dropout),
         use_dora=use_dora,
+        modules_to_save=list(get_state(model).configs[adapter_name].trainable_modules) or None,
     )
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +94,9 @@ def export_peft(
     for name, (down, up, _) in factors.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = down
         tensors[f"base_model.model.{name}.lora_B.weight"] = up
+    # fully trained modules (trainable_modules) as PEFT modules_to_save: "base_model.model.<module>.<param>"
+    for key, param in trainable_module_state(model, get_state(model).configs[adapter_name]).items():
+        tensors[f"base_model.model.{key.removeprefix(TRAINABLE_PREFIX)}"] = param.detach()
     tensors.update(extra_tensors or {})
     with atomic_paths(out / PEFT_WEIGHTS) as (tmp,):
         save_tensors(tensors, tmp, metadata={"format": "pt"})
@@ -189,13 +193,16 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "
             raise AdapterFileError(f"{folder}: PEFT option {flag}=True has no plain-LoRA equivalent; import refused")
     tensors = {strip_peft_prefix(k): v for k, v in _read_peft_weights(folder).items()}
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
-    extra = sorted(k for k in tensors if not re.search(r"\.lora_[AB]\.weight$", k))
+    saved = list(cfg.get("modules_to_save") or [])  # PEFT's fully trained modules -> our trainable_modules
+    in_saved = lambda k: any(k.startswith(s + ".") or f".{s}." in k for s in saved)  # noqa: E731
+    tensors = {f"{TRAINABLE_PREFIX}{k}" if in_saved(k) else k: v for k, v in tensors.items()}
+    extra = sorted(k for k in tensors if not re.search(r"\.lora_[AB]\.weight$", k) and not k.startswith(TRAINABLE_PREFIX))
     if extra and strict:
         raise AdapterFileError(
             f"{folder} holds tensors a plain LoRA does not have: {extra[:5]} ({len(extra)} in all). "
             "A MoSLoRA checkpoint (lora_AB)? Use mm_subspace's MoSLoRA import. Or pass strict=False to skip them."
         )
-    config = LoraConfig(targets=modules, **peft_lora_fields(cfg, modules))
+    config = LoraConfig(targets=modules, trainable_modules=saved, **peft_lora_fields(cfg, modules))
     inject(model, config, adapter_name)
     # extras stay in: with strict=False load_tensors_into logs them as ignored (never dropped silently)
     ours = {k.replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B"): v for k, v in tensors.items()}

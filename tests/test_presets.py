@@ -167,6 +167,17 @@ def test_llava_projector_trained_fully_saved_and_loaded(llava_inputs, tmp_path):
     torch.testing.assert_close(fresh.model.multi_modal_projector.linear_1.weight, projector.linear_1.weight, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(fresh(**llava_inputs).logits, out, rtol=0, atol=0)
+    # PEFT export: the projector goes as modules_to_save; stock PEFT and our import_peft reproduce the outputs
+    from peft import PeftModel
+
+    mms.export_peft(model, tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(tiny_models.tiny_llava()[0], tmp_path / "peft")
+    imported, _ = tiny_models.tiny_llava()
+    mms.import_peft(imported, tmp_path / "peft")
+    assert mms.list_adapters(imported)["default"].trainable_modules == ["multi_modal_projector"]
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**llava_inputs).logits, out, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(imported(**llava_inputs).logits, out, rtol=1e-4, atol=1e-5)
     # a second adapter without trainable_modules: switching to it freezes the projector
     mms.inject(fresh, mms.LoraConfig(rank=2, targets="llama"), adapter_name="other")
     mms.set_adapter(fresh, "other")
