@@ -14,6 +14,7 @@ and its forward is ``base(x) + lora_B(lora_AB(lora_A(dropout(x)))) * lora_alpha 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -40,20 +41,14 @@ LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
-def _pipe():
+@pytest.fixture(scope="module")
+def fresh():
+    """The untouched tiny SDXL pipeline, loaded once; tests take deep copies (cheaper than reloading)."""
     from mm_subspace.tiny_models import tiny_sdxl_pipeline
 
     pipe = tiny_sdxl_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _text_encoder():
-    from transformers import CLIPTextModel
-
-    from mm_subspace.tiny_models import tiny_sdxl_path
-
-    return CLIPTextModel.from_pretrained(tiny_sdxl_path() / "text_encoder")
 
 
 def _latents(pipe) -> torch.Tensor:
@@ -62,11 +57,11 @@ def _latents(pipe) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def sdxl():
+def sdxl(fresh):
     """Tiny SDXL with MoSLoRA on the UNet (attention, ff, resnet time projections, embeddings),
     TS-Mixing on text_encoder and LoRA on text_encoder_2; random non-zero A, M, B."""
     torch.manual_seed(0)
-    pipe = _pipe()
+    pipe = copy.deepcopy(fresh)
     mms.inject(pipe.unet, mms.MoSLoRAConfig(rank=4, alpha=8, init_weights=False, targets=UNET_TARGETS,
                                             rank_pattern={"ff.net.2": 2}))
     mms.inject(pipe.text_encoder, mms.TSMixingConfig(rank=4, alpha=6, init_weights=False, targets="sdxl_text_encoders"))
@@ -146,7 +141,7 @@ def test_kohya_keys_follow_diffusers_conversion_rules(sdxl):
     assert len(alphas) == sum(len(list(mms.iter_adapters(m))) for m in parts.values())
 
 
-def test_kohya_export_loads_in_stock_diffusers_and_imports_back(sdxl, tmp_path):
+def test_kohya_export_loads_in_stock_diffusers_and_imports_back(sdxl, fresh, tmp_path):
     pipe, ours = sdxl
     path = export_kohya(tmp_path / "lora.safetensors", pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
     from safetensors import safe_open
@@ -162,7 +157,7 @@ def test_kohya_export_loads_in_stock_diffusers_and_imports_back(sdxl, tmp_path):
     assert meta["ss_network_module"] == "networks.lora" and "moslora" in meta["mm_subspace_methods"]
     assert len(keys) == 3 * sum(len(list(mms.iter_adapters(m))) for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2))
 
-    stock = _pipe()
+    stock = copy.deepcopy(fresh)
     stock.load_lora_weights(str(path))
     torch.testing.assert_close(_latents(stock), ours, rtol=1e-4, atol=1e-4)
 
@@ -174,14 +169,14 @@ def test_kohya_export_loads_in_stock_diffusers_and_imports_back(sdxl, tmp_path):
     torch.testing.assert_close(_latents(stock), ours, rtol=1e-4, atol=1e-4)
 
 
-def test_kohya_import_is_strict_about_unknown_keys(sdxl, tmp_path, caplog):
+def test_kohya_import_is_strict_about_unknown_keys(sdxl, fresh, tmp_path, caplog):
     from safetensors.torch import save_file
 
     pipe, _ = sdxl
     state = kohya_state_dict(text_encoder=pipe.text_encoder)
     dora = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.dora_scale"
     save_file({**state, dora: torch.ones(1, 32)}, str(tmp_path / "d.safetensors"))
-    te = _text_encoder()
+    te = copy.deepcopy(fresh.text_encoder)
     with pytest.raises(AdapterFileError, match="dora_scale") as err:
         import_kohya(tmp_path / "d.safetensors", text_encoder=te)
     assert "strict=False" in str(err.value)
@@ -195,7 +190,7 @@ def test_kohya_import_is_strict_about_unknown_keys(sdxl, tmp_path, caplog):
     bad[key] = torch.zeros(32, 3)
     save_file(bad, str(tmp_path / "bad.safetensors"))
     with pytest.raises(AdapterFileError, match="not a valid LoRA pair"):
-        import_kohya(tmp_path / "bad.safetensors", text_encoder=_text_encoder())
+        import_kohya(tmp_path / "bad.safetensors", text_encoder=copy.deepcopy(fresh.text_encoder))
 
 
 # -- official MoSLoRA checkpoints ---------------------------------------------------------------------
@@ -317,7 +312,7 @@ def test_official_sdxl_checkpoint_converts_in_one_step_to_diffusers_and_kohya(sd
         torch.testing.assert_close(got[key], ref[key])
 
 
-def test_official_sdxl_diffusers_layout_imports_and_converts(sdxl, tmp_path):
+def test_official_sdxl_diffusers_layout_imports_and_converts(sdxl, fresh, tmp_path):
     """The official SDXL script saves ``pytorch_lora_weights.safetensors`` via convert_state_dict_to_diffusers,
     which renames lora_A/lora_AB/lora_B to ``lora.down``/``lora.downB``/``lora.up`` (UNet) and
     ``lora_linear_layer.down``/``downB``/``up`` (text encoders), ``unet.``/``text_encoder.`` prefixed, alpha = r.
@@ -342,7 +337,7 @@ def test_official_sdxl_diffusers_layout_imports_and_converts(sdxl, tmp_path):
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6)
 
-    te = _text_encoder()
+    te = copy.deepcopy(fresh.text_encoder)
     with pytest.raises(ConfigError, match="component"):
         import_moslora(te, tmp_path / "official")
     import_moslora(te, tmp_path / "official", component="text_encoder")
