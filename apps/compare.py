@@ -125,9 +125,7 @@ def load_all(args: argparse.Namespace) -> tuple[SDXLAdapters, LlavaAdapters | No
     infos = sd.load_adapters(found)
     if llava is not None:
         infos += llava.load_adapters(found)
-    for info in found:  # the other family's adapters when that tab is off, and unreadable folders
-        if info not in infos:
-            infos.append(info)
+    infos = list({id(i): i for i in infos + found}.values())  # + the other family's when its tab is off
     for info in infos:
         print(f"  {info.name:24s} {info.family:6s} {info.summary()}")
     return sd, llava, infos

@@ -54,7 +54,7 @@ class AdapterInfo:
         path: the adapter's root folder.
         parts: component name (``"unet"``, ``"text_encoder"``, ``"text_encoder_2"``, or ``"model"``
             for LLaVA/LLaMA) -> folder holding ``adapter_config.json``.
-        family: ``"sdxl"`` or ``"llava"``.
+        family: ``"sdxl"``, ``"llava"``, or ``"unknown"`` when the folder cannot be read.
         method, rank, alpha: from the saved config (of the first part).
         params: number of adapter parameters over all parts (read from the safetensors headers).
         base_class / base_name: ``base_model.class`` / ``name_or_path`` recorded at save time.
@@ -145,7 +145,7 @@ def describe_adapter(root: Path, name: str | None = None) -> AdapterInfo | None:
             info.configs = {component: first}
             parts = {component: root}
     except (SubspaceError, OSError, ValueError) as err:
-        info.compatible, info.reason = False, f"unreadable adapter: {err}"
+        info.compatible, info.reason, info.family = False, f"unreadable adapter: {err}", "unknown"
     info.parts = parts
     return info
 
@@ -281,8 +281,8 @@ class AdapterSet:
             info = item if isinstance(item, AdapterInfo) else describe_adapter(Path(item))
             if info is None:
                 continue
-            if info.family != self.family and info.compatible:
-                continue  # the other tab's adapters: not an error
+            if info.family != self.family and info.family != "unknown":
+                continue  # the other pipeline's adapters: not an error here
             try:
                 self.load_adapter(info)
             except SubspaceError as err:

@@ -2,7 +2,7 @@
 
 The app runs in a subprocess on 127.0.0.1 with a free port and pre-made adapters (random non-zero
 factors, saved in a temporary folder): two SDXL adapters in the DreamBooth layout and one LLaVA
-adapter, so it trains nothing at start-up. Stopped (by its pid) when the session ends.
+adapter, so it trains nothing at start-up; plus one unreadable adapter folder, which it must survive. Stopped (by its pid) when the session ends.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ def make_adapters(root: Path) -> None:
         "make_demo_llava_adapter(ll, root / 'llava-lora', 'lora', steps=0, init_weights=False)\n"
     )
     subprocess.run([sys.executable, "-c", code, str(root), str(REPO)], check=True, cwd=REPO, timeout=START_TIMEOUT)
+    # an unreadable adapter: the app must list it with the reason and start anyway
+    (root / "broken").mkdir()
+    (root / "broken" / "adapter_config.json").write_text("{not json")
 
 
 @functools.lru_cache(maxsize=None)
