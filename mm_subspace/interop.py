@@ -35,6 +35,7 @@ factors need.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -48,7 +49,7 @@ from .config import AdapterConfig
 from .errors import AdapterFileError, ConfigError
 from .export import DIFFUSERS_WEIGHTS, _read_peft_weights, export_diffusers, export_peft, lora_factors, peft_lora_fields, read_peft_config
 from .inject import get_state, inject, remove_adapter, set_adapter
-from .io import CONFIG_NAME, atomic_paths, load_adapter, load_tensors_into, read_adapter_config, read_tensors, save_adapter, save_tensors
+from .io import CONFIG_NAME, atomic_paths, atomic_write_text, load_adapter, load_tensors_into, read_adapter_config, read_tensors, save_adapter, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ COMPONENT_OF_CLASS = {
     "CLIPTextModel": "text_encoder",
     "CLIPTextModelWithProjection": "text_encoder_2",
 }
+CLASS_OF_COMPONENT = {c: cls for cls, c in COMPONENT_OF_CLASS.items()}
 SDXL_LAYERS_PER_BLOCK = 2
 #: formats an adapter converts to
 FORMATS = ("mm_subspace", "peft", "diffusers", "kohya")
@@ -568,10 +570,11 @@ def load_standin(path: str | os.PathLike, strict: bool = True) -> tuple[nn.Modul
     return model, meta
 
 
-def standin_from_official(path: str | os.PathLike, strict: bool = True) -> dict[str | None, nn.Module]:
-    """An official MoSLoRA checkpoint imported onto stand-in models: component (``None`` for the PEFT layout) -> model."""
+def standin_from_official(path: str | os.PathLike, strict: bool = True) -> dict[str | None, tuple[nn.Module, dict[str, Any]]]:
+    """An official MoSLoRA checkpoint imported onto stand-in models: component (``None`` for the PEFT
+    layout) -> (model, ``base_model`` record for a saved adapter: class, name_or_path, no fingerprint)."""
     models = {}
-    for component, (_, tensors) in read_official_moslora(path, strict=strict).items():
+    for component, (cfg, tensors) in read_official_moslora(path, strict=strict).items():
         shapes = {}
         for module in _modules_of(tensors):
             a, b = tensors.get(f"{module}.lora_A"), tensors.get(f"{module}.lora_B")
@@ -581,7 +584,8 @@ def standin_from_official(path: str | os.PathLike, strict: bool = True) -> dict[
         dtypes = {t.dtype for t in tensors.values()}
         model = standin_model(shapes, dtypes.pop() if len(dtypes) == 1 else torch.float32)
         import_moslora(model, path, strict=strict, component=component)
-        models[component] = model
+        base = {"class": CLASS_OF_COMPONENT.get(component), "name_or_path": cfg.get("base_model_name_or_path"), "fingerprint": None}
+        models[component] = (model, base)
     return models
 
 
@@ -613,13 +617,14 @@ def adapter_components(path: str | os.PathLike, component: str | None = None) ->
 
 def convert_models(
     models: dict[str | None, nn.Module], out: str | os.PathLike, to: str, adapter_name: str = "default",
-    layers_per_block: int | None = None,
+    layers_per_block: int | None = None, base_models: dict[str | None, dict[str, Any]] | None = None,
 ) -> Path:
     """Write adapted ``{component: model}`` to ``out`` in format ``to`` (mm_subspace, peft, diffusers, kohya).
 
     ``mm_subspace`` and ``peft`` write one folder per component (``out/<component>/``, or ``out``
     itself for a single model); ``diffusers`` a folder with ``pytorch_lora_weights.safetensors``;
-    ``kohya`` one ``.safetensors`` file.
+    ``kohya`` one ``.safetensors`` file. ``base_models`` (component -> the ``base_model`` record of
+    ``adapter_config.json``) replaces what a stand-in model would record about itself.
     """
     if to not in FORMATS:
         raise ConfigError(f"unknown format {to!r}; one of {', '.join(FORMATS)}")
@@ -638,10 +643,16 @@ def convert_models(
     single = len(models) == 1
     for component, model in models.items():
         target = out if single else out / str(component)
+        base = (base_models or {}).get(component)
+        name_or_path = base.get("name_or_path") if base else None
         if to == "peft":
-            (export_dora_peft if dora_magnitudes(model, adapter_name) else export_peft)(model, target, adapter_name)
+            (export_dora_peft if dora_magnitudes(model, adapter_name) else export_peft)(model, target, adapter_name, name_or_path)
         else:
             save_adapter(model, target, adapter_name)
+            if base is not None:  # the stand-in's own class and fingerprint mean nothing: keep the real ones
+                meta = json.loads((target / CONFIG_NAME).read_text(encoding="utf-8"))
+                meta["base_model"] = base
+                atomic_write_text(target / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
     return out
 
 
@@ -651,8 +662,9 @@ def convert_adapter(
     layers_per_block: int | None = None, strict: bool = True,
 ) -> Path:
     """Convert a saved adapter (or pipeline adapter folder) to format ``to`` without loading the base model."""
-    models = {c: load_standin(folder, strict=strict)[0] for c, folder in adapter_components(path, component).items()}
-    return convert_models(models, out, to, layers_per_block=layers_per_block)
+    loaded = {c: load_standin(folder, strict=strict) for c, folder in adapter_components(path, component).items()}
+    return convert_models({c: m for c, (m, _) in loaded.items()}, out, to, layers_per_block=layers_per_block,
+                          base_models={c: meta.get("base_model") for c, (_, meta) in loaded.items()})
 
 
 def convert_official_moslora(
@@ -667,10 +679,12 @@ def convert_official_moslora(
     """
     if component is not None and component not in KOHYA_PREFIX:
         raise ConfigError(f"unknown SDXL component {component!r}; one of {sorted(KOHYA_PREFIX)} or None")
-    models = standin_from_official(path, strict=strict)
-    if None in models:
-        models = {component: models[None]}
-    return convert_models(models, out, to, layers_per_block=layers_per_block)
+    loaded = standin_from_official(path, strict=strict)
+    if None in loaded:
+        model, base = loaded[None]
+        loaded = {component: (model, {**base, "class": CLASS_OF_COMPONENT.get(component)})}
+    return convert_models({c: m for c, (m, _) in loaded.items()}, out, to, layers_per_block=layers_per_block,
+                          base_models={c: base for c, (_, base) in loaded.items()})
 
 
 def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:

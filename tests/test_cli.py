@@ -92,6 +92,8 @@ def test_import_moslora(tmp_path):
     factors = write_official(tmp_path / "official", _llama(), TARGETS, fmt="bin")
     proc = run("import-moslora", str(tmp_path / "official"), str(tmp_path / "ours"))
     assert proc.returncode == 0, proc.stderr
+    base = mms.read_adapter_config(tmp_path / "ours")["base_model"]
+    assert base["name_or_path"] == "tiny" and base["fingerprint"] is None  # from the official config, not the stand-in
     model = _llama()
     mms.load_adapter(model, tmp_path / "ours")
     torch.testing.assert_close(_logits(model), _logits(_official_forward(_llama(), factors, 2.0)), rtol=1e-5, atol=1e-5)

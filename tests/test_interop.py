@@ -337,6 +337,13 @@ def test_official_sdxl_diffusers_layout_imports_and_converts(sdxl, fresh, tmp_pa
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6)
 
+    # via our format: a pipeline adapter folder whose components are known again from the recorded class
+    convert_official_moslora(tmp_path / "official", tmp_path / "ours", to="mm_subspace")
+    assert mms.read_adapter_config(tmp_path / "ours" / "unet")["base_model"]["class"] == "UNet2DConditionModel"
+    convert_adapter(tmp_path / "ours", tmp_path / "again", "diffusers")
+    again = load_file(str(tmp_path / "again" / "pytorch_lora_weights.safetensors"))
+    assert again.keys() == ref.keys() and all(torch.equal(again[k], got[k]) for k in ref)
+
     te = copy.deepcopy(fresh.text_encoder)
     with pytest.raises(ConfigError, match="component"):
         import_moslora(te, tmp_path / "official")
@@ -362,6 +369,7 @@ def test_llama_round_trips_through_every_format(tmp_path, method):
     convert_adapter(tmp_path / "ours", tmp_path / "copy", "mm_subspace")
     convert_adapter(tmp_path / "ours", tmp_path / "peft", "peft")
 
+    assert mms.read_adapter_config(tmp_path / "copy")["base_model"] == mms.read_adapter_config(tmp_path / "ours")["base_model"]
     reloaded = _llama()
     mms.load_adapter(reloaded, tmp_path / "copy")
     assert torch.equal(_logits(reloaded), expected)  # the stand-in re-save is bit-exact
