@@ -8,6 +8,7 @@ jobs on a shared CPU) hits every case alike, and reports medians and ratios. Res
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -115,6 +116,22 @@ class LlamaShape:
                 f"{self.heads} heads, vocab {self.vocab}, batch {self.batch} x seq {self.seq}")
 
 
+def add_shape_args(parser: argparse.ArgumentParser, repeats: int | None = 5) -> None:
+    """The flags every script shares: LLaMA shape (the issue's default), threads, repeats."""
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: nproc)")
+    if repeats is not None:
+        parser.add_argument("--repeats", type=int, default=repeats, help="timed runs per case (median reported), >= 5")
+    parser.add_argument("--skip-unet", action="store_true", help="only the LLaMA-shaped model")
+
+
+def shape_of(args: argparse.Namespace) -> LlamaShape:
+    return LlamaShape(layers=args.layers, hidden=args.hidden, seq=args.seq, batch=args.batch)
+
+
 def llama_model(shape: LlamaShape, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -197,7 +214,7 @@ def sulora_cases() -> list[Case]:
             (("1.5r", 1.5), ("2r", 2.0), ("2.5r", 2.5))]
 
 
-def method_cases(include_frozen: bool = True, include_peft: bool = True) -> list[Case]:
+def method_cases(include_frozen: bool = True, include_peft: bool = True, verbose: bool = True) -> list[Case]:
     """The issue's set, skipping (with a printed note) methods not registered yet."""
     available = set(mms.list_methods())
     cases: list[Case] = []
@@ -207,7 +224,8 @@ def method_cases(include_frozen: bool = True, include_peft: bool = True) -> list
         cases.append(Case("PEFT LoRA", "peft"))
     for name in ("lora", "moslora", "ts_mixing", "dora", "sulora", "asylora"):
         if name not in available:
-            print(f"  note: method {name!r} is not in mm_subspace.list_methods() yet; skipped")
+            if verbose:
+                    print(f"  note: method {name!r} is not in mm_subspace.list_methods() yet; skipped")
             continue
         cases.extend(sulora_cases() if name == "sulora" else [Case(name, name)])
     return cases

@@ -46,7 +46,7 @@ def bench_model(title: str, base: torch.nn.Module, targets: list[str], entry: st
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
     table = C.markdown_table(
         ["model", "case", "trainable params", "median step (ms)", "min-max (ms)", "× PEFT LoRA", "× frozen base"],
-        [[r["model"], r["case"], r["trainable"], round(1000 * r["median_s"], 1),
+        [[r["model"], r["case"], r["trainable"], f"{1000 * r['median_s']:.1f}",
           f"{1000 * r['min_s']:.0f}-{1000 * r['max_s']:.0f}",
           r["vs_peft_lora"] if r["vs_peft_lora"] is not None else "-",
           r["vs_frozen"] if r["vs_frozen"] is not None else "-"] for r in rows],
@@ -56,29 +56,23 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per case (median reported), >= 5")
+    C.add_shape_args(p)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: nproc)")
-    p.add_argument("--skip-unet", action="store_true")
     p.add_argument("--skip-llama", action="store_true")
     args = p.parse_args(argv)
     threads = C.set_threads(args.threads)
-    shape = C.LlamaShape(layers=args.layers, hidden=args.hidden, seq=args.seq, batch=args.batch)
+    shape = C.shape_of(args)
     rows: list[dict[str, Any]] = []
     if not args.skip_llama:
-        rows += bench_model(shape.describe(), C.llama_model(shape), C.LLAMA_TARGETS, C.LLAMA_ENTRY, C.llama_loss,
+        rows += bench_model("LLaMA-shaped", C.llama_model(shape), C.LLAMA_TARGETS, C.LLAMA_ENTRY, C.llama_loss,
                             C.llama_batch(shape), args.repeats, args.warmup)
     if not args.skip_unet:
         unet = C.tiny_unet()
-        rows += bench_model("tiny SDXL UNet, batch 4 @ 32x32 latents", unet, C.UNET_TARGETS, C.UNET_ENTRY, C.unet_loss,
+        rows += bench_model("tiny SDXL UNet", unet, C.UNET_TARGETS, C.UNET_ENTRY, C.unet_loss,
                             C.unet_batch(unet), args.repeats, args.warmup)
     header = (f"Step time (forward + backward + AdamW), r={C.RANK}, alpha={C.ALPHA:g}; median of {args.repeats} "
               f"interleaved steps after {args.warmup} warm-up round(s); {threads} threads. "
-              f"LLaMA: {shape.describe()}.")
+              f"LLaMA-shaped: {shape.describe()}. Tiny SDXL UNet: batch 4 of 32x32 latents, 77 text tokens.")
     C.write_results("step_time", {"shape": vars(shape), "args": vars(args), "rows": rows}, markdown(rows, header))
     return rows
 
