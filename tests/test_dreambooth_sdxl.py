@@ -179,12 +179,16 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, instance_dir: Path) -
 
 # -- prior preservation ------------------------------------------------------------------------------
 def test_prior_preservation_generates_class_images(tmp_path: Path, instance_dir: Path) -> None:
+    """Also the real-model path: a pipeline folder (save_pretrained layout) and a separate VAE folder."""
     out = tmp_path / "prior"
+    model = tiny_models.tiny_sdxl_path()
     result = run(out, "--adapter", "lora", "--with_prior_preservation", "--class_prompt", "a photo of a cat",
                  "--num_class_images", "2", "--class_inference_steps", "2", "--max_train_steps", "1",
-                 "--num_validation_images", "0", "--cache_latents", instance=instance_dir)
+                 "--num_validation_images", "0", "--cache_latents", "--pretrained_model_name_or_path", str(model),
+                 "--pretrained_vae_model_name_or_path", str(model / "vae"), instance=instance_dir)
     images = sorted((out / "class_images").glob("*.png"))
     assert len(images) == 2 and np.isfinite(result["final_loss"])
+    assert json.loads((out / "unet" / "adapter_config.json").read_text())["base_model"]["name_or_path"] == str(model)
     from PIL import Image
 
     assert Image.open(images[0]).size == (32, 32)
