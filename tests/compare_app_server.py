@@ -43,7 +43,8 @@ def make_adapters(root: Path) -> None:
         "ll = LlavaAdapters.from_pretrained()\n"
         "make_demo_llava_adapter(ll, root / 'llava-lora', 'lora', steps=0, init_weights=False)\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(root), str(REPO)], check=True, cwd=REPO, timeout=START_TIMEOUT)
+    subprocess.run([sys.executable, "-c", code, str(root), str(REPO)], check=True, cwd=REPO, timeout=START_TIMEOUT,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
     # an unreadable adapter: the app must list it with the reason and start anyway
     (root / "broken").mkdir()
     (root / "broken" / "adapter_config.json").write_text("{not json")
@@ -56,7 +57,8 @@ def app_url() -> str:
     make_adapters(root / "runs")
     port = free_port()
     log = open(root / "app.log", "w")
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    # one intra-op thread: the tiny models run faster so on a loaded 2-core machine
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "apps" / "compare.py"), "--adapters", str(root / "runs"),
          "--server_name", "127.0.0.1", "--server_port", str(port)],

@@ -24,6 +24,7 @@ from pipelines import (
     train_visual_instruction,
 )
 from pipelines.llava import DEMO_EXAMPLES, LANGUAGE_TARGETS
+from single_thread import one_thread  # noqa: F401  (tiny models: one intra-op thread is faster on 2 shared cores)
 
 PROMPT = "a photo of sks cat"
 GEN = dict(num_inference_steps=2, height=32, width=32, output_type="np", guidance_scale=5.0)
@@ -190,8 +191,8 @@ def test_visual_instruction_loop_fits_the_answers(llava):
     mms.inject(llava.model, mms.LoraConfig(rank=4, alpha=8, targets=LANGUAGE_TARGETS), "fit")
     try:
         examples = [(sample_photo(p, size=64), q, a) for p, q, a in DEMO_EXAMPLES]
-        losses = train_visual_instruction(llava, "fit", examples, steps=8)
-        assert losses[-1] < losses[0] - 0.5 and losses[-1] == min(losses)  # ~10.8 (= ln vocab) -> ~10.0
+        losses = train_visual_instruction(llava, "fit", examples, steps=5)
+        assert losses[-1] < losses[0] - 0.3 and losses[-1] == min(losses)  # ~10.8 (= ln vocab) -> ~10.3
         # only the adapter trained: the base weights are untouched and frozen
         assert all(not p.requires_grad for n, p in llava.model.named_parameters() if ".adapters." not in n)
     finally:
