@@ -29,6 +29,7 @@ from mm_subspace.errors import (
 )
 from mm_subspace.io import CONFIG_NAME, WEIGHTS_NAME
 from mm_subspace.layer import ModelState
+from single_thread import one_thread  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 X = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(1))
@@ -322,10 +323,11 @@ def test_mixed_dtypes_give_the_base_dtype(base_dtype, adapter_dtype):
 
 # -- concurrency ----------------------------------------------------------------------------------------
 def test_two_adapters_on_rows_of_one_batch_never_mix():
-    from mm_subspace.tiny_models import tiny_llama
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    model, _ = tiny_llama()
-    model.eval()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
     torch.manual_seed(3)
     mms.inject(model, mms.MoSLoRAConfig(rank=4, alpha=8, targets="llama", init_weights=False), adapter_name="a")
     mms.inject(model, mms.LoraConfig(rank=4, alpha=8, targets="llama", init_weights=False), adapter_name="b")
