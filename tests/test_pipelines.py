@@ -41,8 +41,10 @@ def sdxl(tmp_path_factory):
     make_demo_sdxl_adapter(sd, root / "dreambooth-sdxl-lora", "lora", steps=0, init_weights=False)
     make_demo_sdxl_adapter(sd, root / "dreambooth-sdxl-moslora", "moslora", steps=0, init_weights=False,
                            train_text_encoder=True, seed=1)
+    # SuLoRA: input-routed sub-spaces, cannot be folded into plain LoRA, still loads and batches
+    make_demo_sdxl_adapter(sd, root / "dreambooth-sdxl-sulora", "sulora", steps=0, init_weights=False, seed=2)
     infos = sd.load_adapters(find_adapters([root]))
-    assert [i.name for i in infos] == ["lora", "moslora"] and all(i.compatible for i in infos)
+    assert [i.name for i in infos] == ["lora", "moslora", "sulora"] and all(i.compatible for i in infos)
     return sd, base, root
 
 
@@ -57,7 +59,7 @@ def test_find_adapters_layouts(sdxl, tmp_path):
     assert infos["lora"].params == expected
     # a flat folder is found too, and the training state of a run is not taken for an adapter
     (root / "dreambooth-sdxl-lora" / "training_state" / "checkpoint-1").mkdir(parents=True, exist_ok=True)
-    assert len(find_adapters([root])) == 2
+    assert len(find_adapters([root])) == 3
 
 
 def test_base_row_equals_the_pipeline_alone(sdxl):
@@ -70,16 +72,17 @@ def test_base_row_equals_the_pipeline_alone(sdxl):
 
 def test_sdxl_batched_equals_single_runs(sdxl):
     sd, base, _ = sdxl
-    rows = ["lora", "moslora", None, "lora"]
+    rows = ["lora", "moslora", None, "sulora", "lora"]
     batched = sd.generate_batch(PROMPT, rows, seed=7, **GEN)
     single = sd.generate_sequential(PROMPT, rows, seed=7, **GEN)
-    assert [g.label for g in batched] == ["lora", "moslora", "base", "lora"]
+    assert [g.label for g in batched] == ["lora", "moslora", "base", "sulora", "lora"]
     for b, s in zip(batched, single):
         np.testing.assert_allclose(b.image, s.image, atol=ATOL)
     np.testing.assert_allclose(batched[2].image, base, atol=ATOL)
     # every adapter really changes the image, and differently
     assert np.abs(batched[0].image - base).max() > 1e-3
     assert np.abs(batched[1].image - batched[0].image).max() > 1e-3
+    assert np.abs(batched[3].image - base).max() > 1e-3
     # the single run is the stock pipeline with that adapter active on every component
     sd.set_adapter("moslora")
     stock = sd.pipe(PROMPT, generator=torch.Generator().manual_seed(7), **GEN).images[0]
@@ -104,6 +107,9 @@ def test_sdxl_switch_scale_disable_merge(sdxl):
     np.testing.assert_allclose(run(), adapted, atol=1e-4)
     # a batched call on a merged pipeline unmerges first, and still matches
     np.testing.assert_allclose(sd.generate_batch(PROMPT, ["moslora"], seed=7, **GEN)[0].image, adapted, atol=ATOL)
+    assert not sd.is_merged()
+    with pytest.raises(mms.MergeError, match="sulora"):
+        sd.merge(["sulora"])
     assert not sd.is_merged()
     sd.set_adapter("lora")  # UNet-only adapter: text encoders run their base weights
     assert mms.active_adapters(sd.pipe.text_encoder) == [] and mms.active_adapters(sd.pipe.unet) == ["lora"]
@@ -162,7 +168,8 @@ def llava(tmp_path_factory):
     ll = LlavaAdapters.from_pretrained()
     make_demo_llava_adapter(ll, root / "llava-lora", "lora", steps=0, init_weights=False)
     make_demo_llava_adapter(ll, root / "llava-moslora", "moslora", steps=0, init_weights=False, seed=1)
-    assert [i.name for i in ll.load_adapters(find_adapters([root]))] == ["lora", "moslora"]
+    make_demo_llava_adapter(ll, root / "llava-sulora", "sulora", steps=0, init_weights=False, seed=2)
+    assert [i.name for i in ll.load_adapters(find_adapters([root]))] == ["lora", "moslora", "sulora"]
     return ll
 
 
@@ -170,12 +177,12 @@ def test_llava_batched_equals_single_runs(llava):
     from mm_subspace.tiny_models import sample_photo
 
     image, question = sample_photo("chelsea", size=64), "what animal is in the photo?"
-    rows = ["lora", None, "moslora"]
+    rows = ["lora", None, "moslora", "sulora"]
     batched = llava.answer_batch(image, question, rows, max_new_tokens=6)
     single = [llava.answer(image, question, r, max_new_tokens=6) for r in rows]
-    assert [a.label for a in batched] == ["lora", "base", "moslora"]
+    assert [a.label for a in batched] == ["lora", "base", "moslora", "sulora"]
     assert [a.text for a in batched] == [a.text for a in single]
-    assert len({a.text for a in batched}) == 3  # the adapters answer differently from the base and each other
+    assert len({a.text for a in batched}) == 4  # the adapters answer differently from the base and each other
     # the base answer is the plain model's greedy answer
     with llava.disable_adapters():
         inputs = llava.inputs(question, image)
