@@ -13,7 +13,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .config import AdapterConfig
+from .config import AdapterConfig, LowRankConfig
 from .errors import (
     AdapterFileError,
     AdapterStateError,
@@ -45,12 +45,37 @@ from .inject import (
     unload,
     unmerge,
 )
+from .interop import (
+    convert_adapter,
+    convert_official_moslora,
+    describe_adapter,
+    export_dora_peft,
+    export_kohya,
+    import_dora_peft,
+    import_kohya,
+    import_moslora,
+)
 from .io import adapter_state_dict, base_fingerprint, load_adapter, read_adapter_config, save_adapter
 from .layer import Adapter, AdapterLayer, LowRankAdapter
+from .methods.asylora import AsyLoRAConfig
+from .methods.bitfit import BitFitConfig
+from .methods.bottleneck_adapter import BottleneckAdapterConfig
+from .methods.dora import DoRAConfig
+from .methods.flora import FLoRAConfig
+from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.moslora import MoSLoRAConfig
+from .methods.parallel_adapter import ParallelAdapterConfig
+from .methods.sam_parser import SAMParserConfig
+from .methods.spectral import SpectralConfig
+from .methods.ssb import SSBConfig
+from .methods.ssl import SSLConfig
+from .methods.sulora import SuLoRAConfig
+from .methods.svdiff import SVDiffConfig
+from .methods.trilora import TriLoRAConfig
 from .methods.ts_mixing import TSMixingConfig
-from .presets import list_presets, register_preset
+from .presets import list_presets, llava_config, register_preset
+from .quant import load_4bit, prepare_for_kbit_training, quantize_model_4bit
 from .registry import get_method, list_methods, register_method
 
 
