@@ -74,16 +74,18 @@ def machine() -> dict[str, Any]:
 
 # -- timing -------------------------------------------------------------------------------------------
 def interleaved(cases: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1) -> dict[str, list[float]]:
-    """Time every case ``repeats`` times, round-robin (case1, case2, ..., case1, ...), after ``warmup`` rounds.
+    """Time every case ``repeats`` times, round-robin, after ``warmup`` rounds.
 
-    Returns name -> list of wall-clock seconds. Interleaving spreads load spikes over all cases.
+    Returns name -> list of wall-clock seconds. Interleaving spreads load spikes over all cases; every
+    other round runs in reverse order, so no case always follows the same neighbour.
     """
     for _ in range(warmup):
         for fn in cases.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
+    order = list(cases.items())
+    for i in range(repeats):
+        for name, fn in order if i % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
