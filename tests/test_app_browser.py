@@ -50,6 +50,9 @@ def test_generate_in_headless_chromium(tmp_path):
             assert images.count() == len(expected)
             gallery_text = page.inner_text("#gallery")
             assert all(name in gallery_text for name in expected)
+            # the adapters table lists the unreadable folder with its reason instead of crashing
+            page.get_by_text("Adapters found").click()
+            page.wait_for_function("document.body.innerText.includes('unreadable adapter')", timeout=30_000)
             shot = tmp_path / "compare.png"
             page.screenshot(path=str(shot), full_page=True)
         finally:
