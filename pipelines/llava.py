@@ -114,9 +114,9 @@ class LlavaAdapters(AdapterSet):
         messages = [{"role": "user", "content": content}]
         if answer is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=answer is None, chat_template=self.tokenizer.chat_template
-        )
+        # a real LLaVA keeps its template on the processor; the tiny one has it on both
+        owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
+        return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None)
 
     def inputs(self, question: str, image: PIL.Image.Image | None, k: int = 1, answer: str | None = None) -> dict[str, torch.Tensor]:
         """Model inputs for ``k`` identical rows (processor for an image, tokenizer for text only)."""
