@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     C.add_shape_args(p)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--skip-llama", action="store_true")
+    p.add_argument("--name", default="step_time", help="results file name (results/<name>.json/.md)")
     args = p.parse_args(argv)
     threads = C.set_threads(args.threads)
     shape = C.shape_of(args)
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     header = (f"Step time (forward + backward + AdamW), r={C.RANK}, alpha={C.ALPHA:g}; median of {args.repeats} "
               f"interleaved steps after {args.warmup} warm-up round(s); {threads} threads. "
               f"LLaMA-shaped: {shape.describe()}. Tiny SDXL UNet: batch 4 of 32x32 latents, 77 text tokens.")
-    C.write_results("step_time", {"shape": vars(shape), "args": vars(args), "rows": rows}, markdown(rows, header))
+    C.write_results(args.name, {"shape": vars(shape), "args": vars(args), "rows": rows}, markdown(rows, header))
     return rows
 
 
