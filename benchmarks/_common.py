@@ -158,9 +158,11 @@ def llama_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
 
 def tiny_unet() -> nn.Module:
-    from mm_subspace.tiny_models import tiny_sdxl_pipeline
+    from diffusers import UNet2DConditionModel
 
-    return tiny_sdxl_pipeline().unet.eval()
+    from mm_subspace.tiny_models import tiny_sdxl_path
+
+    return UNet2DConditionModel.from_pretrained(tiny_sdxl_path(), subfolder="unet").eval()  # = tiny_sdxl_pipeline().unet
 
 
 def unet_batch(unet: nn.Module, batch: int = 4) -> dict[str, Any]:

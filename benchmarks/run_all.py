@@ -63,7 +63,7 @@ def report(note: str, command: str) -> str:
         "## Machine\n",
         f"- CPU: {machine['cpu']}, nproc {machine['nproc']}; torch {machine['torch']}, "
         f"`torch.set_num_threads({machine['threads']})`, Python {machine['python']}",
-        f"- run: {machine['date_utc']} UTC, load average {machine['loadavg']} at the end of the run",
+        f"- run: {machine['date_utc']} UTC, load average (1, 5, 15 min) {machine['loadavg']} when these results were written",
         f"- wall time: {wall_line}",
     ]
     if note:
