@@ -148,7 +148,7 @@ class Adapter(nn.Module):
     # -- math -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, **context: Any) -> torch.Tensor:
         """Adapted output from the layer input ``x`` (…, in) and the base output (…, out)."""
-        raise MergeError(f"{type(self).__name__} does not define forward()")
+        raise TypeError(f"adapter class {type(self).__name__} must define forward(x, base_out, **context)")
 
     @property
     def total_scale(self) -> float:

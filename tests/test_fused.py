@@ -11,7 +11,8 @@ import mm_subspace as mms
 from mm_subspace.errors import ConfigError, MergeError, TargetError
 from mm_subspace.fused import FusedAdapter, MultiheadAttentionLayer
 from mm_subspace.tiny_models import tiny_open_clip_vit, tiny_timm_vit
-from single_thread import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = ["lora", "moslora"]
 

@@ -25,7 +25,8 @@ from torch import nn
 import mm_subspace as mms
 from mm_subspace.errors import SubspaceError
 from mm_subspace.io import CONFIG_NAME, WEIGHTS_NAME
-from single_thread import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FUZZ = settings(max_examples=80, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -11,7 +11,8 @@ from torch import nn
 
 import mm_subspace as mms
 from mm_subspace import tiny_models
-from single_thread import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RANKS = (4, 8, 16)
 

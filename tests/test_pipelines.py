@@ -24,7 +24,8 @@ from pipelines import (
     train_visual_instruction,
 )
 from pipelines.llava import DEMO_EXAMPLES, LANGUAGE_TARGETS
-from single_thread import one_thread  # noqa: F401  (tiny models: one intra-op thread is faster on 2 shared cores)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "a photo of sks cat"
 GEN = dict(num_inference_steps=2, height=32, width=32, output_type="np", guidance_scale=5.0)

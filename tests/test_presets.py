@@ -11,7 +11,8 @@ from torch import nn
 import mm_subspace as mms
 from mm_subspace import presets, tiny_models
 from mm_subspace.errors import ConfigError, TargetError
-from single_thread import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

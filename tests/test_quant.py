@@ -11,7 +11,8 @@ from torch import nn
 import mm_subspace as mms
 from mm_subspace import quant
 from mm_subspace.tiny_models import tiny_llama, tiny_llama_path
-from single_thread import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -29,7 +29,8 @@ from mm_subspace.errors import (
 )
 from mm_subspace.io import CONFIG_NAME, WEIGHTS_NAME
 from mm_subspace.layer import ModelState
-from single_thread import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 X = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(1))
