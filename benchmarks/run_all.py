@@ -40,10 +40,9 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> dict[str, float]:
 
 def section(name: str, title: str) -> str:
     path = C.RESULTS / f"{name}.md"
-    script = name.split("_full")[0]
     if not path.exists():
-        return f"## {title}\n\nNot run yet (`python benchmarks/{script}.py`).\n"
-    return f"## {title}\n\n`python benchmarks/{script}.py` → `results/{name}.json`\n\n{path.read_text().strip()}\n"
+        return f"## {title}\n\nNot run yet (`python benchmarks/{name}.py`).\n"
+    return f"## {title}\n\n`python benchmarks/{name}.py` → `results/{name}.json`\n\n{path.read_text().strip()}\n"
 
 
 def report(note: str, command: str) -> str:
@@ -74,7 +73,6 @@ def report(note: str, command: str) -> str:
         f"```\n{command}\n```\n",
         section("param_counts", "Trainable parameters (meta device, real configs)"),
         section("step_time", "Training step time"),
-        section("step_time_full", "Training step time at the issue's full LLaMA shape"),
         section("memory", "Memory"),
         section("inference", "Inference latency"),
         section("batched_generation", "Batched multi-adapter generation (pipelines/)"),
