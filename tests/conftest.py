@@ -14,3 +14,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _fit(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, lr: float, steps: int = 30) -> tuple[float, float]:
+    """``steps`` Adam steps of MSE on the trainable parameters; returns (first loss, last loss)."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(model(x), target)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses[0], losses[-1]
+
+
+@pytest.fixture
+def fit():
+    """The regression training loop shared by the per-method "30 steps reduce the loss" tests."""
+    return _fit
