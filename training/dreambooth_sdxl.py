@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import warnings
