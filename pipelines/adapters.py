@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -374,6 +374,15 @@ class AdapterSet:
         from mm_subspace.inject import adapter_layers
 
         return any(layer.merged for m in self._with_state().values() for _, layer in adapter_layers(m))
+
+    def batch_rows(self, adapters: Sequence[str | None], scales: dict[str, float] | None, what: str) -> list[str | None]:
+        """The row list of a batched call: non-empty, with ``scales`` (``set_scale``) applied first and kept."""
+        rows = list(adapters)
+        if not rows:
+            raise ValueError(f"{what} needs at least one adapter name (or None for the base)")
+        for name, scale in (scales or {}).items():
+            self.set_scale(name, scale)
+        return rows
 
     @contextlib.contextmanager
     def routed(self, rows: list[str | None]) -> Iterator[None]:

@@ -157,11 +157,7 @@ class LlavaAdapters(AdapterSet):
         scales: dict[str, float] | None = None,
     ) -> list[Answer]:
         """Answers of K adapters (``None`` = base) to one image and question, in one batched ``generate``."""
-        adapters = list(adapters)
-        if not adapters:
-            raise ValueError("answer_batch needs at least one adapter name (or None for the base)")
-        for name, scale in (scales or {}).items():
-            self.set_scale(name, scale)
+        adapters = self.batch_rows(adapters, scales, "answer_batch")
         with self.routed(adapters):
             start = time.perf_counter()
             texts = self._generate(self.inputs(question, image, k=len(adapters)), max_new_tokens)

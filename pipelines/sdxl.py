@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 from .adapters import SDXL_COMPONENTS, AdapterInfo, AdapterSet
 
 if TYPE_CHECKING:
-    import PIL.Image
     import torch
     from diffusers import StableDiffusionXLPipeline
 
@@ -193,11 +192,7 @@ class SDXLAdapters(AdapterSet):
         Args:
             scales: per-adapter scale (``set_scale``) applied before the call and kept.
         """
-        adapters = list(adapters)
-        if not adapters:
-            raise ValueError("generate_batch needs at least one adapter name (or None for the base)")
-        for name, scale in (scales or {}).items():
-            self.set_scale(name, scale)
+        adapters = self.batch_rows(adapters, scales, "generate_batch")
         with self.routed(adapters):
             start = time.perf_counter()
             images = self._call(
