@@ -21,6 +21,7 @@ from .errors import (
     IncompatibleAdapterError,
     MergeError,
     NonFiniteError,
+    ShippedModelError,
     SubspaceError,
     TargetError,
 )

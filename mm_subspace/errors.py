@@ -39,3 +39,7 @@ class AdapterStateError(SubspaceError, RuntimeError):
 
 class NonFiniteError(SubspaceError, FloatingPointError):
     """A NaN or inf was found in a loss or an adapter output."""
+
+
+class ShippedModelError(SubspaceError, RuntimeError):
+    """A pretrained default shipped with the package is missing, truncated or altered."""
