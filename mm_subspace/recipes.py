@@ -445,59 +445,54 @@ _VI_CONFIG = dict(
 )
 _VI_EXTRA = dict(vision_rank=64, vision_alpha=16.0, vision_targets="clip_vit", freeze_vision_tower=False,
                  load_in_4bit=False)
-register_recipe(Recipe(
-    "moslora_vi_llama3", "llava", "moslora", copy.deepcopy(_VI_CONFIG),
-    {"learning_rate": 2e-5, "train_batch_size": 8, "gradient_accumulation_steps": 2, "num_train_epochs": 1},
-    {**_VI_EXTRA, "tune_projector": "frozen"},
+def _visual_instruction(name: str, family: str, config: dict[str, Any], paper: dict[str, Any], official_lr: float,
+                        extra: dict[str, Any], cite: str, notes: str, official_cite: str, official_notes: str,
+                        model: str) -> None:
+    """Register ``name`` (the paper's Table 8 values, projector frozen) and ``name_official`` (the XTuner config)."""
+    register_recipe(Recipe(name, family, "moslora", copy.deepcopy(config), dict(paper),
+                           {**_VI_EXTRA, **extra, "tune_projector": "frozen"}, cite=cite, notes=notes + " " + _VI_DATA,
+                           model=model))
+    register_recipe(Recipe(f"{name}_official", family, "moslora", copy.deepcopy(config),
+                           {**paper, "learning_rate": official_lr, "lr_scheduler": "cosine", "max_length": 1472},
+                           {**_VI_EXTRA, **extra, "tune_projector": "full"},
+                           cite="official MoSLoRA code, visual_instruction_tuning/" + official_cite,
+                           notes=official_notes + " " + _XTUNER + " " + _VI_DATA, model=model))
+
+
+_XTUNER = ("XTuner run: AdamW, weight decay 0, grad-clip 1, fp16 AMP; LinearLR warm-up over the first 3% of the "
+           "epoch, then cosine to 0 (set --lr_warmup_steps to 3% of the steps); max_length = 2048 − 576 image tokens; "
+           "the projector trained fully from XTuner's pretrained one (XTuner's LLaVAModel never freezes it); 4 GPUs.")
+_visual_instruction(
+    "moslora_vi_llama3", "llava", _VI_CONFIG,
+    {"learning_rate": 2e-5, "train_batch_size": 8, "gradient_accumulation_steps": 2, "num_train_epochs": 1}, 2e-5, {},
     cite="MoSLoRA §4.2, Table 8 (LLaMA-3+ViT column), App. B.2; Table 5 (57.1 avg Kaiming, 57.3 orthogonal)",
     notes="LLM q,k,v,o,gate,up,down r=64 α=128; every ViT linear (attention and MLP fc1/fc2, as the official XTuner "
           "config's find_all_linear_names) r=64 α=16; the pretrained projector kept (§4.2). Table 5's 'Orth' row: "
           "override mixer_init='orthogonal'. Dropout 0.05 is the official config's (Table 8 gives none). The "
-          "official XTuner run differs: the projector is trained fully (XTuner's LLaVAModel never freezes it), "
-          "warm-up 3% then cosine, max_length 1472, 4 GPUs: moslora_vi_llama3_official. " + _VI_DATA,
+          "official XTuner run differs (projector trained fully, cosine schedule): moslora_vi_llama3_official.",
+    official_cite="kaiming_mix_lora_llava_llama3_8b_instruct_clip_vit_large_p14_336_lora_e1_gpu4_finetune.py",
+    official_notes="Per-device batch 8 × accumulation 2 (global 64), lr 2e-5 as in Table 8.",
     model=_VI_LLAMA3_MODEL,
-))
-register_recipe(Recipe(
-    "moslora_vi_llama3_official", "llava", "moslora", copy.deepcopy(_VI_CONFIG),
-    {"learning_rate": 2e-5, "train_batch_size": 8, "gradient_accumulation_steps": 2, "num_train_epochs": 1,
-     "lr_scheduler": "cosine", "max_length": 1472},
-    {**_VI_EXTRA, "tune_projector": "full"},
-    cite="official MoSLoRA code, visual_instruction_tuning/kaiming_mix_lora_llava_llama3_8b_instruct_clip_vit_large_"
-         "p14_336_lora_e1_gpu4_finetune.py",
-    notes="Per-device batch 8 × accumulation 2 on 4 GPUs (global 64); AdamW, weight decay 0, grad-clip 1, fp16 AMP; "
-          "LinearLR warm-up over the first 3% of the epoch, then cosine to 0 (set --lr_warmup_steps to 3% of the "
-          "steps); max_length = 2048 − 576 image tokens; projector trained fully from XTuner's pretrained one. "
-          + _VI_DATA,
-    model=_VI_LLAMA3_MODEL,
-))
+)
 _VI_INTERNLM2_MODEL = ("LLaVA with internlm/internlm2-chat-7b (4-bit NF4, double quantisation), "
                        "openai/clip-vit-large-patch14-336 and XTuner's pretrained projector")
-_QCONFIG = {**copy.deepcopy(_VI_CONFIG), "rank": 512, "alpha": 256, "targets": "internlm2_vl"}
-register_recipe(Recipe(
-    "qmoslora_vi_internlm2", "internlm2_vl", "moslora", _QCONFIG,
-    {"learning_rate": 2e-5, "train_batch_size": 16, "gradient_accumulation_steps": 1, "num_train_epochs": 1},
-    {**_VI_EXTRA, "load_in_4bit": True, "tune_projector": "frozen"},
+_visual_instruction(
+    "qmoslora_vi_internlm2", "internlm2_vl", {**_VI_CONFIG, "rank": 512, "alpha": 256, "targets": "internlm2_vl"},
+    {"learning_rate": 2e-5, "train_batch_size": 16, "gradient_accumulation_steps": 1, "num_train_epochs": 1}, 2e-4,
+    {"load_in_4bit": True},
     cite="MoSLoRA §4.2, Table 8 (InternLM2+ViT column), App. B.2 (NF4 with double quantisation); Table 5 (59.5 avg)",
     notes="QMoSLoRA: the LLM loaded in 4-bit NF4 with double quantisation (mm_subspace.load_4bit), MoSLoRA r=512 "
           "α=256 on InternLM2's real module names wqkv, wo, w1, w2, w3 (preset internlm2_vl; the fused GQA wqkv is "
           "adapted whole, as PEFT/XTuner do), ViT linears r=64 α=16. The official config differs: lr 2e-4 (not "
           "Table 8's 2e-5), plain LoRA on the ViT (lora_use_mixer=False), projector trained fully: "
-          "qmoslora_vi_internlm2_official. " + _VI_DATA,
+          "qmoslora_vi_internlm2_official.",
+    official_cite="kaiming_mix_lora_llava_internlm2_chat_7b_qlora_clip_vit_large_p14_336_lora_e1_gpu4_finetune.py",
+    official_notes="lr 2e-4 (Table 8 says 2e-5), fp16 compute dtype, per-device batch 16. The official ViT adapter is "
+                   "plain LoRA (no mixer); one mm_subspace config has one method, so this recipe puts MoSLoRA on the "
+                   "ViT too (+64² params per ViT linear) — inject a separate lora config on the vision tower to match "
+                   "it exactly.",
     model=_VI_INTERNLM2_MODEL,
-))
-register_recipe(Recipe(
-    "qmoslora_vi_internlm2_official", "internlm2_vl", "moslora", copy.deepcopy(_QCONFIG),
-    {"learning_rate": 2e-4, "train_batch_size": 16, "gradient_accumulation_steps": 1, "num_train_epochs": 1,
-     "lr_scheduler": "cosine", "max_length": 1472},
-    {**_VI_EXTRA, "load_in_4bit": True, "tune_projector": "full"},
-    cite="official MoSLoRA code, visual_instruction_tuning/kaiming_mix_lora_llava_internlm2_chat_7b_qlora_clip_vit_"
-         "large_p14_336_lora_e1_gpu4_finetune.py",
-    notes="lr 2e-4 (Table 8 says 2e-5), warm-up 3% then cosine, fp16 compute dtype, per-device batch 16 on 4 GPUs. "
-          "The official ViT adapter is plain LoRA (no mixer); one mm_subspace config has one method, so this recipe "
-          "puts MoSLoRA on the ViT too (+64² params per ViT linear) — inject a separate lora config on the vision "
-          "tower to match it exactly. " + _VI_DATA,
-    model=_VI_INTERNLM2_MODEL,
-))
+)
 
 _SDXL = dict(rank=4, alpha=4.0, targets="sdxl_unet")
 _SDXL_TRAINING = {"learning_rate": 1e-4, "train_batch_size": 1, "gradient_accumulation_steps": 4,
