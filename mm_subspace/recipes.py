@@ -334,20 +334,19 @@ def apply_recipe_to_args(
             f"its flags: {', '.join('--' + d for d in sorted(dests))}. Use a recipe made for this script "
             f"(family {recipe.family!r}), or apply it by hand from recipe.training / recipe.extra."
         )
-    applied: dict[str, Any] = {}
+    # plan every assignment first, so a bad value (not one of a flag's choices) also fails before any change
+    plan: dict[str, Any] = {}
 
     def put(dest: str, value: Any, key: str) -> None:
         if dest in explicit:
             logger.info("recipe %s: keeping --%s=%r given explicitly (recipe: %r)", recipe.name, dest, getattr(args, dest), value)
-            return
-        value = _as_flag_value(key, value, dests[dest])
-        setattr(args, dest, value)
-        applied[dest] = value
+        else:
+            plan[dest] = _as_flag_value(key, value, dests[dest])
 
     method_dest = next((d for d in METHOD_DESTS if d in dests), None)
     if method_dest is not None:
         put(method_dest, recipe.method, "method")
-    method = getattr(args, method_dest) if method_dest is not None else recipe.method
+    method = plan.get(method_dest, getattr(args, method_dest)) if method_dest is not None else recipe.method
     fields = get_method(method).config_class.field_names()
     skipped = []
     for key, value in recipe.config.items():
@@ -363,6 +362,9 @@ def apply_recipe_to_args(
                     recipe.name, ", ".join(skipped), parser.prog)
     for key, value in values.items():
         put(_dest(key, dests, FLAG_ALIASES), value, key)
+    for dest, value in plan.items():
+        setattr(args, dest, value)
+    applied = dict(plan)
     rank_dest, alpha_dest = _dest("rank", dests, CONFIG_FLAGS), _dest("alpha", dests, CONFIG_FLAGS)
     if ("rank" in recipe.config and "alpha" in recipe.config and rank_dest in explicit and alpha_dest in applied
             and getattr(args, rank_dest)):

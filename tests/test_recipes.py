@@ -423,6 +423,16 @@ def test_apply_recipe_to_args_unknown_keys_fail_before_changing_anything():
                                           r"visual_instruction.py has no flag"):
         apply_recipe_to_args("moslora_sdxl", args, parser, [])
     assert vars(args) == before
+    choices = argparse.ArgumentParser(prog="x.py")
+    choices.add_argument("--tune_projector", choices=["freeze", "train"])
+    choices.add_argument("--learning_rate", type=float, default=1.0)
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "vision_rank", "vision_alpha",
+                 "vision_targets", "freeze_vision_tower", "load_in_4bit"):
+        choices.add_argument(f"--{flag}")
+    args = choices.parse_args([])
+    with pytest.raises(ConfigError, match=r"tune_projector='frozen' is not one of --tune_projector's choices"):
+        apply_recipe_to_args("moslora_vi_llama3", args, choices, [])
+    assert args.learning_rate == 1.0  # nothing was set
     with pytest.raises(ConfigError, match="unknown recipe"):
         apply_recipe_to_args("nope", args, parser, [])
 
