@@ -166,9 +166,15 @@ class Recipe:
 
     def build_config(self, **overrides: Any) -> AdapterConfig:
         """``config_for(method, **{**config, **overrides})``: the adapter config of this experiment."""
-        from . import config_for
+        from .registry import get_method
 
-        return config_for(self.method, **{**copy.deepcopy(self.config), **overrides})
+        cls = get_method(self.method).config_class
+        fields = {**copy.deepcopy(self.config), **overrides}
+        unknown = sorted(set(fields) - cls.field_names())
+        if unknown:
+            raise ConfigError(f"recipe {self.name!r}: unknown field(s) {unknown} for method {self.method!r}; "
+                              f"valid fields: {sorted(cls.field_names())}")
+        return cls(**fields)
 
     def check_family(self, model: Any) -> None:
         """Raise :class:`RecipeFamilyError` naming the recipe's family and the model's class when they differ."""

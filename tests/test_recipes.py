@@ -350,6 +350,11 @@ def test_unknown_recipe_lists_recipes_and_suggests():
     message = str(err.value)
     assert "Did you mean 'moslora_commonsense'" in message and "sulora_domainbed" in message
     assert "survey_glue_" in message
+    with pytest.raises(ConfigError, match="unknown family 'unet'"):
+        recipes.register_recipe(recipes.Recipe("mine", "unet", "lora"))
+    with pytest.raises(ConfigError, match="unknown field"):
+        recipes.register_recipe(recipes.Recipe("mine", "sdxl", "lora", {"mixer_init": "orthogonal"}))
+    assert "mine" not in list_recipes()
 
 
 def test_recipe_of_another_family_names_both():
@@ -461,3 +466,24 @@ def test_cli_recipes(capsys):
     assert "num_subspaces=8" in capsys.readouterr().out
     assert main(["recipes", "sulora_glue"]) == 1
     assert "Did you mean" in capsys.readouterr().err
+
+
+def test_dreambooth_recipe_flag_uses_the_recipes():
+    """training/dreambooth_sdxl.py --recipe: moslora_sdxl = §4.3 / official script; lora_sdxl; explicit flags win."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "dreambooth_sdxl_recipes", Path(__file__).resolve().parents[1] / "training" / "dreambooth_sdxl.py")
+    db = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(db)
+    args = db.parse_args(["--recipe", "moslora_sdxl"])
+    assert (args.adapter, args.rank, args.alpha, args.mixer_init, args.target_preset, args.learning_rate,
+            args.lr_scheduler, args.train_batch_size * args.gradient_accumulation_steps, args.max_train_steps,
+            args.validation_inference_steps, args.with_prior_preservation, args.train_text_encoder) == (
+        "moslora", 4, 4.0, "orthogonal", "sdxl_unet", 1e-4, "constant", 4, 500, 50, False, False)
+    assert vars(db.parse_args(["--recipe", "moslora_paper"])) == {**vars(args), "recipe": "moslora_paper"}
+    lora = db.parse_args(["--recipe", "lora_sdxl", "--rank", "16", "--validation_inference_steps", "25"])
+    assert (lora.adapter, lora.rank, lora.alpha, lora.mixer_init, lora.validation_inference_steps) == ("lora", 16, 16.0, None, 25)
+    with pytest.raises(SystemExit):
+        db.parse_args(["--recipe", "moslora_vi_llama3"])  # not an SDXL recipe: argparse lists the choices
