@@ -85,4 +85,7 @@ def config_for(method: str, **kwargs) -> AdapterConfig:
     return get_method(method).config_class(**kwargs)
 
 
+from . import recipes  # noqa: E402  (registers recipes; needs config_for above)
+from .recipes import get_recipe, list_recipes  # noqa: E402
+
 __all__ = [name for name in dir() if not name.startswith("_")]

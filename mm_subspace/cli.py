@@ -6,6 +6,7 @@
     mm-subspace export out/adapter --to kohya out/my_lora.safetensors
     mm-subspace import-moslora official_ckpt/ out/diffusers_lora --to diffusers --component unet
     mm-subspace merge --base path/to/model --adapter out/adapter out/merged
+    mm-subspace recipes [NAME] [--family llava]
 
 Every subcommand works from folders on disk (``export`` and ``import-moslora`` do not even need
 the base model: the adapters are rebuilt on stand-ins of the recorded shapes). Bad input prints one
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     p.add_argument("--component", choices=COMPONENTS, default=None,
                    help="for a pipeline base and a single adapter: the component it adapts")
+
+    p = sub.add_parser("recipes", help="list the paper recipes (--recipe NAME of the training scripts), or describe one",
+                       description="List the recipes of mm_subspace.recipes (MoSLoRA, SuLoRA and the subspace-tuning "
+                                   "survey's experiments) with family, method and citation, or print one in full.")
+    p.add_argument("name", nargs="?", default=None, help="a recipe name: print its config, training values and notes")
+    p.add_argument("--family", default=None, help="only recipes of this model family (llama, llava, sdxl, roberta, ...)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 
 
@@ -196,7 +204,27 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"inspect": _inspect, "export": _export, "import-moslora": _import_moslora, "merge": _merge}
+def _recipes(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .recipes import get_recipe, list_recipes
+
+    if args.name:
+        recipe = get_recipe(args.name)
+        print(json.dumps(dataclasses.asdict(recipe), indent=2) if args.json else recipe.describe())
+        return 0
+    recipes = [get_recipe(n) for n in list_recipes(args.family)]
+    if args.json:
+        print(json.dumps([{"name": r.name, "family": r.family, "method": r.method, "cite": r.cite} for r in recipes],
+                         indent=2))
+        return 0
+    width = max(len(r.name) for r in recipes)
+    for r in recipes:
+        print(f"{r.name:{width}s}  {r.family:12s} {r.method:16s} {r.cite}")
+    return 0
+
+
+COMMANDS = {"recipes": _recipes, "inspect": _inspect, "export": _export, "import-moslora": _import_moslora, "merge": _merge}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

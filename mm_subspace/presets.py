@@ -143,25 +143,44 @@ register_preset(Preset(
 ))
 
 LLAVA_LM = r"language_model\.(.*\.)?(q|k|v|o|gate|up|down)_proj"
-LLAVA_VISION = r"vision_tower\.(.*\.)?self_attn\.(q|k|v|out)_proj"
+LLAVA_VISION_ATTN = r"vision_tower\.(.*\.)?self_attn\.(q|k|v|out)_proj"
+LLAVA_VISION = r"vision_tower\.(.*\.)?(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
 LLAVA_PROJECTOR = r"multi_modal_projector\.linear_[12]"
-LLAVA_SUFFIXES = LLAMA_ATTN + LLAMA_MLP + ("out_proj", "linear_1", "linear_2")
+VIT_LINEARS = ("out_proj", "fc1", "fc2")
+LLAVA_SUFFIXES = LLAMA_ATTN + LLAMA_MLP + VIT_LINEARS
 
+# issue 12 item 7: ``llava`` used to adapt the projector and only the ViT attention while crediting MoSLoRA §4.2.
+# The paper (§4.2) keeps XTuner's pretrained projector and its XTuner configs adapt every ViT linear
+# (find_all_linear_names: q,k,v,out_proj and mlp.fc1/fc2), so ``llava`` is now that set; the old one is
+# ``llava_attn_projector``.
 register_preset(Preset(
     "llava", LLAVA_SUFFIXES,
-    "LLaVA (transformers LlavaForConditionalGeneration): the language model's q,k,v,o,gate,up,down projections "
-    "(model.language_model.layers.N...), the CLIP vision tower's attention q,k,v,out_proj "
-    "(model.vision_tower.encoder.layers.N.self_attn...) and the multimodal projector linear_1/linear_2 — the MoSLoRA "
-    "paper's visual-instruction-tuning set (§4.2, Table 8: LLM q,k,v,o,up,down,gate + ViT). Give the vision tower "
-    "and projector their own rank/alpha with rank_pattern/alpha_pattern, or build the config with "
-    "presets.llava_config(...) (paper: LLM r=64 α=128, vision r=64 α=16).",
+    "LLaVA (transformers LlavaForConditionalGeneration) as in the MoSLoRA paper (§4.2, Table 8, App. B.2): the "
+    "language model's q,k,v,o,gate,up,down projections (model.language_model.layers.N...) and every linear of the "
+    "CLIP vision tower — attention q,k,v,out_proj and MLP fc1, fc2 (model.vision_tower.encoder.layers.N...), which is "
+    "what the official XTuner configs adapt (no target_modules: XTuner's find_all_linear_names). The multimodal "
+    "projector is not adapted: the paper starts from XTuner's pretrained projector (freeze it, or train it fully with "
+    "trainable_modules=['multi_modal_projector'] as XTuner's LLaVAModel does). Give the vision tower its own "
+    "rank/alpha with presets.llava_config(...) (paper: LLM r=64 α=128, vision r=64 α=16) or the recipe "
+    "mm_subspace.recipes.get_recipe('moslora_vi_llama3').",
+    include=rf"({LLAVA_LM}|{LLAVA_VISION})$",
+))
+register_preset(Preset(
+    "llava_no_projector", LLAVA_SUFFIXES,
+    "Same modules as llava (which no longer adapts the projector); kept so configs naming it keep working.",
+    include=rf"({LLAVA_LM}|{LLAVA_VISION})$",
+))
+register_preset(Preset(
+    "llava_projector", LLAVA_SUFFIXES + ("linear_1", "linear_2"),
+    "llava plus LoRA-style adapters on the multimodal projector linear_1/linear_2 (llava_config(projector='adapt')). "
+    "Not the paper's setting (it keeps the pretrained projector).",
     include=rf"({LLAVA_LM}|{LLAVA_VISION}|{LLAVA_PROJECTOR})$",
 ))
 register_preset(Preset(
-    "llava_no_projector", LLAMA_ATTN + LLAMA_MLP + ("out_proj",),
-    "The llava preset without the multimodal projector: for training the projector fully "
-    "(trainable_modules=['multi_modal_projector'], as llava_config(projector='train') sets) or keeping it frozen.",
-    include=rf"({LLAVA_LM}|{LLAVA_VISION})$",
+    "llava_attn_projector", LLAMA_ATTN + LLAMA_MLP + ("out_proj", "linear_1", "linear_2"),
+    "The llava preset before issue 12: LLM projections, vision-tower attention only (no fc1/fc2) and the projector "
+    "adapted. Kept for reproducing adapters trained with it.",
+    include=rf"({LLAVA_LM}|{LLAVA_VISION_ATTN}|{LLAVA_PROJECTOR})$",
 ))
 
 PROJECTOR_MODES = ("adapt", "train", "freeze")
@@ -173,20 +192,22 @@ def llava_config(
     llm_alpha: float = 128.0,
     vision_rank: int = 64,
     vision_alpha: float = 16.0,
-    projector: str = "adapt",
+    projector: str = "freeze",
     projector_rank: int | None = None,
     projector_alpha: float | None = None,
     **kwargs,
 ):
     """Config of ``method`` for a LLaVA with separate LLM / vision / projector rank and alpha.
 
-    Defaults are the MoSLoRA paper's LLaMA3+ViT recipe (Table 8: r 64/64, α 128/16). For its
-    InternLM2 QLoRA recipe pass ``llm_rank=512, llm_alpha=256``.
+    Defaults are the MoSLoRA paper's LLaMA3+ViT recipe (Table 8: r 64/64, α 128/16; projector kept as
+    pretrained, §4.2). Its InternLM2 recipe has other module names: use the ``internlm2_vl`` preset /
+    the ``qmoslora_vi_internlm2`` recipe (:mod:`mm_subspace.recipes`).
 
     Args:
-        projector: ``"adapt"`` (adapters on linear_1/linear_2, rank/alpha = ``projector_rank``/
-            ``projector_alpha``, default the vision ones), ``"train"`` (trained fully and saved with the
-            adapter, like PEFT's ``modules_to_save``) or ``"freeze"``.
+        projector: ``"freeze"`` (default; the paper text keeps XTuner's pretrained projector),
+            ``"train"`` (trained fully and saved with the adapter, like PEFT's ``modules_to_save``; what
+            XTuner's ``LLaVAModel`` does in the official configs) or ``"adapt"`` (adapters on
+            linear_1/linear_2, rank/alpha = ``projector_rank``/``projector_alpha``, default the vision ones).
         kwargs: other fields of the method's config (``dropout``, ``mixer_init``, ...).
     """
     from .registry import get_method
@@ -204,12 +225,113 @@ def llava_config(
     return get_method(method).config_class(
         rank=llm_rank,
         alpha=llm_alpha,
-        targets="llava" if projector == "adapt" else "llava_no_projector",
+        targets="llava_projector" if projector == "adapt" else "llava",
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         trainable_modules=trainable,
         **kwargs,
     )
+
+
+# -- InternLM2 (issue 12 item 7) ----------------------------------------------------------------------------
+# InternLM2 (internlm/internlm2-chat-7b, HF remote code) names: model.layers.N.attention.wqkv / .wo and
+# model.layers.N.feed_forward.w1 / w2 / w3 (w1 = gate, w3 = up, w2 = down). wqkv is fused in a grouped-query
+# layout — per key/value head, [q heads of the group; k; v] interleaved — not the [Q; K; V] thirds that
+# mm_subspace.fused splits, so it is adapted as one matrix, exactly as PEFT and the official XTuner configs do.
+INTERNLM2_LM = r"(^|\.)layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.w[123])"
+VISION_TOWER_ANY = r"(vision_tower|visual_encoder)\.(.*\.)?(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
+register_preset(Preset(
+    "internlm2", ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
+    "Every linear of an InternLM2 decoder layer: the fused attention.wqkv (grouped-query layout, adapted whole) and "
+    "attention.wo, the SwiGLU feed_forward.w1/w3 (gate/up) and w2 (down) — the QLoRA 'all linear' set that XTuner's "
+    "find_all_linear_names gives (output, the LM head, excluded).",
+    include=rf"{INTERNLM2_LM}$",
+))
+register_preset(Preset(
+    "internlm2_vl", ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+    + VIT_LINEARS + ("q_proj", "k_proj", "v_proj"),
+    "LLaVA-InternLM2 as in the MoSLoRA paper's QMoSLoRA recipe (§4.2, Table 8, App. B.2): the internlm2 preset on "
+    "the language model plus every linear of the CLIP vision tower (self_attn q,k,v,out_proj, mlp fc1/fc2; under "
+    "vision_tower. or XTuner's visual_encoder.). The projector is not adapted. InternLM2 is remote code (not in "
+    "transformers), so the preset is tested on a stand-in module tree with its real attribute names.",
+    include=rf"({INTERNLM2_LM}|{VISION_TOWER_ANY})$",
+))
+
+# -- q,v-only and encoder presets for the SuLoRA and survey recipes (issue 16) --------------------------
+register_preset(Preset(
+    "llama_qv", ("q_proj", "v_proj"),
+    "W_Q and W_V of every LLaMA attention layer — the SuLoRA paper's choice in all its experiments (§4.3, after "
+    "AdaLoRA): INSTRUCTEVAL on LLaMA-2-7B. Table 3's LoRA 33.6M = r 64 on q,v of LLaMA-2-7B (tested).",
+    exclude=r"(^|\.)vision_tower\.",
+))
+register_preset(Preset(
+    "llava_qv", ("q_proj", "v_proj"),
+    "W_Q and W_V of the LLaVA language model only (SuLoRA §4.3, multimodal tasks on LLaVA); vision tower and "
+    "projector untouched.",
+    include=r"language_model\.(.*\.)?(q|v)_proj$",
+))
+register_preset(Preset(
+    "timm_vit_qv", ("attn.qkv",),
+    "The q and v slices of timm VisionTransformer's fused attn.qkv (one adapter per slice, k untouched): SuLoRA's "
+    "DomainBed setting (W_Q and W_V of an ImageNet ViT, §4.3).",
+    include=r"(^|\.)blocks\.\d+\.",
+    extra={"fused_slices": {r"attn\.qkv": ["q", "v"]}},
+))
+_ENCODER_LAYER = r"(^|\.)layer\.\d+\."
+register_preset(Preset(
+    "roberta_qv", ("attention.self.query", "attention.self.value"),
+    "W_Q and W_V of every RoBERTa/BERT encoder layer (attention.self.query / .value): SuLoRA's GLUE setting (§4.3) "
+    "and LoRA's (Hu et al. §7.1).",
+    include=_ENCODER_LAYER,
+))
+register_preset(Preset(
+    "roberta", ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                "intermediate.dense", "output.dense"),
+    "Every linear of a RoBERTa/BERT encoder layer: query, key, value, attention.output.dense, intermediate.dense "
+    "(FFN in) and output.dense (FFN out); the pooler and classifier head are excluded. The subspace-tuning survey's "
+    "'all linear layers' for LoRA/DoRA/FLoRA/TriLoRA/adapters on GLUE (Implementation Details; Supplementary "
+    "Tables 2 and 4).",
+    include=_ENCODER_LAYER,
+))
+register_preset(Preset(
+    "roberta_ia3", ("attention.self.key", "attention.self.value", "output.dense"),
+    "(IA)³'s placement on RoBERTa (Liu et al. 2022 §3.3; survey Implementation Details): keys, values and the FFN's "
+    "intermediate activation — the input of the FFN's second layer output.dense, so use it with "
+    "IA3Config(feedforward=['output.dense']). attention.output.dense is excluded.",
+    include=r"(^|\.)layer\.\d+\.(attention\.self\.(key|value)|output\.dense)$",
+))
+register_preset(Preset(
+    "roberta_kvi", ("attention.self.key", "attention.self.value", "intermediate.dense"),
+    "SSL/SSB on RoBERTa as in the survey (keys, values and the FFN intermediate, 'along with (IA)³'): key, value and "
+    "intermediate.dense, whose output is the intermediate activation. This reading reproduces the survey's counts "
+    "(RoBERTa-base: SSL 0.22‰, SSB 0.66‰; Supplementary Table 2, tested).",
+    include=_ENCODER_LAYER,
+))
+register_preset(Preset(
+    "deberta_v2_qv", ("attention.self.query_proj", "attention.self.value_proj"),
+    "W_Q and W_V of every DeBERTa-v2/v3 layer (attention.self.query_proj / value_proj).",
+    include=_ENCODER_LAYER,
+))
+register_preset(Preset(
+    "deberta_v2", ("attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj",
+                   "attention.output.dense", "intermediate.dense", "output.dense"),
+    "Every linear of a DeBERTa-v2/v3 layer (query_proj, key_proj, value_proj, attention.output.dense, "
+    "intermediate.dense, output.dense); pooler and classifier excluded. The survey's 'all linear layers' on "
+    "DeBERTaV3-base (Supplementary Table 3).",
+    include=_ENCODER_LAYER,
+))
+register_preset(Preset(
+    "deberta_v2_ia3", ("attention.self.key_proj", "attention.self.value_proj", "output.dense"),
+    "(IA)³ on DeBERTa-v2/v3: key_proj, value_proj and the FFN's second layer output.dense (use feedforward="
+    "['output.dense']); see roberta_ia3.",
+    include=r"(^|\.)layer\.\d+\.(attention\.self\.(key|value)_proj|output\.dense)$",
+))
+register_preset(Preset(
+    "deberta_v2_kvi", ("attention.self.key_proj", "attention.self.value_proj", "intermediate.dense"),
+    "SSL/SSB on DeBERTa-v2/v3 as in the survey: key_proj, value_proj, intermediate.dense (see roberta_kvi; "
+    "DeBERTaV3-base: SSL 0.15‰, SSB 0.45‰, Supplementary Table 3, tested).",
+    include=_ENCODER_LAYER,
+))
 
 
 def with_preset_defaults(config):

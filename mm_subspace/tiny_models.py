@@ -14,7 +14,8 @@ the rename uses the winner's folder). Bump the ``-vN`` suffix whenever a config 
 Tiny SDXL (``tiny_sdxl_path``): VAE scale factor 2 (two VAE blocks), UNet ``sample_size`` 32,
 so the pipeline's default image is 64x64 with 32x32 latents.
 
-Real-size configs (``llama3_8b_config``, ``clip_vit_l14_config``, ``sdxl_base_unet_config``)
+Real-size configs (``llama3_8b_config``, ``llama2_7b_config``, ``clip_vit_l14_config``,
+``sdxl_base_unet_config``, ``roberta_base_config``, ``roberta_large_config``, ``deberta_v3_base_config``)
 are for parameter counting on ``torch.device("meta")``; they carry no weights.
 """
 
@@ -63,6 +64,10 @@ __all__ = [
     "clip_tokenizer_files",
     "clip_vit_l14_config",
     "llama3_8b_config",
+    "llama2_7b_config",
+    "roberta_base_config",
+    "roberta_large_config",
+    "deberta_v3_base_config",
     "lm_tokenizer",
     "sample_photo",
     "sdxl_base_unet_config",
@@ -748,6 +753,49 @@ def sdxl_base_unet_config() -> dict[str, Any]:
         "upcast_attention": False,
         "use_linear_projection": True,
     }
+
+
+def llama2_7b_config() -> LlamaConfig:
+    """Config of meta-llama/Llama-2-7b-hf (6,738,415,616 parameters): the SuLoRA INSTRUCTEVAL backbone."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, hidden_act="silu",
+    )
+
+
+def _roberta_config(hidden: int, layers: int, heads: int) -> Any:
+    from transformers import RobertaConfig
+
+    return RobertaConfig(
+        vocab_size=50265, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=4 * hidden, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    )
+
+
+def roberta_base_config() -> Any:
+    """``RobertaConfig`` of FacebookAI/roberta-base (``RobertaModel``: 124,645,632 parameters)."""
+    return _roberta_config(768, 12, 12)
+
+
+def roberta_large_config() -> Any:
+    """``RobertaConfig`` of FacebookAI/roberta-large (``RobertaModel``: 355,359,744 parameters)."""
+    return _roberta_config(1024, 24, 16)
+
+
+def deberta_v3_base_config() -> Any:
+    """``DebertaV2Config`` of microsoft/deberta-v3-base (``DebertaV2Model``: 183,831,552 parameters)."""
+    from transformers import DebertaV2Config
+
+    return DebertaV2Config(
+        vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        hidden_act="gelu", max_position_embeddings=512, type_vocab_size=0, layer_norm_eps=1e-7,
+        relative_attention=True, max_relative_positions=-1, position_buckets=256, norm_rel_ebd="layer_norm",
+        share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False, pad_token_id=0,
+    )
 
 
 # --------------------------------------------------------------------------- photos

@@ -130,19 +130,28 @@ def llava_inputs():
 
 
 def test_llava_preset_separate_vision_rank_alpha(llava_inputs):
+    # issue 12 item 7 (deliberate change): the vision tower's MLP fc1/fc2 are adapted too (2 layers × 6, was × 4),
+    # as in the MoSLoRA paper's XTuner configs, and the projector is adapted only with projector="adapt"
     model, _ = tiny_models.tiny_llava()
-    config = presets.llava_config("moslora", llm_rank=8, llm_alpha=16, vision_rank=4, vision_alpha=2)
-    check_preset(model, config, lambda m: m(**llava_inputs), 14 + 8 + 2)
+    config = presets.llava_config("moslora", llm_rank=8, llm_alpha=16, vision_rank=4, vision_alpha=2, projector="adapt")
+    assert config.targets == "llava_projector"
+    check_preset(model, config, lambda m: m(**llava_inputs), 14 + 12 + 2)
     adapters = dict(mms.iter_adapters(model))
     lm = adapters["model.language_model.layers.0.self_attn.q_proj"]
     vision = adapters["model.vision_tower.encoder.layers.1.self_attn.out_proj"]
     projector = adapters["model.multi_modal_projector.linear_2"]
     assert (lm.rank, lm.alpha, vision.rank, vision.alpha, projector.rank, projector.alpha) == (8, 16.0, 4, 2.0, 4, 2.0)
-    assert not any(".mlp.fc" in n for n in adapters)  # vision tower: attention only
+    assert adapters["model.vision_tower.encoder.layers.0.mlp.fc2"].rank == 4  # vision tower: every linear
+
+
+def test_llava_attn_projector_is_the_previous_llava_preset(llava_inputs):
+    model, _ = tiny_models.tiny_llava()
+    check_preset(model, mms.LoraConfig(rank=4, targets="llava_attn_projector"), lambda m: m(**llava_inputs), 14 + 8 + 2)
+    assert not any(".mlp.fc" in n for n, _ in mms.adapter_layers(model))
 
 
 def test_llava_config_paper_defaults():
-    """MoSLoRA Table 8, LLaMA3+ViT: LLM r=64 α=128, vision r=64 α=16."""
+    """MoSLoRA Table 8, LLaMA3+ViT: LLM r=64 α=128, vision r=64 α=16; the projector is not adapted (§4.2)."""
     config = presets.llava_config()
     lm, vit = "model.language_model.layers.3.mlp.down_proj", "model.vision_tower.encoder.layers.7.self_attn.k_proj"
     assert (config.rank_for(lm), config.alpha_for(lm), config.rank_for(vit), config.alpha_for(vit)) == (64, 128.0, 64, 16.0)
@@ -154,7 +163,7 @@ def test_llava_config_paper_defaults():
 def test_llava_projector_trained_fully_saved_and_loaded(llava_inputs, tmp_path):
     model, _ = tiny_models.tiny_llava()
     config = presets.llava_config("lora", llm_rank=4, llm_alpha=8, vision_rank=4, vision_alpha=4, projector="train")
-    check_preset(model, config, lambda m: m(**llava_inputs), 14 + 8)
+    check_preset(model, config, lambda m: m(**llava_inputs), 14 + 12)  # ViT fc1/fc2 included since issue 12 item 7
     projector = model.model.multi_modal_projector
     assert all(p.requires_grad for p in projector.parameters())
     assert mms.trainable_parameters(model)[0] == sum(p.numel() for p in projector.parameters()) + sum(

@@ -24,8 +24,8 @@ loop under ``accumulate``, checkpoints on ``sync_gradients``, validation, save),
 * Every random draw of a step (data order, VAE sample, noise, timesteps) comes from a generator
   seeded by ``(seed, rank, micro step)``, so ``--resume_from_checkpoint latest`` after a kill
   reproduces the uninterrupted run bit for bit on CPU.
-* ``--recipe moslora_paper``: the MoSLoRA paper's SDXL setting (Wu et al. 2024, §4.3): lr 1e-4,
-  batch 4, 500 steps, orthogonal mixer init. Flags given explicitly still win.
+* ``--recipe moslora_sdxl`` (alias ``moslora_paper``): the MoSLoRA paper's SDXL setting as the official
+  script runs it (Wu et al. 2024, §4.3; :mod:`mm_subspace.recipes`). Flags given explicitly still win.
 """
 
 from __future__ import annotations
@@ -75,16 +75,8 @@ EMBEDDED_INSTANCE_IMAGES = 4
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TEXT_ENCODER_PARTS = ("text_encoder", "text_encoder_2")
 
-#: ``--recipe`` presets; ``total_batch_size`` is reached through gradient accumulation
-RECIPES: dict[str, dict[str, Any]] = {
-    "moslora_paper": {
-        "learning_rate": 1e-4,
-        "total_batch_size": 4,
-        "max_train_steps": 500,
-        "mixer_init": "orthogonal",
-        "_doc": "MoSLoRA §4.3 (SDXL, DreamBooth): lr 1e-4, batch 4, 500 steps, orthogonal mixer init",
-    },
-}
+#: ``--recipe`` names: the SDXL recipes of mm_subspace.recipes (``moslora_paper`` = ``moslora_sdxl``, kept as an alias)
+RECIPES = (*mm_subspace.recipes.list_recipes("sdxl"), *sorted(mm_subspace.recipes.ALIASES))
 
 #: flags that map to a field of the method's config; passed only when the method has that field
 METHOD_FLAGS = ("mixer_init", "num_subspaces")
@@ -152,9 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class_inference_steps", type=int, default=25, help="Denoising steps per generated class image.")
 
     g = parser.add_argument_group("training")
-    g.add_argument("--recipe", type=str, default=None, choices=sorted(RECIPES),
-                   help="Preset hyper-parameters: moslora_paper = lr 1e-4, batch 4 (via accumulation), 500 steps, "
-                   "orthogonal mixer init (MoSLoRA §4.3). Flags given explicitly win.")
+    g.add_argument("--recipe", type=str, default=None, choices=RECIPES,
+                   help="Paper setting from mm_subspace.recipes: moslora_sdxl (alias moslora_paper) = MoSLoRA §4.3 / the "
+                   "official script: rank 4, orthogonal mixer, lr 1e-4 constant, batch 1 x accumulation 4, 500 steps, "
+                   "50 validation inference steps, no prior preservation, no text-encoder training; lora_sdxl = the "
+                   "same with LoRA. Flags given explicitly win.")
     g.add_argument("--train_batch_size", type=int, default=1, help="Batch size per process.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
     g.add_argument("--max_train_steps", type=int, default=None,
@@ -206,15 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _explicit_flags(parser: argparse.ArgumentParser, input_args: list[str] | None) -> set[str]:
     """Destinations the user passed on the command line (so recipes never override them)."""
-    quiet = argparse.ArgumentParser(add_help=False)
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help":
-            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
-            if action.nargs == 0:
-                kwargs["action"] = "store_true"
-            quiet.add_argument(*action.option_strings, **kwargs)
-    known, _ = quiet.parse_known_args(input_args)
-    return set(vars(known))
+    return mm_subspace.recipes.explicit_dests(parser, input_args)
 
 
 def _positive(args: argparse.Namespace, names: list[str], allow_zero: bool = False) -> None:
@@ -228,20 +214,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     """Parse and cross-check the flags (bad combinations raise ``ValueError`` here, before anything runs)."""
     parser = build_parser()
     args = parser.parse_args(input_args)
-    explicit = _explicit_flags(parser, input_args)
 
     adapter_cls = mm_subspace.get_method(args.adapter)  # ConfigError with "did you mean" on unknown names
     fields = adapter_cls.config_class.field_names()
 
     if args.recipe:
-        recipe = RECIPES[args.recipe]
-        for key in ("learning_rate", "max_train_steps"):
-            if key not in explicit:
-                setattr(args, key, recipe[key])
-        if "mixer_init" in fields and "mixer_init" not in explicit:
-            args.mixer_init = recipe["mixer_init"]
-        if "gradient_accumulation_steps" not in explicit:
-            args.gradient_accumulation_steps = max(1, recipe["total_batch_size"] // args.train_batch_size)
+        mm_subspace.recipes.apply_recipe_to_args(args.recipe, args, parser, input_args)
+        adapter_cls = mm_subspace.get_method(args.adapter)
+        fields = adapter_cls.config_class.field_names()
 
     for flag in METHOD_FLAGS:
         if getattr(args, flag) is not None and flag not in fields:

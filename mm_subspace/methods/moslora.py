@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..layer import LowRankAdapter
 from ..registry import register_method
 
-MIXER_INITS = ("kaiming_uniform", "orthogonal", "identity", "normal", "zero")
+MIXER_INITS = ("kaiming_uniform", "orthogonal", "identity", "normal", "normal_unit", "zero")
 
 
 @dataclass
@@ -24,8 +24,11 @@ class MoSLoRAConfig(LowRankConfig):
     Args:
         mixer_init: initialisation of the mixer M (MoSLoRA §3.2, Table 3): ``kaiming_uniform``
             (default; best average score, 85.6), ``orthogonal`` (84.4; the paper's SDXL recipe),
-            ``identity`` (starts as LoRA; 82.6), ``normal``, or ``zero`` — which never trains: with
-            B = 0 and M = 0 every gradient of A, M and B is zero (Appendix C).
+            ``identity`` (starts as LoRA; 82.6), ``normal`` (std 1/√r, so M·A keeps A's scale),
+            ``normal_unit`` (std 1: ``nn.init.normal_`` with its defaults, the commented-out option in
+            the official code's init block — the paper gives no std, so Table 3's 80.7 for "Normal
+            Distribution" was most likely this one), or ``zero`` — which never trains: with B = 0 and
+            M = 0 every gradient of A, M and B is zero (Appendix C).
     """
 
     method = "moslora"
@@ -52,6 +55,8 @@ def init_mixer(kind: str, r: int, dd: dict[str, Any]) -> torch.Tensor:
             mixer.copy_(nn.init.orthogonal_(torch.empty(r, r, device=mixer.device)))
         elif kind == "normal":
             nn.init.normal_(mixer, std=1.0 / math.sqrt(r))
+        elif kind == "normal_unit":
+            nn.init.normal_(mixer, std=1.0)
         else:
             nn.init.zeros_(mixer)
     return mixer

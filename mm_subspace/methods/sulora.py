@@ -22,6 +22,8 @@ from ..losses import load_balance_loss, record_once, training_forward
 from ..registry import register_method
 
 ORDERS = ("index", "score")
+#: ``"alpha/r"``: ΔW scaled by alpha/r like every other method here (and PEFT); ``"alpha"``: by alpha, SuLoRA Eq. (2)/(4)
+SCALING_MODES = ("alpha/r", "alpha")
 
 
 @dataclass
@@ -38,15 +40,22 @@ class SuLoRAConfig(LowRankConfig):
         balance_coef: weight of the load-balance loss (negative entropy of the batch's selection
             distribution, Eq. 6) each layer records for :func:`mm_subspace.aux_loss`; 0 disables it.
             The paper gives no value; 0.01 is the usual MoE auxiliary-loss weight.
+        scaling_mode: ``"alpha/r"`` (default): the update is scaled by ``alpha / r``, the LoRA/PEFT
+            convention every other method of this package uses; ``"alpha"``: scaled by ``alpha``
+            itself, as SuLoRA writes Eq. (2) and (4) (``W h + α·B A h``). The two agree when
+            ``alpha_paper = alpha / r``; the paper states no α value for any experiment.
     """
 
     method = "sulora"
     num_subspaces: int | None = field(default=None, metadata={"help": "N candidate columns of B (None = 2·rank)"})
     subspace_order: str = field(default="index", metadata={"help": f"order of the selected columns: one of {ORDERS}"})
     balance_coef: float = field(default=0.01, metadata={"help": "weight of the load-balance loss (Eq. 6) in aux_loss"})
+    scaling_mode: str = field(default="alpha/r", metadata={"help": f"update scale: one of {SCALING_MODES} (alpha = Eq. 2/4)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.scaling_mode not in SCALING_MODES:
+            raise ConfigError(f"sulora: scaling_mode must be one of {SCALING_MODES}, got {self.scaling_mode!r}")
         if self.subspace_order not in ORDERS:
             raise ConfigError(f"sulora: subspace_order must be one of {ORDERS}, got {self.subspace_order!r}")
         if isinstance(self.balance_coef, bool) or not isinstance(self.balance_coef, (int, float)) or self.balance_coef < 0:
@@ -69,7 +78,7 @@ class SuLoRAConfig(LowRankConfig):
 
 @register_method
 class SuLoRA(LowRankAdapter):
-    """``ΔW x = (alpha/r) · [b_{i_1} … b_{i_r}] · A · x`` with ``{i_j} = top_r softmax(W_q · mean(x))`` — SuLoRA Eq. (4)-(5).
+    """``ΔW x = s · [b_{i_1} … b_{i_r}] · A · x`` (``s = alpha/r``, or ``alpha`` with ``scaling_mode="alpha"`` as in Eq. 2/4) with ``{i_j} = top_r softmax(W_q · mean(x))`` — SuLoRA Eq. (4)-(5).
 
     Parameters: ``lora_A`` (r, in), frozen after its Kaiming-uniform init (as AsyLoRA, §3.2);
     ``lora_B`` (out, N), the bank of N column sub-spaces b_i, zero at init so step 0 equals the
@@ -115,6 +124,8 @@ class SuLoRA(LowRankAdapter):
     def __init__(self, kind: BaseKind, base: nn.Module, config: SuLoRAConfig, module_name: str) -> None:
         self.num_subspaces = config.subspaces_for(config.rank_for(module_name))
         super().__init__(kind, base, config, module_name)
+        if config.scaling_mode == "alpha":  # Eq. (2)/(4): W h + α·B A h
+            self.scaling = self.alpha
         self.router = nn.Parameter(torch.empty(self.num_subspaces, self.in_features, **self.factory))
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
