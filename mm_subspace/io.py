@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -44,26 +45,129 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 # -- atomic files ---------------------------------------------------------------------------------
+#: our temporary / backup names: ".<target>.tmp-<pid>-<8 hex>" and the same + ".old"
+_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}(?P<old>\.old)?$")
+
+
+def _fs_step(label: str) -> None:
+    """Called before every file operation of an atomic write (``label`` names it); a no-op.
+
+    The kill-at-every-point test replaces it to stop the process between any two operations.
+    """
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":
+        return True  # no cheap liveness test: leftovers are then removed by age (see leftovers())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def leftovers(folder: Path, targets: list[str] | None = None, stale_only: bool = False) -> list[Path]:
+    """Temporary/backup files of our own naming in ``folder`` (for ``targets`` names, default all).
+
+    ``stale_only``: only those whose writing process is gone (POSIX), or older than an hour (elsewhere).
+    """
+    import time
+
+    found = []
+    with contextlib.suppress(OSError):
+        for path in folder.iterdir():
+            m = _LEFTOVER.match(path.name)
+            if not m or (targets is not None and m["target"] not in targets) or not path.is_file():
+                continue
+            if stale_only:
+                pid = int(m["pid"])
+                if os.name == "posix" and _pid_alive(pid):
+                    continue
+                if os.name != "posix" and time.time() - path.stat().st_mtime < 3600:
+                    continue
+            found.append(path)
+    return sorted(found)
+
+
+def _tidy(folder: Path, targets: list[str]) -> None:
+    """Before writing ``targets`` in ``folder``: repair an interrupted adapter save, then delete stale leftovers."""
+    stale = leftovers(folder, targets, stale_only=True)
+    if not stale:
+        return
+    if WEIGHTS_NAME in targets or CONFIG_NAME in targets:
+        _repair_pair(folder)
+    for path in leftovers(folder, targets, stale_only=True):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    logger.info("removed %d leftover file(s) of interrupted saves in %s", len(stale), folder)
+
+
+def _repair_pair(folder: Path) -> None:
+    """If ``adapter_config.json`` names weights that only a leftover still holds, put them back in place."""
+    weights = folder / WEIGHTS_NAME
+    try:
+        expected = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("weights_sha256")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return
+    if not isinstance(expected, str) or (weights.is_file() and sha256_file(weights) == expected):
+        return
+    for path in leftovers(folder, [WEIGHTS_NAME]):
+        if sha256_file(path) == expected:
+            os.replace(path, weights)
+            logger.warning("%s: restored the weights of the last complete save from %s", folder, path.name)
+            return
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
     """Yield temporary paths beside ``targets``; on success rename each onto its target, in order.
 
     On any exception the temporaries are deleted and the targets are untouched — also when a rename
     fails after an earlier target was already replaced: that one is put back from a hard link of its
-    old content (so weights and config never end up from two different saves).
+    old content (so weights and config never end up from two different saves). The old content
+    stays under a backup name until the last rename is done, so a process killed between two
+    renames leaves the previous set recoverable (:func:`load_adapter` does it for adapters);
+    leftovers of killed writers are deleted by the next write into the same folder.
     """
-    temps = [t.with_name(f".{t.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}") for t in targets]
+    for folder in dict.fromkeys(t.parent for t in targets):
+        _tidy(folder, [t.name for t in targets if t.parent == folder])
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temps = [t.with_name(f".{t.name}.tmp-{tag}") for t in targets]
     olds = [tmp.with_name(tmp.name + ".old") for tmp in temps]
     done: list[tuple[Path, Path | None]] = []
     try:
+        _fs_step("write")
         yield temps
         for tmp in temps:
+            _fs_step(f"fsync {tmp.name}")
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         for tmp, target, old in zip(temps, targets, olds):
+            _fs_step(f"backup {target.name}")
             kept = _keep_old(target, old)
+            _fs_step(f"replace {target.name}")
             os.replace(tmp, target)
             done.append((target, kept))
+        for folder in dict.fromkeys(t.parent for t in targets):
+            _fs_step("fsync dir")
+            _fsync_dir(folder)
     except BaseException:
         for target, kept in reversed(done):  # roll back the renames already made
             if kept is None:
@@ -73,6 +177,8 @@ def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
         raise
     finally:
         for tmp in temps + olds:
+            if tmp.exists():
+                _fs_step(f"unlink {tmp.name.split('.tmp-')[0]}{'.old' if tmp.name.endswith('.old') else ''}")
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
@@ -248,6 +354,32 @@ def read_tensors(path: Path, expected_sha256: str | None = None) -> dict[str, to
         raise AdapterFileError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
 
 
+def adapter_weights_path(folder: Path, expected_sha256: str) -> Path:
+    """The weights file of the last complete save in ``folder``.
+
+    Normally ``adapter_model.safetensors``. A save killed between its two renames leaves the new
+    weights there but the previous config (the config's rename is the commit point); the previous
+    weights then survive under a backup name, and this returns that file (with a warning) so the
+    last complete pair loads. The next save into the folder puts it back in place.
+    """
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file() and sha256_file(weights) == expected_sha256:
+        return weights
+    for path in leftovers(folder, [WEIGHTS_NAME]):
+        if sha256_file(path) == expected_sha256:
+            logger.warning(
+                "%s: %s is from an interrupted save; loading the last complete save (weights in %s). "
+                "Saving into this folder again repairs it.", folder, WEIGHTS_NAME, path.name)
+            return path
+    return weights  # read_tensors reports the mismatch
+
+
+def read_adapter_weights(folder: str | os.PathLike, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Tensors of the last complete save in ``folder`` whose ``adapter_config.json`` is ``meta``."""
+    folder = Path(folder)
+    return read_tensors(adapter_weights_path(folder, meta["weights_sha256"]), meta["weights_sha256"])
+
+
 def check_compatible(model: nn.Module, modules: dict[str, dict[str, Any]], where: str = "adapter") -> None:
     """Raise :class:`IncompatibleAdapterError` unless every module exists in ``model`` with the same shape."""
     present = _candidate_modules(model)
@@ -298,7 +430,7 @@ def load_adapter(
     name = adapter_name or meta.get("adapter_name") or "default"
     config: AdapterConfig = meta["config_obj"]
     check_compatible(model, meta["modules"])
-    tensors = read_tensors(folder / WEIGHTS_NAME, meta["weights_sha256"])
+    tensors = read_adapter_weights(folder, meta)
     saved_dtypes = meta.get("dtype")
     saved_dtypes = {saved_dtypes} if isinstance(saved_dtypes, str) else set(saved_dtypes or [])
     bad_dtype = [k for k, t in tensors.items() if t.is_floating_point() and saved_dtypes and str(t.dtype).replace("torch.", "") not in saved_dtypes]

@@ -35,7 +35,7 @@ from torch import nn
 from .errors import AdapterFileError, ConfigError, NonFiniteError
 from .inject import adapter_layers, get_state
 from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, atomic_write_text, load_tensors_into
-from .io import read_adapter_config, read_tensors, save_adapter
+from .io import read_adapter_config, read_adapter_weights, save_adapter
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -271,7 +271,7 @@ def load_parts(parts: dict[str, nn.Module], folder: str | os.PathLike, method: s
         check_adapter_folder(folder, method, list(parts))
     for part, model in parts.items():
         meta = read_adapter_config(folder / part)
-        tensors = read_tensors(folder / part / WEIGHTS_NAME, meta["weights_sha256"])
+        tensors = read_adapter_weights(folder / part, meta)
         load_tensors_into(model, ADAPTER_NAME, tensors, source=str(folder / part / WEIGHTS_NAME))
 
 
