@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -31,9 +32,9 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .errors import AdapterFileError, IncompatibleAdapterError, SubspaceError
+from .errors import AdapterFileError, ConfigError, IncompatibleAdapterError, SubspaceError
 from .inject import _candidate_modules, _base_of, get_state, inject, iter_adapters, remove_adapter, set_adapter
-from .inject import trainable_module_state
+from .inject import check_adapter_name, rollback, trainable_module_state
 from .bases import find_base
 
 logger = logging.getLogger(__name__)
@@ -406,12 +407,105 @@ def check_compatible(model: nn.Module, modules: dict[str, dict[str, Any]], where
         )
 
 
+def file_errors(func: Callable) -> Callable:
+    """Decorator for loaders/importers: a non-:class:`SubspaceError` raised while reading a hostile or
+    broken file (bad JSON nesting, huge ints, wrong field types, a folder where a file belongs, odd
+    tensor ranks) becomes an :class:`AdapterFileError` naming the path. Bugs in the caller's model
+    are not the file's fault, but a loader's contract is to raise only ``SubspaceError``."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SubspaceError:
+            raise
+        except (ValueError, TypeError, LookupError, AttributeError, RecursionError, OSError, UnicodeError,
+                ArithmeticError, NotImplementedError) as err:
+            try:
+                bound = signature.bind_partial(*args, **kwargs).arguments
+            except TypeError:
+                bound = {}
+            path = next((bound[k] for k in ("path", "src", "folder", "dir") if k in bound), None)
+            raise AdapterFileError(
+                f"{func.__name__}({str(path) if path is not None else ''}): the input cannot be read "
+                f"({type(err).__name__}: {str(err)[:300]}); it is corrupt, hand-edited or not in the expected format"
+            ) from err
+
+    return wrapper
+
+
+def _meta_standin(modules: dict[str, dict[str, Any]]) -> nn.Module:
+    """Meta-device modules of the recorded kinds and shapes (no memory), for a dry-run injection."""
+    root = nn.Module()
+    for name, sig in sorted(modules.items()):
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+            if not type(parent) is nn.Module:
+                raise AdapterFileError(f"modules: {name!r} is nested inside another adapted module")
+        fan_in, fan_out = int(sig["in"]), int(sig["out"])
+        if sig.get("kind") == "multihead_attention" and fan_out == 4 * fan_in:
+            module: nn.Module = nn.MultiheadAttention(fan_in, 1, device="meta")
+        else:
+            module = nn.Linear(fan_in, fan_out, bias=False, device="meta")
+        if hasattr(parent, leaf):
+            raise AdapterFileError(f"modules: {name!r} is both a module and a parent of another")
+        parent.add_module(leaf, module)
+    return root
+
+
+#: elements a non-strict load may allocate beyond what the file holds (missing tensors left at init)
+MISSING_ELEMENTS_BOUND = 2**24
+
+
+def check_declared_shapes(config: AdapterConfig, modules: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor],
+                          strict: bool, source: str) -> None:
+    """Before any allocation: the adapter the config builds on the recorded module shapes (a dry run on the
+    meta device) must match the file's tensors, key by key and shape by shape.
+
+    With ``strict=False`` missing tensors are allowed up to the file's own element count (plus
+    :data:`MISSING_ELEMENTS_BOUND`): a tiny file cannot make a loader allocate gigabytes.
+    """
+    try:
+        dry = _meta_standin(modules)
+        inject(dry, config.replace(targets=sorted(modules), trainable_modules=[]), adapter_name="dryrun")
+    except SubspaceError:
+        raise
+    except (NotImplementedError, RuntimeError) as err:  # a method whose init cannot run on meta tensors
+        logger.debug("dry run of %s skipped: %s", source, err)
+        return
+    expected = {}
+    for module_name, adapter in iter_adapters(dry, "dryrun"):
+        for key, value in adapter.state_dict().items():
+            expected[f"{module_name}.{key}"] = tuple(value.shape)
+    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {shape}"
+             for k, shape in expected.items() if k in tensors and tuple(tensors[k].shape) != shape]
+    if wrong:
+        raise AdapterFileError(f"{source}: {len(wrong)} tensor(s) do not fit (the module shapes in {CONFIG_NAME}): {wrong[:5]}")
+    have = sum(t.numel() for t in tensors.values())
+    missing = sum(math.prod(shape) for k, shape in expected.items() if k not in tensors)
+    if missing > have + MISSING_ELEMENTS_BOUND:
+        raise AdapterFileError(
+            f"{source}: {CONFIG_NAME} declares modules whose adapter would need {missing:,d} more elements than the "
+            f"file's {have:,d}; the module shapes are wrong or the file is truncated"
+        )
+
+
+@file_errors
 def load_adapter(
     model: nn.Module,
     path: str | os.PathLike,
     adapter_name: str | None = None,
     strict: bool = True,
     activate: bool = True,
+    allow_nonfinite: bool = False,
 ) -> str:
     """Load an adapter saved by :func:`save_adapter` onto ``model``; returns its adapter name.
 
@@ -420,53 +514,62 @@ def load_adapter(
         strict: unexpected or missing tensor keys are an error; with ``strict=False`` they are
             skipped and listed in a warning. Shape or dtype mismatches are always an error.
         activate: make the loaded adapter the active one.
+        allow_nonfinite: load tensors holding NaN/inf (with a warning) instead of refusing them.
 
     Raises:
         AdapterFileError / IncompatibleAdapterError / ConfigError / TargetError /
-        AdapterStateError: the model is left exactly as it was.
+        AdapterStateError: the model is left exactly as it was (tensors, requires_grad flags,
+        module tree, active adapters).
     """
     folder = Path(path)
     meta = read_adapter_config(folder)
-    name = adapter_name or meta.get("adapter_name") or "default"
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+        name = adapter_name
+    else:
+        name = meta.get("adapter_name") or "default"
+        try:
+            check_adapter_name(name)
+        except ConfigError as err:
+            raise AdapterFileError(f"{folder / CONFIG_NAME}: {err}; or pass adapter_name= to load it under another name") from None
     config: AdapterConfig = meta["config_obj"]
     check_compatible(model, meta["modules"])
     tensors = read_adapter_weights(folder, meta)
     saved_dtypes = meta.get("dtype")
-    saved_dtypes = {saved_dtypes} if isinstance(saved_dtypes, str) else set(saved_dtypes or [])
+    saved_dtypes = {saved_dtypes} if isinstance(saved_dtypes, str) else set(saved_dtypes if isinstance(saved_dtypes, list) else [])
     bad_dtype = [k for k, t in tensors.items() if t.is_floating_point() and saved_dtypes and str(t.dtype).replace("torch.", "") not in saved_dtypes]
     if bad_dtype:
         raise AdapterFileError(
             f"tensor(s) {bad_dtype[:3]} in {folder / WEIGHTS_NAME} have dtype "
             f"{tensors[bad_dtype[0]].dtype}, but {CONFIG_NAME} says {sorted(saved_dtypes)}: the files do not belong together"
         )
-    state_before = get_state(model, required=False)
-    active_before = list(state_before.active) if state_before else []
-    try:  # inject builds every adapter before it swaps any layer, so a failure here changes nothing
-        inject(model, config.replace(targets=list(meta["modules"])), adapter_name=name)
-    except Exception as err:
-        if isinstance(err, SubspaceError):
-            raise
-        raise AdapterFileError(
-            f"{folder / CONFIG_NAME}: its config cannot build the adapter ({type(err).__name__}: {err}); "
-            "the file was edited by hand or is corrupt — re-save the adapter"
-        ) from None
-    try:
-        load_tensors_into(model, name, tensors, strict=strict, source=str(folder / WEIGHTS_NAME))
-    except BaseException:
-        remove_adapter(model, name)
-        state = get_state(model, required=False)
-        if state is not None:
-            state.active = active_before
-        raise
-    if activate:
-        set_adapter(model, name)
+    check_declared_shapes(config, meta["modules"], tensors, strict, str(folder / WEIGHTS_NAME))
+    with rollback(model):
+        try:  # inject builds every adapter before it swaps any layer
+            inject(model, config.replace(targets=list(meta["modules"])), adapter_name=name)
+        except Exception as err:
+            if isinstance(err, SubspaceError):
+                raise
+            raise AdapterFileError(
+                f"{folder / CONFIG_NAME}: its config cannot build the adapter ({type(err).__name__}: {err}); "
+                "the file was edited by hand or is corrupt — re-save the adapter"
+            ) from None
+        load_tensors_into(model, name, tensors, strict=strict, source=str(folder / WEIGHTS_NAME),
+                          allow_nonfinite=allow_nonfinite)
+        if activate:
+            set_adapter(model, name)
     return name
 
 
 def load_tensors_into(
-    model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], strict: bool = True, source: str = "file"
+    model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], strict: bool = True, source: str = "file",
+    allow_nonfinite: bool = False,
 ) -> None:
-    """Copy ``"<module>.<tensor>"`` tensors into adapter ``adapter_name``, checking keys, shapes and dtypes."""
+    """Copy ``"<module>.<tensor>"`` tensors into adapter ``adapter_name``, checking keys, shapes and dtypes.
+
+    Tensors holding NaN/inf are refused (an adapter that outputs NaN is never what was meant) unless
+    ``allow_nonfinite``, which loads them with a warning.
+    """
     expected: dict[str, torch.Tensor] = {}
     for module_name, adapter in iter_adapters(model, adapter_name):
         for key, value in adapter.state_dict(keep_vars=True).items():
@@ -492,6 +595,14 @@ def load_tensors_into(
               if k in tensors and expected[k].is_floating_point() and not tensors[k].is_floating_point()]
     if wrong:
         raise AdapterFileError(f"{source}: {len(wrong)} tensor(s) do not fit: {wrong[:5]}")
+    nonfinite = [k for k in expected if k in tensors and tensors[k].is_floating_point() and not bool(torch.isfinite(tensors[k]).all())]
+    if nonfinite and not allow_nonfinite:
+        raise AdapterFileError(
+            f"{source}: {len(nonfinite)} tensor(s) hold NaN or inf, e.g. {nonfinite[:5]}: the adapter would output "
+            "NaN (a diverged or corrupt save). Load an earlier checkpoint, or pass allow_nonfinite=True to load it anyway"
+        )
+    if nonfinite:
+        logger.warning("%s: loading %d tensor(s) with NaN/inf as asked (allow_nonfinite=True): %s", source, len(nonfinite), nonfinite[:5])
     with torch.no_grad():
         for key, target in expected.items():
             if key in tensors:
