@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .bases import find_base, supported_types
-from .config import AdapterConfig
+from .config import AdapterConfig, compile_pattern, pattern_matches
 from .errors import AdapterStateError, ConfigError, MergeError, TargetError
 from .layer import Adapter, AdapterLayer, ModelState
 from .registry import get_method
@@ -89,10 +89,10 @@ def resolve_targets(model: nn.Module, targets: Any) -> list[str]:
         if preset is not None:
             return preset.resolve(model)
         try:
-            pattern = re.compile(targets)
-        except re.error as err:
-            raise ConfigError(f"targets {targets!r} is neither a preset nor a valid regex: {err}") from None
-        matched = [n for n in names if pattern.fullmatch(n)]
+            compile_pattern(targets, "targets")
+        except ConfigError as err:
+            raise ConfigError(f"targets {targets!r:.120} is neither a preset nor a valid regex: {err}") from None
+        matched = [n for n in names if pattern_matches(targets, n, "target regex")]
         if not matched:
             raise TargetError(
                 f"target regex {targets!r} matched no module of {type(model).__name__} (it must match the "

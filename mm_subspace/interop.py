@@ -48,8 +48,8 @@ from torch import nn
 from .config import AdapterConfig
 from .errors import AdapterFileError, ConfigError
 from .export import DIFFUSERS_WEIGHTS, _read_peft_weights, export_diffusers, export_peft, lora_factors, peft_lora_fields, read_peft_config
-from .inject import get_state, inject, remove_adapter, set_adapter
-from .io import CONFIG_NAME, atomic_paths, atomic_write_text, load_adapter, load_tensors_into, read_adapter_config, read_tensors, save_adapter, save_tensors
+from .inject import get_state, inject, rollback, set_adapter
+from .io import CONFIG_NAME, atomic_paths, file_errors, atomic_write_text, load_adapter, load_tensors_into, read_adapter_config, read_tensors, save_adapter, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +240,7 @@ def _kohya_name_map(component: str, model: nn.Module, layers_per_block: int) -> 
     return found
 
 
+@file_errors
 def import_kohya(
     path: str | os.PathLike,
     unet: nn.Module | None = None,
@@ -292,8 +293,7 @@ def import_kohya(
         )
     report_ignored(str(source), unknown)
     done: dict[str, list[str]] = {}
-    injected: list[nn.Module] = []
-    try:
+    with rollback(*parts.values()):
         for component, modules in plan.items():
             if not modules:
                 continue
@@ -304,12 +304,7 @@ def import_kohya(
             ours = {f"{m}.lora_A": e[".lora_down.weight"] for m, e in modules.items()}
             ours.update({f"{m}.lora_B": e[".lora_up.weight"] for m, e in modules.items()})
             _inject_and_load(model, config, ours, adapter_name, True, f"{source} ({component})")
-            injected.append(model)
             done[component] = sorted(modules)
-    except BaseException:
-        for model in injected:
-            remove_adapter(model, adapter_name)
-        raise
     if not done:
         raise AdapterFileError(f"{source}: no LoRA module of the passed components was found (keys: {_listing(sorted(tensors))})")
     return done
@@ -318,13 +313,10 @@ def import_kohya(
 def _inject_and_load(model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor], adapter_name: str,
                      strict: bool, source: str | os.PathLike) -> str:
     """Inject ``config``, load ``tensors`` (strictly unless told), activate; on failure leave ``model`` as it was."""
-    inject(model, config, adapter_name)
-    try:
+    with rollback(model):
+        inject(model, config, adapter_name)
         load_tensors_into(model, adapter_name, tensors, strict=strict, source=str(source))
-    except BaseException:
-        remove_adapter(model, adapter_name)
-        raise
-    set_adapter(model, adapter_name)
+        set_adapter(model, adapter_name)
     return adapter_name
 
 
@@ -423,6 +415,7 @@ def export_dora_peft(
 _PEFT_DORA_KEY = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
 
 
+@file_errors
 def import_dora_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", strict: bool = True) -> str:
     """Load a PEFT ``use_dora=True`` LoRA checkpoint onto ``model`` as our ``dora`` (magnitude per output row)."""
     from .methods.dora import DoRAConfig
@@ -446,6 +439,7 @@ _OFFICIAL_KEY = re.compile(
 )
 
 
+@file_errors
 def read_official_moslora(
     path: str | os.PathLike, strict: bool = True
 ) -> dict[str | None, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
@@ -514,6 +508,7 @@ def _modules_of(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted({k.rsplit(".", 1)[0] for k in tensors})
 
 
+@file_errors
 def import_moslora(
     model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", strict: bool = True, component: str | None = None
 ) -> str:
@@ -560,6 +555,7 @@ def standin_model(modules: dict[str, dict[str, Any]], dtype: torch.dtype = torch
     return root
 
 
+@file_errors
 def load_standin(path: str | os.PathLike, strict: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Load a saved adapter folder onto a stand-in of its recorded module shapes: (model, adapter_config.json)."""
     meta = read_adapter_config(path)
@@ -570,6 +566,7 @@ def load_standin(path: str | os.PathLike, strict: bool = True) -> tuple[nn.Modul
     return model, meta
 
 
+@file_errors
 def standin_from_official(path: str | os.PathLike, strict: bool = True) -> dict[str | None, tuple[nn.Module, dict[str, Any]]]:
     """An official MoSLoRA checkpoint imported onto stand-in models: component (``None`` for the PEFT
     layout) -> (model, ``base_model`` record for a saved adapter: class, name_or_path, no fingerprint)."""
@@ -590,6 +587,7 @@ def standin_from_official(path: str | os.PathLike, strict: bool = True) -> dict[
 
 
 # -- adapter folders of a whole SDXL pipeline -------------------------------------------------------
+@file_errors
 def adapter_components(path: str | os.PathLike, component: str | None = None) -> dict[str | None, Path]:
     """Adapter folders of ``path``: ``{component: folder}``.
 
@@ -657,6 +655,7 @@ def convert_models(
 
 
 
+@file_errors
 def convert_adapter(
     path: str | os.PathLike, out: str | os.PathLike, to: str, component: str | None = None,
     layers_per_block: int | None = None, strict: bool = True,
@@ -667,6 +666,7 @@ def convert_adapter(
                           base_models={c: meta.get("base_model") for c, (_, meta) in loaded.items()})
 
 
+@file_errors
 def convert_official_moslora(
     path: str | os.PathLike, out: str | os.PathLike, to: str = "diffusers", component: str | None = "unet",
     layers_per_block: int | None = None, strict: bool = True,
@@ -687,6 +687,7 @@ def convert_official_moslora(
                           base_models={c: base for c, (_, base) in loaded.items()})
 
 
+@file_errors
 def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:
     """What ``mm-subspace inspect`` prints: method, ranks, alphas, targets, trainable parameters, base fingerprint."""
     folder = Path(path)

@@ -45,6 +45,37 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+def file_errors(func: Callable) -> Callable:
+    """Decorator for loaders/importers: a non-:class:`SubspaceError` raised while reading a hostile or
+    broken file (bad JSON nesting, huge ints, wrong field types, a folder where a file belongs, odd
+    tensor ranks) becomes an :class:`AdapterFileError` naming the path. Bugs in the caller's model
+    are not the file's fault, but a loader's contract is to raise only ``SubspaceError``."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SubspaceError:
+            raise
+        except (ValueError, TypeError, LookupError, AttributeError, RecursionError, OSError, UnicodeError,
+                ArithmeticError, NotImplementedError) as err:
+            try:
+                bound = signature.bind_partial(*args, **kwargs).arguments
+            except TypeError:
+                bound = {}
+            path = next((bound[k] for k in ("path", "src", "folder", "dir") if k in bound), None)
+            raise AdapterFileError(
+                f"{func.__name__}({str(path) if path is not None else ''}): the input cannot be read "
+                f"({type(err).__name__}: {str(err)[:300]}); it is corrupt, hand-edited or not in the expected format"
+            ) from err
+
+    return wrapper
+
+
 # -- atomic files ---------------------------------------------------------------------------------
 #: our temporary / backup names: ".<target>.tmp-<pid>-<8 hex>" and the same + ".old"
 _LEFTOVER = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}(?P<old>\.old)?$")
@@ -301,6 +332,7 @@ def _name_or_path(model: nn.Module) -> str | None:
 
 
 # -- read ---------------------------------------------------------------------------------------------
+@file_errors
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     """Parse and check ``adapter_config.json`` of a saved adapter (without reading the weights)."""
     folder = Path(path)
@@ -309,8 +341,8 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         raise AdapterFileError(f"no {CONFIG_NAME} in {folder}: is this an adapter folder saved by mm_subspace.save_adapter?")
     try:
         meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterFileError(f"{cfg_path} is not valid JSON ({err}); the file is corrupt — re-save the adapter") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON, or an int too long to parse
+        raise AdapterFileError(f"{cfg_path} is not valid JSON ({type(err).__name__}: {str(err)[:200]}); the file is corrupt — re-save the adapter") from None
     if not isinstance(meta, dict):
         raise AdapterFileError(f"{cfg_path} must hold a JSON object, found {type(meta).__name__}")
     if meta.get("format") != FORMAT:
@@ -405,37 +437,6 @@ def check_compatible(model: nn.Module, modules: dict[str, dict[str, Any]], where
             + "; ".join(problems[:5])
             + ". Load it onto the model it was trained on (see base_model in adapter_config.json)."
         )
-
-
-def file_errors(func: Callable) -> Callable:
-    """Decorator for loaders/importers: a non-:class:`SubspaceError` raised while reading a hostile or
-    broken file (bad JSON nesting, huge ints, wrong field types, a folder where a file belongs, odd
-    tensor ranks) becomes an :class:`AdapterFileError` naming the path. Bugs in the caller's model
-    are not the file's fault, but a loader's contract is to raise only ``SubspaceError``."""
-    import functools
-    import inspect
-
-    signature = inspect.signature(func)
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except SubspaceError:
-            raise
-        except (ValueError, TypeError, LookupError, AttributeError, RecursionError, OSError, UnicodeError,
-                ArithmeticError, NotImplementedError) as err:
-            try:
-                bound = signature.bind_partial(*args, **kwargs).arguments
-            except TypeError:
-                bound = {}
-            path = next((bound[k] for k in ("path", "src", "folder", "dir") if k in bound), None)
-            raise AdapterFileError(
-                f"{func.__name__}({str(path) if path is not None else ''}): the input cannot be read "
-                f"({type(err).__name__}: {str(err)[:300]}); it is corrupt, hand-edited or not in the expected format"
-            ) from err
-
-    return wrapper
 
 
 def _meta_standin(modules: dict[str, dict[str, Any]]) -> nn.Module:
