@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterFileError, ConfigError
-from .inject import TRAINABLE_PREFIX, get_state, inject, iter_adapters, remove_adapter, set_adapter, trainable_module_state
+from .inject import TRAINABLE_PREFIX, get_state, inject, iter_adapters, set_adapter, trainable_module_state
 from .inject import rollback
 from .io import file_errors, load_tensors_into, read_tensors, save_tensors
 

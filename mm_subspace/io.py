@@ -33,7 +33,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import AdapterFileError, ConfigError, IncompatibleAdapterError, SubspaceError
-from .inject import _candidate_modules, _base_of, get_state, inject, iter_adapters, remove_adapter, set_adapter
+from .inject import _candidate_modules, _base_of, get_state, inject, iter_adapters, set_adapter
 from .inject import check_adapter_name, rollback, trainable_module_state
 from .bases import find_base
 
