@@ -20,7 +20,7 @@ from torch import nn
 from .bases import find_base, supported_types
 from .config import AdapterConfig, compile_pattern, pattern_matches
 from .errors import AdapterStateError, ConfigError, MergeError, TargetError
-from .layer import Adapter, AdapterLayer, ModelState
+from .layer import Adapter, AdapterLayer, ModelState, batch_dim_of
 from .registry import get_method
 
 logger = logging.getLogger(__name__)
@@ -173,6 +173,10 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
             layer = module
             if not isinstance(module, AdapterLayer):
                 layer = kind.wrap(base, state, name)
+                if not layer.fixed_batch_dim and batch_dim_of(model, name):
+                    object.__setattr__(layer, "batch_dim", 1)  # a plain attribute, as module_name
+                if _inside_fastpath_block(model, name):
+                    layer.register_forward_pre_hook(_no_fastpath)
                 _set_submodule(model, name, layer)
             layer.add_adapter(adapter_name, adapter)
         for param in model.parameters():
@@ -244,6 +248,19 @@ def rollback(*models: nn.Module) -> Iterator[None]:
             for param, flag in flags:
                 param.requires_grad_(flag)
         raise
+
+
+def _no_fastpath(module: nn.Module, args: Any) -> None:
+    """No-op pre-hook: its presence keeps ``nn.TransformerEncoderLayer`` off its fused inference fast path."""
+
+
+def _inside_fastpath_block(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` lies in an ``nn.TransformerEncoderLayer``, whose eval/no-grad fast path reads the raw
+    weights of its linears and attention (``torch._transformer_encoder_layer_fwd``) and would skip adapters;
+    a hook on any submodule turns that path off."""
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:d])) if d else model, nn.TransformerEncoderLayer)
+               for d in range(len(parts)))
 
 
 def _child_hint(name: str, module: nn.Module) -> str:
@@ -430,8 +447,15 @@ def aux_loss(model: nn.Module, reset: bool = True) -> torch.Tensor:
 
 
 # -- merge ------------------------------------------------------------------------------------------
-def merge(model: nn.Module, adapter_names: list[str] | None = None) -> None:
-    """Fold the adapters (default: the active ones) into the base weights. Outputs are unchanged."""
+def merge(model: nn.Module, adapter_names: list[str] | None = None, exact: bool = False) -> None:
+    """Fold the adapters (default: the active ones) into the base weights. Outputs are unchanged.
+
+    Args:
+        exact: keep a copy of each merged layer's base weights so that :func:`unmerge` restores them
+            bit for bit. The default (``False``) keeps no copy: unmerge computes ``W' − ΔW``, exact in
+            float32 up to rounding, but in fp16/bf16 each merge/unmerge round trip moves about a third
+            of the weights by 1-2 ulp (and it accumulates over many cycles).
+    """
     state = get_state(model)
     names = list(state.active if adapter_names is None else adapter_names)
     _check_names(state, names)
@@ -440,8 +464,13 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> None:
         for name in names:
             if name in layer.adapters and not layer.adapters[name].mergeable:
                 raise MergeError(layer.adapters[name]._refusal("merge"))
+        if exact and not all(p.is_floating_point() for p in layer.base_layer.parameters()):
+            raise MergeError(
+                f"merge(exact=True) on {layer.module_name!r}: the base weights are quantised, and re-quantising a "
+                "restored copy is not exact; merge without exact=True (unmerge then subtracts ΔW)"
+            )
     for layer in layers:
-        layer.merge(names)
+        layer.merge(names, exact=exact)
 
 
 def unmerge(model: nn.Module) -> None:

@@ -655,6 +655,18 @@ def convert_models(
 
 
 
+def refuse_overlapping_paths(source: str | os.PathLike, out: str | os.PathLike, what: str = "source") -> None:
+    """Raise :class:`ConfigError` when ``out`` is ``source``, inside it, or contains it (after resolving
+    symlinks): writing there would overwrite or shadow the input (``export D --to peft D``)."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        relation = "is" if src == dst else "is inside" if src in dst.parents else "contains"
+        raise ConfigError(
+            f"the output {out} {relation} the {what} {source}: writing there would overwrite or shadow it. "
+            "Choose an output path outside the input folder"
+        )
+
+
 @file_errors
 def convert_adapter(
     path: str | os.PathLike, out: str | os.PathLike, to: str, component: str | None = None,
@@ -662,6 +674,7 @@ def convert_adapter(
 ) -> Path:
     """Convert a saved adapter (or pipeline adapter folder) to format ``to`` without loading the base model."""
     loaded = {c: load_standin(folder, strict=strict) for c, folder in adapter_components(path, component).items()}
+    refuse_overlapping_paths(path, out)
     return convert_models({c: m for c, (m, _) in loaded.items()}, out, to, layers_per_block=layers_per_block,
                           base_models={c: meta.get("base_model") for c, (_, meta) in loaded.items()})
 
@@ -680,6 +693,7 @@ def convert_official_moslora(
     if component is not None and component not in KOHYA_PREFIX:
         raise ConfigError(f"unknown SDXL component {component!r}; one of {sorted(KOHYA_PREFIX)} or None")
     loaded = standin_from_official(path, strict=strict)
+    refuse_overlapping_paths(path, out)
     if None in loaded:
         model, base = loaded[None]
         loaded = {component: (model, {**base, "class": CLASS_OF_COMPONENT.get(component)})}

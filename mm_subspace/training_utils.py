@@ -34,6 +34,7 @@ from torch import nn
 
 from .errors import AdapterFileError, ConfigError, NonFiniteError
 from .inject import adapter_layers, get_state
+from .layer import AdapterLayer
 from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, atomic_write_text, load_tensors_into
 from .io import read_adapter_config, read_adapter_weights, save_adapter
 
@@ -178,7 +179,7 @@ def locate_nonfinite(parts: dict[str, nn.Module], run: Callable[[], Any]) -> str
     for part, model in parts.items():
         for name, module in model.named_modules():
             is_leaf = not any(True for _ in module.children())
-            if name and (is_leaf or type(module).__name__ == "AdapterLayer"):
+            if name and (is_leaf or isinstance(module, AdapterLayer)):  # subclasses too (MultiheadAttentionLayer)
                 handles.append(module.register_forward_hook(hook_for(f"{part}.{name}")))
     try:
         with torch.no_grad():

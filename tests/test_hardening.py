@@ -136,3 +136,46 @@ def test_leftovers_of_killed_saves_are_removed_by_the_next_save(tmp_path):
     mine.write_text("keep")
     mms.save_adapter(newer(), folder)
     assert files(folder) == sorted([CONFIG_NAME, WEIGHTS_NAME, live.name, mine.name])
+
+
+# -- 7: per-row routing through sequence-first layers -------------------------------------------------------
+def _routing_matches_single_runs(model: nn.Module, x: torch.Tensor, rows: list, batch_dim: int) -> None:
+    with torch.no_grad():
+        single = {}
+        for name in ("a", "b"):
+            mms.set_adapter(model, name)
+            single[name] = model(x)
+        with mms.disable_adapters(model):
+            single[None] = model(x)
+        with mms.forward_context(model, adapter_rows=rows):
+            mixed = model(x)
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed.select(batch_dim, i), single[name].select(batch_dim, i), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(single["a"], single["b"])
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_routing_through_sequence_first_transformer_layer(batch_first):
+    """Issue 15.7: nn.TransformerEncoderLayer(batch_first=False) feeds (seq, batch, d) to its linears; rows must
+    still be routed by batch row, not by sequence position."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)).eval()
+    for name, method in (("a", "moslora"), ("b", "lora")):
+        torch.manual_seed(len(name) + ord(name))
+        mms.inject(model, mms.config_for(method, rank=2, targets=["linear1", "linear2", "self_attn"], init_weights=False),
+                   adapter_name=name)
+    x = torch.randn(5, 4, 16, generator=torch.Generator().manual_seed(2))  # (seq 5, batch 4) or (batch 5, seq 4)
+    rows = ["a", "b", None, "a"] if not batch_first else ["a", "b", None, "a", "b"]
+    _routing_matches_single_runs(model, x, rows, batch_dim=0 if batch_first else 1)
+
+
+def test_routing_through_open_clip_sequence_first_transformer():
+    from open_clip.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Transformer(16, 2, 2, batch_first=False)).eval()  # takes (batch, seq, d), blocks see (seq, batch, d)
+    for name in ("a", "b"):
+        torch.manual_seed(ord(name))
+        mms.inject(model, mms.LoraConfig(rank=2, targets=["c_fc", "c_proj", "attn"], init_weights=False), adapter_name=name)
+    x = torch.randn(3, 6, 16, generator=torch.Generator().manual_seed(2))
+    _routing_matches_single_runs(model, x, ["a", "b", None], batch_dim=0)
