@@ -94,12 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_output(out: str, force: bool, *inputs: str) -> None:
-    """Refuse an output that is (inside, or around) an input, and an existing non-empty one without --force."""
+def _check_output(out: str, force: bool, *inputs: str, nested: bool = True) -> None:
+    """Refuse an output that is an input (``nested``: or inside/around one), and an existing non-empty one without --force."""
     from .interop import refuse_overlapping_paths
 
     for source in inputs:
-        refuse_overlapping_paths(source, out, "input")
+        if nested:
+            refuse_overlapping_paths(source, out, "input")
+        elif Path(source).resolve() == Path(out).resolve():
+            raise ConfigError(f"the output {out} is the input {source}: writing there would overwrite it; choose another path")
     path = Path(out)
     occupied = path.is_file() or (path.is_dir() and any(path.iterdir()))
     if occupied and not force:
@@ -209,7 +212,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     base_dir, out = Path(args.base), Path(args.out)
     folders = adapter_components(args.adapter, args.component)  # validates the adapter before the slow load
-    _check_output(args.out, args.force, args.base, args.adapter)
+    _check_output(args.out, args.force, args.base, args.adapter, nested=False)
     base, kind = _load_base(base_dir)
     if kind == "pipeline":
         if None in folders:
