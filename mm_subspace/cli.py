@@ -100,7 +100,10 @@ def _check_output(out: str, force: bool, *inputs: str, nested: bool = True) -> N
 
     for source in inputs:
         if nested:
-            refuse_overlapping_paths(source, out, "input")
+            try:
+                refuse_overlapping_paths(source, out, "input")
+            except ConfigError:
+                return  # the converter refuses it, after it has checked the input itself
         elif Path(source).resolve() == Path(out).resolve():
             raise ConfigError(f"the output {out} is the input {source}: writing there would overwrite it; choose another path")
     path = Path(out)
