@@ -179,3 +179,275 @@ def test_routing_through_open_clip_sequence_first_transformer():
         mms.inject(model, mms.LoraConfig(rank=2, targets=["c_fc", "c_proj", "attn"], init_weights=False), adapter_name=name)
     x = torch.randn(3, 6, 16, generator=torch.Generator().manual_seed(2))
     _routing_matches_single_runs(model, x, ["a", "b", None], batch_dim=0)
+
+
+# -- 3: adapters sharing trainable_modules ------------------------------------------------------------------
+def head_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6), nn.LayerNorm(6))
+
+
+def test_second_adapter_training_the_same_module_is_refused(tmp_path):
+    """Issue 15.3: two adapters training one module in place would overwrite each other: refused, up front."""
+    model = head_net()
+    mms.inject(model, mms.LoraConfig(rank=2, targets=["0"], trainable_modules=["3"]), adapter_name="a")
+    before = snapshot(model)
+    with pytest.raises(AdapterStateError, match=r"lists trainable_modules \['3'\] that adapter 'a' already trains"):
+        mms.inject(model, mms.LoraConfig(rank=2, targets=["2"], trainable_modules=["3"]), adapter_name="b")
+    assert_unchanged(model, before)
+    # the same through load_adapter (b saved from another model)
+    other = head_net()
+    mms.inject(other, mms.LoraConfig(rank=2, targets=["2"], trainable_modules=["3"]), adapter_name="b")
+    mms.save_adapter(other, tmp_path / "b", adapter_name="b")
+    with pytest.raises(AdapterStateError, match="already trains"):
+        mms.load_adapter(model, tmp_path / "b")
+    assert_unchanged(model, before)
+    # disjoint trainable modules are fine; routing rows across them is refused (every row would share them)
+    mms.inject(model, mms.LoraConfig(rank=2, targets=["2"]), adapter_name="c")
+    with pytest.raises(AdapterStateError, match="per-row routing cannot give each row its own"):
+        with mms.forward_context(model, adapter_rows=["a", "c", None]):
+            pass
+
+
+# -- 4: patterns read from files cannot hang the loader -----------------------------------------------------
+EVIL = r"(x+x+)+y"  # exponential backtracking in Python's re on a long run of x
+
+
+def long_named_net() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Module()
+    m.add_module("x" * 40, nn.Linear(12, 16))
+    return m
+
+
+def _in_child(fn, timeout: float = 60.0) -> str:
+    """Run ``fn()`` in a forked child; return what it reported ('ok', an exception type name, or 'hung')."""
+    import signal
+    import time
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            fn()
+            result = "ok"
+        except BaseException as err:  # noqa: BLE001 - reported to the parent
+            result = f"{type(err).__name__}:{isinstance(err, SubspaceError)}"
+        os.write(write, result.encode())
+        os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            out = os.read(read, 200).decode()
+            os.close(read)
+            return out
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(read)
+    return "hung"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="hang guard runs the load in a forked child")
+def test_pathological_patterns_in_files_do_not_hang_loaders(tmp_path):
+    """Issue 15.4: load_adapter, import_peft and inspect with a catastrophic-backtracking rank_pattern."""
+    from mm_subspace.cli import main
+
+    model = long_named_net()
+    mms.inject(model, mms.LoraConfig(rank=2, alpha=4, targets=["x" * 40], init_weights=False))
+    mms.save_adapter(model, tmp_path / "ours")
+    meta = json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())
+    meta["config"]["rank_pattern"] = {EVIL: 3}
+    (tmp_path / "ours" / CONFIG_NAME).write_text(json.dumps(meta))
+    mms.export_peft(model, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {EVIL: 3}
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(cfg))
+    for what, fn in [("load_adapter", lambda: mms.load_adapter(long_named_net(), tmp_path / "ours")),
+                     ("import_peft", lambda: mms.import_peft(long_named_net(), tmp_path / "peft")),
+                     ("inspect", lambda: main(["inspect", str(tmp_path / "ours")]))]:
+        result = _in_child(fn)
+        assert result != "hung", f"{what} hung on rank_pattern {EVIL!r}"
+        assert result == "ok" or result.endswith(":True"), f"{what} raised a non-SubspaceError: {result}"
+
+
+@settings(max_examples=60, derandomize=True, deadline=None, database=None)
+@given(pattern=st.text(alphabet="x()+*?|.{}[]^$\\1,yz", max_size=24))
+def test_any_pattern_either_matches_or_raises_config_error(pattern):
+    """Whatever a rank_pattern key is, building the config and looking up a rank ends, with a value or a ConfigError."""
+    try:
+        config = mms.LoraConfig(rank=2, rank_pattern={pattern: 3})
+        assert config.rank_for("x" * 30) in (2, 3)
+    except ConfigError:
+        pass
+
+
+def test_overlong_pattern_is_refused():
+    with pytest.raises(ConfigError, match="at most 1000"):
+        mms.LoraConfig(rank_pattern={"a" * 1001: 2})
+
+
+# -- 5: declared shapes checked against the file before allocating -----------------------------------------
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc for RSS")
+@pytest.mark.parametrize("strict", [True, False])
+def test_tiny_folder_declaring_huge_shapes_allocates_nothing(tmp_path, strict):
+    """Issue 15.5: a 2 KB folder claiming 10^9-wide modules fails before any allocation (inspect / stand-ins)."""
+    from mm_subspace.interop import describe_adapter, load_standin
+
+    folder = tmp_path / "a"
+    mms.save_adapter(adapted(), folder)
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    meta["modules"]["2"] = {"kind": "linear", "in": 10**9, "out": 10**9}
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    start = rss_bytes()
+    with pytest.raises(AdapterFileError, match="do not fit"):
+        load_standin(folder, strict=strict)
+    with pytest.raises(AdapterFileError):
+        describe_adapter(folder)
+    # a module the file has no tensors for at all: the missing tensors would be gigabytes
+    meta["modules"]["9"] = {"kind": "linear", "in": 10**8, "out": 10**8}
+    meta["modules"]["2"] = {"kind": "linear", "in": 16, "out": 6}
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(AdapterFileError, match="more elements than the file"):
+        load_standin(folder, strict=strict)
+    assert rss_bytes() - start < 200 * 2**20
+
+
+# -- 6: adapter names, and complete rollback ---------------------------------------------------------------
+from mm_subspace.inject import _RESERVED  # noqa: E402
+
+names = st.sampled_from(sorted(_RESERVED)) | st.text(max_size=70)
+
+
+@FEW
+@given(name=names)
+def test_inject_validates_the_name_before_touching_the_model(name):
+    """Issue 15.6: a name that clashes with nn.ModuleDict (forward, keys, to, type, pop, ...) or is malformed is a
+    ConfigError raised before the first layer is wrapped; a valid one works."""
+    model = net()
+    before = snapshot(model)
+    try:
+        mms.inject(model, mms.LoraConfig(rank=2, targets=["0", "2"]), adapter_name=name)
+    except ConfigError as err:
+        assert repr(name)[:20] in str(err) or "adapter name" in str(err)
+        assert_unchanged(model, before)
+    else:
+        assert list(mms.list_adapters(model)) == [name] and len(list(mms.adapter_layers(model))) == 2
+
+
+def test_reserved_name_from_a_file_says_what_to_do(tmp_path):
+    folder = tmp_path / "a"
+    mms.save_adapter(adapted(), folder)
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    meta["adapter_name"] = "forward"
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    model = net()
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match=r"'forward' is reserved.*pass adapter_name="):
+        mms.load_adapter(model, folder)
+    assert_unchanged(model, before)
+    with pytest.raises(ConfigError, match="'keys' is reserved"):
+        mms.load_adapter(model, folder, adapter_name="keys")
+    assert_unchanged(model, before)
+    assert mms.load_adapter(model, folder, adapter_name="fwd") == "fwd"
+
+
+def test_failed_loads_restore_requires_grad_and_everything_else(tmp_path):
+    """Issue 15.6: a load failing after injection (here: NaN tensors) leaves state dict, requires_grad flags, module
+    tree and adapters identical — for load_adapter, import_peft and import_kohya, with and without other adapters."""
+    source = adapted()
+    mms.save_adapter(source, tmp_path / "ours")
+    tensors = load_file(str(tmp_path / "ours" / WEIGHTS_NAME))
+    tensors["2.lora_A"][0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "ours" / WEIGHTS_NAME))
+    meta = json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())
+    meta["weights_sha256"] = io.sha256_file(tmp_path / "ours" / WEIGHTS_NAME)
+    (tmp_path / "ours" / CONFIG_NAME).write_text(json.dumps(meta))
+    lora = net()
+    torch.manual_seed(5)
+    mms.inject(lora, mms.LoraConfig(rank=2, targets=["0", "2"], init_weights=False))
+    mms.export_peft(lora, tmp_path / "peft")
+    peft_weights = tmp_path / "peft" / "adapter_model.safetensors"
+    t = load_file(str(peft_weights))
+    t[next(iter(t))].fill_(float("inf"))
+    save_file(t, str(peft_weights))
+    kohya = {"lora_te1_0.lora_down.weight": torch.randn(2, 12), "lora_te1_0.lora_up.weight": torch.full((16, 2), float("nan"))}
+    save_file(kohya, str(tmp_path / "k.safetensors"))
+    calls = [
+        lambda m: mms.load_adapter(m, tmp_path / "ours"),
+        lambda m: mms.import_peft(m, tmp_path / "peft", adapter_name="p"),
+        lambda m: mms.import_kohya(tmp_path / "k.safetensors", text_encoder=m, adapter_name="k"),
+    ]
+    for call in calls:
+        for setup in ("plain", "with another adapter", "half frozen"):
+            model = net()
+            if setup == "with another adapter":
+                mms.inject(model, mms.MoSLoRAConfig(rank=2, targets=["0"]), adapter_name="keep")
+            elif setup == "half frozen":
+                model[0].weight.requires_grad_(False)
+            before = snapshot(model)
+            with pytest.raises(AdapterFileError, match="NaN or inf"):
+                call(model)
+            assert_unchanged(model, before)
+
+
+# -- 8: non-finite numbers -------------------------------------------------------------------------------------
+nonfinite = st.sampled_from([float("nan"), float("inf"), float("-inf")])
+
+
+@FEW
+@given(value=nonfinite, where=st.sampled_from(["alpha", "alpha_pattern", "mpc_coef"]), method=st.sampled_from(["lora", "moslora", "dora"]))
+def test_nonfinite_config_numbers_are_refused(value, where, method):
+    kwargs = {"alpha_pattern": {"q": value}} if where == "alpha_pattern" else {where: value}
+    if where == "mpc_coef" and method == "dora":
+        kwargs = {"alpha": value}
+    with pytest.raises(ConfigError, match="finite"):
+        mms.config_for(method, rank=2, **kwargs)
+
+
+def test_nonfinite_numbers_in_files_are_refused(tmp_path):
+    """alpha NaN/inf in our adapter_config.json, PEFT's lora_alpha and kohya's .alpha: refused, not NaN outputs."""
+    folder = tmp_path / "ours"
+    mms.save_adapter(adapted(), folder)
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    for edit in ({"alpha": float("nan")}, {"alpha_pattern": {"2": float("inf")}}):
+        (folder / CONFIG_NAME).write_text(json.dumps({**meta, "config": {**meta["config"], **edit}}))  # json writes NaN/Infinity
+        with pytest.raises(AdapterFileError, match="finite"):
+            mms.load_adapter(net(), folder)
+    lora = net()
+    mms.inject(lora, mms.LoraConfig(rank=2, targets=["0"], init_weights=False))
+    mms.export_peft(lora, tmp_path / "peft")
+    cfg_path = tmp_path / "peft" / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "lora_alpha": float("inf")}))
+    with pytest.raises(ConfigError, match="finite"):
+        mms.import_peft(net(), tmp_path / "peft")
+    save_file({"lora_te1_0.lora_down.weight": torch.randn(2, 12), "lora_te1_0.lora_up.weight": torch.randn(16, 2),
+               "lora_te1_0.alpha": torch.tensor(float("nan"))}, str(tmp_path / "k.safetensors"))
+    model = net()
+    with pytest.raises(ConfigError, match="finite"):
+        mms.import_kohya(tmp_path / "k.safetensors", text_encoder=model)
+    assert not mms.list_adapters(model)
+
+
+def test_nonfinite_weights_are_refused_unless_allowed(tmp_path, caplog):
+    folder = tmp_path / "a"
+    source = adapted()
+    with torch.no_grad():
+        source[2].adapters["default"].mixer.fill_(float("nan"))
+    mms.save_adapter(source, folder)
+    with pytest.raises(AdapterFileError, match=r"hold NaN or inf, e\.g\. \['2\.mixer'\].*allow_nonfinite=True"):
+        mms.load_adapter(net(), folder)
+    model = net()
+    with caplog.at_level("WARNING"):
+        mms.load_adapter(model, folder, allow_nonfinite=True)
+    assert "NaN/inf" in caplog.text and torch.isnan(model[2].adapters["default"].mixer).all()
