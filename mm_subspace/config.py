@@ -103,6 +103,9 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
+        if not (self.targets is None or isinstance(self.targets, str)
+                or (isinstance(self.targets, list) and all(isinstance(t, str) for t in self.targets))):
+            raise ConfigError(f"{self.method}: targets must be a preset name, a regex or a list of module names, got {self.targets!r:.100}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ConfigError(f"{self.method}: rank must be a positive integer, got {self.rank!r}")
         for key, value in self.rank_pattern.items():

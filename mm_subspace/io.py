@@ -359,8 +359,12 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     for key, typ in (("config", dict), ("modules", dict), ("weights_sha256", str)):
         if not isinstance(meta.get(key), typ):
             raise AdapterFileError(f"{cfg_path}: field {key!r} is missing or not a {typ.__name__}")
+    dtype = meta.get("dtype")
+    if dtype is not None and not (isinstance(dtype, str) or (isinstance(dtype, list) and all(isinstance(d, str) for d in dtype))):
+        raise AdapterFileError(f"{cfg_path}: field 'dtype' must be a dtype name or a list of them, got {dtype!r:.80}")
     for name, sig in meta["modules"].items():
-        if not isinstance(sig, dict) or not all(isinstance(sig.get(k), int) for k in ("in", "out")):
+        if (not isinstance(sig, dict) or not all(isinstance(sig.get(k), int) and not isinstance(sig.get(k), bool) and sig[k] > 0
+                                                 for k in ("in", "out")) or not isinstance(sig.get("kind", ""), str)):
             raise AdapterFileError(f"{cfg_path}: modules[{name!r}] must be {{'kind', 'in', 'out'}}, got {sig!r}")
     try:
         meta["config_obj"] = AdapterConfig.from_dict(meta["config"])

@@ -179,7 +179,8 @@ def locate_nonfinite(parts: dict[str, nn.Module], run: Callable[[], Any]) -> str
     for part, model in parts.items():
         for name, module in model.named_modules():
             is_leaf = not any(True for _ in module.children())
-            if name and (is_leaf or isinstance(module, AdapterLayer)):  # subclasses too (MultiheadAttentionLayer)
+            inside_adapter = ".adapters." in f".{name}."  # an adapter's own parts: its AdapterLayer is named instead
+            if name and not inside_adapter and (is_leaf or isinstance(module, AdapterLayer)):  # subclasses too (MHA)
                 handles.append(module.register_forward_hook(hook_for(f"{part}.{name}")))
     try:
         with torch.no_grad():

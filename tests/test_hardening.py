@@ -451,3 +451,183 @@ def test_nonfinite_weights_are_refused_unless_allowed(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         mms.load_adapter(model, folder, allow_nonfinite=True)
     assert "NaN/inf" in caplog.text and torch.isnan(model[2].adapters["default"].mixer).all()
+
+
+# -- 9: only SubspaceErrors from loaders, importers and the CLI ----------------------------------------------
+def _hostile_configs(meta: dict) -> dict[str, str]:
+    deep = "[" * 100_000 + "]" * 100_000
+    return {
+        "deep nesting": json.dumps({**meta, "modules": "@"}).replace('"@"', deep),
+        "huge int": json.dumps({**meta, "format_version": "@"}).replace('"@"', "9" * 5000),
+        "rank_pattern a list": json.dumps({**meta, "config": {**meta["config"], "rank_pattern": [1, 2]}}),
+        "dtype a number": json.dumps({**meta, "dtype": 5}),
+        "modules with a str kind": json.dumps({**meta, "modules": {k: {**v, "kind": []} for k, v in meta["modules"].items()}}),
+        "targets a dict": json.dumps({**meta, "config": {**meta["config"], "targets": {"a": 1}}}),
+    }
+
+
+def test_hostile_config_files_raise_only_subspace_errors(tmp_path):
+    from mm_subspace.cli import main
+    from mm_subspace.interop import describe_adapter
+
+    folder = tmp_path / "a"
+    mms.save_adapter(adapted(), folder)
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    for what, text in _hostile_configs(meta).items():
+        (folder / CONFIG_NAME).write_text(text)
+        for call in (lambda: mms.load_adapter(net(), folder), lambda: describe_adapter(folder),
+                     lambda: mms.convert_adapter(folder, tmp_path / "out", "peft")):
+            try:
+                call()
+            except SubspaceError:
+                pass
+            except Exception as err:  # noqa: BLE001
+                pytest.fail(f"{what}: {type(err).__name__} escaped: {str(err)[:200]}")
+        assert main(["inspect", str(folder)]) == 1, what
+
+
+def test_directories_and_malformed_tensors_raise_only_subspace_errors(tmp_path):
+    peft = tmp_path / "peft"
+    (peft / "adapter_config.json").mkdir(parents=True)  # a directory where a file belongs
+    with pytest.raises(AdapterFileError, match="cannot be read"):
+        mms.import_peft(net(), peft)
+    with pytest.raises(AdapterFileError):
+        mms.import_moslora(net(), peft)
+    save_file({"lora_te1_0.lora_down.weight": torch.randn(2, 12), "lora_te1_0.lora_up.weight": torch.randn(16)},
+              str(tmp_path / "k.safetensors"))  # a 1-D up matrix
+    model = net()
+    with pytest.raises(SubspaceError):
+        mms.import_kohya(tmp_path / "k.safetensors", text_encoder=model)
+    assert not mms.list_adapters(model)
+
+
+def test_cli_merge_with_broken_base_prints_one_error_line(tmp_path, capsys):
+    from mm_subspace.cli import main
+
+    folder = tmp_path / "a"
+    mms.save_adapter(adapted(), folder)
+    base = tmp_path / "base"
+    base.mkdir()
+    for name, text in [("config.json", "{not json"), ("config.json", '{"architectures": 5}'),
+                       ("config.json", '{"_class_name": "UNet2DConditionModel", "in_channels": "many"}'),
+                       ("model_index.json", "[1]"), ("model_index.json", '{"_class_name": "StableDiffusionXLPipeline", "unet": 7}')]:
+        for old in base.iterdir():
+            old.unlink()
+        (base / name).write_text(text)
+        assert main(["merge", "--base", str(base), "--adapter", str(folder), str(tmp_path / f"m{len(text)}")]) == 1
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # (diffusers may log its own warning line before)
+        assert last.startswith("mm-subspace merge: error:") and "Traceback" not in err, (name, text, err)
+
+
+# -- 10: the NaN guard names fused wrappers ------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.qkv = nn.Linear(16, 48)
+        self.fc = nn.Linear(48, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.qkv(self.attn(x, x, x, need_weights=False)[0]))
+
+
+@pytest.mark.parametrize("where", ["attn", "qkv"])
+def test_nan_guard_names_mha_and_fused_qkv_wrappers(where):
+    """Issue 15.10: the first NaN module is the fused wrapper (MultiheadAttentionLayer / fused qkv), not the next leaf."""
+    from mm_subspace.training_utils import locate_nonfinite
+
+    torch.manual_seed(0)
+    model = Block()
+    mms.inject(model, mms.LoraConfig(rank=2, targets=["attn", "qkv"], fused_slices={"qkv": ["q", "v"]}, init_weights=False))
+    with torch.no_grad():
+        getattr(model, where).adapters["default"].parts["v"].lora_B[0, 0] = float("nan")
+    x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0))
+    cls = "MultiheadAttentionLayer" if where == "attn" else "AdapterLayer"
+    assert locate_nonfinite({"m": model}, lambda: model(x)) == f"m.{where} ({cls})"
+
+
+# -- 11: foot-guns -----------------------------------------------------------------------------------------------
+def test_export_refuses_to_overwrite_its_source(tmp_path, capsys):
+    from mm_subspace.cli import main
+
+    folder = tmp_path / "a"
+    source = adapted()
+    mms.save_adapter(source, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for out in (folder, folder / "peft", tmp_path):
+        assert main(["export", str(folder), "--to", "peft", str(out)]) == 1
+        assert "would overwrite or shadow" in capsys.readouterr().err
+        assert main(["export", str(folder), "--to", "peft", str(out), "--force"]) == 1  # --force never allows it
+        capsys.readouterr()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    fresh = net()
+    mms.load_adapter(fresh, folder)
+    assert torch.equal(fresh(X), source(X))
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("mine")
+    assert main(["export", str(folder), "--to", "peft", str(elsewhere)]) == 1
+    assert "pass --force" in capsys.readouterr().err
+    assert main(["export", str(folder), "--to", "peft", str(elsewhere), "--force"]) == 0
+    with pytest.raises(ConfigError, match="would overwrite or shadow"):
+        mms.convert_adapter(folder, folder, "peft")
+
+
+def test_import_moslora_on_our_folder_and_inject_into_peft_model_say_what_to_do(tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    folder = tmp_path / "a"
+    mms.save_adapter(adapted(), folder)
+    with pytest.raises(AdapterFileError, match=r"is an mm_subspace adapter folder.*mm_subspace\.load_adapter"):
+        mms.import_moslora(net(), folder)
+    peft_model = get_peft_model(net(), PeftLoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ConfigError, match=r"wrapped by PEFT.*unload\(\).*import_peft") as info:
+        mms.inject(peft_model, mms.LoraConfig(rank=2, targets=["0"]))
+    assert "base_layer" not in str(info.value)
+    with pytest.raises(ConfigError, match="wrapped by PEFT"):
+        mms.inject(peft_model.base_model.model, mms.LoraConfig(rank=2, targets=["0"]))
+
+
+# -- 12: exact merge/unmerge in half precision -------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exact_merge_unmerge_round_trips_bit_for_bit(method, dtype):
+    """Issue 15.12: merge(exact=True) keeps the base weights; 100 merge/unmerge cycles change no bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6, bias=False)).to(dtype)
+    mms.inject(model, mms.config_for(method, rank=4, alpha=8, targets=["0", "2"], init_weights=False))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    x = X.to(dtype)
+    with torch.no_grad():
+        unmerged_out = model(x)
+        for _ in range(100):
+            mms.merge(model, exact=True)
+            mms.unmerge(model)
+        merged_again = None
+        mms.merge(model, exact=True)
+        merged_again = model(x)
+        mms.unmerge(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], base[k]) for k in base), "exact unmerge must restore every bit"
+    torch.testing.assert_close(merged_again.float(), unmerged_out.float(), atol=0.05, rtol=0.05)
+    # the default (no copy kept) is documented as drifting by rounding in half precision
+    assert "ulp" in (mms.merge.__doc__ or "")
+
+
+def test_transformer_encoder_layer_fast_path_does_not_skip_adapters():
+    """Found with 15.7: in eval + no_grad, nn.TransformerEncoderLayer(batch_first=True) runs a fused kernel on the raw
+    weights of its linears (adapters silently skipped) and reads MHA attributes our wrapper lacked (crash)."""
+    torch.manual_seed(0)
+    for targets in (["linear1", "linear2"], ["linear1", "self_attn"]):
+        model = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+        mms.inject(model, mms.LoraConfig(rank=2, targets=targets, init_weights=False))
+        x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0))
+        with_grad = model(x).detach()
+        with torch.no_grad():
+            fast = model(x)
+            with mms.disable_adapters(model):
+                base = model(x)
+        torch.testing.assert_close(fast, with_grad)
+        assert not torch.allclose(fast, base)
