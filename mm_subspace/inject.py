@@ -195,14 +195,13 @@ _RESERVED = frozenset(n for n in dir(nn.ModuleDict()) if not n.startswith("__"))
 def check_adapter_name(adapter_name: Any, where: str = "") -> None:
     """Raise :class:`ConfigError` unless ``adapter_name`` can name an adapter.
 
-    Allowed: letters, digits, ``_`` and ``-``, at most 64 characters, not starting with ``_``, and not an
-    attribute of ``nn.ModuleDict`` (``forward``, ``keys``, ``to``, ``type``, ``pop``, ...), which would
-    clash with the container that holds adapters by name.
+    Allowed: letters, digits, ``_`` and ``-``, and not an attribute of ``nn.ModuleDict`` (``forward``,
+    ``keys``, ``to``, ``type``, ``pop``, ...), which would clash with the container holding adapters by name.
     """
-    ok = isinstance(adapter_name, str) and re.fullmatch(r"[A-Za-z0-9\-][A-Za-z0-9_\-]{0,63}", adapter_name) is not None
+    ok = isinstance(adapter_name, str) and re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name) is not None
     if not ok:
         raise ConfigError(
-            f"{where}adapter name {adapter_name!r} must be 1-64 letters, digits, '_' or '-', not starting with '_'")
+            f"{where}adapter name {adapter_name!r} must be a non-empty string of letters, digits, '_' or '-'")
     if adapter_name in _RESERVED:
         raise ConfigError(
             f"{where}adapter name {adapter_name!r} is reserved (an attribute or method of nn.ModuleDict, which holds "

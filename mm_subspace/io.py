@@ -68,9 +68,12 @@ def file_errors(func: Callable) -> Callable:
             except TypeError:
                 bound = {}
             path = next((bound[k] for k in ("path", "src", "folder", "dir") if k in bound), None)
+            where = f"{func.__name__}({str(path) if path is not None else ''})"
+            if isinstance(err, OSError):  # permissions, a folder where a file belongs, a full disk
+                raise AdapterFileError(f"{where}: {type(err).__name__}: {err}") from err
             raise AdapterFileError(
-                f"{func.__name__}({str(path) if path is not None else ''}): the input cannot be read "
-                f"({type(err).__name__}: {str(err)[:300]}); it is corrupt, hand-edited or not in the expected format"
+                f"{where}: the input cannot be read ({type(err).__name__}: {str(err)[:300]}); it is corrupt, "
+                "hand-edited or not in the expected format"
             ) from err
 
     return wrapper
