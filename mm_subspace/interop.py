@@ -49,7 +49,7 @@ from .config import AdapterConfig
 from .errors import AdapterFileError, ConfigError
 from .export import DIFFUSERS_WEIGHTS, _read_peft_weights, export_diffusers, export_peft, lora_factors, peft_lora_fields, read_peft_config
 from .inject import get_state, inject, rollback, set_adapter
-from .io import CONFIG_NAME, atomic_paths, file_errors, atomic_write_text, load_adapter, load_tensors_into, read_adapter_config, read_tensors, save_adapter, save_tensors
+from .io import CONFIG_NAME, atomic_paths, file_errors, module_tree, atomic_write_text, load_adapter, load_tensors_into, read_adapter_config, read_tensors, save_adapter, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -541,18 +541,12 @@ def standin_model(modules: dict[str, dict[str, Any]], dtype: torch.dtype = torch
     The weights are a broadcast zero scalar (no memory), enough to inject adapters, load their
     tensors and compute low-rank factors; not for running the base model.
     """
-    root = nn.Module()
-    for name, sig in sorted(modules.items()):
-        parent = root
-        *path, leaf = name.split(".")
-        for part in path:
-            if not hasattr(parent, part):
-                parent.add_module(part, nn.Module())
-            parent = getattr(parent, part)
-        linear = nn.Linear(int(sig["in"]), int(sig["out"]), bias=False, device="meta")
-        linear.weight = nn.Parameter(torch.zeros((), dtype=dtype).expand(int(sig["out"]), int(sig["in"])), requires_grad=False)
-        parent.add_module(leaf, linear)
-    return root
+    def linear(sig: dict[str, Any]) -> nn.Linear:
+        module = nn.Linear(int(sig["in"]), int(sig["out"]), bias=False, device="meta")
+        module.weight = nn.Parameter(torch.zeros((), dtype=dtype).expand(int(sig["out"]), int(sig["in"])), requires_grad=False)
+        return module
+
+    return module_tree(modules, linear)
 
 
 @file_errors

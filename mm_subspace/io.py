@@ -446,8 +446,8 @@ def check_compatible(model: nn.Module, modules: dict[str, dict[str, Any]], where
         )
 
 
-def _meta_standin(modules: dict[str, dict[str, Any]]) -> nn.Module:
-    """Meta-device modules of the recorded kinds and shapes (no memory), for a dry-run injection."""
+def module_tree(modules: dict[str, dict[str, Any]], make: Callable[[dict[str, Any]], nn.Module]) -> nn.Module:
+    """A tree of empty ``nn.Module`` parents with ``make(signature)`` at every recorded module name."""
     root = nn.Module()
     for name, sig in sorted(modules.items()):
         parent = root
@@ -456,17 +456,19 @@ def _meta_standin(modules: dict[str, dict[str, Any]]) -> nn.Module:
             if not hasattr(parent, part):
                 parent.add_module(part, nn.Module())
             parent = getattr(parent, part)
-            if not type(parent) is nn.Module:
+            if type(parent) is not nn.Module:
                 raise AdapterFileError(f"modules: {name!r} is nested inside another adapted module")
-        fan_in, fan_out = int(sig["in"]), int(sig["out"])
-        if sig.get("kind") == "multihead_attention" and fan_out == 4 * fan_in:
-            module: nn.Module = nn.MultiheadAttention(fan_in, 1, device="meta")
-        else:
-            module = nn.Linear(fan_in, fan_out, bias=False, device="meta")
         if hasattr(parent, leaf):
-            raise AdapterFileError(f"modules: {name!r} is both a module and a parent of another")
-        parent.add_module(leaf, module)
+            raise AdapterFileError(f"modules: {name!r} is both an adapted module and the parent of another")
+        parent.add_module(leaf, make(sig))
     return root
+
+
+def _meta_module(sig: dict[str, Any]) -> nn.Module:
+    fan_in, fan_out = int(sig["in"]), int(sig["out"])
+    if sig.get("kind") == "multihead_attention" and fan_out == 4 * fan_in:
+        return nn.MultiheadAttention(fan_in, 1, device="meta")
+    return nn.Linear(fan_in, fan_out, bias=False, device="meta")
 
 
 #: elements a non-strict load may allocate beyond what the file holds (missing tensors left at init)
@@ -482,7 +484,7 @@ def check_declared_shapes(config: AdapterConfig, modules: dict[str, dict[str, An
     :data:`MISSING_ELEMENTS_BOUND`): a tiny file cannot make a loader allocate gigabytes.
     """
     try:
-        dry = _meta_standin(modules)
+        dry = module_tree(modules, _meta_module)
         inject(dry, config.replace(targets=sorted(modules), trainable_modules=[]), adapter_name="dryrun")
     except SubspaceError:
         raise

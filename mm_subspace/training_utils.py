@@ -35,7 +35,7 @@ from torch import nn
 from .errors import AdapterFileError, ConfigError, NonFiniteError
 from .inject import adapter_layers, get_state
 from .layer import AdapterLayer
-from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, atomic_write_text, load_tensors_into
+from .io import CONFIG_NAME, WEIGHTS_NAME, _fsync_dir, adapter_state_dict, atomic_write_text, load_tensors_into
 from .io import read_adapter_config, read_adapter_weights, save_adapter
 
 if TYPE_CHECKING:
@@ -410,18 +410,6 @@ class CheckpointManager:
 def checkpoint_step(path: Path) -> int:
     return int(path.name[len(CHECKPOINT_PREFIX):])
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- loss history and plots -------------------------------------------------------------------------

@@ -8,7 +8,6 @@ Each test is written from the issue's description of what went wrong; the helper
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -66,12 +65,7 @@ def files(folder: Path) -> list[str]:
 
 
 # -- 1 + 2: the save protocol, killed between every pair of file operations ----------------------------
-def newer() -> nn.Sequential:
-    m = adapted(seed=1)
-    with torch.no_grad():
-        for _, adapter in mms.iter_adapters(m):
-            adapter.lora_B.add_(1.0)
-    return m
+from test_reliability import newer_adapter as newer  # noqa: E402
 
 
 def _states_equal(a: nn.Module, b: nn.Module) -> bool:
@@ -291,11 +285,7 @@ def test_overlong_pattern_is_refused():
 
 
 # -- 5: declared shapes checked against the file before allocating -----------------------------------------
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+from test_reliability import rss_bytes  # noqa: E402
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc for RSS")
