@@ -43,6 +43,10 @@ def _add_layout_args(parser: argparse.ArgumentParser) -> None:
         "--no-strict", dest="strict", action="store_false",
         help="load what fits and list every ignored key instead of failing",
     )
+    parser.add_argument(
+        "--force", action="store_true",
+        help="write into an existing, non-empty output (never allowed: the input itself or a path inside/around it)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     p.add_argument("--component", choices=COMPONENTS, default=None,
                    help="for a pipeline base and a single adapter: the component it adapts")
+    p.add_argument("--force", action="store_true", help="write into an existing, non-empty output folder")
 
     p = sub.add_parser("recipes", help="list the paper recipes (--recipe NAME of the training scripts), or describe one",
                        description="List the recipes of mm_subspace.recipes (MoSLoRA, SuLoRA and the subspace-tuning "
@@ -95,6 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default=None, help="only recipes of this model family (llama, llava, sdxl, roberta, ...)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
+
+
+def _check_output(out: str, force: bool, *inputs: str, nested: bool = True) -> None:
+    """Refuse an output that is an input (``nested``: or inside/around one), and an existing non-empty one without --force."""
+    from .interop import refuse_overlapping_paths
+
+    for source in inputs:
+        if nested:
+            try:
+                refuse_overlapping_paths(source, out, "input")
+            except ConfigError:
+                return  # the converter refuses it, after it has checked the input itself
+        elif Path(source).resolve() == Path(out).resolve():
+            raise ConfigError(f"the output {out} is the input {source}: writing there would overwrite it; choose another path")
+    path = Path(out)
+    occupied = path.is_file() or (path.is_dir() and any(path.iterdir()))
+    if occupied and not force:
+        raise ConfigError(f"the output {out} already exists and is not empty; pass --force to overwrite it, or choose another path")
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -123,6 +146,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .interop import convert_adapter
 
+    _check_output(args.out, args.force, args.dir)
     out = convert_adapter(args.dir, args.out, args.to, component=args.component,
                           layers_per_block=args.layers_per_block, strict=args.strict)
     print(f"wrote {args.to} adapter to {out}")
@@ -132,6 +156,7 @@ def _export(args: argparse.Namespace) -> int:
 def _import_moslora(args: argparse.Namespace) -> int:
     from .interop import convert_official_moslora
 
+    _check_output(args.out, args.force, args.src)
     out = convert_official_moslora(args.src, args.out, to=args.to, component=args.component,
                                    layers_per_block=args.layers_per_block, strict=args.strict)
     print(f"wrote {args.to} adapter to {out}")
@@ -142,28 +167,53 @@ def _load_base(folder: Path) -> tuple[Any, str]:
     """(model or pipeline, kind) from a local folder: 'pipeline', 'diffusers' or 'transformers'."""
     if not folder.is_dir():
         raise ConfigError(f"--base {folder} is not a folder; give a local model folder (save_pretrained output)")
-    if (folder / "model_index.json").is_file():
+    index = folder / "model_index.json"
+    if index.is_file():
+        _read_json(index)
         from diffusers import DiffusionPipeline
 
-        return DiffusionPipeline.from_pretrained(folder, local_files_only=True), "pipeline"
+        return _from_pretrained(DiffusionPipeline, folder, index), "pipeline"
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"--base {folder} has neither model_index.json (diffusers pipeline) nor config.json (model)")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg = _read_json(cfg_path)
     if "_class_name" in cfg:
         import diffusers
 
-        cls = getattr(diffusers, cfg["_class_name"], None)
-        if cls is None:
+        cls = getattr(diffusers, str(cfg["_class_name"]), None)
+        if not isinstance(cls, type):
             raise ConfigError(f"--base {folder}: diffusers has no model class {cfg['_class_name']!r}")
-        return cls.from_pretrained(folder, local_files_only=True), "diffusers"
+        return _from_pretrained(cls, folder, cfg_path), "diffusers"
     import transformers
 
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"--base {cfg_path}: 'architectures' must be a list of class names, got {archs!r:.100}")
     cls = getattr(transformers, archs[0], None) if archs else transformers.AutoModel
-    if cls is None:
+    if not isinstance(cls, type):
         raise ConfigError(f"--base {folder}: transformers has no class {archs[0]!r}; upgrade transformers")
-    return cls.from_pretrained(folder, local_files_only=True), "transformers"
+    return _from_pretrained(cls, folder, cfg_path), "transformers"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ConfigError(f"--base {path} is not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--base {path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _from_pretrained(cls: Any, folder: Path, config_path: Path) -> Any:
+    """``cls.from_pretrained(folder)`` offline; whatever the library raises on a broken folder is a user error."""
+    try:
+        return cls.from_pretrained(folder, local_files_only=True)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OSError, RuntimeError, ImportError) as err:
+        raise ConfigError(
+            f"--base {folder}: {cls.__name__}.from_pretrained failed ({type(err).__name__}: {str(err)[:300]}); "
+            f"check {config_path.name} and the weight files"
+        ) from None
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -173,6 +223,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     base_dir, out = Path(args.base), Path(args.out)
     folders = adapter_components(args.adapter, args.component)  # validates the adapter before the slow load
+    _check_output(args.out, args.force, args.base, args.adapter, nested=False)
     base, kind = _load_base(base_dir)
     if kind == "pipeline":
         if None in folders:
@@ -237,8 +288,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (SubspaceError, FileNotFoundError, NotADirectoryError, OSError) as err:
+    except (SubspaceError, OSError) as err:
         print(f"mm-subspace {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # never a traceback for bad input; -v shows it for bug reports
+        if args.verbose:
+            logger.exception("unexpected error")
+        print(f"mm-subspace {args.command}: error: {type(err).__name__}: {err} (rerun with -v for the traceback)",
+              file=sys.stderr)
         return 1
 
 

@@ -8,13 +8,51 @@ subclasses :class:`AdapterConfig` in its own file and sets the class variable ``
 from __future__ import annotations
 
 import dataclasses
-import re
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import ConfigError
 
 TargetSpec = str | list[str] | tuple[str, ...] | None
+
+#: regular expressions in configs (targets, rank_pattern, alpha_pattern, fused_slices keys) are
+#: matched by the ``regex`` engine with this timeout per match (seconds), and may be this long at most:
+#: a pattern read from a file can never hang a loader (Python's ``re`` has no timeout)
+PATTERN_TIMEOUT = 0.5
+MAX_PATTERN_LENGTH = 1000
+
+
+def compile_pattern(pattern: Any, what: str = "pattern") -> Any:
+    """Compile a config regex with the ``regex`` engine; a non-string, over-long or invalid one is a :class:`ConfigError`."""
+    import regex
+
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{what} must be a string (a regular expression), got {type(pattern).__name__} {pattern!r:.80}")
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise ConfigError(f"{what} is {len(pattern)} characters long; at most {MAX_PATTERN_LENGTH} are allowed")
+    try:
+        return regex.compile(pattern)
+    except (regex.error, ValueError, TypeError, OverflowError, RecursionError) as err:
+        raise ConfigError(f"{what} {pattern!r:.120} is not a valid regular expression: {err}") from None
+
+
+def pattern_matches(pattern: str, name: str, what: str = "pattern", full: bool = True) -> bool:
+    """Whether ``pattern`` matches ``name`` (``full``: the whole name, else from its start), bounded in time.
+
+    Raises:
+        ConfigError: the pattern is invalid, or needs more than :data:`PATTERN_TIMEOUT` seconds
+            (catastrophic backtracking, e.g. nested quantifiers such as ``(a+)+``).
+    """
+    compiled = compile_pattern(pattern, what)
+    try:
+        found = (compiled.fullmatch if full else compiled.match)(name, timeout=PATTERN_TIMEOUT)
+    except TimeoutError:
+        raise ConfigError(
+            f"{what} {pattern!r:.120} needs more than {PATTERN_TIMEOUT}s to match {name!r:.80} (catastrophic "
+            "backtracking, e.g. nested quantifiers like (a+)+); simplify it, or list module names instead"
+        ) from None
+    return found is not None
 #: slices of a fused projection that can carry their own adapter (``o``: nn.MultiheadAttention's out_proj)
 FUSED_PARTS = ("q", "k", "v", "o")
 
@@ -65,6 +103,9 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
+        if not (self.targets is None or isinstance(self.targets, str)
+                or (isinstance(self.targets, list) and all(isinstance(t, str) for t in self.targets))):
+            raise ConfigError(f"{self.method}: targets must be a preset name, a regex or a list of module names, got {self.targets!r:.100}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ConfigError(f"{self.method}: rank must be a positive integer, got {self.rank!r}")
         for key, value in self.rank_pattern.items():
@@ -73,11 +114,36 @@ class AdapterConfig:
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"{self.method}: dropout must be in [0, 1), got {self.dropout!r}")
         self._check_fused_and_trainable()
+        self._check_numbers_and_patterns()
         if self.dtype is not None:
             import torch
 
             if not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
                 raise ConfigError(f"{self.method}: dtype {self.dtype!r} is not a torch dtype name (e.g. 'float32')")
+
+    def _check_numbers_and_patterns(self) -> None:
+        """Every number in the config is finite (a NaN/inf alpha would make every output NaN), and every
+        pattern key compiles (bounded length; matched with a timeout, see :func:`pattern_matches`)."""
+        def bad(value: Any) -> bool:
+            return isinstance(value, float) and not math.isfinite(value)
+
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            items = value.items() if isinstance(value, dict) else [(None, v) for v in value] if isinstance(value, list) else [(None, value)]
+            for key, item in items:
+                if bad(item):
+                    where = f"{f.name}[{key!r}]" if key is not None else f.name
+                    raise ConfigError(f"{self.method}: {where} must be a finite number, got {item!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise ConfigError(f"{self.method}: alpha must be a number, got {self.alpha!r}")
+        for key, value in self.alpha_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{self.method}: alpha_pattern[{key!r}] must be a number, got {value!r}")
+        for field_name in ("rank_pattern", "alpha_pattern", "fused_slices"):
+            for key in getattr(self, field_name):
+                compile_pattern(key, f"{self.method}: {field_name} key")
+        if isinstance(self.targets, str):
+            compile_pattern(self.targets, f"{self.method}: targets")
 
     def _check_fused_and_trainable(self) -> None:
         if isinstance(self.trainable_modules, str):
@@ -99,7 +165,7 @@ class AdapterConfig:
     @staticmethod
     def _pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
         for key, value in pattern.items():
-            if re.match(rf"(.*\.)?({key})$", module_name):
+            if pattern_matches(rf"(.*\.)?({key})$", module_name, f"pattern key {key!r:.120}", full=False):
                 return value
         return default
 

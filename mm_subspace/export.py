@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from .errors import AdapterFileError, ConfigError
-from .inject import TRAINABLE_PREFIX, get_state, inject, iter_adapters, remove_adapter, set_adapter, trainable_module_state
-from .io import load_tensors_into, read_tensors, save_tensors
+from .inject import TRAINABLE_PREFIX, get_state, inject, iter_adapters, set_adapter, trainable_module_state
+from .inject import rollback
+from .io import file_errors, load_tensors_into, read_tensors, save_tensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -144,13 +145,29 @@ def _read_peft_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def read_peft_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object of a PEFT ``adapter_config.json``; an mm_subspace folder or a non-PEFT file is a clear error."""
+    from .io import FORMAT
+
     path = Path(folder) / "adapter_config.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AdapterFileError(f"no adapter_config.json in {folder}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterFileError(f"{path} is not valid JSON: {err}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON or a huge int
+        raise AdapterFileError(f"{path} is not valid JSON: {type(err).__name__}: {str(err)[:200]}") from None
+    except OSError as err:
+        raise AdapterFileError(f"{path} cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterFileError(f"{path} must hold a JSON object, found {type(cfg).__name__}")
+    if cfg.get("format") == FORMAT:
+        raise AdapterFileError(
+            f"{folder} is an mm_subspace adapter folder (written by mm_subspace.save_adapter), not a PEFT or official "
+            "MoSLoRA checkpoint: load it with mm_subspace.load_adapter(model, folder), or convert it with "
+            "`mm-subspace export`"
+        )
+    if "peft_type" not in cfg:
+        raise AdapterFileError(f"{path} has no 'peft_type': it is not a PEFT adapter config (PEFT writes one with save_pretrained)")
+    return cfg
 
 
 def strip_peft_prefix(key: str) -> str:
@@ -176,6 +193,7 @@ def peft_lora_fields(cfg: dict[str, Any], modules: list[str]) -> dict[str, Any]:
                 dropout=float(cfg.get("lora_dropout", 0.0)))
 
 
+@file_errors
 def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", strict: bool = True) -> str:
     """Load a PEFT LoRA checkpoint (``adapter_config.json`` + weights) onto ``model`` as our ``lora``.
 
@@ -203,13 +221,10 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "
             "A MoSLoRA checkpoint (lora_AB)? Use mm_subspace's MoSLoRA import. Or pass strict=False to skip them."
         )
     config = LoraConfig(targets=modules, trainable_modules=saved, **peft_lora_fields(cfg, modules))
-    inject(model, config, adapter_name)
     # extras stay in: with strict=False load_tensors_into logs them as ignored (never dropped silently)
     ours = {k.replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B"): v for k, v in tensors.items()}
-    try:
+    with rollback(model):
+        inject(model, config, adapter_name)
         load_tensors_into(model, adapter_name, ours, strict=strict, source=str(folder))
-    except BaseException:
-        remove_adapter(model, adapter_name)
-        raise
-    set_adapter(model, adapter_name)
+        set_adapter(model, adapter_name)
     return adapter_name

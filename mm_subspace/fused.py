@@ -362,10 +362,15 @@ class MultiheadAttentionLayer(AdapterLayer):
     slice adapter: ``q = adapt_q(x, x W_Qᵀ + b_Q)``, ..., ``y = adapt_o(o, o W_Oᵀ + b_O)``.
     """
 
+    #: the adapters see (batch, seq, d): forward transposes sequence-first inputs before applying them
+    batch_dim = 0
+    fixed_batch_dim = True
+
     # attributes code reads from an MHA (open_clip's init reads in_proj_weight / out_proj)
     batch_first = property(lambda self: self.base_layer.batch_first)
     embed_dim = property(lambda self: self.base_layer.embed_dim)
     num_heads = property(lambda self: self.base_layer.num_heads)
+    _qkv_same_embed_dim = property(lambda self: self.base_layer._qkv_same_embed_dim)  # read by TransformerEncoderLayer
     in_proj_weight = property(lambda self: self.base_layer.in_proj_weight)
     in_proj_bias = property(lambda self: self.base_layer.in_proj_bias)
     out_proj = property(lambda self: self.base_layer.out_proj)

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from .bases import find_base, supported_types
-from .config import AdapterConfig
+from .config import AdapterConfig, compile_pattern, pattern_matches
 from .errors import AdapterStateError, ConfigError, MergeError, TargetError
-from .layer import Adapter, AdapterLayer, ModelState
+from .layer import Adapter, AdapterLayer, ModelState, batch_dim_of
 from .registry import get_method
 
 logger = logging.getLogger(__name__)
@@ -89,10 +89,10 @@ def resolve_targets(model: nn.Module, targets: Any) -> list[str]:
         if preset is not None:
             return preset.resolve(model)
         try:
-            pattern = re.compile(targets)
-        except re.error as err:
-            raise ConfigError(f"targets {targets!r} is neither a preset nor a valid regex: {err}") from None
-        matched = [n for n in names if pattern.fullmatch(n)]
+            compile_pattern(targets, "targets")
+        except ConfigError as err:
+            raise ConfigError(f"targets {targets!r:.120} is neither a preset nor a valid regex: {err}") from None
+        matched = [n for n in names if pattern_matches(targets, n, "target regex")]
         if not matched:
             raise TargetError(
                 f"target regex {targets!r} matched no module of {type(model).__name__} (it must match the "
@@ -131,8 +131,8 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     """
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"config must be an AdapterConfig (e.g. mm_subspace.MoSLoRAConfig), got {type(config).__name__}")
-    if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name):
-        raise ConfigError(f"adapter name {adapter_name!r} must be a non-empty string of letters, digits, '_' or '-'")
+    check_adapter_name(adapter_name)
+    _refuse_peft_model(model)
     from .fused import build_adapter, check_adapter
     from .presets import with_preset_defaults
 
@@ -159,28 +159,107 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
             )
         check_adapter(kind, adapter_cls, base, config, name)
         plan.append((name, module, base, kind))
-    _check_trainable_modules(model, config)
+    _check_trainable_modules(model, config, adapter_name)
     # build every adapter before touching the model: a constructor error leaves it unchanged
     built = [build_adapter(kind, adapter_cls, base, config, name) for name, _, base, kind in plan]
 
-    # everything validated: now mutate
-    if state is None:
-        state = ModelState()
-        setattr(model, STATE_ATTR, state)
-    for (name, module, base, kind), adapter in zip(plan, built):
-        layer = module
-        if not isinstance(module, AdapterLayer):
-            layer = kind.wrap(base, state, name)
-            _set_submodule(model, name, layer)
-        layer.add_adapter(adapter_name, adapter)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    state.configs[adapter_name] = config
-    if not state.active:
-        state.active = [adapter_name]
-    _refresh_trainable(model, state)
+    # everything validated: now mutate (and should anything still fail, undo it all)
+    with rollback(model):
+        if state is None:
+            state = ModelState()
+            setattr(model, STATE_ATTR, state)
+        state.configs[adapter_name] = config  # first, so that a rollback's remove_adapter finds every layer
+        for (name, module, base, kind), adapter in zip(plan, built):
+            layer = module
+            if not isinstance(module, AdapterLayer):
+                layer = kind.wrap(base, state, name)
+                if not layer.fixed_batch_dim and batch_dim_of(model, name):
+                    object.__setattr__(layer, "batch_dim", 1)  # a plain attribute, as module_name
+                if _inside_fastpath_block(model, name):
+                    layer.register_forward_pre_hook(_no_fastpath)
+                _set_submodule(model, name, layer)
+            layer.add_adapter(adapter_name, adapter)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if not state.active:
+            state.active = [adapter_name]
+        _refresh_trainable(model, state)
     logger.info("injected %s adapter %r into %d modules", config.method, adapter_name, len(plan))
     return model
+
+
+#: names an adapter cannot have: attributes of the nn.ModuleDict that holds adapters by name
+_RESERVED = frozenset(n for n in dir(nn.ModuleDict()) if not n.startswith("__"))
+
+
+def check_adapter_name(adapter_name: Any, where: str = "") -> None:
+    """Raise :class:`ConfigError` unless ``adapter_name`` can name an adapter.
+
+    Allowed: letters, digits, ``_`` and ``-``, and not an attribute of ``nn.ModuleDict`` (``forward``,
+    ``keys``, ``to``, ``type``, ``pop``, ...), which would clash with the container holding adapters by name.
+    """
+    ok = isinstance(adapter_name, str) and re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name) is not None
+    if not ok:
+        raise ConfigError(
+            f"{where}adapter name {adapter_name!r} must be a non-empty string of letters, digits, '_' or '-'")
+    if adapter_name in _RESERVED:
+        raise ConfigError(
+            f"{where}adapter name {adapter_name!r} is reserved (an attribute or method of nn.ModuleDict, which holds "
+            f"adapters by name); pick another, e.g. {adapter_name + '_adapter'!r}")
+
+
+def _refuse_peft_model(model: nn.Module) -> None:
+    """A model already wrapped by PEFT (PeftModel, or carrying PEFT tuner layers) gets a clear error."""
+    peft_layers = [n for n, m in model.named_modules() if type(m).__module__.startswith("peft.tuners")]
+    if hasattr(model, "peft_config") or peft_layers:
+        what = type(model).__name__ if hasattr(model, "peft_config") else f"a model with PEFT layers ({peft_layers[0]!r}, ...)"
+        raise ConfigError(
+            f"{what} is wrapped by PEFT; mm_subspace adapts the plain model. Unwrap it first "
+            "(peft_model.unload(), or merge_and_unload() to keep its LoRA baked in), or save the PEFT adapter and "
+            "load it with mm_subspace.import_peft(plain_model, folder)"
+        )
+
+
+@contextlib.contextmanager
+def rollback(*models: nn.Module) -> Iterator[None]:
+    """If the block raises, put each model back as it was: adapters added inside the block are removed
+    (layers left without adapters get their base module back), the active list and the disabled flag
+    are restored, and every parameter's ``requires_grad`` flag is set back."""
+    saved = []
+    for model in models:
+        state = get_state(model, required=False)
+        saved.append((
+            model,
+            set(state.configs) if state else set(),
+            (list(state.active), state.disabled) if state else None,
+            [(p, p.requires_grad) for p in model.parameters()],
+        ))
+    try:
+        yield
+    except BaseException:
+        for model, names, switches, flags in saved:
+            state = get_state(model, required=False)
+            for name in [n for n in (state.configs if state else {}) if n not in names]:
+                remove_adapter(model, name)
+            state = get_state(model, required=False)
+            if state is not None and switches is not None:
+                state.active, state.disabled = [a for a in switches[0] if a in state.configs], switches[1]
+            for param, flag in flags:
+                param.requires_grad_(flag)
+        raise
+
+
+def _no_fastpath(module: nn.Module, args: Any) -> None:
+    """No-op pre-hook: its presence keeps ``nn.TransformerEncoderLayer`` off its fused inference fast path."""
+
+
+def _inside_fastpath_block(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` lies in an ``nn.TransformerEncoderLayer``, whose eval/no-grad fast path reads the raw
+    weights of its linears and attention (``torch._transformer_encoder_layer_fwd``) and would skip adapters;
+    a hook on any submodule turns that path off."""
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:d])) if d else model, nn.TransformerEncoderLayer)
+               for d in range(len(parts)))
 
 
 def _child_hint(name: str, module: nn.Module) -> str:
@@ -218,8 +297,23 @@ def trainable_module_names(model: nn.Module, config: AdapterConfig) -> list[str]
     return resolve_targets(model, config.trainable_modules) if config.trainable_modules else []
 
 
-def _check_trainable_modules(model: nn.Module, config: AdapterConfig) -> None:
-    """Every ``trainable_modules`` entry matches a module whose weights can train (not quantised)."""
+def _check_trainable_modules(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
+    """Every ``trainable_modules`` entry matches a module whose weights can train (not quantised), and
+    no other adapter on the model already trains it (they would overwrite each other's weights)."""
+    state = get_state(model, required=False)
+    mine = trainable_module_names(model, config)
+    for other, other_config in (state.configs.items() if state else []):
+        if other == adapter_name:
+            continue
+        theirs = trainable_module_names(model, other_config)
+        shared = [m for m in mine for t in theirs if m == t or m.startswith(t + ".") or t.startswith(m + ".")]
+        if shared:
+            raise AdapterStateError(
+                f"adapter {adapter_name!r} lists trainable_modules {shared[:3]} that adapter {other!r} already trains. "
+                "Fully trained modules are trained in place, so two adapters would overwrite each other's weights "
+                "(and routing, disabling or removing one would not give the other's or the base's module back). "
+                f"Give the adapters disjoint trainable_modules, or remove_adapter(model, {other!r}) first"
+            )
     frozen = [k for k, p in trainable_module_state(model, config).items() if not p.is_floating_point()]
     if frozen:
         raise ConfigError(
@@ -272,6 +366,10 @@ def enable_adapters(model: nn.Module, enabled: bool = True) -> None:
     if not enabled and any(layer.merged for _, layer in adapter_layers(model)):
         logger.warning("disabling adapters on a merged model: unmerging first")
         unmerge(model)
+    trained = sorted({n for n, c in state.configs.items() if c.trainable_modules})
+    if not enabled and trained:
+        logger.warning("adapters disabled, but the modules %s trains fully (trainable_modules) keep their trained "
+                       "weights: this is not the base model's output", trained)
     state.disabled = not enabled
 
 
@@ -314,6 +412,13 @@ def forward_context(model: nn.Module, adapter_rows: list[str | None] | None = No
         if not rows:
             raise AdapterStateError("adapter_rows is empty; give one adapter name (or None) per row")
         _check_names(state, [r for r in rows if r is not None])
+        trained = sorted({n for n, c in state.configs.items() if c.trainable_modules})
+        if trained and len(set(rows)) > 1:
+            raise AdapterStateError(
+                f"adapter(s) {trained} train whole modules in place (trainable_modules), which every row would "
+                "share: per-row routing cannot give each row its own. Route adapters without trainable_modules, "
+                "or run one adapter per call (set_adapter)"
+            )
         context["adapter_rows"] = rows
     before = state.context
     state.context = context
@@ -341,8 +446,15 @@ def aux_loss(model: nn.Module, reset: bool = True) -> torch.Tensor:
 
 
 # -- merge ------------------------------------------------------------------------------------------
-def merge(model: nn.Module, adapter_names: list[str] | None = None) -> None:
-    """Fold the adapters (default: the active ones) into the base weights. Outputs are unchanged."""
+def merge(model: nn.Module, adapter_names: list[str] | None = None, exact: bool = False) -> None:
+    """Fold the adapters (default: the active ones) into the base weights. Outputs are unchanged.
+
+    Args:
+        exact: keep a copy of each merged layer's base weights so that :func:`unmerge` restores them
+            bit for bit. The default (``False``) keeps no copy: unmerge computes ``W' − ΔW``, exact in
+            float32 up to rounding, but in fp16/bf16 each merge/unmerge round trip moves about a third
+            of the weights by 1-2 ulp (and it accumulates over many cycles).
+    """
     state = get_state(model)
     names = list(state.active if adapter_names is None else adapter_names)
     _check_names(state, names)
@@ -351,8 +463,13 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> None:
         for name in names:
             if name in layer.adapters and not layer.adapters[name].mergeable:
                 raise MergeError(layer.adapters[name]._refusal("merge"))
+        if exact and not all(p.is_floating_point() for p in layer.base_layer.parameters()):
+            raise MergeError(
+                f"merge(exact=True) on {layer.module_name!r}: the base weights are quantised, and re-quantising a "
+                "restored copy is not exact; merge without exact=True (unmerge then subtracts ΔW)"
+            )
     for layer in layers:
-        layer.merge(names)
+        layer.merge(names, exact=exact)
 
 
 def unmerge(model: nn.Module) -> None:

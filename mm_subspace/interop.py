@@ -48,8 +48,8 @@ from torch import nn
 from .config import AdapterConfig
 from .errors import AdapterFileError, ConfigError
 from .export import DIFFUSERS_WEIGHTS, _read_peft_weights, export_diffusers, export_peft, lora_factors, peft_lora_fields, read_peft_config
-from .inject import get_state, inject, remove_adapter, set_adapter
-from .io import CONFIG_NAME, atomic_paths, atomic_write_text, load_adapter, load_tensors_into, read_adapter_config, read_tensors, save_adapter, save_tensors
+from .inject import get_state, inject, rollback, set_adapter
+from .io import CONFIG_NAME, atomic_paths, file_errors, module_tree, atomic_write_text, load_adapter, load_tensors_into, read_adapter_config, read_tensors, save_adapter, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +240,7 @@ def _kohya_name_map(component: str, model: nn.Module, layers_per_block: int) -> 
     return found
 
 
+@file_errors
 def import_kohya(
     path: str | os.PathLike,
     unet: nn.Module | None = None,
@@ -292,8 +293,7 @@ def import_kohya(
         )
     report_ignored(str(source), unknown)
     done: dict[str, list[str]] = {}
-    injected: list[nn.Module] = []
-    try:
+    with rollback(*parts.values()):
         for component, modules in plan.items():
             if not modules:
                 continue
@@ -304,12 +304,7 @@ def import_kohya(
             ours = {f"{m}.lora_A": e[".lora_down.weight"] for m, e in modules.items()}
             ours.update({f"{m}.lora_B": e[".lora_up.weight"] for m, e in modules.items()})
             _inject_and_load(model, config, ours, adapter_name, True, f"{source} ({component})")
-            injected.append(model)
             done[component] = sorted(modules)
-    except BaseException:
-        for model in injected:
-            remove_adapter(model, adapter_name)
-        raise
     if not done:
         raise AdapterFileError(f"{source}: no LoRA module of the passed components was found (keys: {_listing(sorted(tensors))})")
     return done
@@ -318,13 +313,10 @@ def import_kohya(
 def _inject_and_load(model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor], adapter_name: str,
                      strict: bool, source: str | os.PathLike) -> str:
     """Inject ``config``, load ``tensors`` (strictly unless told), activate; on failure leave ``model`` as it was."""
-    inject(model, config, adapter_name)
-    try:
+    with rollback(model):
+        inject(model, config, adapter_name)
         load_tensors_into(model, adapter_name, tensors, strict=strict, source=str(source))
-    except BaseException:
-        remove_adapter(model, adapter_name)
-        raise
-    set_adapter(model, adapter_name)
+        set_adapter(model, adapter_name)
     return adapter_name
 
 
@@ -423,6 +415,7 @@ def export_dora_peft(
 _PEFT_DORA_KEY = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
 
 
+@file_errors
 def import_dora_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", strict: bool = True) -> str:
     """Load a PEFT ``use_dora=True`` LoRA checkpoint onto ``model`` as our ``dora`` (magnitude per output row)."""
     from .methods.dora import DoRAConfig
@@ -446,6 +439,7 @@ _OFFICIAL_KEY = re.compile(
 )
 
 
+@file_errors
 def read_official_moslora(
     path: str | os.PathLike, strict: bool = True
 ) -> dict[str | None, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
@@ -514,6 +508,7 @@ def _modules_of(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted({k.rsplit(".", 1)[0] for k in tensors})
 
 
+@file_errors
 def import_moslora(
     model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", strict: bool = True, component: str | None = None
 ) -> str:
@@ -546,20 +541,15 @@ def standin_model(modules: dict[str, dict[str, Any]], dtype: torch.dtype = torch
     The weights are a broadcast zero scalar (no memory), enough to inject adapters, load their
     tensors and compute low-rank factors; not for running the base model.
     """
-    root = nn.Module()
-    for name, sig in sorted(modules.items()):
-        parent = root
-        *path, leaf = name.split(".")
-        for part in path:
-            if not hasattr(parent, part):
-                parent.add_module(part, nn.Module())
-            parent = getattr(parent, part)
-        linear = nn.Linear(int(sig["in"]), int(sig["out"]), bias=False, device="meta")
-        linear.weight = nn.Parameter(torch.zeros((), dtype=dtype).expand(int(sig["out"]), int(sig["in"])), requires_grad=False)
-        parent.add_module(leaf, linear)
-    return root
+    def linear(sig: dict[str, Any]) -> nn.Linear:
+        module = nn.Linear(int(sig["in"]), int(sig["out"]), bias=False, device="meta")
+        module.weight = nn.Parameter(torch.zeros((), dtype=dtype).expand(int(sig["out"]), int(sig["in"])), requires_grad=False)
+        return module
+
+    return module_tree(modules, linear)
 
 
+@file_errors
 def load_standin(path: str | os.PathLike, strict: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Load a saved adapter folder onto a stand-in of its recorded module shapes: (model, adapter_config.json)."""
     meta = read_adapter_config(path)
@@ -570,6 +560,7 @@ def load_standin(path: str | os.PathLike, strict: bool = True) -> tuple[nn.Modul
     return model, meta
 
 
+@file_errors
 def standin_from_official(path: str | os.PathLike, strict: bool = True) -> dict[str | None, tuple[nn.Module, dict[str, Any]]]:
     """An official MoSLoRA checkpoint imported onto stand-in models: component (``None`` for the PEFT
     layout) -> (model, ``base_model`` record for a saved adapter: class, name_or_path, no fingerprint)."""
@@ -590,6 +581,7 @@ def standin_from_official(path: str | os.PathLike, strict: bool = True) -> dict[
 
 
 # -- adapter folders of a whole SDXL pipeline -------------------------------------------------------
+@file_errors
 def adapter_components(path: str | os.PathLike, component: str | None = None) -> dict[str | None, Path]:
     """Adapter folders of ``path``: ``{component: folder}``.
 
@@ -657,16 +649,31 @@ def convert_models(
 
 
 
+def refuse_overlapping_paths(source: str | os.PathLike, out: str | os.PathLike, what: str = "source") -> None:
+    """Raise :class:`ConfigError` when ``out`` is ``source``, inside it, or contains it (after resolving
+    symlinks): writing there would overwrite or shadow the input (``export D --to peft D``)."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        relation = "is" if src == dst else "is inside" if src in dst.parents else "contains"
+        raise ConfigError(
+            f"the output {out} {relation} the {what} {source}: writing there would overwrite or shadow it. "
+            "Choose an output path outside the input folder"
+        )
+
+
+@file_errors
 def convert_adapter(
     path: str | os.PathLike, out: str | os.PathLike, to: str, component: str | None = None,
     layers_per_block: int | None = None, strict: bool = True,
 ) -> Path:
     """Convert a saved adapter (or pipeline adapter folder) to format ``to`` without loading the base model."""
     loaded = {c: load_standin(folder, strict=strict) for c, folder in adapter_components(path, component).items()}
+    refuse_overlapping_paths(path, out)
     return convert_models({c: m for c, (m, _) in loaded.items()}, out, to, layers_per_block=layers_per_block,
                           base_models={c: meta.get("base_model") for c, (_, meta) in loaded.items()})
 
 
+@file_errors
 def convert_official_moslora(
     path: str | os.PathLike, out: str | os.PathLike, to: str = "diffusers", component: str | None = "unet",
     layers_per_block: int | None = None, strict: bool = True,
@@ -680,6 +687,7 @@ def convert_official_moslora(
     if component is not None and component not in KOHYA_PREFIX:
         raise ConfigError(f"unknown SDXL component {component!r}; one of {sorted(KOHYA_PREFIX)} or None")
     loaded = standin_from_official(path, strict=strict)
+    refuse_overlapping_paths(path, out)
     if None in loaded:
         model, base = loaded[None]
         loaded = {component: (model, {**base, "class": CLASS_OF_COMPONENT.get(component)})}
@@ -687,6 +695,7 @@ def convert_official_moslora(
                           base_models={c: base for c, (_, base) in loaded.items()})
 
 
+@file_errors
 def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:
     """What ``mm-subspace inspect`` prints: method, ranks, alphas, targets, trainable parameters, base fingerprint."""
     folder = Path(path)

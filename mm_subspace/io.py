@@ -20,7 +20,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -30,9 +32,9 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .errors import AdapterFileError, IncompatibleAdapterError, SubspaceError
-from .inject import _candidate_modules, _base_of, get_state, inject, iter_adapters, remove_adapter, set_adapter
-from .inject import trainable_module_state
+from .errors import AdapterFileError, ConfigError, IncompatibleAdapterError, SubspaceError
+from .inject import _candidate_modules, _base_of, get_state, inject, iter_adapters, set_adapter
+from .inject import check_adapter_name, rollback, trainable_module_state
 from .bases import find_base
 
 logger = logging.getLogger(__name__)
@@ -43,27 +45,164 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+def file_errors(func: Callable) -> Callable:
+    """Decorator for loaders/importers: a non-:class:`SubspaceError` raised while reading a hostile or
+    broken file (bad JSON nesting, huge ints, wrong field types, a folder where a file belongs, odd
+    tensor ranks) becomes an :class:`AdapterFileError` naming the path. Bugs in the caller's model
+    are not the file's fault, but a loader's contract is to raise only ``SubspaceError``."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SubspaceError:
+            raise
+        except (ValueError, TypeError, LookupError, AttributeError, RecursionError, OSError, UnicodeError,
+                ArithmeticError, NotImplementedError) as err:
+            try:
+                bound = signature.bind_partial(*args, **kwargs).arguments
+            except TypeError:
+                bound = {}
+            path = next((bound[k] for k in ("path", "src", "folder", "dir") if k in bound), None)
+            where = f"{func.__name__}({str(path) if path is not None else ''})"
+            if isinstance(err, OSError):  # permissions, a folder where a file belongs, a full disk
+                raise AdapterFileError(f"{where}: {type(err).__name__}: {err}") from err
+            raise AdapterFileError(
+                f"{where}: the input cannot be read ({type(err).__name__}: {str(err)[:300]}); it is corrupt, "
+                "hand-edited or not in the expected format"
+            ) from err
+
+    return wrapper
+
+
 # -- atomic files ---------------------------------------------------------------------------------
+#: our temporary / backup names: ".<target>.tmp-<pid>-<8 hex>" and the same + ".old"
+_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}(?P<old>\.old)?$")
+
+
+def _fs_step(label: str) -> None:
+    """Called before every file operation of an atomic write (``label`` names it); a no-op.
+
+    The kill-at-every-point test replaces it to stop the process between any two operations.
+    """
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":
+        return True  # no cheap liveness test: leftovers are then removed by age (see leftovers())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def leftovers(folder: Path, targets: list[str] | None = None, stale_only: bool = False) -> list[Path]:
+    """Temporary/backup files of our own naming in ``folder`` (for ``targets`` names, default all).
+
+    ``stale_only``: only those whose writing process is gone (POSIX), or older than an hour (elsewhere).
+    """
+    import time
+
+    found = []
+    with contextlib.suppress(OSError):
+        for path in folder.iterdir():
+            m = _LEFTOVER.match(path.name)
+            if not m or (targets is not None and m["target"] not in targets) or not path.is_file():
+                continue
+            if stale_only:
+                pid = int(m["pid"])
+                if os.name == "posix" and _pid_alive(pid):
+                    continue
+                if os.name != "posix" and time.time() - path.stat().st_mtime < 3600:
+                    continue
+            found.append(path)
+    return sorted(found)
+
+
+def _tidy(folder: Path, targets: list[str]) -> None:
+    """Before writing ``targets`` in ``folder``: repair an interrupted adapter save, then delete stale leftovers."""
+    stale = leftovers(folder, targets, stale_only=True)
+    if not stale:
+        return
+    if WEIGHTS_NAME in targets or CONFIG_NAME in targets:
+        _repair_pair(folder)
+    for path in leftovers(folder, targets, stale_only=True):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    logger.info("removed %d leftover file(s) of interrupted saves in %s", len(stale), folder)
+
+
+def _repair_pair(folder: Path) -> None:
+    """If ``adapter_config.json`` names weights that only a leftover still holds, put them back in place."""
+    weights = folder / WEIGHTS_NAME
+    try:
+        expected = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("weights_sha256")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return
+    if not isinstance(expected, str) or (weights.is_file() and sha256_file(weights) == expected):
+        return
+    for path in leftovers(folder, [WEIGHTS_NAME]):
+        if sha256_file(path) == expected:
+            os.replace(path, weights)
+            logger.warning("%s: restored the weights of the last complete save from %s", folder, path.name)
+            return
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
     """Yield temporary paths beside ``targets``; on success rename each onto its target, in order.
 
     On any exception the temporaries are deleted and the targets are untouched — also when a rename
     fails after an earlier target was already replaced: that one is put back from a hard link of its
-    old content (so weights and config never end up from two different saves).
+    old content (so weights and config never end up from two different saves). The old content
+    stays under a backup name until the last rename is done, so a process killed between two
+    renames leaves the previous set recoverable (:func:`load_adapter` does it for adapters);
+    leftovers of killed writers are deleted by the next write into the same folder.
     """
-    temps = [t.with_name(f".{t.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}") for t in targets]
+    for folder in dict.fromkeys(t.parent for t in targets):
+        _tidy(folder, [t.name for t in targets if t.parent == folder])
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temps = [t.with_name(f".{t.name}.tmp-{tag}") for t in targets]
     olds = [tmp.with_name(tmp.name + ".old") for tmp in temps]
     done: list[tuple[Path, Path | None]] = []
     try:
+        _fs_step("write")
         yield temps
         for tmp in temps:
+            _fs_step(f"fsync {tmp.name}")
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         for tmp, target, old in zip(temps, targets, olds):
+            _fs_step(f"backup {target.name}")
             kept = _keep_old(target, old)
+            _fs_step(f"replace {target.name}")
             os.replace(tmp, target)
             done.append((target, kept))
+        for folder in dict.fromkeys(t.parent for t in targets):
+            _fs_step("fsync dir")
+            _fsync_dir(folder)
     except BaseException:
         for target, kept in reversed(done):  # roll back the renames already made
             if kept is None:
@@ -73,6 +212,8 @@ def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
         raise
     finally:
         for tmp in temps + olds:
+            if tmp.exists():
+                _fs_step(f"unlink {tmp.name.split('.tmp-')[0]}{'.old' if tmp.name.endswith('.old') else ''}")
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
@@ -194,6 +335,7 @@ def _name_or_path(model: nn.Module) -> str | None:
 
 
 # -- read ---------------------------------------------------------------------------------------------
+@file_errors
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     """Parse and check ``adapter_config.json`` of a saved adapter (without reading the weights)."""
     folder = Path(path)
@@ -202,8 +344,8 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         raise AdapterFileError(f"no {CONFIG_NAME} in {folder}: is this an adapter folder saved by mm_subspace.save_adapter?")
     try:
         meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterFileError(f"{cfg_path} is not valid JSON ({err}); the file is corrupt — re-save the adapter") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON, or an int too long to parse
+        raise AdapterFileError(f"{cfg_path} is not valid JSON ({type(err).__name__}: {str(err)[:200]}); the file is corrupt — re-save the adapter") from None
     if not isinstance(meta, dict):
         raise AdapterFileError(f"{cfg_path} must hold a JSON object, found {type(meta).__name__}")
     if meta.get("format") != FORMAT:
@@ -220,8 +362,12 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     for key, typ in (("config", dict), ("modules", dict), ("weights_sha256", str)):
         if not isinstance(meta.get(key), typ):
             raise AdapterFileError(f"{cfg_path}: field {key!r} is missing or not a {typ.__name__}")
+    dtype = meta.get("dtype")
+    if dtype is not None and not (isinstance(dtype, str) or (isinstance(dtype, list) and all(isinstance(d, str) for d in dtype))):
+        raise AdapterFileError(f"{cfg_path}: field 'dtype' must be a dtype name or a list of them, got {dtype!r:.80}")
     for name, sig in meta["modules"].items():
-        if not isinstance(sig, dict) or not all(isinstance(sig.get(k), int) for k in ("in", "out")):
+        if (not isinstance(sig, dict) or not all(isinstance(sig.get(k), int) and not isinstance(sig.get(k), bool) and sig[k] > 0
+                                                 for k in ("in", "out")) or not isinstance(sig.get("kind", ""), str)):
             raise AdapterFileError(f"{cfg_path}: modules[{name!r}] must be {{'kind', 'in', 'out'}}, got {sig!r}")
     try:
         meta["config_obj"] = AdapterConfig.from_dict(meta["config"])
@@ -246,6 +392,32 @@ def read_tensors(path: Path, expected_sha256: str | None = None) -> dict[str, to
         return load_file(str(path))
     except Exception as err:  # safetensors raises several types for bad headers/truncation
         raise AdapterFileError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
+def adapter_weights_path(folder: Path, expected_sha256: str) -> Path:
+    """The weights file of the last complete save in ``folder``.
+
+    Normally ``adapter_model.safetensors``. A save killed between its two renames leaves the new
+    weights there but the previous config (the config's rename is the commit point); the previous
+    weights then survive under a backup name, and this returns that file (with a warning) so the
+    last complete pair loads. The next save into the folder puts it back in place.
+    """
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file() and sha256_file(weights) == expected_sha256:
+        return weights
+    for path in leftovers(folder, [WEIGHTS_NAME]):
+        if sha256_file(path) == expected_sha256:
+            logger.warning(
+                "%s: %s is from an interrupted save; loading the last complete save (weights in %s). "
+                "Saving into this folder again repairs it.", folder, WEIGHTS_NAME, path.name)
+            return path
+    return weights  # read_tensors reports the mismatch
+
+
+def read_adapter_weights(folder: str | os.PathLike, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Tensors of the last complete save in ``folder`` whose ``adapter_config.json`` is ``meta``."""
+    folder = Path(folder)
+    return read_tensors(adapter_weights_path(folder, meta["weights_sha256"]), meta["weights_sha256"])
 
 
 def check_compatible(model: nn.Module, modules: dict[str, dict[str, Any]], where: str = "adapter") -> None:
@@ -274,12 +446,76 @@ def check_compatible(model: nn.Module, modules: dict[str, dict[str, Any]], where
         )
 
 
+def module_tree(modules: dict[str, dict[str, Any]], make: Callable[[dict[str, Any]], nn.Module]) -> nn.Module:
+    """A tree of empty ``nn.Module`` parents with ``make(signature)`` at every recorded module name."""
+    root = nn.Module()
+    for name, sig in sorted(modules.items()):
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+            if type(parent) is not nn.Module:
+                raise AdapterFileError(f"modules: {name!r} is nested inside another adapted module")
+        if hasattr(parent, leaf):
+            raise AdapterFileError(f"modules: {name!r} is both an adapted module and the parent of another")
+        parent.add_module(leaf, make(sig))
+    return root
+
+
+def _meta_module(sig: dict[str, Any]) -> nn.Module:
+    fan_in, fan_out = int(sig["in"]), int(sig["out"])
+    if sig.get("kind") == "multihead_attention" and fan_out == 4 * fan_in:
+        return nn.MultiheadAttention(fan_in, 1, device="meta")
+    return nn.Linear(fan_in, fan_out, bias=False, device="meta")
+
+
+#: elements a non-strict load may allocate beyond what the file holds (missing tensors left at init)
+MISSING_ELEMENTS_BOUND = 2**24
+
+
+def check_declared_shapes(config: AdapterConfig, modules: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor],
+                          strict: bool, source: str) -> None:
+    """Before any allocation: the adapter the config builds on the recorded module shapes (a dry run on the
+    meta device) must match the file's tensors, key by key and shape by shape.
+
+    With ``strict=False`` missing tensors are allowed up to the file's own element count (plus
+    :data:`MISSING_ELEMENTS_BOUND`): a tiny file cannot make a loader allocate gigabytes.
+    """
+    try:
+        dry = module_tree(modules, _meta_module)
+        inject(dry, config.replace(targets=sorted(modules), trainable_modules=[]), adapter_name="dryrun")
+    except SubspaceError:
+        raise
+    except (NotImplementedError, RuntimeError) as err:  # a method whose init cannot run on meta tensors
+        logger.debug("dry run of %s skipped: %s", source, err)
+        return
+    expected = {}
+    for module_name, adapter in iter_adapters(dry, "dryrun"):
+        for key, value in adapter.state_dict().items():
+            expected[f"{module_name}.{key}"] = tuple(value.shape)
+    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {shape}"
+             for k, shape in expected.items() if k in tensors and tuple(tensors[k].shape) != shape]
+    if wrong:
+        raise AdapterFileError(f"{source}: {len(wrong)} tensor(s) do not fit (the module shapes in {CONFIG_NAME}): {wrong[:5]}")
+    have = sum(t.numel() for t in tensors.values())
+    missing = sum(math.prod(shape) for k, shape in expected.items() if k not in tensors)
+    if missing > have + MISSING_ELEMENTS_BOUND:
+        raise AdapterFileError(
+            f"{source}: {CONFIG_NAME} declares modules whose adapter would need {missing:,d} more elements than the "
+            f"file's {have:,d}; the module shapes are wrong or the file is truncated"
+        )
+
+
+@file_errors
 def load_adapter(
     model: nn.Module,
     path: str | os.PathLike,
     adapter_name: str | None = None,
     strict: bool = True,
     activate: bool = True,
+    allow_nonfinite: bool = False,
 ) -> str:
     """Load an adapter saved by :func:`save_adapter` onto ``model``; returns its adapter name.
 
@@ -288,53 +524,62 @@ def load_adapter(
         strict: unexpected or missing tensor keys are an error; with ``strict=False`` they are
             skipped and listed in a warning. Shape or dtype mismatches are always an error.
         activate: make the loaded adapter the active one.
+        allow_nonfinite: load tensors holding NaN/inf (with a warning) instead of refusing them.
 
     Raises:
         AdapterFileError / IncompatibleAdapterError / ConfigError / TargetError /
-        AdapterStateError: the model is left exactly as it was.
+        AdapterStateError: the model is left exactly as it was (tensors, requires_grad flags,
+        module tree, active adapters).
     """
     folder = Path(path)
     meta = read_adapter_config(folder)
-    name = adapter_name or meta.get("adapter_name") or "default"
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+        name = adapter_name
+    else:
+        name = meta.get("adapter_name") or "default"
+        try:
+            check_adapter_name(name)
+        except ConfigError as err:
+            raise AdapterFileError(f"{folder / CONFIG_NAME}: {err}; or pass adapter_name= to load it under another name") from None
     config: AdapterConfig = meta["config_obj"]
     check_compatible(model, meta["modules"])
-    tensors = read_tensors(folder / WEIGHTS_NAME, meta["weights_sha256"])
+    tensors = read_adapter_weights(folder, meta)
     saved_dtypes = meta.get("dtype")
-    saved_dtypes = {saved_dtypes} if isinstance(saved_dtypes, str) else set(saved_dtypes or [])
+    saved_dtypes = {saved_dtypes} if isinstance(saved_dtypes, str) else set(saved_dtypes if isinstance(saved_dtypes, list) else [])
     bad_dtype = [k for k, t in tensors.items() if t.is_floating_point() and saved_dtypes and str(t.dtype).replace("torch.", "") not in saved_dtypes]
     if bad_dtype:
         raise AdapterFileError(
             f"tensor(s) {bad_dtype[:3]} in {folder / WEIGHTS_NAME} have dtype "
             f"{tensors[bad_dtype[0]].dtype}, but {CONFIG_NAME} says {sorted(saved_dtypes)}: the files do not belong together"
         )
-    state_before = get_state(model, required=False)
-    active_before = list(state_before.active) if state_before else []
-    try:  # inject builds every adapter before it swaps any layer, so a failure here changes nothing
-        inject(model, config.replace(targets=list(meta["modules"])), adapter_name=name)
-    except Exception as err:
-        if isinstance(err, SubspaceError):
-            raise
-        raise AdapterFileError(
-            f"{folder / CONFIG_NAME}: its config cannot build the adapter ({type(err).__name__}: {err}); "
-            "the file was edited by hand or is corrupt — re-save the adapter"
-        ) from None
-    try:
-        load_tensors_into(model, name, tensors, strict=strict, source=str(folder / WEIGHTS_NAME))
-    except BaseException:
-        remove_adapter(model, name)
-        state = get_state(model, required=False)
-        if state is not None:
-            state.active = active_before
-        raise
-    if activate:
-        set_adapter(model, name)
+    check_declared_shapes(config, meta["modules"], tensors, strict, str(folder / WEIGHTS_NAME))
+    with rollback(model):
+        try:  # inject builds every adapter before it swaps any layer
+            inject(model, config.replace(targets=list(meta["modules"])), adapter_name=name)
+        except Exception as err:
+            if isinstance(err, SubspaceError):
+                raise
+            raise AdapterFileError(
+                f"{folder / CONFIG_NAME}: its config cannot build the adapter ({type(err).__name__}: {err}); "
+                "the file was edited by hand or is corrupt — re-save the adapter"
+            ) from None
+        load_tensors_into(model, name, tensors, strict=strict, source=str(folder / WEIGHTS_NAME),
+                          allow_nonfinite=allow_nonfinite)
+        if activate:
+            set_adapter(model, name)
     return name
 
 
 def load_tensors_into(
-    model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], strict: bool = True, source: str = "file"
+    model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], strict: bool = True, source: str = "file",
+    allow_nonfinite: bool = False,
 ) -> None:
-    """Copy ``"<module>.<tensor>"`` tensors into adapter ``adapter_name``, checking keys, shapes and dtypes."""
+    """Copy ``"<module>.<tensor>"`` tensors into adapter ``adapter_name``, checking keys, shapes and dtypes.
+
+    Tensors holding NaN/inf are refused (an adapter that outputs NaN is never what was meant) unless
+    ``allow_nonfinite``, which loads them with a warning.
+    """
     expected: dict[str, torch.Tensor] = {}
     for module_name, adapter in iter_adapters(model, adapter_name):
         for key, value in adapter.state_dict(keep_vars=True).items():
@@ -360,6 +605,14 @@ def load_tensors_into(
               if k in tensors and expected[k].is_floating_point() and not tensors[k].is_floating_point()]
     if wrong:
         raise AdapterFileError(f"{source}: {len(wrong)} tensor(s) do not fit: {wrong[:5]}")
+    nonfinite = [k for k in expected if k in tensors and tensors[k].is_floating_point() and not bool(torch.isfinite(tensors[k]).all())]
+    if nonfinite and not allow_nonfinite:
+        raise AdapterFileError(
+            f"{source}: {len(nonfinite)} tensor(s) hold NaN or inf, e.g. {nonfinite[:5]}: the adapter would output "
+            "NaN (a diverged or corrupt save). Load an earlier checkpoint, or pass allow_nonfinite=True to load it anyway"
+        )
+    if nonfinite:
+        logger.warning("%s: loading %d tensor(s) with NaN/inf as asked (allow_nonfinite=True): %s", source, len(nonfinite), nonfinite[:5])
     with torch.no_grad():
         for key, target in expected.items():
             if key in tensors:

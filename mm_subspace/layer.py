@@ -287,6 +287,29 @@ class LowRankAdapter(Adapter):
         return (up @ down) * self.total_scale
 
 
+def batch_dim_of(model: nn.Module, module_name: str) -> int:
+    """Which input dimension holds the batch for the module ``module_name`` of ``model``: 0 or 1.
+
+    Walks up from the module's parent: the first ancestor with a boolean ``batch_first`` attribute
+    (``nn.Transformer``, open_clip's ``Transformer``, whose blocks then see (seq, batch, d) when it is
+    False), or with an ``nn.MultiheadAttention`` child (``nn.TransformerEncoderLayer``, open_clip's
+    ``ResidualAttentionBlock``: the whole block sees what its attention sees), decides. Default 0.
+    """
+    parts = module_name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        ancestor = model.get_submodule(".".join(parts[:depth])) if depth else model
+        flag = getattr(ancestor, "batch_first", None)
+        if isinstance(flag, bool):
+            return 0 if flag else 1
+        for name, child in ancestor.named_children():
+            if name == parts[depth]:
+                continue  # the branch we came from
+            mha = child.base_layer if isinstance(child, AdapterLayer) else child
+            if isinstance(mha, nn.MultiheadAttention):
+                return 0 if mha.batch_first else 1
+    return 0
+
+
 class AdapterLayer(nn.Module):
     """Wraps one base module and holds its adapters by name (``adapters``, a ModuleDict).
 
@@ -338,13 +361,27 @@ class AdapterLayer(nn.Module):
                 out = self.adapters[name](x, out, **context)
         return out
 
+    #: the dimension of this layer's input that holds the batch rows, for per-row routing: 0, or 1 inside
+    #: a sequence-first block (``nn.TransformerEncoderLayer(batch_first=False)``, open_clip's
+    #: ``Transformer(batch_first=False)``); set on injection by :func:`batch_dim_of`
+    batch_dim: int = 0
+    #: True for layers that bring their adapters' inputs to batch-first themselves (no detection)
+    fixed_batch_dim: bool = False
+
     def _routed_forward(self, x: torch.Tensor, out: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
         if self.merged:
             raise AdapterStateError(
                 f"per-row adapter routing on {self.module_name!r} while {self.merged} is merged into the "
                 "weight; call mm_subspace.unmerge(model) first"
             )
-        batch = x.shape[0]
+        dim = self.batch_dim
+        if x.dim() < dim + 2:
+            raise AdapterStateError(
+                f"per-row adapter routing on {self.module_name!r}: it runs inside a sequence-first block "
+                f"(batch in dimension {dim}), but got an input of shape {tuple(x.shape)} without a batch dimension there; "
+                "route batched inputs only"
+            )
+        batch = x.shape[dim]
         extras = {k: v for k, v in context.items() if k != "adapter_rows"}
         groups = self.state.row_groups(batch, x.device)
         if len(groups) == 1:  # every row has the same owner: no gather/scatter
@@ -354,24 +391,37 @@ class AdapterLayer(nn.Module):
         for name, rows in groups.items():
             if name is None or name not in self.adapters or rows.numel() == 0:
                 continue
-            sub = {
+            sub = {  # context tensors (attention_mask, ...) are always batch-first
                 k: v.index_select(0, rows) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch else v
                 for k, v in extras.items()
             }
-            new = self.adapters[name](x.index_select(0, rows), out.index_select(0, rows), **sub)
+            new = self.adapters[name](x.index_select(dim, rows), out.index_select(dim, rows), **sub)
             result = out.clone() if result is None else result
-            result.index_copy_(0, rows, new.to(result.dtype))
+            result.index_copy_(dim, rows, new.to(result.dtype))
         return out if result is None else result
 
     # -- merge ----------------------------------------------------------------------------------------
-    def merge(self, names: list[str]) -> None:
-        """Fold the named adapters into the base weight, in order."""
+    def merge(self, names: list[str], exact: bool = False) -> None:
+        """Fold the named adapters into the base weight, in order.
+
+        ``exact``: first keep a copy of the base parameters, so that :meth:`unmerge` restores them
+        bit for bit (costs one copy of this layer's weights while merged). Without it, unmerge
+        subtracts ΔW again, which in fp16/bf16 leaves 1-2 ulp of rounding in many weights per round trip.
+        """
         for name in names:
             if name not in self.adapters or name in self.merged:
                 continue
             adapter = self.adapters[name]
             if not adapter.mergeable:
                 raise MergeError(adapter._refusal("merge"))
+        if exact and "_unmerged" not in self.__dict__ and any(n in self.adapters and n not in self.merged for n in names):
+            params = dict(self.base_layer.named_parameters())
+            if not all(p.is_floating_point() for p in params.values()):
+                raise MergeError(
+                    f"merge(exact=True) on {self.module_name!r}: the base weights are quantised, and re-quantising "
+                    "a restored copy is not exact; merge without exact=True (unmerge then subtracts ΔW)"
+                )
+            self.__dict__["_unmerged"] = {n: p.detach().clone() for n, p in params.items()}
         for name in names:
             if name not in self.adapters or name in self.merged:
                 continue
@@ -384,7 +434,17 @@ class AdapterLayer(nn.Module):
             self.merged.append(name)
 
     def unmerge(self) -> None:
-        """Restore the base weight, undoing merges in reverse order."""
+        """Restore the base weight, undoing merges in reverse order (exactly, after ``merge(exact=True)``)."""
+        saved = self.__dict__.pop("_unmerged", None)
+        if saved is not None:
+            if self.__dict__.get("_bias_owner") is not None:  # a bias that merging created
+                self.base_layer.bias = None
+                self.__dict__["_bias_owner"] = None
+            with torch.no_grad():
+                for n, param in self.base_layer.named_parameters():
+                    param.copy_(saved[n])
+            self.merged.clear()
+            return
         while self.merged:
             name = self.merged.pop()
             adapter = self.adapters[name]

@@ -34,8 +34,9 @@ from torch import nn
 
 from .errors import AdapterFileError, ConfigError, NonFiniteError
 from .inject import adapter_layers, get_state
-from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, atomic_write_text, load_tensors_into
-from .io import read_adapter_config, read_tensors, save_adapter
+from .layer import AdapterLayer
+from .io import CONFIG_NAME, WEIGHTS_NAME, _fsync_dir, adapter_state_dict, atomic_write_text, load_tensors_into
+from .io import read_adapter_config, read_adapter_weights, save_adapter
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -178,7 +179,8 @@ def locate_nonfinite(parts: dict[str, nn.Module], run: Callable[[], Any]) -> str
     for part, model in parts.items():
         for name, module in model.named_modules():
             is_leaf = not any(True for _ in module.children())
-            if name and (is_leaf or type(module).__name__ == "AdapterLayer"):
+            inside_adapter = ".adapters." in f".{name}."  # an adapter's own parts: its AdapterLayer is named instead
+            if name and not inside_adapter and (is_leaf or isinstance(module, AdapterLayer)):  # subclasses too (MHA)
                 handles.append(module.register_forward_hook(hook_for(f"{part}.{name}")))
     try:
         with torch.no_grad():
@@ -271,7 +273,7 @@ def load_parts(parts: dict[str, nn.Module], folder: str | os.PathLike, method: s
         check_adapter_folder(folder, method, list(parts))
     for part, model in parts.items():
         meta = read_adapter_config(folder / part)
-        tensors = read_tensors(folder / part / WEIGHTS_NAME, meta["weights_sha256"])
+        tensors = read_adapter_weights(folder / part, meta)
         load_tensors_into(model, ADAPTER_NAME, tensors, source=str(folder / part / WEIGHTS_NAME))
 
 
@@ -408,18 +410,6 @@ class CheckpointManager:
 def checkpoint_step(path: Path) -> int:
     return int(path.name[len(CHECKPOINT_PREFIX):])
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- loss history and plots -------------------------------------------------------------------------
