@@ -1050,7 +1050,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     hub = push_to_hub(args, output_dir) if args.push_to_hub and accelerator.is_main_process else None
     return {"output_dir": output_dir, "global_step": global_step, "final_loss": history.last("loss"),
             "final_aux_loss": history.last("aux_loss"), "digest": digest, "exported": exported, "resumed_from": resume_path,
-            "edm": edm, "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__, "hub": hub, **steps}
+            "edm": edm, "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__, "hub": hub,
+            "prompts": prompts, **steps}
 
 
 #: files of the output folder that are not uploaded (resumable state, the user's photos)
@@ -1079,7 +1080,6 @@ def push_to_hub(args: argparse.Namespace, output_dir: Path) -> str:
         message = (f"--push_to_hub: upload to {repo_id} failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
                    f"Training finished and {output_dir} is complete and hub-ready; upload it when online with:\n    {command}")
         logger.error("%s", message)
-        print(message, flush=True)
         return message
     message = f"--push_to_hub: uploaded {output_dir} to https://huggingface.co/{repo.repo_id}"
     logger.info("%s", message)
