@@ -220,15 +220,17 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, instance_dir: Path) -
 
 # -- prior preservation ------------------------------------------------------------------------------
 def test_prior_preservation_generates_class_images(tmp_path: Path, instance_dir: Path) -> None:
-    """Also the real-model path: a pipeline folder (save_pretrained layout) and a separate VAE folder."""
+    """Also the real-model path: a pipeline folder (save_pretrained layout) and a separate VAE folder; captioned
+    instance images next to class images."""
     out = tmp_path / "prior"
     model = tiny_models.tiny_sdxl_path()
     result = run(out, "--adapter", "lora", "--with_prior_preservation", "--class_prompt", "a photo of a cat",
                  "--num_class_images", "2", "--class_inference_steps", "2", "--max_train_steps", "1",
                  "--num_validation_images", "0", "--cache_latents", "--pretrained_model_name_or_path", str(model),
-                 "--pretrained_vae_model_name_or_path", str(model / "vae"), instance=instance_dir)
+                 "--pretrained_vae_model_name_or_path", str(model / "vae"), instance=ROOT / "tests" / "data" / "captioned")
     images = sorted((out / "class_images").glob("*.png"))
     assert len(images) == 2 and np.isfinite(result["final_loss"])
+    assert len(result["prompts"]) == 4 and result["prompts"][-1] == "a photo of a cat"  # 3 captions + the class prompt
     assert json.loads((out / "unet" / "adapter_config.json").read_text())["base_model"]["name_or_path"] == str(model)
     from PIL import Image
 
@@ -500,3 +502,28 @@ def test_diffusers_readme_command_runs_offline_with_a_clear_hub_message(tmp_path
     assert card.widget == [{"text": "A photo of sks dog in a bucket", "output": {"url": "validation/step-000002.png"}}]
     assert card.base_model is None  # a local folder is no hub id
     assert 'load_lora_weights("me/sks-dog")' in card_text
+
+
+def test_validation_images_reach_every_tracker(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """TensorBoard gets the images as an image summary; a tracker that fails only warns (training goes on)."""
+    from types import SimpleNamespace
+
+    from accelerate.tracking import TensorBoardTracker
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class Broken:
+        name = "broken"
+
+        def log_images(self, values: dict, step: int) -> None:
+            raise RuntimeError("server down")
+
+    tb = TensorBoardTracker("run", str(tmp_path))
+    tb.start()  # what accelerator.init_trackers does
+    images = tiny_models.cat_photos(2, 16)
+    with caplog.at_level("WARNING"):
+        db.log_images(SimpleNamespace(trackers=[tb, Broken()]), images, 3, "a photo of sks cat")
+    tb.finish()
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    assert events.Tags()["images"] == ["validation"], events.Tags()
+    assert [e.step for e in events.Images("validation")] == [3]
+    assert "could not log validation images to broken: server down" in caplog.text

@@ -24,6 +24,12 @@ loop under ``accumulate``, checkpoints on ``sync_gradients``, validation, save),
 * Every random draw of a step (data order, VAE sample, noise, timesteps) comes from a generator
   seeded by ``(seed, rank, micro step)``, so ``--resume_from_checkpoint latest`` after a kill
   reproduces the uninterrupted run bit for bit on CPU.
+* Parity with diffusers' DreamBooth SDXL scripts (docs/dreambooth.md has the flag-by-flag table):
+  per-image captions (``metadata.jsonl`` / ``metadata.csv`` / ``.txt`` sidecars, ``--dataset_name``),
+  ``--num_train_epochs`` / ``--repeats`` / ``--validation_epochs``, crops and flips drawn per epoch,
+  AdamW / 8-bit AdamW / Prodigy, EDM-style training, ``--output_kohya_format``, a stock-loadable
+  ``pytorch_lora_weights.safetensors`` in every checkpoint (DoRA included), a hub-ready model card and
+  ``--push_to_hub`` that, offline, ends with the exact upload command.
 * ``--recipe moslora_paper``: the MoSLoRA paper's SDXL setting (Wu et al. 2024, §4.3): lr 1e-4,
   batch 4, 500 steps, orthogonal mixer init. Flags given explicitly still win.
 """
