@@ -2,7 +2,8 @@
 
 Every method whose ΔW has the form ``scaling · up · down`` (LoRA, MoSLoRA, TS-Mixing, and the other
 A·B-shaped methods) exports as an ordinary LoRA: the mixer is folded into B exactly (``up = B · M``),
-so stock loaders reproduce the adapter's outputs. The official MoSLoRA code loses the mixer on the
+so stock loaders reproduce the adapter's outputs. DoRA (with or without a mixer) exports in PEFT's
+``use_dora=True`` layout, which diffusers' SDXL loader reads too (``lora_magnitude_vector`` keys). The official MoSLoRA code loses the mixer on the
 way to diffusers; here the folded factors carry it. Methods that cannot be written as a fixed rank-r
 product (SuLoRA's routed B, nonlinear MPC) raise :class:`~mm_subspace.errors.MergeError` saying why.
 """
@@ -50,6 +51,61 @@ def lora_state_dict(
     for module_name, (down, up, scaling) in lora_factors(model, adapter_name).items():
         state[f"{prefix}{module_name}.lora_A.weight"] = down.contiguous()
         state[f"{prefix}{module_name}.lora_B.weight"] = (up * scaling if fold_scale else up).contiguous()
+    return state
+
+
+def dora_magnitudes(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Module name -> DoRA magnitude (out,) for every adapter that has one (empty for non-DoRA adapters)."""
+    return {name: a.magnitude for name, a in iter_adapters(model, adapter_name) if isinstance(getattr(a, "magnitude", None), torch.Tensor)}
+
+
+def dora_factors(
+    model: nn.Module, adapter_name: str = "default"
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], dict[str, torch.Tensor]]:
+    """DoRA in PEFT's ``use_dora=True`` layout: ``{module: (lora_A (r, in), B·M (out, r), scaling)}`` and
+    ``{module: magnitude (out,)}``.
+
+    DoRA Eq. (5): ``W' = m ⊙ (W + ΔW) / ‖W + ΔW‖``, the norm taken per output row of the (out, in)
+    weight — the axis of PEFT's ``lora_magnitude_vector`` and of our ``magnitude``. With a MoSLoRA
+    mixer ``ΔW = s·(B·M)·A`` both inside the norm and on the low-rank path, so folding M into B is exact.
+
+    Raises:
+        ConfigError: no adapter, a non-DoRA adapter among them, or a magnitude on another axis.
+    """
+    magnitudes = dora_magnitudes(model, adapter_name)
+    adapters = dict(iter_adapters(model, adapter_name))
+    if not adapters:
+        raise ConfigError(f"model has no adapter named {adapter_name!r} to export")
+    plain = sorted(set(adapters) - set(magnitudes))
+    if plain:
+        raise ConfigError(f"{plain[:3]} are {adapters[plain[0]].method} adapters, not DoRA; export them as plain LoRA")
+    factors = {}
+    for name, adapter in adapters.items():
+        if tuple(magnitudes[name].shape) != (adapter.out_features,):
+            raise ConfigError(
+                f"{name!r}: DoRA magnitude has shape {tuple(magnitudes[name].shape)}, not one value per output row "
+                f"({adapter.out_features},) as PEFT's lora_magnitude_vector; refusing to write it on another axis"
+            )
+        factors[name] = (adapter.lora_A.detach(), adapter.up_weight().detach(), float(adapter.scaling))
+    return factors, {name: m.detach() for name, m in magnitudes.items()}
+
+
+def diffusers_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """One component's tensors for ``pytorch_lora_weights.safetensors`` (keys without the component prefix).
+
+    Plain LoRA (mixer and scale folded into B), or for DoRA the same plus
+    ``<module>.lora_magnitude_vector.weight`` (out,): diffusers' loader sees the magnitude keys and builds PEFT DoRA layers (scale folded into B
+    is exact there too, since DoRA's ΔW = s·B·A both inside the norm and on the low-rank path).
+    """
+    if not dora_magnitudes(model, adapter_name):
+        return lora_state_dict(model, adapter_name, fold_scale=True)
+    factors, magnitudes = dora_factors(model, adapter_name)
+    state = {}
+    for name, (down, up, scaling) in factors.items():
+        state[f"{name}.lora_A.weight"] = down.contiguous()
+        state[f"{name}.lora_B.weight"] = (up * scaling).contiguous()
+        # ".weight": diffusers 0.42's text-encoder path maps only this spelling (the UNet path takes both)
+        state[f"{name}.lora_magnitude_vector.weight"] = magnitudes[name].contiguous()
     return state
 
 
@@ -115,12 +171,13 @@ def export_diffusers(
     """Write ``pytorch_lora_weights.safetensors`` that stock ``StableDiffusionXLPipeline.load_lora_weights`` loads.
 
     Pass the injected UNet and, when adapted, the text encoders. Scale and mixer are folded into
-    ``lora_B`` (diffusers takes alpha = r when the file carries no metadata).
+    ``lora_B`` (diffusers takes alpha = r when the file carries no metadata). DoRA adapters add
+    ``lora_magnitude_vector`` keys (PEFT's layout), which the stock loader turns into DoRA layers.
     """
     from diffusers import StableDiffusionXLPipeline
 
     parts = {"unet_lora_layers": unet, "text_encoder_lora_layers": text_encoder, "text_encoder_2_lora_layers": text_encoder_2}
-    layers = {key: lora_state_dict(m, adapter_name, fold_scale=True) for key, m in parts.items() if m is not None}
+    layers = {key: diffusers_state_dict(m, adapter_name) for key, m in parts.items() if m is not None}
     if not layers:
         raise ConfigError("export_diffusers needs at least one of unet=, text_encoder=, text_encoder_2=")
     out = Path(save_directory)

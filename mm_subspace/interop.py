@@ -47,9 +47,11 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import AdapterFileError, ConfigError
-from .export import DIFFUSERS_WEIGHTS, _read_peft_weights, export_diffusers, export_peft, lora_factors, peft_lora_fields, read_peft_config
+from .export import DIFFUSERS_WEIGHTS, _read_peft_weights, dora_factors, dora_magnitudes, export_diffusers, export_peft, lora_factors
+from .export import peft_lora_fields, read_peft_config
 from .inject import get_state, inject, rollback, set_adapter
-from .io import CONFIG_NAME, atomic_paths, file_errors, module_tree, atomic_write_text, load_adapter, load_tensors_into, read_adapter_config, read_tensors, save_adapter, save_tensors
+from .io import CONFIG_NAME, atomic_paths, atomic_write_text, file_errors, load_adapter, load_tensors_into, module_tree, read_adapter_config
+from .io import read_tensors, save_adapter, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -356,15 +358,7 @@ DORA_REFUSAL = {
         "value per input column, 1×in, or per output row, out×1 — LyCORIS' wd_on_out), and diffusers' SDXL "
         "loader drops dora_scale with a warning"
     ),
-    "diffusers": "diffusers' LoRA file assumes alpha = r and a plain B·A update; DoRA's per-row magnitude has no slot there",
 }
-
-
-def dora_magnitudes(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """Module name -> DoRA magnitude (out,) for every adapter that has one (empty for non-DoRA adapters)."""
-    from .inject import iter_adapters
-
-    return {name: a.magnitude for name, a in iter_adapters(model, adapter_name) if isinstance(getattr(a, "magnitude", None), torch.Tensor)}
 
 
 def refuse_dora(model: nn.Module, adapter_name: str, fmt: str) -> None:
@@ -374,7 +368,8 @@ def refuse_dora(model: nn.Module, adapter_name: str, fmt: str) -> None:
         raise ConfigError(
             f"cannot export DoRA adapter {adapter_name!r} ({len(found)} modules) to the {fmt} format: {DORA_REFUSAL[fmt]}. "
             "mm_subspace's DoRA keeps one magnitude per output row (DoRA Eq. 5, PEFT's axis): export it with "
-            "export_dora_peft (PEFT use_dora=True layout), or merge it into the base model"
+            "export_dora_peft (PEFT use_dora=True layout), export_diffusers (diffusers reads the same layout), "
+            "or merge it into the base model"
         )
 
 
@@ -389,25 +384,8 @@ def export_dora_peft(
     copied as is. With a MoSLoRA mixer, ``ΔW = s·(B·M)·A`` both inside the norm and on the low-rank
     path, so folding M into B is exact. ``PeftModel.from_pretrained`` reproduces the outputs.
     """
-    from .inject import iter_adapters
-
-    magnitudes = dora_magnitudes(model, adapter_name)
-    adapters = dict(iter_adapters(model, adapter_name))
-    if not adapters:
-        raise ConfigError(f"model has no adapter named {adapter_name!r} to export")
-    plain = sorted(set(adapters) - set(magnitudes))
-    if plain:
-        raise ConfigError(f"export_dora_peft: {plain[:3]} are {adapters[plain[0]].method} adapters, not DoRA; use export_peft")
-    factors, extra = {}, {}
-    for name, adapter in adapters.items():
-        magnitude = magnitudes[name].detach()
-        if tuple(magnitude.shape) != (adapter.out_features,):
-            raise ConfigError(
-                f"{name!r}: DoRA magnitude has shape {tuple(magnitude.shape)}, not one value per output row "
-                f"({adapter.out_features},) as PEFT's lora_magnitude_vector; refusing to write it on another axis"
-            )
-        factors[name] = (adapter.lora_A.detach(), adapter.up_weight().detach(), float(adapter.scaling))
-        extra[f"base_model.model.{name}.lora_magnitude_vector"] = magnitude
+    factors, magnitudes = dora_factors(model, adapter_name)
+    extra = {f"base_model.model.{name}.lora_magnitude_vector": m for name, m in magnitudes.items()}
     return export_peft(model, save_directory, adapter_name, base_model_name_or_path,
                        factors=factors, extra_tensors=extra, use_dora=True)
 
@@ -627,9 +605,9 @@ def convert_models(
                 f"the {to} format is for SDXL pipelines; say which component this adapter belongs to "
                 f"(component= / --component, one of {sorted(KOHYA_PREFIX)})"
             )
-        for model in models.values():
-            refuse_dora(model, adapter_name, to)
         if to == "kohya":
+            for model in models.values():
+                refuse_dora(model, adapter_name, to)
             return export_kohya(out, **models, adapter_name=adapter_name, layers_per_block=layers_per_block)
         return export_diffusers(out, **models, adapter_name=adapter_name)
     single = len(models) == 1

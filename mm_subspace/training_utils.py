@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import AdapterFileError, ConfigError, NonFiniteError
+from .errors import AdapterFileError, ConfigError, NonFiniteError, SubspaceError
 from .inject import adapter_layers, get_state
 from .layer import AdapterLayer
 from .io import CONFIG_NAME, WEIGHTS_NAME, _fsync_dir, adapter_state_dict, atomic_write_text, load_tensors_into
@@ -48,6 +48,23 @@ ADAPTER_NAME = "default"
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
+
+
+class MissingExtraError(SubspaceError, ImportError):
+    """An optional library a flag needs is not installed (the message names the pip extra)."""
+
+
+def require(module: str, flag: str, extra: str, package: str | None = None) -> Any:
+    """``importlib.import_module(module)``, or :class:`MissingExtraError` naming ``flag`` and the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(
+            f'{flag} needs the `{package or module}` library: pip install "mm-subspace[{extra}]" '
+            f"(or pip install {package or module})"
+        ) from None
 
 
 # -- parameters --------------------------------------------------------------------------------------
@@ -120,6 +137,11 @@ def sample_indices(n: int, batch: int, micro_step: int, rank: int, world: int, s
     Position ``p = (micro_step·world + rank)·batch + j`` reads ``perm(epoch = p // n)[p % n]``, so the
     ranks together walk each epoch's permutation once, and the order is a function of the step only.
     """
+    return [index for _, index in sample_epoch_indices(n, batch, micro_step, rank, world, seed)]
+
+
+def sample_epoch_indices(n: int, batch: int, micro_step: int, rank: int, world: int, seed: int) -> list[tuple[int, int]]:
+    """:func:`sample_indices` with the epoch of each draw: ``[(epoch, index), ...]`` (per-epoch augmentation)."""
     if n <= 0:
         raise ConfigError("the training set is empty")
     out, perms = [], {}
@@ -128,7 +150,7 @@ def sample_indices(n: int, batch: int, micro_step: int, rank: int, world: int, s
         epoch = pos // n
         if epoch not in perms:
             perms[epoch] = torch.randperm(n, generator=step_generator(seed, 0x5EED, epoch)).tolist()
-        out.append(perms[epoch][pos % n])
+        out.append((epoch, perms[epoch][pos % n]))
     return out
 
 
@@ -348,10 +370,12 @@ class CheckpointManager:
         check_adapter_folder(path, self.method, parts)
         return int(state["step"])
 
-    def register_hooks(self, accelerator: Accelerator, parts: dict[str, nn.Module], base_model: str | None = None) -> None:
+    def register_hooks(self, accelerator: Accelerator, parts: dict[str, nn.Module], base_model: str | None = None,
+                       export: Callable[[dict[str, nn.Module], Path], None] | None = None) -> None:
         """Make ``accelerator.save_state``/``load_state`` write/read the adapters in our format.
 
         The hooks pop the models accelerate would otherwise pickle whole (the frozen base too).
+        ``export(parts, folder)`` (rank 0) adds files to each checkpoint, e.g. a diffusers LoRA file.
         """
         def find(model: nn.Module) -> str:
             inner = unwrap(accelerator, model)
@@ -364,6 +388,8 @@ class CheckpointManager:
             names = [find(m) for m in models]
             if accelerator.is_main_process:
                 save_parts({n: parts[n] for n in names}, output_dir, base_model)
+                if export is not None:
+                    export({n: parts[n] for n in names}, Path(output_dir))
             weights.clear()
 
         def load_hook(models: list[nn.Module], input_dir: str) -> None:
@@ -500,31 +526,35 @@ def write_model_card(
     output_dir: str | os.PathLike,
     *,
     title: str,
-    base_model: str,
+    base_model: str | None,
     method: str,
     summary: dict[str, Any],
     flags: dict[str, Any],
     images: dict[str, str] | None = None,
     sections: dict[str, str] | None = None,
     tags: Sequence[str] = (),
+    front_matter: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``output_dir/README.md``: YAML front matter, a summary table, images, sections, all flags.
 
     Args:
         title: heading.
-        base_model: base model id or path (front matter ``base_model``).
+        base_model: base model id (front matter ``base_model``; ``None`` leaves it out, e.g. a local folder).
         method: adapter method (front matter tag, summary).
         summary: key facts (steps, final loss, export status), one table row each.
         flags: every command-line flag and its value.
         images: caption -> path relative to ``output_dir``.
         sections: heading -> Markdown body (usage, notes).
         tags: extra front-matter tags.
+        front_matter: more YAML keys (``license``, ``instance_prompt``, ``widget``...), values written as
+            JSON (valid YAML); ``None`` values are left out.
     """
     from .registry import get_method
 
     adapter_cls = get_method(method)
-    lines = ["---", f"base_model: {json.dumps(str(base_model))}", "library_name: mm_subspace", "tags:"]
-    lines += [f"- {t}" for t in ("mm-subspace", method, *tags)]
+    lines = ["---", *([f"base_model: {json.dumps(str(base_model))}"] if base_model else []), "library_name: mm_subspace", "tags:"]
+    lines += [f"- {t}" for t in dict.fromkeys(("mm-subspace", method, *tags))]
+    lines += [f"{key}: {json.dumps(value)}" for key, value in (front_matter or {}).items() if value is not None]
     lines += ["---", "", f"# {title}", ""]
     lines += [f"Adapter method **{method}**: `ΔW = {adapter_cls.formula}` ({adapter_cls.paper}).", ""]
     lines += ["| | |", "|---|---|"] + [f"| {_md_cell(k)} | {_md_cell(v)} |" for k, v in summary.items()] + [""]

@@ -67,7 +67,7 @@ class Runs(dict):
     def __missing__(self, method: str) -> dict:
         if method not in mms.list_methods():
             pytest.skip(f"method {method!r} is not registered (mm_subspace.list_methods() = {mms.list_methods()})")
-        extra = ["--train_text_encoder"] if method == "moslora" else []
+        extra = {"moslora": ["--train_text_encoder", "--output_kohya_format"]}.get(method, [])
         self[method] = run(self.root / method, "--adapter", method, "--max_train_steps", "3",
                            "--checkpointing_steps", "2", "--num_validation_images", "2", *extra, instance=self.instance)
         return self[method]
@@ -111,28 +111,69 @@ def test_writes_every_output(trained: Runs, method: str) -> None:
         assert "not exported to diffusers LoRA" in card
 
 
+class Pipes:
+    """Two tiny pipelines built once per module (ours, stock) and the base images; reset after each use."""
+
+    def __init__(self) -> None:
+        self.ours, self.stock = tiny_models.tiny_sdxl_pipeline(), tiny_models.tiny_sdxl_pipeline()
+        for pipe in (self.ours, self.stock):
+            pipe.set_progress_bar_config(disable=True)
+        self.reference = _images(self.ours)
+
+    def parity(self, folder: Path, lora_file: Path) -> None:
+        """Stock ``load_lora_weights(lora_file)`` == our adapters loaded from ``folder/<part>``, same seed."""
+        loaded = [part for part in ("unet", "text_encoder", "text_encoder_2") if (folder / part).is_dir()]
+        try:
+            for part in loaded:
+                mms.load_adapter(getattr(self.ours, part), folder / part)
+            ours = _images(self.ours)
+            self.stock.load_lora_weights(str(lora_file))
+            theirs = _images(self.stock)
+        finally:
+            for part in loaded:
+                mms.remove_adapter(getattr(self.ours, part), "default")
+            self.stock.unload_lora_weights()
+        gap = np.abs(ours - theirs).max()
+        effect = np.abs(ours - self.reference).max()
+        assert gap < 1e-5, gap
+        assert effect > 100 * max(gap, 1e-7), (effect, gap)  # the adapter changes the image; parity is not vacuous
+
+
+@pytest.fixture(scope="module")
+def pipes() -> Pipes:
+    return Pipes()
+
+
 @pytest.mark.parametrize("method", ["lora", "moslora"])
-def test_export_loads_in_stock_diffusers_and_matches(trained: Runs, method: str) -> None:
-    """pytorch_lora_weights.safetensors + stock load_lora_weights == our unmerged adapters, same seed."""
+def test_export_loads_in_stock_diffusers_and_matches(trained: Runs, pipes: Pipes, method: str) -> None:
+    """pytorch_lora_weights.safetensors + stock load_lora_weights == our unmerged adapters, same seed.
+    (DoRA: test_edm_scheduler_model_trains_edm_style_with_8bit_adam_and_dora.)"""
     out = Path(trained[method]["output_dir"])
-    base = tiny_models.tiny_sdxl_pipeline()
-    base.set_progress_bar_config(disable=True)
-    reference = _images(base)
-    for part in ("unet", "text_encoder", "text_encoder_2"):
-        if (out / part).is_dir():
-            mms.load_adapter(getattr(base, part), out / part)
-    ours = _images(base)
-    stock = tiny_models.tiny_sdxl_pipeline()
-    stock.set_progress_bar_config(disable=True)
-    stock.load_lora_weights(str(out))
-    theirs = _images(stock)
-    gap = np.abs(ours - theirs).max()
-    effect = np.abs(ours - reference).max()
-    assert gap < 1e-5, gap
-    assert effect > 100 * max(gap, 1e-7), (effect, gap)  # the adapter changes the image; parity is not vacuous
+    pipes.parity(out, out)
     keys = load_file(out / "pytorch_lora_weights.safetensors")
     assert any(k.startswith("unet.") for k in keys)
     assert any(k.startswith("text_encoder_2.") for k in keys) == (method == "moslora")
+    assert not any(k.endswith("lora_magnitude_vector.weight") for k in keys)
+
+
+def test_kohya_output_loads_in_stock_diffusers(trained: Runs, pipes: Pipes) -> None:
+    """--output_kohya_format: the kohya file next to pytorch_lora_weights.safetensors, same images."""
+    out = Path(trained["moslora"]["output_dir"])
+    kohya = out / db.KOHYA_WEIGHTS
+    keys = load_file(kohya)
+    assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    pipes.parity(out, kohya)
+    assert "pytorch_lora_weights_kohya.safetensors" in (out / "README.md").read_text()
+
+
+def test_every_checkpoint_loads_in_stock_diffusers(trained: Runs, pipes: Pipes) -> None:
+    """training_state/checkpoint-2 holds pytorch_lora_weights.safetensors of step 2 (diffusers#6366)."""
+    ckpt = Path(trained["lora"]["output_dir"]) / "training_state" / "checkpoint-2"
+    assert (ckpt / "pytorch_lora_weights.safetensors").is_file()
+    pipes.parity(ckpt, ckpt)
+    final = load_file(Path(trained["lora"]["output_dir"]) / "pytorch_lora_weights.safetensors")
+    step2 = load_file(ckpt / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(final[k], step2[k]) for k in final)  # step 2's weights, not the final ones
 
 
 # -- resume after SIGKILL ----------------------------------------------------------------------------
@@ -179,15 +220,17 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, instance_dir: Path) -
 
 # -- prior preservation ------------------------------------------------------------------------------
 def test_prior_preservation_generates_class_images(tmp_path: Path, instance_dir: Path) -> None:
-    """Also the real-model path: a pipeline folder (save_pretrained layout) and a separate VAE folder."""
+    """Also the real-model path: a pipeline folder (save_pretrained layout) and a separate VAE folder; captioned
+    instance images next to class images."""
     out = tmp_path / "prior"
     model = tiny_models.tiny_sdxl_path()
     result = run(out, "--adapter", "lora", "--with_prior_preservation", "--class_prompt", "a photo of a cat",
                  "--num_class_images", "2", "--class_inference_steps", "2", "--max_train_steps", "1",
                  "--num_validation_images", "0", "--cache_latents", "--pretrained_model_name_or_path", str(model),
-                 "--pretrained_vae_model_name_or_path", str(model / "vae"), instance=instance_dir)
+                 "--pretrained_vae_model_name_or_path", str(model / "vae"), instance=ROOT / "tests" / "data" / "captioned")
     images = sorted((out / "class_images").glob("*.png"))
     assert len(images) == 2 and np.isfinite(result["final_loss"])
+    assert len(result["prompts"]) == 4 and result["prompts"][-1] == "a photo of a cat"  # 3 captions + the class prompt
     assert json.loads((out / "unet" / "adapter_config.json").read_text())["base_model"]["name_or_path"] == str(model)
     from PIL import Image
 
@@ -291,3 +334,205 @@ def test_nonfinite_loss_stops_naming_the_module_and_keeps_checkpoint(tmp_path: P
     assert kept and int(kept[-1].name.split("-")[1]) == failed - 1  # every good step was checkpointed
     assert f"{kept[-1]} is kept" in message
     assert not (out / "unet").exists()
+
+
+# -- parity with diffusers' DreamBooth SDXL flags (issue 14) -----------------------------------------
+CAPTIONED = ROOT / "tests" / "data" / "captioned"
+
+
+def test_captioned_folder_trains_on_its_captions_with_prodigy_epochs_and_repeats(tmp_path: Path) -> None:
+    """metadata.jsonl + a .txt sidecar -> three prompts; 3 images x 2 repeats / batch 2 = 3 steps = 1 epoch;
+    Prodigy 2+ steps; a DataLoader worker process builds the batches."""
+    result = run(tmp_path / "cap", "--adapter", "lora", "--optimizer", "prodigy", "--learning_rate", "1.0", "--repeats", "2",
+                 "--num_train_epochs", "1", "--train_batch_size", "2", "--random_flip", "--num_validation_images", "0",
+                 "--dataloader_num_workers", "1", instance=CAPTIONED)
+    assert sorted(result["prompts"]) == sorted([
+        "a photo of sks cat on a sofa", "a photo of sks cat by a window", "a close-up photo of sks cat"])
+    assert (result["samples_per_epoch"], result["steps_per_epoch"], result["global_step"]) == (6, 3, 3)
+    assert result["optimizer"] == "Prodigy" and np.isfinite(result["final_loss"])
+    b = load_file(tmp_path / "cap" / "unet" / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B") and v.abs().max() > 0 for k, v in b.items())  # B left zero: Prodigy stepped
+
+
+def _edm_model(tmp_path: Path) -> Path:
+    """The tiny SDXL with an EDMEulerScheduler (as Playground v2.5 ships): other parts linked, not copied."""
+    from diffusers import EDMEulerScheduler
+
+    src, out = tiny_models.tiny_sdxl_path(), tmp_path / "edm_sdxl"
+    out.mkdir()
+    for child in src.iterdir():
+        if child.name not in ("scheduler", "model_index.json"):
+            (out / child.name).symlink_to(child)
+    EDMEulerScheduler().save_config(str(out / "scheduler"))
+    index = json.loads((src / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "EDMEulerScheduler"]
+    (out / "model_index.json").write_text(json.dumps(index))
+    return out
+
+
+def test_edm_scheduler_model_trains_edm_style_with_8bit_adam_and_dora(tmp_path: Path, instance_dir: Path,
+                                                                      trained: Runs, pipes: Pipes) -> None:
+    """One run, three features: EDM-style training switched on by an EDM scheduler, bitsandbytes' 8-bit AdamW
+    (on CPU), and --use_dora whose pytorch_lora_weights.safetensors (lora_magnitude_vector keys) reproduces
+    our DoRA through the stock loader."""
+    model = _edm_model(tmp_path)
+    with pytest.raises(ValueError, match="has an EDM scheduler .*drop --snr_gamma"):
+        run(tmp_path / "snr", "--pretrained_model_name_or_path", str(model), "--snr_gamma", "5", instance=instance_dir)
+    out = tmp_path / "edm"
+    result = run(out, "--adapter", "lora", "--use_dora", "--pretrained_model_name_or_path", str(model),
+                 "--use_8bit_adam", "--max_train_steps", "2", "--num_validation_images", "1", instance=instance_dir)
+    assert result["edm"] and result["optimizer"] == "AdamW8bit" and np.isfinite(result["final_loss"])
+    assert (out / "validation" / "step-000002.png").is_file()  # sampled with the EDM scheduler
+    assert json.loads((out / "unet" / "adapter_config.json").read_text())["config"]["method"] == "dora"
+    assert result["exported"] and any(k.endswith("lora_magnitude_vector.weight")
+                                      for k in load_file(out / "pytorch_lora_weights.safetensors"))
+    pipes.parity(out, out)
+    assert not trained["lora"]["edm"] and trained["lora"]["optimizer"] == "AdamW"  # the tiny SDXL's Euler: DDPM loss
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_edm_denoised_recovers_x0_from_the_true_target(prediction_type: str) -> None:
+    """Euler (VE) parametrisation x = x0 + σ·ε: the preconditioned output of the ideal model is x0 exactly
+    (ε-prediction: F = ε; v-prediction: F = (ε − σ·x0)/sqrt(σ² + 1))."""
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler(prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    index = torch.tensor([0, 500, 999])
+    sigmas = scheduler.sigmas[index].view(-1, 1, 1, 1)
+    noisy = scheduler.add_noise(x0, eps, scheduler.timesteps[index])
+    torch.testing.assert_close(noisy, x0 + sigmas * eps)
+    ideal = eps if prediction_type == "epsilon" else (eps - sigmas * x0) / (sigmas**2 + 1) ** 0.5
+    torch.testing.assert_close(db.edm_denoised(scheduler, noisy, ideal, sigmas, False), x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(db.edm_inputs(scheduler, noisy, sigmas, False), noisy / (sigmas**2 + 1) ** 0.5)
+
+
+def test_epochs_repeats_and_validation_epochs_arithmetic() -> None:
+    """diffusers' conversion: epoch = max(instances x repeats, class images) samples; steps = ceil(ceil(samples /
+    (batch x processes)) / accumulation); --max_train_steps wins over --num_train_epochs."""
+    args = db.parse_args(["--num_train_epochs", "3", "--repeats", "3", "--train_batch_size", "2",
+                          "--gradient_accumulation_steps", "2", "--validation_epochs", "2"])
+    assert args.max_train_steps is None
+    steps = db.schedule(args, n_instance=5, n_class=0, world=2)
+    # 15 samples / (2 x 2) = 4 micro-batches / 2 = 2 steps per epoch
+    assert steps == {"samples_per_epoch": 15, "steps_per_epoch": 2, "max_train_steps": 6, "num_train_epochs": 3}
+    assert args.validation_steps == 4 and args.checkpointing_steps == 3
+    prior = db.parse_args(["--num_train_epochs", "1", "--with_prior_preservation", "--class_prompt", "a cat"])
+    assert db.schedule(prior, n_instance=5, n_class=100, world=1)["max_train_steps"] == 100
+    wins = db.parse_args(["--num_train_epochs", "9", "--max_train_steps", "7"])
+    assert db.schedule(wins, n_instance=4, n_class=0, world=1) == {
+        "samples_per_epoch": 4, "steps_per_epoch": 4, "max_train_steps": 7, "num_train_epochs": 2}
+    recipe = db.parse_args(["--recipe", "moslora_paper", "--num_train_epochs", "2"])
+    assert recipe.max_train_steps is None  # explicit epochs beat the recipe's 500 steps
+
+
+def test_random_crop_and_flip_are_drawn_per_epoch_and_reproducible() -> None:
+    args = db.parse_args(["--random_flip", "--max_train_steps", "8", "--seed", "3"])
+    images = [im.resize((64, 40)) for im in tiny_models.cat_photos(2, 48)]  # landscape: the crop can move
+    make = lambda: db.MicroBatches(args, 32, images, [0, 0], [], 0, rank=0, world=1)  # noqa: E731
+    data = make()
+    # micro steps 0-1 are epoch 0, 2-3 epoch 1, ...: each image gets a new crop (and flip) every epoch
+    crops, pixels = {}, {}
+    for k in range(8):
+        (entry,) = data[k]["entries"].tolist()
+        crops.setdefault(entry, set()).add(tuple(data[k]["time_ids"][0, 2:4].tolist()))
+        pixels.setdefault(entry, set()).add(data[k]["pixels"].numpy().tobytes())
+    assert all(len(c) > 1 for c in crops.values()) and all(len(p) == 4 for p in pixels.values()), crops
+    again = make()
+    assert all(torch.equal(data[k]["pixels"], again[k]["pixels"]) for k in range(8))  # a resume draws the same
+
+
+def test_optimizer_learning_rates_follow_diffusers(monkeypatch: pytest.MonkeyPatch) -> None:
+    parts = {"unet": torch.nn.Linear(2, 2), "text_encoder": torch.nn.Linear(2, 2)}
+    args = db.parse_args(["--scale_lr", "--train_batch_size", "2", "--gradient_accumulation_steps", "3", "--train_text_encoder"])
+    assert args.text_encoder_lr == 5e-6  # diffusers' default, not --learning_rate
+    lrs = {g["name"]: g["lr"] for g in db.make_optimizer(args, parts, world=2).param_groups}
+    assert lrs == {"unet": pytest.approx(1e-4 * 2 * 3 * 2), "text_encoder": 5e-6}  # --scale_lr: --learning_rate only
+    prodigy = db.parse_args(["--optimizer", "Prodigy", "--learning_rate", "1", "--train_text_encoder",
+                             "--prodigy_decouple", "false"])
+    opt = db.make_optimizer(prodigy, parts, world=1)
+    assert {g["lr"] for g in opt.param_groups} == {1.0} and opt.defaults["decouple"] is False
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)
+    with pytest.raises(ImportError, match=r'--optimizer prodigy needs the `prodigyopt` library: pip install "mm-subspace\[train\]"'):
+        db.make_optimizer(prodigy, parts, world=1)
+
+
+def test_diffusers_flags_parse_or_refuse_clearly() -> None:
+    assert db.parse_args(["--use_dora", "--adapter", "lora"]).adapter == "dora"
+    both = db.parse_args(["--use_dora"])  # default moslora -> DoRA with the MoSLoRA mixer
+    assert (both.adapter, both.mixer_init) == ("dora", "kaiming_uniform")
+    with pytest.raises(ConfigError, match="--train_text_encoder_ti .* is not supported.*--train_text_encoder"):
+        db.parse_args(["--train_text_encoder_ti"])
+    with pytest.raises(ConfigError, match="--output_kohya_format needs an adapter that folds to plain LoRA, not sulora"):
+        db.parse_args(["--adapter", "sulora", "--output_kohya_format"])
+    with pytest.raises(ConfigError, match="not dora: DoRA's magnitude has no kohya slot"):
+        db.parse_args(["--adapter", "dora", "--output_kohya_format"])
+    with pytest.raises(ValueError, match="one of --validation_steps and --validation_epochs"):
+        db.parse_args(["--validation_steps", "2", "--validation_epochs", "1"])
+    with pytest.raises(ValueError, match="--hub_token with --report_to wandb"):
+        db.parse_args(["--hub_token", "x", "--report_to", "wandb"])
+    with pytest.raises(ValueError, match="not defined for --do_edm_style_training"):
+        db.parse_args(["--do_edm_style_training", "--snr_gamma", "5"])
+    with pytest.raises(SystemExit):
+        db.parse_args(["--prodigy_decouple", "maybe"])
+    ok = db.parse_args(["--allow_tf32", "--enable_xformers_memory_efficient_attention", "--local_rank", "0",
+                        "--prior_generation_precision", "fp16"])
+    assert ok.allow_tf32 and ok.prior_generation_precision == "fp16"
+
+
+def test_diffusers_readme_command_runs_offline_with_a_clear_hub_message(tmp_path: Path, instance_dir: Path) -> None:
+    """diffusers' README_sdxl example (with --validation_epochs and --push_to_hub), our model path, tiny sizes.
+    Offline: training ends normally, the folder is hub-ready, the log gives the exact upload command."""
+    from huggingface_hub import ModelCard
+
+    model, out = tiny_models.tiny_sdxl_path(), tmp_path / "sks-dog"
+    cmd = [sys.executable, str(SCRIPT), f"--pretrained_model_name_or_path={model}", f"--instance_data_dir={instance_dir}",
+           f"--pretrained_vae_model_name_or_path={model / 'vae'}", f"--output_dir={out}", "--mixed_precision=fp16",
+           "--instance_prompt=a photo of sks dog", "--resolution=32", "--train_batch_size=3",
+           "--gradient_accumulation_steps=1", "--learning_rate=1e-4", "--report_to=wandb", "--lr_scheduler=constant",
+           "--lr_warmup_steps=0", "--max_train_steps=2", "--validation_prompt=A photo of sks dog in a bucket",
+           "--validation_epochs=1", "--seed=0", "--push_to_hub", "--hub_model_id=me/sks-dog",
+           "--num_validation_images=1", "--validation_inference_steps=2", "--rank=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "--report_to wandb: not installed, skipped: wandb" in log
+    assert "upload it when online with:" in log and f"hf upload me/sks-dog {out} ." in log
+    for step in (1, 2):  # 3 images / batch 3 = 1 step per epoch: validation every step
+        assert (out / "validation" / f"step-00000{step}.png").is_file()
+    card_text = (out / "README.md").read_text()
+    assert str(tmp_path) not in card_text and str(tmp_path) not in (out / "training_args.json").read_text()
+    assert "hub_token" not in card_text
+    card = ModelCard.load(out / "README.md").data
+    assert card.instance_prompt == "a photo of sks dog" and card.license == "openrail++"
+    assert {"lora", "diffusers", "text-to-image", "template:sd-lora"} <= set(card.tags)
+    assert card.widget == [{"text": "A photo of sks dog in a bucket", "output": {"url": "validation/step-000002.png"}}]
+    assert card.base_model is None  # a local folder is no hub id
+    assert 'load_lora_weights("me/sks-dog")' in card_text
+
+
+def test_validation_images_reach_every_tracker(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """TensorBoard gets the images as an image summary; a tracker that fails only warns (training goes on)."""
+    from types import SimpleNamespace
+
+    from accelerate.tracking import TensorBoardTracker
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class Broken:
+        name = "broken"
+
+        def log_images(self, values: dict, step: int) -> None:
+            raise RuntimeError("server down")
+
+    tb = TensorBoardTracker("run", str(tmp_path))
+    tb.start()  # what accelerator.init_trackers does
+    images = tiny_models.cat_photos(2, 16)
+    with caplog.at_level("WARNING"):
+        db.log_images(SimpleNamespace(trackers=[tb, Broken()]), images, 3, "a photo of sks cat")
+    tb.finish()
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    assert events.Tags()["images"] == ["validation"], events.Tags()
+    assert [e.step for e in events.Images("validation")] == [3]
+    assert "could not log validation images to broken: server down" in caplog.text

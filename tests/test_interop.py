@@ -434,13 +434,13 @@ def test_dora_exports_to_peft_layout_and_refuses_other_axes(tmp_path):
     assert mms.list_adapters(back)["default"].method == "dora"
     torch.testing.assert_close(_logits(back), expected, rtol=1e-4, atol=1e-4)
 
-    # from the saved folder alone, "peft" picks the DoRA layout; kohya / diffusers refuse with the reason
+    # from the saved folder alone, "peft" picks the DoRA layout; kohya refuses with the reason;
+    # diffusers writes PEFT's magnitude keys (tested against the stock loader in test_export.py)
     mms.save_adapter(model, tmp_path / "ours")
     convert_adapter(tmp_path / "ours", tmp_path / "peft2", "peft")
     state2 = load_file(str(tmp_path / "peft2" / "adapter_model.safetensors"))
     assert state2.keys() == state.keys()
-    for fmt, reason in (("kohya", "dora_scale"), ("diffusers", "no slot")):
-        with pytest.raises(ConfigError, match=reason):
-            convert_adapter(tmp_path / "ours", tmp_path / fmt, fmt, component="text_encoder")
+    with pytest.raises(ConfigError, match="dora_scale"):
+        convert_adapter(tmp_path / "ours", tmp_path / "kohya", "kohya", component="text_encoder")
     with pytest.raises(ConfigError, match="export_dora_peft"):
         kohya_state_dict(text_encoder=model)
