@@ -17,6 +17,7 @@ mm_subspace adapter called ``"default"``.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -47,6 +48,19 @@ ADAPTER_NAME = "default"
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
+
+
+def explicit_flags(parser: argparse.ArgumentParser, input_args: list[str] | None) -> set[str]:
+    """Destinations the user passed on the command line (so recipes never override them)."""
+    quiet = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if action.nargs == 0:
+                kwargs["action"] = "store_true"
+            quiet.add_argument(*action.option_strings, **kwargs)
+    known, _ = quiet.parse_known_args(input_args)
+    return set(vars(known))
 
 
 # -- parameters --------------------------------------------------------------------------------------
