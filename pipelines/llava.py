@@ -273,12 +273,23 @@ def train_visual_instruction(
 
 #: the language model's projections of a LLaVA (the ``llama`` preset alone would also match CLIP's q/k/v)
 LANGUAGE_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-#: the demo's instruction data: real scikit-image photos with a question and a short answer each
+#: the demo's instruction data: (digits scan index, question, answer) — held-out tasks of the shipped tiny LLaVA
 DEMO_EXAMPLES = (
-    ("chelsea", "what animal is in the photo?", "a cat."),
-    ("astronaut", "what animal is in the photo?", "no animal, an astronaut."),
-    ("coffee", "what animal is in the photo?", "none, a cup of coffee."),
+    (0, "is the digit even? answer yes or no.", "yes"),
+    (1, "is the digit even? answer yes or no.", "no"),
+    (2, "what is the digit plus one? answer with a word.", "three"),
+    (3, "what is the digit plus one? answer with a word.", "four"),
+    (5, "is the digit even? answer yes or no.", "no"),
+    (6, "what is the digit plus one? answer with a word.", "seven"),
 )
+
+
+def demo_examples() -> list[tuple[PIL.Image.Image, str, str]]:
+    """:data:`DEMO_EXAMPLES` with their images (real scikit-learn digits scans, 32 px)."""
+    from mm_subspace.data.llava import digit_image, digit_label
+
+    assert all(digit_label(i) == i for i, _, _ in DEMO_EXAMPLES)  # scans 0-9 are the digits 0-9
+    return [(digit_image(i), q, a) for i, q, a in DEMO_EXAMPLES]
 
 
 def make_demo_llava_adapter(
@@ -299,12 +310,11 @@ def make_demo_llava_adapter(
     import torch
 
     import mm_subspace as mms
-    from mm_subspace.tiny_models import sample_photo
 
     from .adapters import describe_adapter
 
     name = f"_demo_{method}"
-    examples = [(sample_photo(photo, size=64), q, a) for photo, q, a in DEMO_EXAMPLES]
+    examples = demo_examples()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         targets = LANGUAGE_TARGETS if llava.has_vision else "llama"

@@ -326,6 +326,17 @@ def supervised_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
                            ignore_index=data.IGNORE_INDEX)
 
 
+def probe_forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Eval-mode logits of ``batch`` under the training routing rule (for reload/merge/PEFT parity checks)."""
+    was_training = model.training
+    model.eval()
+    route = sulora.prompt_route_mask(batch["attention_mask"], batch["labels"]) if "labels" in batch else batch["attention_mask"]
+    with torch.no_grad(), generation_routing(model, route, cache=False):
+        logits = model(**model_inputs(batch)).logits.float()
+    model.train(was_training)
+    return logits
+
+
 # --------------------------------------------------------------------------------------------- data
 def load_records(args: argparse.Namespace, split: str) -> list[data.Record | DataError]:
     """The training (``split="train"``) or evaluation records the flags name."""
@@ -365,13 +376,13 @@ class PixelCache:
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-def generation_routing(model: Any, attention_mask: torch.Tensor) -> contextlib.AbstractContextManager:
+def generation_routing(model: Any, route_mask: torch.Tensor, cache: bool = True) -> contextlib.AbstractContextManager:
     """:func:`sulora.routing` (route on the prompt, cache for the decode steps) when the model has adapters."""
     from mm_subspace.inject import get_state
 
     if get_state(model, required=False) is None:
         return contextlib.nullcontext()
-    return sulora.routing(model, attention_mask, cache=True)
+    return sulora.routing(model, route_mask, cache=cache)
 
 
 def evaluate(model: Any, encoder: data.ConversationEncoder, records: list[data.Record], batch_size: int,
@@ -631,6 +642,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     logger.info("rank %d adapter digest %s", rank, digest)
     if world > 1 and accelerator.is_main_process:
         logger.info("adapters identical on all %d ranks (digest %s)", world, digest)
+    probe = {k: v.to(accelerator.device) for k, v in data.collate(train[:4], pad_id, pixels).items()}
+    probe_logits = probe_forward(final, probe)
     results: dict[str, Any] = {}
     peft_note = ""
     if accelerator.is_main_process:
@@ -660,6 +673,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "final_aux_loss": history.last("aux_loss"), "digest": digest, "eval": results,
             "peft_exported": peft_note.startswith("`peft"), "resumed_from": resume_path,
             "trainable_parameters": trainable, "total_parameters": total, "train_seconds": train_seconds,
+            "probe": probe, "probe_logits": probe_logits,
             "seconds_per_step": sorted(step_times)[len(step_times) // 2] if step_times else None}
 
 
