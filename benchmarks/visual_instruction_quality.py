@@ -60,7 +60,8 @@ def budget_ranks(methods: list[str], budget_rank: int) -> dict[str, tuple[int, i
     budget = count_trainable(model, "lora", budget_rank)
     out = {}
     for method in methods:
-        best = min(((abs(count_trainable(model, method, r) - budget), r) for r in range(1, 4 * budget_rank + 1)))
+        candidates = range(2, 4 * budget_rank + 1, 2) if method == "ts_mixing" else range(1, 4 * budget_rank + 1)
+        best = min((abs(count_trainable(model, method, r) - budget), r) for r in candidates)
         out[method] = (best[1], count_trainable(model, method, best[1]))
     return out
 
@@ -110,16 +111,21 @@ def main() -> None:
     parser.add_argument("--eval_limit", type=int, default=100, help="test images (x 5 tasks) per evaluation")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parts", default="methods,init,sweep")
+    parser.add_argument("--name", default="visual_instruction_quality",
+                        help="results/<name>.{json,md,png}: run parts in parallel processes under different names")
     args = parser.parse_args()
     parts = args.parts.split(",")
     started = time.perf_counter()
     methods = [m for m in args.methods.split(",") if m]
     ranks = budget_ranks(methods, args.budget_rank)
     payload: dict[str, Any] = {"args": vars(args), "ranks": ranks}
-    md = [f"# Visual-instruction quality (tiny-llava-digits, 5 held-out digits tasks)\n",
+    defaults = vi.build_parser()
+    md = [f"# Visual-instruction quality (tiny-llava-digits, 5 held-out digits tasks): {args.parts}\n",
           f"Greedy exact match on {args.eval_limit} test images × 5 tasks; adapters on the LM's q,k,v,o,gate,up,down; "
           f"equal trainable-parameter budget = LoRA r={args.budget_rank}; steps = "
-          f"{args.max_train_steps or vi.EMBEDDED_MAX_STEPS}, batch 16, lr 2e-3 cosine, {args.threads} thread(s).\n"]
+          f"{args.max_train_steps or vi.EMBEDDED_MAX_STEPS}, batch {defaults.get_default('train_batch_size')}, lr "
+          f"{defaults.get_default('learning_rate')} {defaults.get_default('lr_scheduler')}, alpha = 2r, {args.threads} "
+          f"thread(s) per run.\n"]
     rows, plot = [], {}
     if "methods" in parts:
         base = None
@@ -169,9 +175,9 @@ def main() -> None:
     payload["wall_seconds"] = total
     md.append(f"Wall time {total / 60:.1f} min; machine: {machine()['cpu']}, load {machine()['loadavg']}.")
     if plot:
-        _plot(plot, RESULTS / "visual_instruction_quality.png")
-        md.append("\n![methods](visual_instruction_quality.png)")
-    write_results("visual_instruction_quality", payload, "\n".join(md))
+        _plot(plot, RESULTS / f"{args.name}.png")
+        md.append(f"\n![methods]({args.name}.png)")
+    write_results(args.name, payload, "\n".join(md))
 
 
 def _plot(values: dict[str, tuple[float, float]], path: Path) -> None:

@@ -130,7 +130,7 @@ def llava_inputs():
 
 
 def test_llava_preset_separate_vision_rank_alpha(llava_inputs):
-    model, _ = tiny_models.tiny_llava()
+    model, _ = tiny_models.tiny_llava(pretrained=False)
     config = presets.llava_config("moslora", llm_rank=8, llm_alpha=16, vision_rank=4, vision_alpha=2)
     check_preset(model, config, lambda m: m(**llava_inputs), 14 + 8 + 2)
     adapters = dict(mms.iter_adapters(model))
@@ -152,7 +152,7 @@ def test_llava_config_paper_defaults():
 
 
 def test_llava_projector_trained_fully_saved_and_loaded(llava_inputs, tmp_path):
-    model, _ = tiny_models.tiny_llava()
+    model, _ = tiny_models.tiny_llava(pretrained=False)
     config = presets.llava_config("lora", llm_rank=4, llm_alpha=8, vision_rank=4, vision_alpha=4, projector="train")
     check_preset(model, config, lambda m: m(**llava_inputs), 14 + 8)
     projector = model.model.multi_modal_projector
@@ -162,7 +162,7 @@ def test_llava_projector_trained_fully_saved_and_loaded(llava_inputs, tmp_path):
     mms.save_adapter(model, tmp_path)
     with torch.no_grad():
         out = model(**llava_inputs).logits
-    fresh, _ = tiny_models.tiny_llava()
+    fresh, _ = tiny_models.tiny_llava(pretrained=False)
     assert not torch.equal(fresh.model.multi_modal_projector.linear_1.weight, projector.linear_1.weight)
     mms.load_adapter(fresh, tmp_path)
     torch.testing.assert_close(fresh.model.multi_modal_projector.linear_1.weight, projector.linear_1.weight, rtol=0, atol=0)
@@ -172,8 +172,8 @@ def test_llava_projector_trained_fully_saved_and_loaded(llava_inputs, tmp_path):
     from peft import PeftModel
 
     mms.export_peft(model, tmp_path / "peft")
-    peft_model = PeftModel.from_pretrained(tiny_models.tiny_llava()[0], tmp_path / "peft")
-    imported, _ = tiny_models.tiny_llava()
+    peft_model = PeftModel.from_pretrained(tiny_models.tiny_llava(pretrained=False)[0], tmp_path / "peft")
+    imported, _ = tiny_models.tiny_llava(pretrained=False)
     mms.import_peft(imported, tmp_path / "peft")
     assert mms.list_adapters(imported)["default"].trainable_modules == ["multi_modal_projector"]
     with torch.no_grad():

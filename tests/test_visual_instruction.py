@@ -313,3 +313,23 @@ def test_fsdp2_sharded_run_saves_the_same_adapter(tmp_path: Path) -> None:
     mms.save_adapter(model, tmp_path / "plain")
     plain = load_file(tmp_path / "plain" / "adapter_model.safetensors")
     assert saved.keys() == plain.keys() and all(torch.allclose(saved[k], plain[k], atol=1e-6) for k in saved)
+
+
+def test_shipped_tiny_llava_is_pretrained_and_verified() -> None:
+    """The default is the shipped, hash-checked pretrained model: it captions held-out digits scans; the
+    random builder (pretrained=False) does not; the instruction tasks are not answered by the base."""
+    from mm_subspace.shipped import read_manifest
+
+    manifest = read_manifest("tiny-llava-digits")
+    assert manifest["metrics"]["caption_exact_match_test"] >= 0.8
+    assert set(manifest["data"]["held_out"]) == set(data.DIGIT_TASKS)
+    test = data.digits_split()[1][:24]
+    caption = [data.Record(str(i), [{"role": "user", "content": f"<image>\n{data.CAPTION_PROMPTS[0]}"},
+                                    {"role": "assistant", "content": data.digit_caption(data.digit_label(i))}],
+                           data.digit_image(i)) for i in test]
+    accuracy = {}
+    for pretrained in (True, False):
+        model, processor = tiny_models.tiny_llava(pretrained=pretrained)
+        encoder = data.ConversationEncoder(processor)
+        accuracy[pretrained] = vi.evaluate(model, encoder, caption, 32, 6, vi.PixelCache(processor.image_processor))
+    assert accuracy[True]["mean_accuracy"] >= 0.7 and accuracy[False]["mean_accuracy"] == 0.0

@@ -215,6 +215,7 @@ class ConversationEncoder:
         self.image_token = getattr(processor, "image_token", None)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token) if self.image_token else None
         self._image_tokens: int | None = None
+        self._memo: dict[tuple, tuple[list[int], list[int]]] = {}
 
     # -- pieces --------------------------------------------------------------------------------
     def image_token_count(self) -> int:
@@ -243,7 +244,10 @@ class ConversationEncoder:
 
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Ids of a conversation ending with a user turn, plus the generation prompt (for ``generate``)."""
-        return self.tokenize(self.render(messages, generation_prompt=True))
+        key = ("prompt", *((m["role"], m["content"]) for m in messages))
+        if key not in self._memo:
+            self._memo[key] = (self.tokenize(self.render(messages, generation_prompt=True)), [])
+        return list(self._memo[key][0])
 
     # -- records -------------------------------------------------------------------------------
     def encode(self, record: Record) -> Encoded:
@@ -260,23 +264,10 @@ class ConversationEncoder:
             raise _bad(record.id, f"has {what}")
         if has_placeholder and self.image_token is None:
             raise _bad(record.id, "has an image but the processor has no image token (text-only tokenizer)")
-        ids: list[int] = []
-        labels: list[int] = []
-        for k, message in enumerate(messages):
-            if message["role"] != ("user" if k % 2 == 0 else "assistant"):
-                raise _bad(record.id, f"turns do not alternate user/assistant at turn {k}")
-            full = self.tokenize(self.render(messages[: k + 1], generation_prompt=message["role"] == "user"))
-            if full[: len(ids)] != ids:
-                at = next(i for i, (a, b) in enumerate(zip(full, ids)) if a != b) if any(
-                    a != b for a, b in zip(full, ids)) else len(full)
-                raise _bad(record.id, f"label mask does not line up with its tokens at turn {k} (token {at}): the chat "
-                           "template/tokenizer re-tokenizes across the turn boundary, so assistant tokens cannot be "
-                           "located; fix the template or the record text")
-            new = full[len(ids):]
-            ids = full
-            labels += list(new) if message["role"] == "assistant" else [IGNORE_INDEX] * len(new)
-        if not messages or messages[-1]["role"] != "assistant":
-            raise _bad(record.id, "does not end with an assistant turn")
+        key = tuple((m["role"], m["content"]) for m in messages)
+        if key not in self._memo:  # records that differ only by their image tokenize alike
+            self._memo[key] = self._ids_and_labels(record.id, messages)
+        ids, labels = (list(x) for x in self._memo[key])
         truncated = len(ids) > self.max_length
         if truncated:
             if self.image_token_id is not None and self.image_token_id in ids[self.max_length:]:
@@ -287,6 +278,26 @@ class ConversationEncoder:
             reason = f"after truncation to {self.max_length} tokens" if truncated else "(empty assistant turns)"
             raise _bad(record.id, f"has no assistant token to learn from {reason}; it would give a zero loss")
         return Encoded(record.id, ids, labels, record.image, truncated, dict(record.meta))
+
+    def _ids_and_labels(self, record_id: str, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        labels: list[int] = []
+        for k, message in enumerate(messages):
+            if message["role"] != ("user" if k % 2 == 0 else "assistant"):
+                raise _bad(record_id, f"turns do not alternate user/assistant at turn {k}")
+            full = self.tokenize(self.render(messages[: k + 1], generation_prompt=message["role"] == "user"))
+            if full[: len(ids)] != ids:
+                at = next(i for i, (a, b) in enumerate(zip(full, ids)) if a != b) if any(
+                    a != b for a, b in zip(full, ids)) else len(full)
+                raise _bad(record_id, f"label mask does not line up with its tokens at turn {k} (token {at}): the chat "
+                           "template/tokenizer re-tokenizes across the turn boundary, so assistant tokens cannot be "
+                           "located; fix the template or the record text")
+            new = full[len(ids):]
+            ids = full
+            labels += list(new) if message["role"] == "assistant" else [IGNORE_INDEX] * len(new)
+        if not messages or messages[-1]["role"] != "assistant":
+            raise _bad(record_id, "does not end with an assistant turn")
+        return ids, labels
 
 
 def encode_records(
