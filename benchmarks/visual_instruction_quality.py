@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, method: str, rank: int, seed: int, *extra: str
     with tempfile.TemporaryDirectory(prefix="viq-") as tmp:
         argv = ["--adapter", method, "--rank", str(rank), "--alpha", str(2 * rank), "--seed", str(seed),
                 "--report_to", "none", "--threads", str(args.threads), "--output_dir", tmp,
-                "--eval_limit", str(args.eval_limit), "--checkpointing_steps", "100000", *extra]
+                "--eval_limit", str(args.eval_limit), "--checkpointing_steps", "100000", "--freeze_vision_tower", *extra]
         if args.max_train_steps:
             argv += ["--max_train_steps", str(args.max_train_steps)]
         if eval_base:
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--ablation_seeds", type=int, default=1, help="seeds of the init ablation and the N sweep")
-    parser.add_argument("--budget_rank", type=int, default=8, help="LoRA rank whose parameter count is the budget")
+    parser.add_argument("--budget_rank", type=int, default=16, help="LoRA rank whose parameter count is the budget")
     parser.add_argument("--max_train_steps", type=int, default=None, help="default: the script's embedded default")
     parser.add_argument("--eval_limit", type=int, default=100, help="test images (x 5 tasks) per evaluation")
     parser.add_argument("--threads", type=int, default=1)
@@ -121,7 +121,8 @@ def main() -> None:
     payload: dict[str, Any] = {"args": vars(args), "ranks": ranks}
     defaults = vi.build_parser()
     md = [f"# Visual-instruction quality (tiny-llava-digits, 5 held-out digits tasks): {args.parts}\n",
-          f"Greedy exact match on {args.eval_limit} test images × 5 tasks; adapters on the LM's q,k,v,o,gate,up,down; "
+          f"Greedy exact match on {args.eval_limit} test images × 5 tasks; adapters on the LM's q,k,v,o,gate,up,down only "
+          f"(no vision adapters, so the budgets compare exactly); "
           f"equal trainable-parameter budget = LoRA r={args.budget_rank}; steps = "
           f"{args.max_train_steps or vi.EMBEDDED_MAX_STEPS}, batch {defaults.get_default('train_batch_size')}, lr "
           f"{defaults.get_default('learning_rate')} {defaults.get_default('lr_scheduler')}, alpha = 2r, {args.threads} "

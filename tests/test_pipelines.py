@@ -166,7 +166,9 @@ def test_request_checks():
 def llava(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("llava_adapters")
-    ll = LlavaAdapters.from_pretrained()
+    from mm_subspace.tiny_models import tiny_llava
+
+    ll = LlavaAdapters(*tiny_llava(pretrained=False))  # structure-only: random weights answer distinctly
     make_demo_llava_adapter(ll, root / "llava-lora", "lora", steps=0, init_weights=False)
     make_demo_llava_adapter(ll, root / "llava-moslora", "moslora", steps=0, init_weights=False, seed=1)
     make_demo_llava_adapter(ll, root / "llava-sulora", "sulora", steps=0, init_weights=False, seed=2)

@@ -54,7 +54,6 @@ from mm_subspace.training_utils import (
     assert_replicas_in_sync,
     cast_trainable_params,
     check_finite,
-    explicit_flags,
     locate_nonfinite,
     nonfinite_parameters,
     param_groups,
@@ -205,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _explicit_flags(parser: argparse.ArgumentParser, input_args: list[str] | None) -> set[str]:
+    """Destinations the user passed on the command line (so recipes never override them)."""
+    quiet = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if action.nargs == 0:
+                kwargs["action"] = "store_true"
+            quiet.add_argument(*action.option_strings, **kwargs)
+    known, _ = quiet.parse_known_args(input_args)
+    return set(vars(known))
+
+
 def _positive(args: argparse.Namespace, names: list[str], allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(args, name)
@@ -216,7 +228,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     """Parse and cross-check the flags (bad combinations raise ``ValueError`` here, before anything runs)."""
     parser = build_parser()
     args = parser.parse_args(input_args)
-    explicit = explicit_flags(parser, input_args)
+    explicit = _explicit_flags(parser, input_args)
 
     adapter_cls = mm_subspace.get_method(args.adapter)  # ConfigError with "did you mean" on unknown names
     fields = adapter_cls.config_class.field_names()

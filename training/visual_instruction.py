@@ -78,7 +78,9 @@ from mm_subspace.training_utils import (  # noqa: E402
 
 logger = logging.getLogger("visual_instruction")
 
-EMBEDDED_MAX_STEPS = 150
+EMBEDDED_MAX_STEPS = 600
+#: on the embedded default, vision adapters of this rank unless --vision_rank / --freeze_vision_tower is given
+EMBEDDED_VISION_RANK = 8
 LLM_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 #: every linear layer of the CLIP vision tower (attention q, k, v, out and MLP fc1, fc2)
 VISION_TARGETS = r".*vision_tower\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
@@ -128,12 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("adapter")
     g.add_argument("--adapter", type=str, default="moslora", help="Adapter method: any of mm_subspace.list_methods().")
-    g.add_argument("--rank", type=int, default=8, help="LLM adapter rank r.")
+    g.add_argument("--rank", type=int, default=16, help="LLM adapter rank r.")
     g.add_argument("--alpha", type=float, default=None, help="LLM adapter alpha (ΔW scaled by alpha/r). Default: 2·rank.")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the adapter input.")
     g.add_argument("--vision_rank", type=int, default=None,
-                   help="Also adapt every linear of the vision tower with this rank (paper Table 8: 64). Default: no "
-                   "vision adapters.")
+                   help="Also adapt every linear of the vision tower with this rank (paper Table 8: 64). Default: "
+                   f"{EMBEDDED_VISION_RANK} on the embedded default (digits data and model), else no vision adapters.")
     g.add_argument("--vision_alpha", type=float, default=None, help="Vision adapter alpha (Table 8: 16). Default: = vision rank.")
     g.add_argument("--freeze_vision_tower", action="store_true",
                    help="Keep the vision tower exactly as pretrained (no vision adapters even with --vision_rank).")
@@ -245,6 +247,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     _positive(args, ["lr_warmup_steps", "lr_warmup_ratio", "max_grad_norm", "lora_dropout"], allow_zero=True)
     if args.alpha is None:
         args.alpha = 2.0 * args.rank
+    if (args.data_path is None and args.model_name_or_path is None and not args.recipe and args.vision_rank is None
+            and not args.freeze_vision_tower):
+        args.vision_rank = EMBEDDED_VISION_RANK
     if args.vision_rank is not None and args.vision_alpha is None:
         args.vision_alpha = float(args.vision_rank)
     if args.tasks is not None:
