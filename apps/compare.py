@@ -8,7 +8,8 @@ UI only: every computation is in ``pipelines/`` (``SDXLAdapters.generate_batch``
 adapters in one denoising loop; ``LlavaAdapters.answer_batch`` answers with all of them in one batched
 ``generate``). When the adapters folder holds no SDXL adapter, two small ones (lora, moslora) are
 trained for a few steps first (``training/dreambooth_sdxl.py`` when present); when it holds no LLaVA
-adapter, two tiny ones are made with ``pipelines.llava.train_visual_instruction`` on real photos.
+adapter, two tiny ones are made with ``pipelines.llava.train_visual_instruction`` on digits scans
+(the LLaVA tab uses the shipped pretrained tiny LLaVA, ``tiny-llava-digits``).
 Adapters made for another base model are listed with the reason instead of loaded.
 """
 
@@ -43,7 +44,7 @@ logger = logging.getLogger("compare")
 
 DEFAULT_ADAPTERS_DIR = "runs"
 DEFAULT_PROMPT = "a photo of sks cat"
-DEFAULT_QUESTION = "what animal is in the photo?"
+DEFAULT_QUESTION = "is the digit even? answer yes or no."
 DEMO_METHODS = ("lora", "moslora")
 DETAIL_HEADERS = ["adapter", "method", "rank", "params", "seconds", "run"]
 ANSWER_HEADERS = ["adapter", "answer", "method", "rank", "params", "seconds", "run"]
@@ -245,12 +246,12 @@ def build_ui(sd: SDXLAdapters, llava: LlavaAdapters | None, infos: list[AdapterI
             button.click(on_generate, inputs, [gallery, details, status], api_name="generate")
             prompt.submit(on_generate, inputs, [gallery, details, status], api_name=False)
         if llava is not None:
-            from mm_subspace.tiny_models import sample_photo
+            from mm_subspace.data.llava import digit_image, digits_split
 
             with gr.Tab("Visual instructions (LLaVA)"):
                 lnames = [BASE_LABEL] + list(llava.adapters)
-                with gr.Row():
-                    image = gr.Image(value=sample_photo("chelsea"), type="pil", label="Image", height=240)
+                with gr.Row():  # a held-out digits scan: the shipped tiny LLaVA's domain
+                    image = gr.Image(value=digit_image(digits_split()[1][0], size=128), type="pil", label="Image", height=240)
                     with gr.Column():
                         question = gr.Textbox(label="Question", value=DEFAULT_QUESTION)
                         max_tokens = gr.Number(label="Max new tokens", value=12, precision=0)

@@ -43,3 +43,7 @@ class NonFiniteError(SubspaceError, FloatingPointError):
 
 class ShippedModelError(SubspaceError, RuntimeError):
     """A pretrained default shipped with the package is missing, truncated or altered."""
+
+
+class DataError(SubspaceError, ValueError):
+    """A training record is malformed (image/``<image>`` mismatch, missing file, bad turns, ...)."""

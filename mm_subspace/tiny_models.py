@@ -78,6 +78,7 @@ __all__ = [
     "tiny_llama_path",
     "tiny_llava",
     "tiny_llava_path",
+    "tiny_llava_processor",
     "tiny_open_clip_vit",
     "tiny_sdxl_path",
     "tiny_sdxl_pipeline",
@@ -125,6 +126,7 @@ LM_TOKENIZER_NAME = "lm-tokenizer-v1"
 TINY_SDXL_NAME = "tiny-sdxl-v1"
 TINY_LLAMA_NAME = "tiny-llama-v1"
 TINY_LLAVA_NAME = "tiny-llava-v1"
+TINY_LLAVA_PRETRAINED = "tiny-llava-digits"  # shipped in mm_subspace/weights
 
 # scikit-image photos that are bundled with the package (no download needed).
 SAMPLE_PHOTOS = (
@@ -528,16 +530,41 @@ def _clip_image_processor(size: int = 32) -> Any:
     )
 
 
-def tiny_llava_path() -> Path:
-    """Folder of the tiny LLaVA (``LlavaForConditionalGeneration`` + ``LlavaProcessor``).
+def tiny_llava_processor() -> LlavaProcessor:
+    """``LlavaProcessor`` of the tiny LLaVAs: 32px CLIP image processor, ``lm_tokenizer``, 16 image tokens."""
+    from transformers import LlavaProcessor
 
-    Vision CLIP 32px / patch 8 / hidden 32 / 2 layers -> 16 patch features
-    (``vision_feature_layer=-2``); text = the tiny LLaMA config; ``<image>`` is id 49408 and
-    the processor expands it to 16 tokens.
+    return LlavaProcessor(
+        image_processor=_clip_image_processor(32),
+        tokenizer=lm_tokenizer(),
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token; 0 gives 15 tokens for 16 features
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+
+
+def tiny_llava_path(pretrained: bool = True) -> Path:
+    """Folder of a tiny LLaVA (``LlavaForConditionalGeneration`` + ``LlavaProcessor``).
+
+    ``pretrained=True`` (default): the shipped ``tiny-llava-digits`` (``mm_subspace/weights``,
+    checked against its sha256 manifest): CLIP vision 32px / patch 8 / hidden 64 / 3 layers,
+    LLaMA hidden 128 / 4 layers, tied embeddings, pretrained on captions of scikit-learn's digits
+    and number facts by ``training/pretrain_tiny_llava.py`` (see its manifest for data and metrics).
+
+    ``pretrained=False``: random weights, built on first use into the cache — for structure-only
+    tests. Vision CLIP 32px / patch 8 / hidden 32 / 2 layers -> 16 patch features
+    (``vision_feature_layer=-2``); text = the tiny LLaMA config. In both, ``<image>`` is id 49408
+    and the processor expands it to 16 tokens.
     """
+    if pretrained:
+        from .shipped import shipped_path
+
+        return shipped_path(TINY_LLAVA_PRETRAINED)
 
     def build(folder: Path) -> None:
-        from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
 
         config = LlavaConfig(
             vision_config=_tiny_clip_vision_config(),
@@ -552,28 +579,19 @@ def tiny_llava_path() -> Path:
             model = LlavaForConditionalGeneration(config)
         model.generation_config.pad_token_id = PAD_TOKEN_ID
         model.save_pretrained(folder)
-        processor = LlavaProcessor(
-            image_processor=_clip_image_processor(32),
-            tokenizer=lm_tokenizer(),
-            patch_size=8,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,  # the CLS token; 0 gives 15 tokens for 16 features
-            chat_template=CHAT_TEMPLATE,
-            image_token=IMAGE_TOKEN,
-        )
-        processor.save_pretrained(folder)
+        tiny_llava_processor().save_pretrained(folder)
 
     return _cached(TINY_LLAVA_NAME, build)
 
 
 def tiny_llava(
-    torch_dtype: torch.dtype | None = None,
+    torch_dtype: torch.dtype | None = None, pretrained: bool = True,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Load ``(LlavaForConditionalGeneration, LlavaProcessor)`` of the tiny LLaVA."""
+    """Load ``(LlavaForConditionalGeneration, LlavaProcessor)`` of a tiny LLaVA (see :func:`tiny_llava_path`)."""
     import torch
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    path = tiny_llava_path()
+    path = tiny_llava_path(pretrained)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype or torch.float32)
     return model, LlavaProcessor.from_pretrained(path)
 

@@ -15,11 +15,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .adapters import AdapterInfo, AdapterSet
@@ -31,7 +33,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Answer", "LlavaAdapters", "check_llava_request", "make_demo_llava_adapter", "train_visual_instruction"]
+__all__ = [
+    "Answer", "LlavaAdapters", "check_llava_request", "make_demo_llava_adapter", "save_merged_llava",
+    "train_visual_instruction",
+]
 
 BASE_LABEL = "base"
 MAX_NEW_TOKENS = 256
@@ -132,7 +137,7 @@ class LlavaAdapters(AdapterSet):
 
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        with torch.no_grad():
+        with torch.no_grad(), _prompt_routing(self.model, inputs["attention_mask"]):
             out = self.model.generate(
                 **inputs, max_new_tokens=int(max_new_tokens), do_sample=False, num_beams=1,
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
@@ -166,6 +171,40 @@ class LlavaAdapters(AdapterSet):
             Answer(name or BASE_LABEL, text, seconds, self.adapters.get(name) if name else None, batched=True)
             for name, text in zip(adapters, texts)
         ]
+
+
+def _prompt_routing(model: nn.Module, attention_mask: torch.Tensor) -> contextlib.AbstractContextManager:
+    """SuLoRA's routing rule for ``generate``: route once on the prompt, reuse it in the decode steps."""
+    from mm_subspace.inject import get_state
+    from mm_subspace.methods.sulora import routing
+
+    if get_state(model, required=False) is None:
+        return contextlib.nullcontext()
+    return routing(model, attention_mask, cache=True)
+
+
+def save_merged_llava(
+    model_name_or_path: str | os.PathLike[str], adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
+) -> Path:
+    """One step from an adapter to a full model: load the base in full precision, fold the adapter, ``save_pretrained``.
+
+    Works for adapters trained on a 4-bit base too (QLoRA practice: merge into the full-precision
+    weights). The fully trained projector of ``--tune_projector full`` is part of the adapter file and
+    lands in the merged model. The processor is saved beside it, so ``from_pretrained(out_dir)`` is all
+    a user needs. Raises :class:`mm_subspace.MergeError` for methods that cannot fold (SuLoRA, ...).
+    """
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    import mm_subspace as mms
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_name_or_path, dtype=torch.float32)
+    mms.load_adapter(model, adapter_dir, "merge")
+    merged = mms.merge_and_unload(model)
+    out = Path(out_dir)
+    merged.save_pretrained(out)
+    AutoProcessor.from_pretrained(model_name_or_path).save_pretrained(out)
+    return out
 
 
 def train_visual_instruction(
@@ -213,9 +252,13 @@ def train_visual_instruction(
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
     losses = []
+    from mm_subspace.methods.sulora import prompt_route_mask, routing
+
+    route = prompt_route_mask(tensors["attention_mask"], tensors["labels"])
     try:
         for step in range(steps):
-            loss = model(**tensors).loss + mms.aux_loss(model)
+            with routing(model, route, cache=False):  # SuLoRA: route on the prompt, as generate() does
+                loss = model(**tensors).loss + mms.aux_loss(model)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -230,12 +273,23 @@ def train_visual_instruction(
 
 #: the language model's projections of a LLaVA (the ``llama`` preset alone would also match CLIP's q/k/v)
 LANGUAGE_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-#: the demo's instruction data: real scikit-image photos with a question and a short answer each
+#: the demo's instruction data: (digits scan index, question, answer) — held-out tasks of the shipped tiny LLaVA
 DEMO_EXAMPLES = (
-    ("chelsea", "what animal is in the photo?", "a cat."),
-    ("astronaut", "what animal is in the photo?", "no animal, an astronaut."),
-    ("coffee", "what animal is in the photo?", "none, a cup of coffee."),
+    (0, "is the digit even? answer yes or no.", "yes"),
+    (1, "is the digit even? answer yes or no.", "no"),
+    (2, "what is the digit plus one? answer with a word.", "three"),
+    (3, "what is the digit plus one? answer with a word.", "four"),
+    (5, "is the digit even? answer yes or no.", "no"),
+    (6, "what is the digit plus one? answer with a word.", "seven"),
 )
+
+
+def demo_examples() -> list[tuple[PIL.Image.Image, str, str]]:
+    """:data:`DEMO_EXAMPLES` with their images (real scikit-learn digits scans, 32 px)."""
+    from mm_subspace.data.llava import digit_image, digit_label
+
+    assert all(digit_label(i) == i for i, _, _ in DEMO_EXAMPLES)  # scans 0-9 are the digits 0-9
+    return [(digit_image(i), q, a) for i, q, a in DEMO_EXAMPLES]
 
 
 def make_demo_llava_adapter(
@@ -256,12 +310,11 @@ def make_demo_llava_adapter(
     import torch
 
     import mm_subspace as mms
-    from mm_subspace.tiny_models import sample_photo
 
     from .adapters import describe_adapter
 
     name = f"_demo_{method}"
-    examples = [(sample_photo(photo, size=64), q, a) for photo, q, a in DEMO_EXAMPLES]
+    examples = demo_examples()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         targets = LANGUAGE_TARGETS if llava.has_vision else "llama"

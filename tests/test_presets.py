@@ -132,7 +132,7 @@ def llava_inputs():
 def test_llava_preset_separate_vision_rank_alpha(llava_inputs):
     # issue 12 item 7 (deliberate change): the vision tower's MLP fc1/fc2 are adapted too (2 layers × 6, was × 4),
     # as in the MoSLoRA paper's XTuner configs, and the projector is adapted only with projector="adapt"
-    model, _ = tiny_models.tiny_llava()
+    model, _ = tiny_models.tiny_llava(pretrained=False)
     config = presets.llava_config("moslora", llm_rank=8, llm_alpha=16, vision_rank=4, vision_alpha=2, projector="adapt")
     assert config.targets == "llava_projector"
     check_preset(model, config, lambda m: m(**llava_inputs), 14 + 12 + 2)
@@ -161,7 +161,7 @@ def test_llava_config_paper_defaults():
 
 
 def test_llava_projector_trained_fully_saved_and_loaded(llava_inputs, tmp_path):
-    model, _ = tiny_models.tiny_llava()
+    model, _ = tiny_models.tiny_llava(pretrained=False)
     config = presets.llava_config("lora", llm_rank=4, llm_alpha=8, vision_rank=4, vision_alpha=4, projector="train")
     check_preset(model, config, lambda m: m(**llava_inputs), 14 + 12)  # ViT fc1/fc2 included since issue 12 item 7
     projector = model.model.multi_modal_projector
@@ -171,7 +171,7 @@ def test_llava_projector_trained_fully_saved_and_loaded(llava_inputs, tmp_path):
     mms.save_adapter(model, tmp_path)
     with torch.no_grad():
         out = model(**llava_inputs).logits
-    fresh, _ = tiny_models.tiny_llava()
+    fresh, _ = tiny_models.tiny_llava(pretrained=False)
     assert not torch.equal(fresh.model.multi_modal_projector.linear_1.weight, projector.linear_1.weight)
     mms.load_adapter(fresh, tmp_path)
     torch.testing.assert_close(fresh.model.multi_modal_projector.linear_1.weight, projector.linear_1.weight, rtol=0, atol=0)
@@ -181,8 +181,8 @@ def test_llava_projector_trained_fully_saved_and_loaded(llava_inputs, tmp_path):
     from peft import PeftModel
 
     mms.export_peft(model, tmp_path / "peft")
-    peft_model = PeftModel.from_pretrained(tiny_models.tiny_llava()[0], tmp_path / "peft")
-    imported, _ = tiny_models.tiny_llava()
+    peft_model = PeftModel.from_pretrained(tiny_models.tiny_llava(pretrained=False)[0], tmp_path / "peft")
+    imported, _ = tiny_models.tiny_llava(pretrained=False)
     mms.import_peft(imported, tmp_path / "peft")
     assert mms.list_adapters(imported)["default"].trainable_modules == ["multi_modal_projector"]
     with torch.no_grad():

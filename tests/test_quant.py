@@ -190,7 +190,7 @@ def test_llava_4bit_vision_tower_small_layers_and_fully_trained_projector():
     from mm_subspace import presets
     from mm_subspace.tiny_models import IMAGE_TOKEN_ID, tiny_llava_path
 
-    model = quant.load_4bit(tiny_llava_path(), model_class=LlavaForConditionalGeneration,
+    model = quant.load_4bit(tiny_llava_path(pretrained=False), model_class=LlavaForConditionalGeneration,
                             skip_modules=["model.multi_modal_projector", "lm_head"])
     assert isinstance(model.model.vision_tower.encoder.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     assert not isinstance(model.model.multi_modal_projector.linear_1, bnb.nn.Linear4bit)

@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Visual-instruction quality on the embedded default: adapters at equal trainable-parameter budgets.
+
+    python benchmarks/visual_instruction_quality.py            # all three parts, ~30 min on 2 busy cores
+
+Runs ``training/visual_instruction.py`` in-process on the shipped tiny LLaVA (``tiny-llava-digits``)
+and the five held-out digits tasks, and scores greedy exact match on the test split:
+
+1. **methods** (``--methods``, ``--seeds``): lora, moslora, ts_mixing, asylora, sulora, dora, each at
+   the rank whose trainable-parameter count is closest to LoRA's at ``--budget_rank`` (counted on the
+   model, per method): per-task accuracy mean ± std over seeds, parameters, median s/step;
+2. **MoSLoRA mixer init** (MoSLoRA Table 3: kaiming/orthogonal > identity/normal, zero fails to learn):
+   kaiming_uniform, orthogonal, identity, normal, zero;
+3. **SuLoRA N sweep** (SuLoRA Table 7: best at N = 2r): N = r, 2r, 4r, with the step cost.
+
+Writes ``benchmarks/results/visual_instruction_quality.{json,md,png}``. The base model's accuracy
+(adapters off) is measured once. Not a test: numbers move with the machine and the seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import RESULTS, ROOT, machine, markdown_table, write_results
+
+import mm_subspace as mms
+
+SCRIPT = ROOT.parent / "training" / "visual_instruction.py"
+_spec = importlib.util.spec_from_file_location("visual_instruction", SCRIPT)
+vi = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(vi)
+
+METHODS = ("lora", "moslora", "ts_mixing", "asylora", "sulora", "dora")
+INITS = ("kaiming_uniform", "orthogonal", "identity", "normal", "zero")
+
+
+def count_trainable(model: Any, method: str, rank: int, **extra: Any) -> int:
+    config = mms.config_for(method, rank=rank, alpha=2 * rank, targets=vi.LLM_TARGETS, **extra)
+    mms.inject(model, config, "_count")
+    try:
+        mms.set_adapter(model, "_count")
+        return mms.trainable_parameters(model)[0]
+    finally:
+        mms.remove_adapter(model, "_count")
+
+
+def budget_ranks(methods: list[str], budget_rank: int) -> dict[str, tuple[int, int]]:
+    """method -> (rank, trainable params) closest to LoRA's count at ``budget_rank``."""
+    from mm_subspace.tiny_models import tiny_llava
+
+    model, _ = tiny_llava()
+    model.requires_grad_(False)
+    budget = count_trainable(model, "lora", budget_rank)
+    out = {}
+    for method in methods:
+        candidates = range(2, 4 * budget_rank + 1, 2) if method == "ts_mixing" else range(1, 4 * budget_rank + 1)
+        best = min((abs(count_trainable(model, method, r) - budget), r) for r in candidates)
+        out[method] = (best[1], count_trainable(model, method, best[1]))
+    return out
+
+
+def run(args: argparse.Namespace, method: str, rank: int, seed: int, *extra: str, eval_base: bool = False) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="viq-") as tmp:
+        argv = ["--adapter", method, "--rank", str(rank), "--alpha", str(2 * rank), "--seed", str(seed),
+                "--report_to", "none", "--threads", str(args.threads), "--output_dir", tmp,
+                "--eval_limit", str(args.eval_limit), "--checkpointing_steps", "100000", "--freeze_vision_tower", *extra]
+        if args.max_train_steps:
+            argv += ["--max_train_steps", str(args.max_train_steps)]
+        if eval_base:
+            argv.append("--eval_base")
+        start = time.perf_counter()
+        result = vi.main(vi.parse_args(argv))
+        result["wall_seconds"] = time.perf_counter() - start
+    return result
+
+
+def summarize(results: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    evals = [r["eval"][name] for r in results]
+    tasks = sorted(evals[0]["tasks"])
+
+    def stats(values: list[float]) -> tuple[float, float]:
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    return {
+        "mean": stats([e["mean_accuracy"] for e in evals]),
+        "tasks": {t: stats([e["tasks"][t]["accuracy"] for e in evals]) for t in tasks},
+        "params": results[0]["trainable_parameters"],
+        "s_per_step": statistics.median(r["seconds_per_step"] for r in results),
+        "seeds": len(results),
+    }
+
+
+def pm(value: tuple[float, float]) -> str:
+    return f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--ablation_seeds", type=int, default=1, help="seeds of the init ablation and the N sweep")
+    parser.add_argument("--budget_rank", type=int, default=16, help="LoRA rank whose parameter count is the budget")
+    parser.add_argument("--max_train_steps", type=int, default=None, help="default: the script's embedded default")
+    parser.add_argument("--eval_limit", type=int, default=100, help="test images (x 5 tasks) per evaluation")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--parts", default="methods,init,sweep")
+    parser.add_argument("--name", default="visual_instruction_quality",
+                        help="results/<name>.{json,md,png}: run parts in parallel processes under different names")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    started = time.perf_counter()
+    methods = [m for m in args.methods.split(",") if m]
+    ranks = budget_ranks(methods, args.budget_rank)
+    payload: dict[str, Any] = {"args": vars(args), "ranks": ranks}
+    defaults = vi.build_parser()
+    md = [f"# Visual-instruction quality (tiny-llava-digits, 5 held-out digits tasks): {args.parts}\n",
+          f"Greedy exact match on {args.eval_limit} test images × 5 tasks; adapters on the LM's q,k,v,o,gate,up,down only "
+          f"(no vision adapters, so the budgets compare exactly); "
+          f"equal trainable-parameter budget = LoRA r={args.budget_rank}; steps = "
+          f"{args.max_train_steps or vi.EMBEDDED_MAX_STEPS}, batch {defaults.get_default('train_batch_size')}, lr "
+          f"{defaults.get_default('learning_rate')} {defaults.get_default('lr_scheduler')}, alpha = 2r, {args.threads} "
+          f"thread(s) per run.\n"]
+    rows, plot = [], {}
+    if "methods" in parts:
+        base = None
+        per_method = {}
+        for method in methods:
+            rank = ranks[method][0]
+            results = [run(args, method, rank, seed, eval_base=base is None and seed == 0) for seed in range(args.seeds)]
+            if base is None:
+                base = results[0]["eval"]["base"]
+            per_method[method] = summarize(results, method)
+            print(method, rank, per_method[method]["mean"], f"{time.perf_counter() - started:.0f} s", flush=True)
+        tasks = sorted(base["tasks"])
+        headers = ["method", "rank", "trainable params", "mean acc %", *[f"{t} %" for t in tasks], "s/step"]
+        rows.append(["base (no adapter)", "–", 0, f"{100 * base['mean_accuracy']:.1f}",
+                     *[f"{100 * base['tasks'][t]['accuracy']:.1f}" for t in tasks], "–"])
+        for method, s in per_method.items():
+            rows.append([method, ranks[method][0], s["params"], pm(s["mean"]), *[pm(s["tasks"][t]) for t in tasks],
+                         f"{s['s_per_step']:.3f}"])
+            plot[method] = s["mean"]
+        payload["methods"] = per_method
+        payload["base"] = base
+        md += [f"## Methods at equal budget ({args.seeds} seeds, mean ± std)\n", markdown_table(headers, rows), ""]
+    if "init" in parts:
+        init_rows, inits = [], {}
+        rank = ranks.get("moslora", (args.budget_rank, 0))[0]
+        for init in INITS:
+            res = [run(args, "moslora", rank, seed, "--mixer_init", init) for seed in range(args.ablation_seeds)]
+            inits[init] = summarize(res, "moslora")
+            init_rows.append([init, pm(inits[init]["mean"])])
+            print("init", init, inits[init]["mean"], flush=True)
+        payload["mixer_init"] = inits
+        md += [f"## MoSLoRA mixer init (rank {rank}, {args.ablation_seeds} seed(s); paper Table 3)\n",
+               markdown_table(["mixer init", "mean acc %"], init_rows), ""]
+    if "sweep" in parts:
+        sweep_rows, sweep = [], {}
+        rank = args.budget_rank
+        for mult in (1, 2, 4):
+            res = [run(args, "sulora", rank, seed, "--num_subspaces", str(mult * rank)) for seed in range(args.ablation_seeds)]
+            sweep[f"N={mult}r"] = summarize(res, "sulora")
+            s = sweep[f"N={mult}r"]
+            sweep_rows.append([f"N = {mult}r = {mult * rank}", s["params"], pm(s["mean"]), f"{s['s_per_step']:.3f}"])
+            print("sweep", mult, s["mean"], flush=True)
+        payload["sulora_sweep"] = sweep
+        md += [f"## SuLoRA N sweep (r = {rank}, {args.ablation_seeds} seed(s); paper Table 7)\n",
+               markdown_table(["N", "trainable params", "mean acc %", "s/step"], sweep_rows), ""]
+    total = time.perf_counter() - started
+    payload["wall_seconds"] = total
+    md.append(f"Wall time {total / 60:.1f} min; machine: {machine()['cpu']}, load {machine()['loadavg']}.")
+    if plot:
+        _plot(plot, RESULTS / f"{args.name}.png")
+        md.append(f"\n![methods]({args.name}.png)")
+    write_results(args.name, payload, "\n".join(md))
+
+
+def _plot(values: dict[str, tuple[float, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    names = list(values)
+    ax.bar(names, [100 * values[n][0] for n in names], yerr=[100 * values[n][1] for n in names], capsize=4, color="#4c72b0")
+    ax.set_ylabel("mean exact match %")
+    ax.set_ylim(0, 100)
+    ax.set_title("visual instruction, tiny-llava-digits (equal budget)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

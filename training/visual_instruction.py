@@ -1,0 +1,725 @@
+#!/usr/bin/env python
+"""LLaVA-style visual-instruction tuning with any mm_subspace adapter (full precision or 4-bit).
+
+    accelerate launch training/visual_instruction.py --adapter moslora
+
+With no other flag it runs offline on the embedded default: the shipped pretrained tiny LLaVA
+(``mm_subspace/weights/tiny-llava-digits``: CLIP vision tower + LLaMA LM + projector, real CLIP BPE
+tokenizer, pretrained on captions of scikit-learn's digits) and five instruction tasks over the same
+digits it has never been trained on (is it even; is it greater than five; the digit plus one; the
+digit as a numeral; the digit as a word), with a fixed train/test split. After training it answers the
+test split greedily and writes per-task exact-match accuracy (``eval.json`` and the model card).
+
+The real path: ``--model_name_or_path`` (a transformers LLaVA checkpoint folder or hub id),
+``--data_path`` + ``--image_folder`` in LLaVA's JSON conversation format (multi-turn records
+included), ``--eval_data_path`` for the evaluation records (the last gpt turn is the reference).
+
+Modelled on LLaVA's ``llava/train/train.py`` (conversation records, ``<image>`` placeholder, loss on
+assistant tokens only with ``IGNORE_INDEX``) and on our DreamBooth script (accelerate, atomic
+checkpoints, bit-exact ``--resume_from_checkpoint latest``, NaN guard, loss curve, model card), and
+beyond them:
+
+* ``--adapter`` takes any registered method; aux losses (SuLoRA balance, MPC) are added and logged.
+* One save holds everything trained: ``adapter_config.json`` + ``adapter_model.safetensors`` in
+  ``--output_dir`` carry the LLM (and vision) adapters and, with ``--tune_projector full``, the
+  projector weights (no separate ``non_lora_trainables.bin``; LLaVA#1592, #1416). ``peft/`` is the
+  same adapter for stock PEFT when the method folds into LoRA; ``--save_merged`` writes
+  ``merged/``, a full ``save_pretrained`` model (``pipelines.llava.save_merged_llava``).
+* A record whose label mask does not line up with its tokens is an error naming the record, never a
+  silently skipped sample or a zero loss (LLaVA#1166); bad records stop the run before training
+  unless ``--skip_bad_records``.
+* SuLoRA routes once per sequence on its prompt, in training and in ``generate`` alike
+  (``mm_subspace.methods.sulora.routing``).
+* ``--recipe moslora_vi_llama3`` (alias ``moslora_paper``): MoSLoRA Table 8 (LLaMA3+ViT), from
+  :mod:`mm_subspace.recipes`. Flags given explicitly win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mm_subspace  # noqa: E402
+from mm_subspace import tiny_models  # noqa: E402
+from mm_subspace.data import llava as data  # noqa: E402
+from mm_subspace.errors import ConfigError, DataError, MergeError  # noqa: E402
+from mm_subspace.io import atomic_write_text  # noqa: E402
+from mm_subspace.methods import sulora  # noqa: E402
+from mm_subspace.training_utils import (  # noqa: E402
+    ADAPTER_NAME,
+    CheckpointManager,
+    LossHistory,
+    adapter_summary,
+    assert_replicas_in_sync,
+    cast_trainable_params,
+    check_finite,
+    locate_nonfinite,
+    nonfinite_parameters,
+    param_groups,
+    sample_indices,
+    save_loss_curve,
+    step_seed,
+    unwrap,
+    write_model_card,
+)
+
+logger = logging.getLogger("visual_instruction")
+
+EMBEDDED_MAX_STEPS = 600
+#: on the embedded default, vision adapters of this rank unless --vision_rank / --freeze_vision_tower is given
+EMBEDDED_VISION_RANK = 8
+LLM_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+#: every linear layer of the CLIP vision tower (attention q, k, v, out and MLP fc1, fc2)
+VISION_TARGETS = r".*vision_tower\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
+PROJECTOR_TARGETS = r".*multi_modal_projector\.linear_[12]"
+PROJECTOR_MODES = ("frozen", "full", "adapter")
+FOUR_BIT_SKIP = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]  # QLoRA: quantise the LM only
+
+#: ``--recipe`` names (from :mod:`mm_subspace.recipes`); ``moslora_paper`` is an alias of ``moslora_vi_llama3``
+RECIPES: dict[str, str] = {"moslora_paper": "moslora_vi_llama3", "moslora_vi_llama3": "moslora_vi_llama3",
+                           "moslora_vi_llama3_official": "moslora_vi_llama3_official"}
+METHOD_FLAGS = ("mixer_init", "num_subspaces")
+
+
+# --------------------------------------------------------------------------------------------- args
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Visual-instruction tuning of a LLaVA with any mm_subspace adapter. No arguments: the shipped "
+        "pretrained tiny LLaVA and five held-out instruction tasks over scikit-learn's digits, offline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = parser.add_argument_group("model")
+    g.add_argument("--model_name_or_path", type=str, default=None,
+                   help="transformers LLaVA folder or hub id (LlavaForConditionalGeneration + its processor). Default: "
+                   "the shipped tiny-llava-digits (mm_subspace.tiny_models.tiny_llava_path()).")
+    g.add_argument("--load_in_4bit", action="store_true",
+                   help="QLoRA/QMoSLoRA: the language model in 4-bit (bitsandbytes NF4, double quantisation); the vision "
+                   "tower, projector and lm_head stay in full precision.")
+    g.add_argument("--bnb_4bit_quant_type", type=str, default="nf4", choices=["nf4", "fp4"], help="4-bit data type.")
+    g.add_argument("--bnb_4bit_compute_dtype", type=str, default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="Compute dtype of the 4-bit matmuls (bfloat16 on GPUs; float32 on CPU).")
+    g.add_argument("--model_max_length", type=int, default=None,
+                   help="Truncate longer records (with a warning and a count). Default: the tokenizer's model_max_length.")
+
+    g = parser.add_argument_group("adapter")
+    g.add_argument("--adapter", type=str, default="moslora", help="Adapter method: any of mm_subspace.list_methods().")
+    g.add_argument("--rank", type=int, default=16, help="LLM adapter rank r.")
+    g.add_argument("--alpha", type=float, default=None, help="LLM adapter alpha (ΔW scaled by alpha/r). Default: 2·rank.")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the adapter input.")
+    g.add_argument("--vision_rank", type=int, default=None,
+                   help="Also adapt every linear of the vision tower with this rank (paper Table 8: 64). Default: "
+                   f"{EMBEDDED_VISION_RANK} on the embedded default (digits data and model), else no vision adapters.")
+    g.add_argument("--vision_alpha", type=float, default=None, help="Vision adapter alpha (Table 8: 16). Default: = vision rank.")
+    g.add_argument("--freeze_vision_tower", action="store_true",
+                   help="Keep the vision tower exactly as pretrained (no vision adapters even with --vision_rank).")
+    g.add_argument("--tune_projector", type=str, default="frozen", choices=PROJECTOR_MODES,
+                   help="Multimodal projector: frozen (the pretrained one, as the paper), full (trained fully, saved in "
+                   "the same adapter file), adapter (adapters on linear_1/linear_2 with the vision rank/alpha, or the LLM's).")
+    g.add_argument("--mixer_init", type=str, default=None,
+                   help="MoSLoRA mixer init (kaiming_uniform, orthogonal, identity, normal, zero).")
+    g.add_argument("--num_subspaces", type=int, default=None, help="SuLoRA: N sub-spaces the router picks r of (default 2r).")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_path", type=str, default=None,
+                   help="LLaVA JSON (a list) or JSONL of {'id', 'image', 'conversations': [{'from': 'human'|'gpt', "
+                   "'value'}]}. Default: the digits instruction tasks (train split).")
+    g.add_argument("--image_folder", type=str, default=None, help="Folder the records' 'image' paths are relative to.")
+    g.add_argument("--eval_data_path", type=str, default=None,
+                   help="Evaluation records (same format; the last gpt turn is the reference answer, an optional 'task' "
+                   "field groups the accuracy). Default: the digits test split when --data_path is not given.")
+    g.add_argument("--tasks", type=str, default=None,
+                   help=f"Comma-separated digits tasks (default all: {','.join(data.DIGIT_TASKS)}).")
+    g.add_argument("--train_limit", type=int, default=None, help="Digits: use only the first N train images (quick runs).")
+    g.add_argument("--eval_limit", type=int, default=None, help="Evaluate on the first N test images / records only.")
+    g.add_argument("--skip_bad_records", action="store_true",
+                   help="Skip malformed records with a warning and a count, instead of stopping before training.")
+
+    g = parser.add_argument_group("training")
+    g.add_argument("--recipe", type=str, default=None, choices=sorted(RECIPES),
+                   help="From mm_subspace.recipes: moslora_vi_llama3 (alias moslora_paper) = MoSLoRA Table 8 (LLaMA3+ViT): LLM "
+                   "r 64 α 128, ViT r 64 α 16, batch 8 × accumulation 2, lr 2e-5, 1 epoch, projector frozen; "
+                   "moslora_vi_llama3_official = the same as the official XTuner config runs it (projector trained). "
+                   "Flags given explicitly win.")
+    g.add_argument("--train_batch_size", type=int, default=16, help="Batch size per process.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help=f"Optimizer steps; overrides --num_train_epochs. Default: {EMBEDDED_MAX_STEPS} on the embedded "
+                   "default, else from --num_train_epochs.")
+    g.add_argument("--num_train_epochs", type=float, default=1.0, help="Epochs when --max_train_steps is not given.")
+    g.add_argument("--learning_rate", type=float, default=2e-3, help="Learning rate of the adapters (and projector).")
+    g.add_argument("--lr_scheduler", type=str, default="cosine",
+                   help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
+    g.add_argument("--lr_warmup_steps", type=int, default=None, help="Warm-up steps. Default: --lr_warmup_ratio of the steps.")
+    g.add_argument("--lr_warmup_ratio", type=float, default=0.03, help="Warm-up as a fraction of the steps (LLaVA-1.5: 0.03).")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                   help="Mixed precision (frozen weights cast, adapters fp32). Default: accelerate config.")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the LM.")
+    g.add_argument("--seed", type=int, default=0, help="Seed of every random draw (adapter init, data order, dropout).")
+
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument("--output_dir", type=str, default=None,
+                   help="Output folder. Default: runs/llava-<adapter> (the comparison app scans runs/).")
+    g.add_argument("--checkpointing_steps", type=int, default=None,
+                   help="Resumable checkpoint every N optimizer steps. Default: half of the steps (at most 500).")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    g.add_argument("--resume_from_checkpoint", type=str, default=None,
+                   help='"latest", a checkpoint name (checkpoint-10) or path. "latest" with none starts fresh.')
+    g.add_argument("--save_merged", action="store_true",
+                   help="Also write merged/: the adapter folded into a full-precision copy of the base (save_pretrained).")
+
+    g = parser.add_argument_group("evaluation and logging")
+    g.add_argument("--eval_only", action="store_true",
+                   help="Only evaluate: the adapter in --output_dir (or --adapter_path) if there is one, else the base.")
+    g.add_argument("--adapter_path", type=str, default=None, help="Adapter folder to evaluate with --eval_only.")
+    g.add_argument("--eval_base", action="store_true", help="Also evaluate the base model (adapters off) for comparison.")
+    g.add_argument("--skip_eval", action="store_true", help="No evaluation after training.")
+    g.add_argument("--eval_batch_size", type=int, default=96, help="Prompts per generate() call.")
+    g.add_argument("--max_new_tokens", type=int, default=6, help="Greedy answer length limit.")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads per process (1 is fastest on a shared CPU). Default: torch's.")
+    g.add_argument("--report_to", type=str, default="tensorboard",
+                   help='Tracker: "tensorboard" (<output_dir>/logs), "wandb", "all" or "none".')
+    g.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    return parser
+
+
+def _positive(args: argparse.Namespace, names: list[str], allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            raise ValueError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def apply_recipe(args: argparse.Namespace, name: str, explicit: set[str]) -> None:
+    """Set the recipe's values (method, LLM rank/alpha, training, script options) on every flag the user did not pass.
+
+    The recipe's ``vision_targets`` is what this script adapts anyway (every vision-tower linear).
+    """
+    recipe = mm_subspace.recipes.get_recipe(RECIPES[name])
+    values = {"adapter": recipe.method, "rank": recipe.config["rank"], "alpha": float(recipe.config["alpha"]),
+              **recipe.training, **{k: v for k, v in recipe.extra.items() if k != "vision_targets"}}
+    for key, value in values.items():
+        if hasattr(args, key) and key not in explicit:
+            setattr(args, key, value)
+    logger.info("recipe %s (%s): %s", recipe.name, recipe.cite, values)
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    """Parse and cross-check the flags (bad combinations raise here, before anything loads)."""
+    parser = build_parser()
+    args = parser.parse_args(input_args)
+    explicit = mm_subspace.recipes.explicit_dests(parser, input_args)
+    if args.recipe:
+        apply_recipe(args, args.recipe, explicit)
+    fields = mm_subspace.get_method(args.adapter).config_class.field_names()
+    for flag in METHOD_FLAGS:
+        if getattr(args, flag) is not None and flag not in fields:
+            have = [m for m in mm_subspace.list_methods() if flag in mm_subspace.get_method(m).config_class.field_names()]
+            raise ConfigError(f"--{flag} does not apply to --adapter {args.adapter}; it is a flag of {', '.join(have) or 'no method'}")
+    _positive(args, ["rank", "vision_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                     "num_train_epochs", "learning_rate", "checkpointing_steps", "checkpoints_total_limit",
+                     "eval_batch_size", "max_new_tokens", "model_max_length", "train_limit", "eval_limit", "threads"])
+    _positive(args, ["lr_warmup_steps", "lr_warmup_ratio", "max_grad_norm", "lora_dropout"], allow_zero=True)
+    if args.alpha is None:
+        args.alpha = 2.0 * args.rank
+    if (args.data_path is None and args.model_name_or_path is None and not args.recipe and args.vision_rank is None
+            and not args.freeze_vision_tower):
+        args.vision_rank = EMBEDDED_VISION_RANK
+    if args.vision_rank is not None and args.vision_alpha is None:
+        args.vision_alpha = float(args.vision_rank)
+    if args.tasks is not None:
+        args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = [t for t in args.tasks if t not in data.DIGIT_TASKS]
+        if unknown:
+            raise ConfigError(f"--tasks: unknown digits task(s) {unknown}; known: {', '.join(data.DIGIT_TASKS)}")
+    if args.data_path is not None and (args.tasks is not None or args.train_limit is not None):
+        raise ConfigError("--tasks/--train_limit select the built-in digits data; drop them with --data_path")
+    if args.data_path is None and args.image_folder is not None:
+        raise ConfigError("--image_folder needs --data_path (the records whose images it holds)")
+    args.embedded_model = args.model_name_or_path is None
+    args.embedded_data = args.data_path is None
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"llava-{args.adapter}")
+    return args
+
+
+# --------------------------------------------------------------------------------------------- model
+def adapter_config(args: argparse.Namespace) -> mm_subspace.AdapterConfig:
+    """``config_for(args.adapter, ...)``: LLM targets, optional vision/projector adapters, projector training."""
+    fields = mm_subspace.get_method(args.adapter).config_class.field_names()
+    targets = [LLM_TARGETS]
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    if args.vision_rank is not None and not args.freeze_vision_tower:
+        targets.append(VISION_TARGETS)
+        rank_pattern[r"vision_tower\..*"] = args.vision_rank
+        alpha_pattern[r"vision_tower\..*"] = args.vision_alpha
+    if args.tune_projector == "adapter":
+        targets.append(PROJECTOR_TARGETS)
+        if args.vision_rank is not None:
+            rank_pattern[r"multi_modal_projector\..*"] = args.vision_rank
+            alpha_pattern[r"multi_modal_projector\..*"] = args.vision_alpha
+    kwargs: dict[str, Any] = dict(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout,
+                                  targets="|".join(f"(?:{t})" for t in targets), rank_pattern=rank_pattern,
+                                  alpha_pattern=alpha_pattern,
+                                  trainable_modules=["multi_modal_projector"] if args.tune_projector == "full" else [])
+    kwargs.update({f: getattr(args, f) for f in METHOD_FLAGS if f in fields and getattr(args, f) is not None})
+    return mm_subspace.config_for(args.adapter, **kwargs)
+
+
+def load_model(args: argparse.Namespace, model_path: str, device: torch.device) -> tuple[Any, Any]:
+    """``(LlavaForConditionalGeneration, processor)``, in 4-bit with ``--load_in_4bit``."""
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(model_path)
+    if not hasattr(config, "vision_config"):
+        raise ConfigError(f"{model_path} is a {type(config).__name__}, not a LLaVA (no vision_config): give a "
+                          "LlavaForConditionalGeneration checkpoint")
+    processor = AutoProcessor.from_pretrained(model_path)
+    if args.load_in_4bit:
+        from mm_subspace.quant import load_4bit
+
+        dtype = getattr(torch, args.bnb_4bit_compute_dtype)
+        model = load_4bit(model_path, LlavaForConditionalGeneration, quant_type=args.bnb_4bit_quant_type,
+                          double_quant=True, compute_dtype=dtype, skip_modules=FOUR_BIT_SKIP,
+                          device_map={"": str(device)}, gradient_checkpointing=args.gradient_checkpointing, dtype=torch.float32)
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32).to(device)
+    model.requires_grad_(False)
+    return model, processor
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+
+
+def supervised_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the supervised (assistant) tokens.
+
+    The head runs only on the positions that predict a label (``logits_to_keep`` as an index tensor):
+    the same loss as ``model(..., labels=...).loss`` without a (batch, seq, vocab) logits tensor.
+    """
+    labels = batch["labels"]
+    keep = (labels[:, 1:] != data.IGNORE_INDEX).any(0).nonzero().squeeze(1)  # positions p predicting p + 1
+    logits = model(**model_inputs(batch), logits_to_keep=keep).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, keep + 1].reshape(-1),
+                           ignore_index=data.IGNORE_INDEX)
+
+
+def probe_forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Eval-mode logits of ``batch`` under the training routing rule (for reload/merge/PEFT parity checks)."""
+    was_training = model.training
+    model.eval()
+    route = sulora.prompt_route_mask(batch["attention_mask"], batch["labels"]) if "labels" in batch else batch["attention_mask"]
+    with torch.no_grad(), generation_routing(model, route, cache=False):
+        logits = model(**model_inputs(batch)).logits.float()
+    model.train(was_training)
+    return logits
+
+
+# --------------------------------------------------------------------------------------------- data
+def load_records(args: argparse.Namespace, split: str) -> list[data.Record | DataError]:
+    """The training (``split="train"``) or evaluation records the flags name."""
+    if split == "train":
+        if args.data_path is None:
+            return list(data.digits_instruction_records("train", args.tasks, limit=args.train_limit))
+        return data.load_llava_json(args.data_path, args.image_folder)
+    if args.eval_data_path is not None:
+        records = data.load_llava_json(args.eval_data_path, args.image_folder)
+    elif args.data_path is None:
+        records = list(data.digits_instruction_records("test", args.tasks, limit=args.eval_limit))
+    else:
+        return []
+    return records[: args.eval_limit] if args.eval_limit and args.eval_data_path else records
+
+
+class PixelCache:
+    """``images -> pixel_values`` through the processor, each distinct image object processed once."""
+
+    def __init__(self, image_processor: Any, limit: int = 8192) -> None:
+        self.image_processor, self.limit = image_processor, limit
+        self.cache: dict[int, torch.Tensor] = {}
+        self.keep: list[Any] = []  # keeps ids valid
+
+    def __call__(self, images: list[Any]) -> torch.Tensor:
+        missing = [im for im in images if id(im) not in self.cache]
+        if missing:
+            values = self.image_processor(missing, return_tensors="pt")["pixel_values"]
+            if len(self.cache) + len(missing) <= self.limit:
+                for im, px in zip(missing, values):
+                    self.cache[id(im)] = px
+                    self.keep.append(im)
+            else:
+                fresh = dict(zip(map(id, missing), values))
+                return torch.stack([self.cache.get(id(im), fresh.get(id(im))) for im in images])
+        return torch.stack([self.cache[id(im)] for im in images])
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def generation_routing(model: Any, route_mask: torch.Tensor, cache: bool = True) -> contextlib.AbstractContextManager:
+    """:func:`sulora.routing` (route on the prompt, cache for the decode steps) when the model has adapters."""
+    from mm_subspace.inject import get_state
+
+    if get_state(model, required=False) is None:
+        return contextlib.nullcontext()
+    return sulora.routing(model, route_mask, cache=cache)
+
+
+def evaluate(model: Any, encoder: data.ConversationEncoder, records: list[data.Record], batch_size: int,
+             max_new_tokens: int, pixels: PixelCache, desc: str = "eval") -> dict[str, Any]:
+    """Greedy answers to every record's last question; exact match per task, the mean over tasks.
+
+    Prompts are grouped by length (no padding within a ``generate`` call). Returns
+    ``{"tasks": {task: {"accuracy", "n"}}, "mean_accuracy", "n", "examples": [...]}``.
+    """
+    from tqdm.auto import tqdm
+
+    tok = encoder.tokenizer
+    prompts = []
+    for rec in records:
+        if not rec.messages or rec.messages[-1]["role"] != "assistant":
+            raise DataError(f"record {rec.id!r}: evaluation needs a last gpt turn (the reference answer)")
+        ids = encoder.prompt_ids(rec.messages[:-1])
+        prompts.append((len(ids), ids, rec))
+    groups: dict[tuple[int, bool], list[tuple[list[int], data.Record]]] = {}
+    for n, ids, rec in prompts:
+        groups.setdefault((n, rec.image is not None), []).append((ids, rec))
+    chunks = [(key, items[i:i + batch_size]) for key, items in groups.items() for i in range(0, len(items), batch_size)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: dict[str, list[bool]] = {}
+    examples = []
+    with torch.no_grad():
+        for (_, has_image), chunk in tqdm(chunks, desc=desc, disable=len(chunks) < 4):
+            ids = torch.tensor([c[0] for c in chunk], device=device)
+            mask = torch.ones_like(ids)
+            kwargs = dict(input_ids=ids, attention_mask=mask)
+            if has_image:
+                kwargs["pixel_values"] = pixels([c[1].image for c in chunk]).to(device)
+            with generation_routing(model, mask):
+                out = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            for (_, rec), text in zip(chunk, texts):
+                reference = rec.messages[-1]["content"]
+                task = str(rec.meta.get("task", "all"))
+                ok = data.exact_match(text, reference)
+                results.setdefault(task, []).append(ok)
+                if len(examples) < 200:
+                    examples.append({"id": rec.id, "task": task, "answer": text.strip(), "reference": reference, "correct": ok})
+    model.train(was_training)
+    tasks = {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(results.items())}
+    mean = sum(t["accuracy"] for t in tasks.values()) / max(1, len(tasks))
+    return {"tasks": tasks, "mean_accuracy": mean, "n": sum(len(v) for v in results.values()), "examples": examples}
+
+
+def eval_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown table: one row per task, one column per evaluated model (e.g. base, adapter)."""
+    names = list(results)
+    tasks = sorted({t for r in results.values() for t in r["tasks"]})
+    lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for task in tasks:
+        cells = [f"{results[n]['tasks'][task]['accuracy']:.1%}" if task in results[n]["tasks"] else "–" for n in names]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{results[n]['mean_accuracy']:.1%}**" for n in names) + " |")
+    n = next(iter(results.values()))["n"]
+    lines.append(f"\nExact match of greedy answers (lower-cased, trailing period dropped) on {n} held-out prompts.")
+    return "\n".join(lines)
+
+
+def run_eval(args: argparse.Namespace, model: Any, encoder: data.ConversationEncoder, pixels: PixelCache,
+             with_adapter: bool) -> dict[str, dict[str, Any]]:
+    """Evaluate the adapter (and with ``--eval_base`` the base); write ``<output_dir>/eval.json``."""
+    raw = load_records(args, "test")
+    if not raw:
+        logger.info("no evaluation data (--eval_data_path) given: skipping evaluation")
+        return {}
+    bad = [r for r in raw if isinstance(r, DataError)]
+    if bad and not args.skip_bad_records:
+        raise DataError(f"{len(bad)} bad evaluation record(s); fix them or pass --skip_bad_records:\n  " +
+                        "\n  ".join(map(str, bad[:5])))
+    records = [r for r in raw if not isinstance(r, DataError)]
+    out: dict[str, dict[str, Any]] = {}
+    if args.eval_base or not with_adapter:
+        ctx = mm_subspace.disable_adapters(model) if with_adapter else contextlib.nullcontext()
+        with ctx:
+            out["base"] = evaluate(model, encoder, records, args.eval_batch_size, args.max_new_tokens, pixels, "eval base")
+    if with_adapter:
+        out[args.adapter] = evaluate(model, encoder, records, args.eval_batch_size, args.max_new_tokens, pixels,
+                                     f"eval {args.adapter}")
+    for name, res in out.items():
+        logger.info("eval %s: mean exact match %.4f  %s", name, res["mean_accuracy"],
+                    {t: round(v["accuracy"], 4) for t, v in res["tasks"].items()})
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(args.output_dir) / "eval.json", json.dumps(out, indent=2) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or with ``--eval_only`` evaluate). Returns ``{"output_dir", "global_step", "final_loss",
+    "final_aux_loss", "digest", "eval", "peft_exported", "resumed_from", "trainable_parameters"}``."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" or args.eval_only else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        # vision_feature_layer=-2 leaves the last vision layer (and its adapters) without gradient
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logger.info("%s", accelerator.state)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(args.seed)
+    model_path = args.model_name_or_path or str(tiny_models.tiny_llava_path())
+    base_name = args.model_name_or_path or "mm_subspace.tiny_llava (tiny-llava-digits)"
+
+    # -- 1. data first: every bad record is reported before a model loads -----------------------------
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_path)
+    encoder = data.ConversationEncoder(processor, args.model_max_length)
+    pixels = PixelCache(processor.image_processor)
+    if args.eval_only:
+        model, processor = load_model(args, model_path, accelerator.device)
+        adapter_dir = Path(args.adapter_path) if args.adapter_path else output_dir
+        has_adapter = (adapter_dir / "adapter_config.json").is_file()
+        if has_adapter:
+            mm_subspace.load_adapter(model, adapter_dir, ADAPTER_NAME)
+            args.adapter = mm_subspace.read_adapter_config(adapter_dir)["config"]["method"]
+        results = run_eval(args, model, encoder, pixels, with_adapter=has_adapter) if accelerator.is_main_process else {}
+        if has_adapter and accelerator.is_main_process and (adapter_dir / "README.md").is_file():
+            _append_eval_to_card(adapter_dir / "README.md", results)
+        return {"output_dir": output_dir, "eval": results, "global_step": 0}
+
+    train = data.encode_records(encoder, load_records(args, "train"), args.skip_bad_records)
+    logger.info("%d training records (%d supervised tokens)", len(train),
+                sum(sum(1 for t in e.labels if t != data.IGNORE_INDEX) for e in train))
+    steps_per_epoch = math.ceil(len(train) / (args.train_batch_size * world * args.gradient_accumulation_steps))
+    if args.max_train_steps is None:
+        args.max_train_steps = EMBEDDED_MAX_STEPS if args.embedded_data and args.embedded_model and not args.recipe \
+            else max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+    if args.lr_warmup_steps is None:
+        args.lr_warmup_steps = int(round(args.lr_warmup_ratio * args.max_train_steps))
+    if args.checkpointing_steps is None:
+        args.checkpointing_steps = min(500, max(1, args.max_train_steps // 2))
+    config = adapter_config(args)  # ConfigError on bad values
+
+    manager = CheckpointManager(output_dir, args.adapter, args.checkpoints_total_limit)
+    resume_path = manager.resolve(args.resume_from_checkpoint)
+    if args.resume_from_checkpoint == "latest" and resume_path is None:
+        logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run", manager.root)
+    resume_step = manager.check_resumable(resume_path, ["model"]) if resume_path else 0
+
+    # -- 2. model and adapters --------------------------------------------------------------------------
+    model, processor = load_model(args, model_path, accelerator.device)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if weight_dtype != torch.float32 and not args.load_in_4bit:
+        model.to(dtype=weight_dtype)
+    mm_subspace.inject(model, config, ADAPTER_NAME)  # TargetError on bad targets, before training
+    if args.gradient_checkpointing and not args.load_in_4bit:  # load_4bit already enabled it
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    parts = {"model": model}
+    cast_trainable_params(parts.values(), torch.float32)
+    trainable, total = mm_subspace.trainable_parameters(model)
+    logger.info("%s adapter: %s", args.adapter, adapter_summary(parts)["model"])
+
+    optimizer = torch.optim.AdamW(param_groups(parts, {"*": args.learning_rate}, args.adam_weight_decay),
+                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * world,
+                                 num_training_steps=args.max_train_steps * world)
+
+    history = LossHistory()
+    manager.register_hooks(accelerator, parts, base_model=base_name)
+    accelerator.register_for_checkpointing(history)
+    model_w, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if accelerator.is_main_process and args.report_to != "none":
+        tracker_cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+        accelerator.init_trackers(f"llava-{args.adapter}", config=tracker_cfg)
+    global_step = 0
+    if resume_path is not None:
+        logger.info("resuming from %s (step %d)", resume_path, resume_step)
+        accelerator.load_state(str(resume_path))
+        global_step = resume_step
+        manager.last_saved = resume_path
+    total_batch = args.train_batch_size * world * args.gradient_accumulation_steps
+    logger.info("***** training: %d records, %d steps (%.2f epochs), batch %d per process x %d processes x %d "
+                "accumulation = %d", len(train), args.max_train_steps, args.max_train_steps / steps_per_epoch,
+                args.train_batch_size, world, args.gradient_accumulation_steps, total_batch)
+
+    pad_id = encoder.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = encoder.tokenizer.eos_token_id
+
+    def micro_batch(micro_step: int) -> dict[str, torch.Tensor]:
+        idx = sample_indices(len(train), args.train_batch_size, micro_step, rank, world, args.seed)
+        batch = data.collate([train[i] for i in idx], pad_id, pixels)
+        return {k: v.to(accelerator.device) for k, v in batch.items()}
+
+    def forward(batch: dict[str, torch.Tensor], net: Any) -> torch.Tensor:
+        route = sulora.prompt_route_mask(batch["attention_mask"], batch["labels"])
+        with sulora.routing(model, route, cache=False):  # the rule generate() uses too
+            return supervised_loss(net, batch)
+
+    def where_nonfinite(batch: dict[str, torch.Tensor]) -> str:
+        bad = nonfinite_parameters(parts) or nonfinite_parameters(parts, grads=True)
+        if bad:
+            return f"adapter parameters or gradients {bad[:3]}"
+        name = locate_nonfinite(parts, lambda: forward(batch, model))
+        return f"the output of {name}" if name else "the loss only (every module output was finite)"
+
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    model_w.train()
+    started, step_times = time.perf_counter(), []
+    while global_step < args.max_train_steps:
+        t0 = time.perf_counter()
+        sums = torch.zeros(2)
+        for micro in range(args.gradient_accumulation_steps):
+            micro_step = global_step * args.gradient_accumulation_steps + micro
+            batch = micro_batch(micro_step)
+            torch.manual_seed(step_seed(args.seed, rank, micro_step))  # dropout: a function of the step only
+            with accelerator.accumulate(model_w):
+                loss = forward(batch, model_w)
+                aux = mm_subspace.aux_loss(model)
+                terms = accelerator.gather(torch.stack([loss.detach(), aux.detach().float()]).reshape(1, 2)).mean(0).cpu()
+                check_finite({"loss": terms[0].item(), "aux_loss": terms[1].item()}, global_step + 1,
+                             lambda: where_nonfinite(batch), manager.last_saved)
+                sums += terms / args.gradient_accumulation_steps
+                accelerator.backward(loss + aux)
+                mm_subspace.aux_loss(model)  # drop terms re-recorded by gradient-checkpointing recomputation
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    check_finite({"grad_norm": float(grad_norm)}, global_step + 1, lambda: where_nonfinite(batch),
+                                 manager.last_saved)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+        global_step += 1
+        step_times.append(time.perf_counter() - t0)
+        logs = {"loss": sums[0].item(), "aux_loss": sums[1].item(), "lr": lr_scheduler.get_last_lr()[0]}
+        history.append(global_step, **logs)
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", aux=f"{logs['aux_loss']:.3g}", lr=f"{logs['lr']:.2e}")
+        accelerator.log(logs, step=global_step)
+        if global_step % args.checkpointing_steps == 0:
+            manager.save(accelerator, global_step)
+    progress.close()
+    train_seconds = time.perf_counter() - started
+
+    # -- 3. save (rank 0): one adapter file, PEFT export, merged model, eval, curve, card ---------------
+    final = unwrap(accelerator, model_w)
+    digest = assert_replicas_in_sync(accelerator, {"model": final})
+    logger.info("rank %d adapter digest %s", rank, digest)
+    if world > 1 and accelerator.is_main_process:
+        logger.info("adapters identical on all %d ranks (digest %s)", world, digest)
+    probe = {k: v.to(accelerator.device) for k, v in data.collate(train[:4], pad_id, pixels).items()}
+    probe_logits = probe_forward(final, probe)
+    results: dict[str, Any] = {}
+    peft_note = ""
+    if accelerator.is_main_process:
+        mm_subspace.save_adapter(final, output_dir, ADAPTER_NAME, base_model_name_or_path=base_name)
+        try:
+            mm_subspace.export_peft(final, output_dir / "peft", ADAPTER_NAME, base_model_name_or_path=model_path)
+            peft_note = "`peft/`: stock PEFT `PeftModel.from_pretrained(llava, 'peft')` (mixer folded into B, exact)"
+        except (MergeError, ConfigError) as err:
+            peft_note = f"no PEFT export: {err}"
+            logger.info("%s", peft_note)
+        if args.save_merged:
+            from pipelines.llava import save_merged_llava
+
+            save_merged_llava(model_path, output_dir, output_dir / "merged")
+        if not args.skip_eval:
+            results = run_eval(args, final, encoder, pixels, with_adapter=True)
+        curve = save_loss_curve(history, output_dir / "loss_curve.png", f"visual instruction, {args.adapter}")
+        flags = {k: v for k, v in vars(args).items() if k not in ("embedded_model", "embedded_data")}
+        atomic_write_text(output_dir / "training_args.json", json.dumps(flags, indent=2, default=str) + "\n")
+        sec_per_step = sorted(step_times)[len(step_times) // 2] if step_times else float("nan")
+        _model_card(args, output_dir, history, global_step, total_batch, world, peft_note, curve, final, results,
+                    trainable, sec_per_step, base_name)
+        logger.info("saved %s adapter to %s", args.adapter, output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"output_dir": output_dir, "global_step": global_step, "final_loss": history.last("loss"),
+            "final_aux_loss": history.last("aux_loss"), "digest": digest, "eval": results,
+            "peft_exported": peft_note.startswith("`peft"), "resumed_from": resume_path,
+            "trainable_parameters": trainable, "total_parameters": total, "train_seconds": train_seconds,
+            "probe": probe, "probe_logits": probe_logits,
+            "seconds_per_step": sorted(step_times)[len(step_times) // 2] if step_times else None}
+
+
+def _append_eval_to_card(card: Path, results: dict[str, Any]) -> None:
+    if not results:
+        return
+    text = card.read_text(encoding="utf-8")
+    marker = "## Evaluation (--eval_only)"
+    text = text.split(marker)[0].rstrip() + f"\n\n{marker}\n\n{eval_table(results)}\n"
+    atomic_write_text(card, text)
+
+
+def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory, steps: int, total_batch: int,
+                world: int, peft_note: str, curve: Path, model: Any, results: dict[str, Any], trainable: int,
+                sec_per_step: float, base_name: str) -> None:
+    loss = history.last("loss")
+    summary = {
+        "base model": base_name,
+        "data": args.data_path or "digits instruction tasks (mm_subspace.data.llava.digits_instruction_records)",
+        "steps": steps,
+        "batch (per process × processes × accumulation)": f"{args.train_batch_size} × {world} × "
+                                                          f"{args.gradient_accumulation_steps} = {total_batch}",
+        "final loss": f"{loss:.5f}" if loss is not None else "n/a (no step run)",
+        "final aux loss": f"{history.last('aux_loss'):.5g}" if history.rows else "n/a",
+        "trainable parameters": f"{trainable:,d}",
+        "median s/step": f"{sec_per_step:.3f}",
+        "projector": args.tune_projector,
+        "4-bit": "NF4 + double quant (LM only)" if args.load_in_4bit else "no",
+        "recipe": args.recipe or "none",
+        "PEFT export": peft_note,
+        **{f"adapter on {k}": v for k, v in adapter_summary({"model": model}).items()},
+    }
+    sections = {}
+    if results:
+        sections["Evaluation"] = eval_table(results)
+    sections["Use it"] = (
+        "```python\nimport mm_subspace as mms\nfrom pipelines.llava import LlavaAdapters\n\n"
+        f"llava = LlavaAdapters.from_pretrained({args.model_name_or_path!r})\n"
+        f'llava.load_adapter("{output_dir.as_posix()}", name="{args.adapter}")\n'
+        f'print(llava.answer(image, "is the digit even? answer yes or no.", adapter="{args.adapter}").text)\n```\n\n'
+        "Merged into a full model: `pipelines.llava.save_merged_llava(base, adapter_dir, out)` or `--save_merged`."
+    )
+    write_model_card(output_dir, title=f"Visual-instruction tuning — {args.adapter}", base_model=base_name,
+                     method=args.adapter, summary=summary,
+                     flags={k: v for k, v in vars(args).items() if k not in ("embedded_model", "embedded_data")},
+                     images={"Loss curve": curve.relative_to(output_dir).as_posix()}, sections=sections,
+                     tags=("llava", "visual-instruction-tuning"))
+
+
+if __name__ == "__main__":
+    main(parse_args())
