@@ -145,7 +145,7 @@ def test_llava_preset_separate_vision_rank_alpha(llava_inputs):
 
 
 def test_llava_attn_projector_is_the_previous_llava_preset(llava_inputs):
-    model, _ = tiny_models.tiny_llava()
+    model, _ = tiny_models.tiny_llava(pretrained=False)
     check_preset(model, mms.LoraConfig(rank=4, targets="llava_attn_projector"), lambda m: m(**llava_inputs), 14 + 8 + 2)
     assert not any(".mlp.fc" in n for n, _ in mms.adapter_layers(model))
 

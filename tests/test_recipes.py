@@ -111,7 +111,7 @@ def test_moslora_vi_llama3_adapts_llm_and_every_vit_linear_not_the_projector(lla
     paper = recipe.build_config()
     lm, vit = "model.language_model.layers.3.mlp.gate_proj", "model.vision_tower.encoder.layers.7.mlp.fc2"
     assert (paper.rank_for(lm), paper.alpha_for(lm), paper.rank_for(vit), paper.alpha_for(vit)) == (64, 128.0, 64, 16.0)
-    model, _ = tiny_models.tiny_llava()
+    model, _ = tiny_models.tiny_llava(pretrained=False)
     recipe.check_family(model)
     small = recipe.build_config(rank=8, alpha=16, rank_pattern={recipes.VISION_PATTERN: 4},
                                 alpha_pattern={recipes.VISION_PATTERN: 2.0})
@@ -233,7 +233,7 @@ def test_sulora_domainbed_adapts_q_and_v_slices_of_timm_qkv():
 
 
 def test_sulora_llava_adapts_only_lm_q_and_v():
-    model, _ = tiny_models.tiny_llava()
+    model, _ = tiny_models.tiny_llava(pretrained=False)
     recipe = get_recipe("sulora_llava")
     recipe.check_family(model)
     mms.inject(model, recipe.build_config(rank=4, alpha=4, num_subspaces=8))
@@ -376,7 +376,7 @@ def test_recipe_of_another_family_names_both():
     model, _ = tiny_models.tiny_llama()
     with pytest.raises(RecipeFamilyError, match="is for the roberta family.*LlamaForCausalLM.*looks like a llama"):
         get_recipe("sulora_glue_r8").check_family(model)
-    llava, _ = tiny_models.tiny_llava()
+    llava, _ = tiny_models.tiny_llava(pretrained=False)
     with pytest.raises(RecipeFamilyError, match="is for the llama family.*vision_tower"):
         get_recipe("moslora_commonsense").check_family(llava)
 
