@@ -33,7 +33,7 @@ _spec = importlib.util.spec_from_file_location("dreambooth_sdxl", SCRIPT)
 db = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(db)
 
-RES = "32"  # latents 16x16: the tiny UNet's two levels still divide it
+RES = "32"  # the embedded model's native size: latents 8x8
 FAST = ["--resolution", RES, "--rank", "2", "--report_to", "none", "--validation_inference_steps", "2",
         "--learning_rate", "1e-3"]
 PROMPT = "a photo of sks cat"
@@ -234,7 +234,7 @@ def test_parse_args_errors_and_recipe() -> None:
     with pytest.raises(ConfigError, match="--mixer_init does not apply to --adapter lora"):
         db.parse_args(["--adapter", "lora", "--mixer_init", "orthogonal"])
     with pytest.raises(ValueError, match="needs --class_prompt"):
-        db.parse_args(["--with_prior_preservation"])
+        db.parse_args(["--with_prior_preservation", "--default_subject", "cat"])
     with pytest.raises(ValueError, match="--rank must be > 0"):
         db.parse_args(["--rank", "0"])
     paper = db.parse_args(["--recipe", "moslora_paper"])
@@ -268,7 +268,7 @@ def test_bad_instance_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
 
 
 def test_bad_resolution_rank_and_resume(tmp_path: Path, instance_dir: Path, trained: Runs) -> None:
-    with pytest.raises(ValueError, match="not divisible by the VAE factor 2"):
+    with pytest.raises(ValueError, match="not divisible by the VAE factor 4"):
         run(tmp_path / "r", "--resolution", "33", "--max_train_steps", "1", instance=instance_dir)
     with pytest.raises(TargetError, match="rank 65 is larger than"):
         run(tmp_path / "k", "--rank", "65", "--max_train_steps", "1", instance=instance_dir)

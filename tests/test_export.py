@@ -94,7 +94,7 @@ def test_sdxl_moslora_export_loads_in_stock_diffusers(tmp_path):
         return pipe("a photo of sks cat", num_inference_steps=3, height=64, width=64, output_type="latent",
                     generator=torch.Generator().manual_seed(0)).images
 
-    pipe = tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline(pretrained=False)
     pipe.set_progress_bar_config(disable=True)
     base = latents(pipe)
     mms.inject(pipe.unet, mms.MoSLoRAConfig(rank=4, alpha=8, mixer_init="orthogonal", targets="sdxl_unet"))
@@ -106,7 +106,7 @@ def test_sdxl_moslora_export_loads_in_stock_diffusers(tmp_path):
     mms.export_diffusers(tmp_path / "lora", unet=pipe.unet, text_encoder=pipe.text_encoder)
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
-    stock = tiny_sdxl_pipeline()
+    stock = tiny_sdxl_pipeline(pretrained=False)
     stock.set_progress_bar_config(disable=True)
     stock.load_lora_weights(tmp_path / "lora")
     torch.testing.assert_close(latents(stock), ours, rtol=1e-4, atol=1e-4)

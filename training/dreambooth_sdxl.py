@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import random
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 
 import mm_subspace
 from mm_subspace import tiny_models
+from mm_subspace.eval import digits as digits_eval
 from mm_subspace.errors import ConfigError, MergeError
 from mm_subspace.io import atomic_write_text
 from mm_subspace.training_utils import (
@@ -68,8 +70,11 @@ from mm_subspace.training_utils import (
 
 logger = logging.getLogger("dreambooth_sdxl")
 
-DEFAULT_INSTANCE_PROMPT = "a photo of sks cat"
+DEFAULT_INSTANCE_PROMPT = "a photo of sks cat"  # --default_subject cat, or an --instance_data_dir
 EMBEDDED_MAX_STEPS = 20  # embedded default: finishes in ~1-2 minutes on 2 CPU cores
+# --default_subject digit (the embedded model's default): the held-out digit 9, see mm_subspace.eval.digits
+DIGIT_SUBJECT_IMAGES = 5
+EMBEDDED_LEARNING_RATE = 1e-4
 REAL_MAX_STEPS = 500  # the MoSLoRA paper's step count
 EMBEDDED_INSTANCE_IMAGES = 4
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -125,10 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("data")
     g.add_argument("--instance_data_dir", type=str, default=None,
-                   help="Folder of subject photos. Default: <output_dir>/instance_images, filled with real cat photos "
-                   "(crops of scikit-image's chelsea, CC0).")
-    g.add_argument("--instance_prompt", type=str, default=DEFAULT_INSTANCE_PROMPT,
-                   help="Prompt with the identifier of the subject.")
+                   help="Folder of subject photos. Default: <output_dir>/instance_images, filled per --default_subject.")
+    g.add_argument("--default_subject", type=str, default=None, choices=["digit", "cat"],
+                   help="Subject written to <output_dir>/instance_images when --instance_data_dir is not given: 'digit' = "
+                   f"{DIGIT_SUBJECT_IMAGES} real scans of the digit 9 from the digits test split (9 is held out of the embedded "
+                   "model's pretraining), prompt 'a handwritten digit sks', class prompt 'a handwritten digit', prior "
+                   "preservation on; 'cat' = 4 real cat photos (crops of scikit-image's chelsea, CC0), prompt 'a photo of sks "
+                   "cat'. Default: digit on the embedded model, cat otherwise.")
+    g.add_argument("--instance_prompt", type=str, default=None,
+                   help=f"Prompt with the identifier of the subject. Default: 'a handwritten digit sks' for the digit subject, "
+                   f"{DEFAULT_INSTANCE_PROMPT!r} otherwise.")
     g.add_argument("--resolution", type=int, default=None,
                    help="Training image size (square). Default: the model's native size (UNet sample_size × VAE factor: "
                    "64 for the embedded model, 1024 for SDXL). Must be divisible by the VAE factor.")
@@ -140,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Encode every image with the VAE once before training (faster steps; the VAE sample is fixed).")
 
     g = parser.add_argument_group("prior preservation")
-    g.add_argument("--with_prior_preservation", action="store_true",
-                   help="Add the prior-preservation loss on class images (DreamBooth, Ruiz et al. 2023).")
+    g.add_argument("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=None,
+                   help="Add the prior-preservation loss on class images (DreamBooth, Ruiz et al. 2023). Default: on for "
+                   "the digit subject (class prompt 'a handwritten digit'), off otherwise.")
     g.add_argument("--class_data_dir", type=str, default=None,
                    help="Folder of class images; missing ones are generated with the base pipeline. "
                    "Default: <output_dir>/class_images.")
@@ -159,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
     g.add_argument("--max_train_steps", type=int, default=None,
                    help=f"Optimizer steps. Default: {EMBEDDED_MAX_STEPS} on the embedded model, {REAL_MAX_STEPS} otherwise.")
-    g.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate of the adapter parameters.")
+    g.add_argument("--learning_rate", type=float, default=None,
+                   help=f"Learning rate of the adapter parameters. Default: {EMBEDDED_LEARNING_RATE:g} on the embedded model, 1e-4 otherwise.")
     g.add_argument("--text_encoder_lr", type=float, default=None, help="Learning rate of text-encoder adapters. Default: --learning_rate.")
     g.add_argument("--scale_lr", action="store_true",
                    help="Multiply the learning rates by accumulation × batch size × processes.")
@@ -198,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_steps", type=int, default=None,
                    help="Validate every N steps (a grid validation/step-<N>.png each time). A final validation always runs.")
     g.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps of validation images.")
+    g.add_argument("--eval_subject_digit", type=int, default=None,
+                   help="Measure subject fidelity (share of instance-prompt images a digit classifier reads as this digit) and "
+                   "prior preservation (prompt accuracy on the other digits 0-8) with mm_subspace.eval.digits after "
+                   "training, for the adapter and the base; logged and written to the model card. Default: 9 for the "
+                   "digit subject, off otherwise.")
+    g.add_argument("--num_fidelity_images", type=int, default=20, help="Instance-prompt images of the subject-fidelity metric.")
+    g.add_argument("--prior_images_per_digit", type=int, default=5, help="Images per digit of the prior-preservation metric.")
     g.add_argument("--report_to", type=str, default="tensorboard",
                    help='Tracker: "tensorboard" (offline, <output_dir>/logs), "wandb", "all" or "none".')
     g.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
@@ -257,6 +277,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.alpha is None:
         args.alpha = float(args.rank)
 
+    if args.default_subject is None:
+        args.default_subject = "digit" if args.pretrained_model_name_or_path is None else "cat"
+    digit_default = args.default_subject == "digit" and args.instance_data_dir is None
+    if args.with_prior_preservation is None:  # on for the digit subject (before the class-prompt check)
+        args.with_prior_preservation = digit_default
+    if args.with_prior_preservation and args.class_prompt is None and digit_default:
+        args.class_prompt = digits_eval.CLASS_PROMPT
     if args.with_prior_preservation:
         if args.class_prompt is None:
             raise ValueError("--with_prior_preservation needs --class_prompt (e.g. --class_prompt 'a photo of a cat')")
@@ -267,6 +294,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             warnings.warn("--class_prompt is ignored without --with_prior_preservation")
 
     args.embedded_model = args.pretrained_model_name_or_path is None
+    if args.instance_prompt is None:
+        args.instance_prompt = digits_eval.INSTANCE_PROMPT if digit_default else DEFAULT_INSTANCE_PROMPT
+    if args.learning_rate is None:
+        args.learning_rate = EMBEDDED_LEARNING_RATE if args.embedded_model else 1e-4
+    if args.eval_subject_digit is None and digit_default:
+        args.eval_subject_digit = digits_eval.SUBJECT_DIGIT
+    if args.eval_subject_digit is not None and not 0 <= args.eval_subject_digit <= 9:
+        raise ValueError(f"--eval_subject_digit must be a digit 0..9, got {args.eval_subject_digit}")
+    _positive(args, ["num_fidelity_images", "prior_images_per_digit"])
     if args.max_train_steps is None:
         args.max_train_steps = EMBEDDED_MAX_STEPS if args.embedded_model else REAL_MAX_STEPS
     if args.checkpointing_steps is None:
@@ -447,8 +483,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     instance_dir = Path(args.instance_data_dir) if args.instance_data_dir else output_dir / "instance_images"
     if args.instance_data_dir is None and accelerator.is_main_process and not instance_dir.is_dir():
-        tiny_models.write_cat_photos(instance_dir, n=EMBEDDED_INSTANCE_IMAGES, size=max(resolution, 64))
-        logger.info("wrote %d cat photos to %s", EMBEDDED_INSTANCE_IMAGES, instance_dir)
+        if args.default_subject == "digit":
+            instance_dir.mkdir(parents=True)
+            for i, image in enumerate(digits_eval.subject_images(DIGIT_SUBJECT_IMAGES, size=resolution)):
+                image.save(instance_dir / f"digit9_{i:02d}.png")
+            logger.info("wrote %d test-split scans of the digit 9 to %s", DIGIT_SUBJECT_IMAGES, instance_dir)
+        else:
+            tiny_models.write_cat_photos(instance_dir, n=EMBEDDED_INSTANCE_IMAGES, size=max(resolution, 64))
+            logger.info("wrote %d cat photos to %s", EMBEDDED_INSTANCE_IMAGES, instance_dir)
     accelerator.wait_for_everyone()
     instance = list_images(instance_dir, "subject", "--instance_data_dir")
     logger.info("%d instance images from %s", len(instance), instance_dir)
@@ -633,9 +675,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return f"the output of {name}" if name else "the loss only (every module output was finite: inputs or targets?)"
 
     # -- 8. validation ---------------------------------------------------------------------------------
-    def log_validation(step: int) -> Path | None:
-        if args.num_validation_images == 0:
-            return None
+    def current_pipeline() -> tuple[Any, dict[str, torch.nn.Module]]:
+        """The base pipeline around the models being trained (adapters on), every model in eval mode."""
         models = {n: unwrap(accelerator, wrapped.get(n, m)) for n, m in
                   (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))}
         pipe = StableDiffusionXLPipeline.from_pretrained(
@@ -644,6 +685,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         pipe.set_progress_bar_config(disable=True)
         for m in models.values():
             m.eval()
+        return pipe, models
+
+    def log_validation(step: int) -> Path | None:
+        if args.num_validation_images == 0:
+            return None
+        pipe, models = current_pipeline()
         gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
         autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
         with autocast:
@@ -660,7 +707,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("validation grid %s", path)
         return path
 
-    # -- 9. train ---------------------------------------------------------------------------------------
+    # -- 9. train (a step-0 grid first: the base, as every method starts at ΔW = 0) ----------------------
+    first_grid = None
+    if global_step == 0 and accelerator.is_main_process:
+        first_grid = log_validation(0)
+    accelerator.wait_for_everyone()
+    loop_started, start_step = time.perf_counter(), global_step
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
     for m in wrapped.values():
@@ -706,6 +758,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 last_grid = log_validation(global_step)
             accelerator.wait_for_everyone()
     progress.close()
+    seconds_per_step = (time.perf_counter() - loop_started) / max(1, global_step - start_step)
 
     # -- 10. save: adapters (our format), diffusers export, validation, curve, card (rank 0 only) ------
     final = {n: unwrap(accelerator, wrapped[n]) for n in trained}
@@ -726,19 +779,79 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             logger.warning("%s", export_note)
         if args.num_validation_images and (last_grid is None or not last_grid.name.endswith(f"{global_step:06d}.png")):
             last_grid = log_validation(global_step)
+        start_grid = first_grid or output_dir / "validation" / f"step-{0:06d}.png"
+        if last_grid is not None and start_grid.is_file() and start_grid != last_grid:
+            last_grid = _stack_grids([start_grid, last_grid], output_dir / "validation" / f"step-0-vs-{global_step}.png")
+        quality = None
+        if args.eval_subject_digit is not None:
+            quality = _digit_quality(args, current_pipeline()[0], resolution)
+            for name, m in zip(("unet", "text_encoder", "text_encoder_2"), (unet, text_encoder, text_encoder_2)):
+                m.train(name in parts)
+            accelerator.log({f"quality/{k}": v for k, v in quality.items() if isinstance(v, float)}, step=global_step)
+            atomic_write_text(output_dir / "quality.json", json.dumps(quality, indent=2) + "\n")
         curve = save_loss_curve(history, output_dir / "loss_curve.png", f"DreamBooth SDXL, {args.adapter}")
         flags = {k: v for k, v in vars(args).items() if k != "embedded_model"}
         atomic_write_text(output_dir / "training_args.json", json.dumps(flags, indent=2, default=str) + "\n")
-        _model_card(args, output_dir, history, global_step, total_batch, world, export_note, last_grid, curve, final)
+        _model_card(args, output_dir, history, global_step, total_batch, world, export_note, last_grid, curve, final,
+                    quality)
         logger.info("saved %s adapter to %s", args.adapter, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"output_dir": output_dir, "global_step": global_step, "final_loss": history.last("loss"),
+            "quality": quality if accelerator.is_main_process else None, "seconds_per_step": seconds_per_step,
             "final_aux_loss": history.last("aux_loss"), "digest": digest, "exported": exported, "resumed_from": resume_path}
 
 
+def _stack_grids(paths: list[Path], out: Path) -> Path:
+    """The validation grids of ``paths`` one above the other (step 0 on top), saved as ``out``."""
+    from PIL import Image
+
+    grids = [Image.open(p).convert("RGB") for p in paths]
+    canvas = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white")
+    y = 0
+    for g in grids:
+        canvas.paste(g, (0, y))
+        y += g.height
+    return save_image_grid([canvas], out, cols=1)
+
+
+def _digit_quality(args: argparse.Namespace, pipe: Any, resolution: int) -> dict[str, Any]:
+    """Subject fidelity and prior preservation (``mm_subspace.eval.digits``) with the adapters on, and for the base.
+
+    Fidelity: share of ``--num_fidelity_images`` instance-prompt images read as ``--eval_subject_digit``.
+    Prior preservation: prompt accuracy on the digits 0-8 other than it (``--prior_images_per_digit`` each).
+    """
+    started = time.time()
+    target = args.eval_subject_digit
+    others = [d for d in digits_eval.PRETRAIN_DIGITS if d != target]
+    sampler = dict(height=resolution, width=resolution)
+    result: dict[str, Any] = {"subject_digit": target, "instance_prompt": args.instance_prompt, "seed": args.seed,
+                              "sampler": {**digits_eval.SAMPLER, **sampler}, "fidelity_images": args.num_fidelity_images,
+                              "prior_images": len(others) * args.prior_images_per_digit,
+                              "classifier_test_accuracy": round(digits_eval.digit_classifier().test_accuracy, 4)}
+    models = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2]
+    for label in ("adapter", "base"):
+        with contextlib.ExitStack() as stack:
+            if label == "base":
+                for m in models:
+                    if mm_subspace.list_adapters(m):
+                        stack.enter_context(mm_subspace.disable_adapters(m))
+            fid = digits_eval.subject_fidelity(pipe, args.instance_prompt, target, args.num_fidelity_images, args.seed,
+                                               **sampler)
+            prior = digits_eval.prompt_accuracy(pipe, others, args.prior_images_per_digit, args.seed, **sampler)
+        result[f"{label}_subject_fidelity"] = fid.value
+        result[f"{label}_reads_for_instance_prompt"] = {str(k): v for k, v in fid.per_digit.items()}
+        result[f"{label}_prior_preservation"] = prior.value
+    result["seconds"] = round(time.time() - started, 1)
+    logger.info("subject fidelity %.2f (base %.2f), prior preservation %.2f (base %.2f) [%s]",
+                result["adapter_subject_fidelity"], result["base_subject_fidelity"], result["adapter_prior_preservation"],
+                result["base_prior_preservation"], "mm_subspace.eval.digits")
+    return result
+
+
 def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory, steps: int, total_batch: int,
-                world: int, export_note: str, grid: Path | None, curve: Path, parts: dict[str, torch.nn.Module]) -> None:
+                world: int, export_note: str, grid: Path | None, curve: Path, parts: dict[str, torch.nn.Module],
+                quality: dict[str, Any] | None = None) -> None:
     base = args.pretrained_model_name_or_path or "embedded tiny SDXL (mm_subspace.tiny_models.tiny_sdxl_path())"
     loss = history.last("loss")
     summary = {
@@ -753,9 +866,14 @@ def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory
         "diffusers export": export_note,
         **{f"adapter on {k}": v for k, v in adapter_summary(parts).items()},
     }
+    if quality is not None:
+        summary["subject fidelity"] = (f"{quality['adapter_subject_fidelity']:.0%} (base {quality['base_subject_fidelity']:.0%})")
+        summary["prior preservation"] = (f"{quality['adapter_prior_preservation']:.0%} "
+                                         f"(base {quality['base_prior_preservation']:.0%})")
     images = {}
     if grid is not None:
-        images[f"Validation: `{args.validation_prompt}`"] = grid.relative_to(output_dir).as_posix()
+        top = " (top: step 0 = base, bottom: final step)" if grid.name.startswith("step-0-vs") else ""
+        images[f"Validation: `{args.validation_prompt}`{top}"] = grid.relative_to(output_dir).as_posix()
     images["Loss curve"] = curve.relative_to(output_dir).as_posix()
     load_ours = "\n".join(f'mms.load_adapter(pipe.{p}, "{output_dir.as_posix()}/{p}")' for p in parts)
     if args.pretrained_model_name_or_path:
@@ -771,7 +889,24 @@ def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory
     write_model_card(
         output_dir, title=f"DreamBooth SDXL — {args.adapter}", base_model=base, method=args.adapter, summary=summary,
         flags={k: v for k, v in vars(args).items() if k != "embedded_model"}, images=images,
-        sections={"Use it": usage}, tags=("dreambooth", "sdxl", "text-to-image"),
+        sections={"Use it": usage, **({"Quality": _quality_section(quality)} if quality else {})},
+        tags=("dreambooth", "sdxl", "text-to-image"),
+    )
+
+
+def _quality_section(q: dict[str, Any]) -> str:
+    reads = ", ".join(f"{k}: {v:.0%}" for k, v in q["adapter_reads_for_instance_prompt"].items())
+    return (
+        "Measured after training with `mm_subspace.eval.digits` (a digit classifier, test accuracy "
+        f"{q['classifier_test_accuracy']:.1%}, reads each generated image downsampled to 8x8).\n\n"
+        "| metric | this adapter | base |\n|---|---|---|\n"
+        f"| subject fidelity: `{q['instance_prompt']}` read as {q['subject_digit']} ({q['fidelity_images']} images) | "
+        f"{q['adapter_subject_fidelity']:.0%} | {q['base_subject_fidelity']:.0%} |\n"
+        f"| prior preservation: prompt accuracy on the other digits 0-8 ({q['prior_images']} images) | "
+        f"{q['adapter_prior_preservation']:.0%} | {q['base_prior_preservation']:.0%} |\n\n"
+        f"Digits read for the instance prompt with the adapter: {reads}. Sampler: "
+        f"{q['sampler']['num_inference_steps']} Euler steps, guidance {q['sampler']['guidance_scale']}, "
+        f"{q['sampler']['height']} px, seed {q.get('seed', 'as --seed')}.\n"
     )
 
 
