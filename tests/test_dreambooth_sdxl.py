@@ -291,3 +291,28 @@ def test_nonfinite_loss_stops_naming_the_module_and_keeps_checkpoint(tmp_path: P
     assert kept and int(kept[-1].name.split("-")[1]) == failed - 1  # every good step was checkpointed
     assert f"{kept[-1]} is kept" in message
     assert not (out / "unet").exists()
+
+
+# -- the default subject: the held-out digit 9 on the shipped digits SDXL -----------------------------
+def test_default_digit_subject_learns_the_nine(tmp_path: Path) -> None:
+    """No data flag: 5 test-split scans of 9, 'a handwritten digit sks', prior preservation on 'a handwritten
+    digit'. Fewer class/eval images than the headline run; fidelity must beat the base's (which draws no 9)."""
+    out = tmp_path / "nine"
+    args = db.parse_args(["--adapter", "lora", "--output_dir", str(out), "--report_to", "none", "--num_class_images", "8",
+                          "--class_inference_steps", "8", "--num_validation_images", "2", "--validation_inference_steps",
+                          "8", "--num_fidelity_images", "10", "--prior_images_per_digit", "1", "--seed", "0"])
+    assert args.with_prior_preservation and args.class_prompt == "a handwritten digit"
+    assert args.instance_prompt == "a handwritten digit sks" and args.eval_subject_digit == 9
+    result = db.main(args)
+    q = result["quality"]
+    assert len(list((out / "instance_images").glob("*.png"))) == db.DIGIT_SUBJECT_IMAGES
+    assert q["adapter_subject_fidelity"] > q["base_subject_fidelity"] + 0.3, q
+    assert json.loads((out / "quality.json").read_text()) == q
+    card = (out / "README.md").read_text()
+    assert "subject fidelity" in card and "prior preservation" in card
+    from PIL import Image
+
+    grid = out / "validation" / f"step-0-vs-{result['global_step']}.png"
+    assert grid.name in card and Image.open(grid).size == (64, 64)  # 2 images x (step 0 row, final row)
+    cat = db.parse_args(["--default_subject", "cat"])  # the cat photos stay one flag away
+    assert cat.instance_prompt == "a photo of sks cat" and not cat.with_prior_preservation

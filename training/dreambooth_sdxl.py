@@ -71,10 +71,13 @@ from mm_subspace.training_utils import (
 logger = logging.getLogger("dreambooth_sdxl")
 
 DEFAULT_INSTANCE_PROMPT = "a photo of sks cat"  # --default_subject cat, or an --instance_data_dir
-EMBEDDED_MAX_STEPS = 20  # embedded default: finishes in ~1-2 minutes on 2 CPU cores
+EMBEDDED_MAX_STEPS = 250  # embedded default: about a minute on 2 free CPU cores (32 px, batch 2 + 2 class images)
 # --default_subject digit (the embedded model's default): the held-out digit 9, see mm_subspace.eval.digits
 DIGIT_SUBJECT_IMAGES = 5
-EMBEDDED_LEARNING_RATE = 1e-4
+EMBEDDED_LEARNING_RATE = 2e-3  # the tiny model learns the new digit in a few hundred steps (1e-4 does not move it)
+#: defaults of the digit subject (flags given explicitly win); chosen so the headline run stays about a minute
+DIGIT_DEFAULTS: dict[str, Any] = {"train_batch_size": 2, "num_class_images": 50, "sample_batch_size": 25,
+                                  "class_inference_steps": 20, "target_preset": "sdxl_unet_wide"}
 REAL_MAX_STEPS = 500  # the MoSLoRA paper's step count
 EMBEDDED_INSTANCE_IMAGES = 4
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -122,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_subspaces", type=int, default=None,
                    help="SuLoRA: number of subspaces the router picks from. Only for methods with a num_subspaces field.")
     g.add_argument("--target_preset", type=str, default="sdxl_unet",
-                   help="UNet modules to adapt: a preset name (mm_subspace.list_presets()) or comma-separated module names/suffixes.")
+                   help="UNet modules to adapt: a preset name (mm_subspace.list_presets()) or comma-separated module names/suffixes. "
+                   "The digit subject defaults to sdxl_unet_wide (attention + feed-forward + time embeddings): with attention "
+                   "only, the tiny UNet learns the 9 but loses the other digits.")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="Also put adapters on both text encoders (targets: --text_encoder_target_preset).")
     g.add_argument("--text_encoder_target_preset", type=str, default="sdxl_text_encoders",
@@ -200,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Output folder. Default: runs/dreambooth-sdxl-<adapter> (the comparison app scans runs/).")
     g.add_argument("--checkpointing_steps", type=int, default=None,
                    help="Save a resumable checkpoint (training_state/checkpoint-<step>) every N optimizer steps. "
-                   "Default: 500, or half of --max_train_steps when that is less (the embedded default saves at 10 and 20).")
+                   "Default: 500, or half of --max_train_steps when that is less (the embedded default saves at 125 and 250).")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help='"latest", a checkpoint name (checkpoint-10) or path. "latest" with none starts fresh.')
@@ -284,6 +289,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         args.with_prior_preservation = digit_default
     if args.with_prior_preservation and args.class_prompt is None and digit_default:
         args.class_prompt = digits_eval.CLASS_PROMPT
+    if digit_default:
+        for key, value in DIGIT_DEFAULTS.items():
+            if key not in explicit:
+                setattr(args, key, value)
     if args.with_prior_preservation:
         if args.class_prompt is None:
             raise ValueError("--with_prior_preservation needs --class_prompt (e.g. --class_prompt 'a photo of a cat')")
@@ -420,7 +429,8 @@ def generate_class_images(args: argparse.Namespace, model_path: str, class_dir: 
     if missing <= 0:
         return
     logger.info("generating %d class images of %r in %s", missing, args.class_prompt, class_dir)
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_path, revision=args.revision, variant=args.variant)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_path, revision=args.revision, variant=args.variant,
+                                                     dtype=torch.float32)  # stored fp16 (the shipped model) runs in fp32
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
     for start in range(have, args.num_class_images, args.sample_batch_size):
@@ -505,8 +515,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # -- 2. frozen models ----------------------------------------------------------------------------
     load = dict(revision=args.revision, variant=args.variant)
     tokenizers = [AutoTokenizer.from_pretrained(model_path, subfolder=s, revision=args.revision) for s in ("tokenizer", "tokenizer_2")]
-    text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **load)
-    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", **load)
+    # transformers loads in the stored dtype (fp16 for the shipped model): load fp32, cast to weight_dtype below
+    text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", dtype=torch.float32, **load)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2",
+                                                                 dtype=torch.float32, **load)
     vae = AutoencoderKL.from_pretrained(vae_path, subfolder=vae_sub, **load)
     unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **load)
     noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", revision=args.revision)
@@ -698,7 +710,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                           height=resolution, width=resolution, num_inference_steps=args.validation_inference_steps).images
         for name, m in models.items():
             m.train(name in parts)
-        path = save_image_grid(images, output_dir / "validation" / f"step-{step:06d}.png")
+        path = save_image_grid(images, output_dir / "validation" / f"step-{step:06d}.png", cols=len(images))
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 import numpy as np
