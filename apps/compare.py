@@ -43,7 +43,8 @@ from pipelines import (  # noqa: E402
 logger = logging.getLogger("compare")
 
 DEFAULT_ADAPTERS_DIR = "runs"
-DEFAULT_PROMPT = "a photo of sks cat"
+DEFAULT_PROMPT = "a handwritten digit sks"  # the embedded digits SDXL + the DreamBooth default subject (a 9)
+REAL_MODEL_PROMPT = "a photo of sks cat"  # with --pretrained_model_name_or_path
 DEFAULT_QUESTION = "is the digit even? answer yes or no."
 DEMO_METHODS = ("lora", "moslora")
 DETAIL_HEADERS = ["adapter", "method", "rank", "params", "seconds", "run"]
@@ -61,11 +62,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--server_name", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
     parser.add_argument("--server_port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
-    parser.add_argument("--demo_steps", type=int, default=5,
-                        help="training steps of each demo adapter made when the adapters folder is empty")
+    parser.add_argument("--demo_steps", type=int, default=None,
+                        help="training steps of each demo adapter made when the adapters folder is empty "
+                        "(default: training/dreambooth_sdxl.py's own default, the headline run)")
     parser.add_argument("--no_llava", action="store_true", help="only the SDXL tab")
     args = parser.parse_args(input_args)
-    if args.demo_steps < 1:
+    if args.demo_steps is not None and args.demo_steps < 1:
         parser.error("--demo_steps must be >= 1")
     return args
 
@@ -89,16 +91,17 @@ def make_default_sdxl_adapters(sd: SDXLAdapters, out_dir: Path, steps: int, pret
     script = _dreambooth_script()
     for method in DEMO_METHODS:
         target = out_dir / f"dreambooth-sdxl-{method}"
-        print(f"no SDXL adapter in {out_dir}: training a small {method} adapter ({steps} steps) into {target}")
+        print(f"no SDXL adapter in {out_dir}: training a small {method} adapter ({steps or 'default'} steps) into {target}")
         if script is not None:
-            argv = ["--adapter", method, "--rank", "4", "--max_train_steps", str(steps), "--output_dir", str(target),
-                    "--num_validation_images", "0", "--report_to", "none", "--checkpointing_steps", str(10 * steps)]
+            argv = ["--adapter", method, "--rank", "4", "--output_dir", str(target), "--report_to", "none"]
+            if steps:
+                argv += ["--max_train_steps", str(steps), "--checkpointing_steps", str(10 * steps)]
             if pretrained:
                 argv += ["--pretrained_model_name_or_path", pretrained]
             script.main(script.parse_args(argv))
             continue
-        with tqdm(total=steps, desc=f"training {method}") as bar:
-            make_demo_sdxl_adapter(sd, target, method, rank=4, steps=steps, progress=lambda i, n: bar.update(1))
+        with tqdm(total=steps or 5, desc=f"training {method}") as bar:
+            make_demo_sdxl_adapter(sd, target, method, rank=4, steps=steps or 5, progress=lambda i, n: bar.update(1))
 
 
 def make_default_llava_adapters(llava: LlavaAdapters, out_dir: Path, steps: int) -> None:
@@ -121,7 +124,7 @@ def load_all(args: argparse.Namespace) -> tuple[SDXLAdapters, LlavaAdapters | No
     if not any(i.family == "sdxl" for i in found):
         make_default_sdxl_adapters(sd, out_dir, args.demo_steps, args.pretrained_model_name_or_path)
     if llava is not None and not any(i.family == "llava" for i in found):
-        make_default_llava_adapters(llava, out_dir, args.demo_steps)
+        make_default_llava_adapters(llava, out_dir, args.demo_steps or 5)
     found = find_adapters(args.adapters)
     infos = sd.load_adapters(found)
     if llava is not None:
@@ -207,7 +210,8 @@ def run_answer(
 
 
 # -- UI ---------------------------------------------------------------------------------------------------
-def build_ui(sd: SDXLAdapters, llava: LlavaAdapters | None, infos: list[AdapterInfo]) -> Any:
+def build_ui(sd: SDXLAdapters, llava: LlavaAdapters | None, infos: list[AdapterInfo],
+             default_prompt: str = DEFAULT_PROMPT) -> Any:
     import gradio as gr
 
     table = [info.row() for info in infos]
@@ -219,11 +223,11 @@ def build_ui(sd: SDXLAdapters, llava: LlavaAdapters | None, infos: list[AdapterI
             names = [BASE_LABEL] + list(sd.adapters)
             with gr.Row():
                 with gr.Column(scale=2):
-                    prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, elem_id="prompt")
+                    prompt = gr.Textbox(label="Prompt", value=default_prompt, elem_id="prompt")
                     negative = gr.Textbox(label="Negative prompt", value="")
                     with gr.Row():
                         seed = gr.Number(label="Seed", value=0, precision=0, min_width=80)
-                        steps = gr.Number(label="Steps", value=8, precision=0, min_width=80)
+                        steps = gr.Number(label="Steps", value=20, precision=0, min_width=80)
                         guidance = gr.Number(label="Guidance", value=5.0, min_width=80)
                         width = gr.Number(label="Width", value=size, precision=0, min_width=80)
                         height = gr.Number(label="Height", value=size, precision=0, min_width=80)
@@ -278,7 +282,7 @@ def main(input_args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(input_args)
     sd, llava, infos = load_all(args)
-    demo = build_ui(sd, llava, infos)
+    demo = build_ui(sd, llava, infos, DEFAULT_PROMPT if args.pretrained_model_name_or_path is None else REAL_MODEL_PROMPT)
     demo.queue(default_concurrency_limit=1).launch(
         server_name=args.server_name, server_port=args.server_port, share=args.share, footer_links=["api"],
     )

@@ -11,8 +11,10 @@ there afterwards. A build goes to a temporary sibling folder that is renamed int
 a killed build never leaves a half folder and two processes may build at once (the loser of
 the rename uses the winner's folder). Bump the ``-vN`` suffix whenever a config changes.
 
-Tiny SDXL (``tiny_sdxl_path``): VAE scale factor 2 (two VAE blocks), UNet ``sample_size`` 32,
-so the pipeline's default image is 64x64 with 32x32 latents.
+Tiny SDXL (``tiny_sdxl_path``): VAE scale factor 4 (three VAE blocks), UNet ``sample_size`` 8,
+so the pipeline's default image is 32x32 with 8x8 latents. By default it is the shipped model
+pretrained on handwritten digits (``mm_subspace/weights/tiny-sdxl-digits``, see
+``training/pretrain_tiny_sdxl.py``); ``pretrained=False`` gives random weights.
 
 Real-size configs (``llama3_8b_config``, ``llama2_7b_config``, ``clip_vit_l14_config``,
 ``sdxl_base_unet_config``, ``roberta_base_config``, ``roberta_large_config``, ``deberta_v3_base_config``)
@@ -123,10 +125,12 @@ CHAT_TEMPLATE = (
 # Versioned cache folder names: bump when the corresponding builder changes.
 CLIP_TOKENIZER_NAME = "clip-tokenizer-v1"
 LM_TOKENIZER_NAME = "lm-tokenizer-v1"
-TINY_SDXL_NAME = "tiny-sdxl-v1"
+TINY_SDXL_NAME = "tiny-sdxl-v2"  # v2: 32 px images, VAE factor 4 (8x8 latents)
 TINY_LLAMA_NAME = "tiny-llama-v1"
 TINY_LLAVA_NAME = "tiny-llava-v1"
 TINY_LLAVA_PRETRAINED = "tiny-llava-digits"  # shipped in mm_subspace/weights
+#: the shipped pretrained tiny SDXL (``mm_subspace/weights/tiny-sdxl-digits``)
+TINY_SDXL_SHIPPED = "tiny-sdxl-digits"
 
 # scikit-image photos that are bundled with the package (no download needed).
 SAMPLE_PHOTOS = (
@@ -357,7 +361,7 @@ def _tiny_sdxl_components() -> dict[str, Any]:
     text_hidden, projection_dim = 32, 32
     with _seeded(SEED):
         unet = UNet2DConditionModel(
-            sample_size=32,  # latents; x vae scale factor 2 -> 64x64 images
+            sample_size=8,  # latents; x vae scale factor 4 -> 32x32 images (the 8x8 digits, upscaled)
             in_channels=4,
             out_channels=4,
             layers_per_block=2,
@@ -377,14 +381,14 @@ def _tiny_sdxl_components() -> dict[str, Any]:
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(32, 64),  # two blocks -> vae scale factor 2
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 32, 64),  # three blocks -> vae scale factor 4
             layers_per_block=1,
             latent_channels=4,
-            norm_num_groups=32,
-            sample_size=64,
-            scaling_factor=0.13025,  # SDXL's
+            norm_num_groups=16,
+            sample_size=32,
+            scaling_factor=0.13025,  # SDXL's; pretraining sets 1 / std of its latents
         )
         common = dict(
             vocab_size=CLIP_VOCAB_SIZE,
@@ -423,13 +427,25 @@ def _tiny_sdxl_components() -> dict[str, Any]:
     )
 
 
-def tiny_sdxl_path() -> Path:
+def tiny_sdxl_path(pretrained: bool = True) -> Path:
     """Folder of the tiny SDXL pipeline (``StableDiffusionXLPipeline.from_pretrained`` loads it).
 
     Same layout as stabilityai/stable-diffusion-xl-base-1.0 (unet, vae, text_encoder,
-    text_encoder_2, tokenizer, tokenizer_2, scheduler), random weights. VAE scale factor 2,
-    UNet sample size 32: default images are 64x64.
+    text_encoder_2, tokenizer, tokenizer_2, scheduler). VAE scale factor 4, UNet sample size 8:
+    default images are 32x32.
+
+    Args:
+        pretrained: ``True`` (default): the shipped ``tiny-sdxl-digits`` model, pretrained on the
+            handwritten digits 0-8 by ``training/pretrain_tiny_sdxl.py`` (fp16 safetensors in
+            ``mm_subspace/weights``; every file checked against its manifest first, a wrong file
+            raises :class:`~mm_subspace.errors.ShippedModelError`). ``False``: the same
+            architecture with seeded random weights, built once into :func:`cache_dir` (for tests
+            that only need structure).
     """
+    if pretrained:
+        from .shipped import shipped_path
+
+        return shipped_path(TINY_SDXL_SHIPPED)
 
     def build(folder: Path) -> None:
         from diffusers import StableDiffusionXLPipeline
@@ -441,13 +457,19 @@ def tiny_sdxl_path() -> Path:
     return _cached(TINY_SDXL_NAME, build)
 
 
-def tiny_sdxl_pipeline(torch_dtype: torch.dtype | None = None) -> StableDiffusionXLPipeline:
-    """Load the tiny SDXL pipeline (built on first use), in ``torch_dtype`` (default float32)."""
+def tiny_sdxl_pipeline(
+    torch_dtype: torch.dtype | None = None, pretrained: bool = True
+) -> StableDiffusionXLPipeline:
+    """Load the tiny SDXL pipeline in ``torch_dtype`` (default float32); see :func:`tiny_sdxl_path`.
+
+    ``pretrained=True`` (default): the shipped digits model (prompts such as "a handwritten digit
+    seven", 32x32 images). ``pretrained=False``: random weights, same architecture.
+    """
     import torch
     from diffusers import StableDiffusionXLPipeline
 
     return StableDiffusionXLPipeline.from_pretrained(
-        tiny_sdxl_path(), dtype=torch_dtype or torch.float32, local_files_only=True
+        tiny_sdxl_path(pretrained), dtype=torch_dtype or torch.float32, local_files_only=True
     )
 
 

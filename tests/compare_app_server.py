@@ -3,6 +3,9 @@
 The app runs in a subprocess on 127.0.0.1 with a free port and pre-made adapters (random non-zero
 factors, saved in a temporary folder): two SDXL adapters in the DreamBooth layout and one LLaVA
 adapter, so it trains nothing at start-up; plus one unreadable adapter folder, which it must survive. Stopped (by its pid) when the session ends.
+
+``COMPARE_ADAPTERS=runs`` uses the real DreamBooth outputs ``runs/dreambooth-sdxl-{lora,moslora}`` (the headline
+command's) instead of random SDXL adapters: that is how docs/compare.png is taken.
 """
 
 from __future__ import annotations
@@ -33,13 +36,26 @@ def free_port() -> int:
 
 def make_adapters(root: Path) -> None:
     """Save the test adapters into ``root`` (a subprocess, so the test process stays light)."""
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path; root = Path(sys.argv[1])\n"
-        "from pipelines import SDXLAdapters, LlavaAdapters, make_demo_sdxl_adapter, make_demo_llava_adapter\n"
+    real = os.environ.get("COMPARE_ADAPTERS")
+    sdxl_code = (
         "sd = SDXLAdapters.from_pretrained()\n"
         "make_demo_sdxl_adapter(sd, root / 'dreambooth-sdxl-lora', 'lora', steps=0, init_weights=False)\n"
         "make_demo_sdxl_adapter(sd, root / 'dreambooth-sdxl-moslora', 'moslora', steps=0, init_weights=False,"
         " train_text_encoder=True, seed=1)\n"
+    )
+    if real:
+        sdxl_code = ""
+        for name in SDXL_NAMES:
+            source = Path(real) / f"dreambooth-sdxl-{name}"
+            if not (source / "unet" / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"COMPARE_ADAPTERS={real}: {source} has no unet adapter; run "
+                                        f"`accelerate launch training/dreambooth_sdxl.py --adapter {name}` first")
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(source, root / source.name, ignore=shutil.ignore_patterns("training_state", "class_images"))
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path; root = Path(sys.argv[1])\n"
+        "from pipelines import SDXLAdapters, LlavaAdapters, make_demo_sdxl_adapter, make_demo_llava_adapter\n"
+        + sdxl_code +
         "ll = LlavaAdapters.from_pretrained()\n"
         "make_demo_llava_adapter(ll, root / 'llava-lora', 'lora', steps=0, init_weights=False)\n"
     )

@@ -40,7 +40,7 @@ def test_generate_in_headless_chromium(tmp_path):
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(url, wait_until="domcontentloaded")
             page.wait_for_selector("#prompt textarea", timeout=60_000)
-            page.fill("#prompt textarea", "a photo of sks cat on the moon")
+            page.fill("#prompt textarea", "a handwritten digit sks")
             page.click("#generate")
             page.wait_for_function(
                 f"document.querySelectorAll('#gallery img').length >= {len(expected)}", timeout=180_000

@@ -72,7 +72,7 @@ def test_export(adapter, tmp_path):
     from mm_subspace.interop import kohya_state_dict
     from mm_subspace.tiny_models import tiny_sdxl_path
 
-    te = CLIPTextModel.from_pretrained(tiny_sdxl_path() / "text_encoder")
+    te = CLIPTextModel.from_pretrained(tiny_sdxl_path(pretrained=False) / "text_encoder")
     mms.inject(te, mms.MoSLoRAConfig(rank=4, alpha=8, init_weights=False, targets="sdxl_text_encoders"))
     mms.save_adapter(te, tmp_path / "te")
     proc = run("export", str(tmp_path / "te"), "--to", "kohya", str(tmp_path / "te.safetensors"))
@@ -118,13 +118,13 @@ def test_merge_diffusers_unet_folder(tmp_path):
 
     from mm_subspace.tiny_models import tiny_sdxl_path
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_path() / "unet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_path(pretrained=False) / "unet")
     mms.inject(unet, mms.TSMixingConfig(rank=2, alpha=4, init_weights=False, targets=["attn1.to_q"]))
     name = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
     layer = unet.get_submodule(name)
     expected = layer.base_layer.weight.detach() + layer.adapters["default"].delta_weight().detach()
     mms.save_adapter(unet, tmp_path / "unet_adapter")
-    assert main(["merge", "--base", str(tiny_sdxl_path() / "unet"), "--adapter", str(tmp_path / "unet_adapter"),
+    assert main(["merge", "--base", str(tiny_sdxl_path(pretrained=False) / "unet"), "--adapter", str(tmp_path / "unet_adapter"),
                  str(tmp_path / "merged")]) == 0
     merged = UNet2DConditionModel.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(merged.get_submodule(name).weight, expected)

@@ -33,7 +33,7 @@ _spec = importlib.util.spec_from_file_location("dreambooth_sdxl", SCRIPT)
 db = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(db)
 
-RES = "32"  # latents 16x16: the tiny UNet's two levels still divide it
+RES = "32"  # the embedded model's native size: latents 8x8
 FAST = ["--resolution", RES, "--rank", "2", "--report_to", "none", "--validation_inference_steps", "2",
         "--learning_rate", "1e-3"]
 PROMPT = "a photo of sks cat"
@@ -277,7 +277,7 @@ def test_parse_args_errors_and_recipe() -> None:
     with pytest.raises(ConfigError, match="--mixer_init does not apply to --adapter lora"):
         db.parse_args(["--adapter", "lora", "--mixer_init", "orthogonal"])
     with pytest.raises(ValueError, match="needs --class_prompt"):
-        db.parse_args(["--with_prior_preservation"])
+        db.parse_args(["--with_prior_preservation", "--default_subject", "cat"])
     with pytest.raises(ValueError, match="--rank must be > 0"):
         db.parse_args(["--rank", "0"])
     paper = db.parse_args(["--recipe", "moslora_paper"])
@@ -311,7 +311,7 @@ def test_bad_instance_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
 
 
 def test_bad_resolution_rank_and_resume(tmp_path: Path, instance_dir: Path, trained: Runs) -> None:
-    with pytest.raises(ValueError, match="not divisible by the VAE factor 2"):
+    with pytest.raises(ValueError, match="not divisible by the VAE factor 4"):
         run(tmp_path / "r", "--resolution", "33", "--max_train_steps", "1", instance=instance_dir)
     with pytest.raises(TargetError, match="rank 65 is larger than"):
         run(tmp_path / "k", "--rank", "65", "--max_train_steps", "1", instance=instance_dir)
@@ -536,3 +536,28 @@ def test_validation_images_reach_every_tracker(tmp_path: Path, caplog: pytest.Lo
     assert events.Tags()["images"] == ["validation"], events.Tags()
     assert [e.step for e in events.Images("validation")] == [3]
     assert "could not log validation images to broken: server down" in caplog.text
+
+
+# -- the default subject: the held-out digit 9 on the shipped digits SDXL -----------------------------
+def test_default_digit_subject_learns_the_nine(tmp_path: Path) -> None:
+    """No data flag: 5 test-split scans of 9, 'a handwritten digit sks', prior preservation on 'a handwritten
+    digit'. Fewer class/eval images than the headline run; fidelity must beat the base's (which draws no 9)."""
+    out = tmp_path / "nine"
+    args = db.parse_args(["--adapter", "lora", "--output_dir", str(out), "--report_to", "none", "--num_class_images", "8",
+                          "--class_inference_steps", "8", "--num_validation_images", "2", "--validation_inference_steps",
+                          "8", "--num_fidelity_images", "10", "--prior_images_per_digit", "1", "--seed", "0"])
+    assert args.with_prior_preservation and args.class_prompt == "a handwritten digit"
+    assert args.instance_prompt == "a handwritten digit sks" and args.eval_subject_digit == 9
+    result = db.main(args)
+    q = result["quality"]
+    assert len(list((out / "instance_images").glob("*.png"))) == db.DIGIT_SUBJECT_IMAGES
+    assert q["adapter_subject_fidelity"] > q["base_subject_fidelity"] + 0.3, q
+    assert json.loads((out / "quality.json").read_text()) == q
+    card = (out / "README.md").read_text()
+    assert "subject fidelity" in card and "prior preservation" in card
+    from PIL import Image
+
+    grid = out / "validation" / f"step-0-vs-{result['global_step']}.png"
+    assert grid.name in card and Image.open(grid).size == (64, 64)  # 2 images x (step 0 row, final row)
+    cat = db.parse_args(["--default_subject", "cat"])  # the cat photos stay one flag away
+    assert cat.instance_prompt == "a photo of sks cat" and not cat.with_prior_preservation

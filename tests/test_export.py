@@ -94,7 +94,7 @@ def _sdxl_latents(pipe, size: int = 64, steps: int = 3) -> torch.Tensor:
 def _tiny_sdxl():
     from mm_subspace.tiny_models import tiny_sdxl_pipeline
 
-    pipe = tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline(pretrained=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -46,7 +46,7 @@ def fresh():
     """The untouched tiny SDXL pipeline, loaded once; tests take deep copies (cheaper than reloading)."""
     from mm_subspace.tiny_models import tiny_sdxl_pipeline
 
-    pipe = tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline(pretrained=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

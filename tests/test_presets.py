@@ -23,7 +23,7 @@ def sdxl():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    path = tiny_models.tiny_sdxl_path()
+    path = tiny_models.tiny_sdxl_path(pretrained=False)
     return SimpleNamespace(
         unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
         text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),

@@ -19,7 +19,7 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     assert (tmp_path / "out" / "moslora" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "out" / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
-    assert namespace["image"].size == (64, 64)
+    assert namespace["image"].size == (32, 32)
 
 
 def test_ci_runs_exactly_the_readme_test_command():

@@ -44,6 +44,7 @@ import math
 import os
 import random
 import shlex
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ import torch
 import mm_subspace
 from mm_subspace import tiny_models
 from mm_subspace.caption_data import IMAGE_SUFFIXES, ImageRecord, dataset_records, folder_records, list_images
+from mm_subspace.eval import digits as digits_eval
 from mm_subspace.errors import ConfigError, MergeError
 from mm_subspace.io import atomic_write_text
 from mm_subspace.training_utils import (
@@ -78,8 +80,14 @@ from mm_subspace.training_utils import (
 
 logger = logging.getLogger("dreambooth_sdxl")
 
-DEFAULT_INSTANCE_PROMPT = "a photo of sks cat"
-EMBEDDED_MAX_STEPS = 20  # embedded default: finishes in ~1-2 minutes on 2 CPU cores
+DEFAULT_INSTANCE_PROMPT = "a photo of sks cat"  # --default_subject cat, or an --instance_data_dir
+EMBEDDED_MAX_STEPS = 250  # embedded default: about a minute on 2 free CPU cores (32 px, batch 2 + 2 class images)
+# --default_subject digit (the embedded model's default): the held-out digit 9, see mm_subspace.eval.digits
+DIGIT_SUBJECT_IMAGES = 5
+EMBEDDED_LEARNING_RATE = 2e-3  # the tiny model learns the new digit in a few hundred steps (1e-4 does not move it)
+#: defaults of the digit subject (flags given explicitly win); chosen so the headline run stays about a minute
+DIGIT_DEFAULTS: dict[str, Any] = {"train_batch_size": 2, "num_class_images": 50, "sample_batch_size": 25,
+                                  "class_inference_steps": 20, "target_preset": "sdxl_unet_wide"}
 REAL_MAX_STEPS = 500  # the MoSLoRA paper's step count
 EMBEDDED_INSTANCE_IMAGES = 4
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
@@ -119,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_subspaces", type=int, default=None,
                    help="SuLoRA: number of subspaces the router picks from. Only for methods with a num_subspaces field.")
     g.add_argument("--target_preset", type=str, default="sdxl_unet",
-                   help="UNet modules to adapt: a preset name (mm_subspace.list_presets()) or comma-separated module names/suffixes.")
+                   help="UNet modules to adapt: a preset name (mm_subspace.list_presets()) or comma-separated module names/suffixes. "
+                   "The digit subject defaults to sdxl_unet_wide (attention + feed-forward + time embeddings): with attention "
+                   "only, the tiny UNet learns the 9 but loses the other digits.")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="Also put adapters on both text encoders (targets: --text_encoder_target_preset).")
     g.add_argument("--text_encoder_target_preset", type=str, default="sdxl_text_encoders",
@@ -127,10 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("data")
     g.add_argument("--instance_data_dir", type=str, default=None,
-                   help="Folder of subject photos. Default: <output_dir>/instance_images, filled with real cat photos "
-                   "(crops of scikit-image's chelsea, CC0).")
-    g.add_argument("--instance_prompt", type=str, default=DEFAULT_INSTANCE_PROMPT,
-                   help="Prompt with the identifier of the subject (the caption of every image that has none).")
+                   help="Folder of subject photos. Default: <output_dir>/instance_images, filled per --default_subject.")
+    g.add_argument("--default_subject", type=str, default=None, choices=["digit", "cat"],
+                   help="Subject written to <output_dir>/instance_images when --instance_data_dir is not given: 'digit' = "
+                   f"{DIGIT_SUBJECT_IMAGES} real scans of the digit 9 from the digits test split (9 is held out of the embedded "
+                   "model's pretraining), prompt 'a handwritten digit sks', class prompt 'a handwritten digit', prior "
+                   "preservation on; 'cat' = 4 real cat photos (crops of scikit-image's chelsea, CC0), prompt 'a photo of sks "
+                   "cat'. Default: digit on the embedded model, cat otherwise.")
+    g.add_argument("--instance_prompt", type=str, default=None,
+                   help=f"Prompt with the identifier of the subject (the caption of every image that has none). Default: 'a handwritten digit sks' for the digit subject, "
+                   f"{DEFAULT_INSTANCE_PROMPT!r} otherwise.")
     g.add_argument("--caption_column", type=str, default=None,
                    help="Caption column of metadata.jsonl/metadata.csv in --instance_data_dir (default: the first of "
                    "text, caption, prompt it has) or of --dataset_name (default: none, every image gets --instance_prompt). "
@@ -157,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Worker processes that crop, flip and batch the images (0: the main process).")
 
     g = parser.add_argument_group("prior preservation")
-    g.add_argument("--with_prior_preservation", action="store_true",
-                   help="Add the prior-preservation loss on class images (DreamBooth, Ruiz et al. 2023).")
+    g.add_argument("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=None,
+                   help="Add the prior-preservation loss on class images (DreamBooth, Ruiz et al. 2023). Default: on for "
+                   "the digit subject (class prompt 'a handwritten digit'), off otherwise.")
     g.add_argument("--class_data_dir", type=str, default=None,
                    help="Folder of class images; missing ones are generated with the base pipeline. "
                    "Default: <output_dir>/class_images.")
@@ -184,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_train_epochs", type=int, default=None,
                    help="Passes over the data (instance images × --repeats; with prior preservation, at least the class "
                    "images), converted to steps as diffusers does; the arithmetic is logged.")
-    g.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate of the adapter parameters.")
+    g.add_argument("--learning_rate", type=float, default=None,
+                   help=f"Learning rate of the adapter parameters. Default: {EMBEDDED_LEARNING_RATE:g} on the embedded model, 1e-4 otherwise.")
     g.add_argument("--text_encoder_lr", type=float, default=5e-6,
                    help="Learning rate of text-encoder adapters (as diffusers; with --optimizer prodigy it is --learning_rate).")
     g.add_argument("--scale_lr", action="store_true",
@@ -228,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Output folder. Default: runs/dreambooth-sdxl-<adapter> (the comparison app scans runs/).")
     g.add_argument("--checkpointing_steps", type=int, default=None,
                    help="Save a resumable checkpoint (training_state/checkpoint-<step>) every N optimizer steps. "
-                   "Default: 500, or half of --max_train_steps when that is less (the embedded default saves at 10 and 20).")
+                   "Default: 500, or half of --max_train_steps when that is less (the embedded default saves at 125 and 250).")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help='"latest", a checkpoint name (checkpoint-10) or path. "latest" with none starts fresh.')
@@ -252,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_epochs", type=int, default=None,
                    help="Validate every N epochs (converted to steps; the arithmetic is logged). Not with --validation_steps.")
     g.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps of validation images.")
+    g.add_argument("--eval_subject_digit", type=int, default=None,
+                   help="Measure subject fidelity (share of instance-prompt images a digit classifier reads as this digit) and "
+                   "prior preservation (prompt accuracy on the other digits 0-8) with mm_subspace.eval.digits after "
+                   "training, for the adapter and the base; logged and written to the model card. Default: 9 for the "
+                   "digit subject, off otherwise.")
+    g.add_argument("--num_fidelity_images", type=int, default=20, help="Instance-prompt images of the subject-fidelity metric.")
+    g.add_argument("--prior_images_per_digit", type=int, default=5, help="Images per digit of the prior-preservation metric.")
     g.add_argument("--report_to", type=str, default="tensorboard",
                    help='Tracker: "tensorboard" (offline, <output_dir>/logs), "wandb", "comet_ml", ..., "all" or "none". '
                    "Losses and validation images go to every one that is installed; missing ones are named and skipped.")
@@ -348,6 +373,17 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.alpha is None:
         args.alpha = float(args.rank)
 
+    if args.default_subject is None:
+        args.default_subject = "digit" if args.pretrained_model_name_or_path is None else "cat"
+    digit_default = args.default_subject == "digit" and args.instance_data_dir is None and args.dataset_name is None
+    if args.with_prior_preservation is None:  # on for the digit subject (before the class-prompt check)
+        args.with_prior_preservation = digit_default
+    if args.with_prior_preservation and args.class_prompt is None and digit_default:
+        args.class_prompt = digits_eval.CLASS_PROMPT
+    if digit_default:
+        for key, value in DIGIT_DEFAULTS.items():
+            if key not in explicit:
+                setattr(args, key, value)
     if args.with_prior_preservation:
         if args.class_prompt is None:
             raise ValueError("--with_prior_preservation needs --class_prompt (e.g. --class_prompt 'a photo of a cat')")
@@ -358,6 +394,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             warnings.warn("--class_prompt is ignored without --with_prior_preservation")
 
     args.embedded_model = args.pretrained_model_name_or_path is None
+    if args.instance_prompt is None:
+        args.instance_prompt = digits_eval.INSTANCE_PROMPT if digit_default else DEFAULT_INSTANCE_PROMPT
+    if args.learning_rate is None:
+        args.learning_rate = EMBEDDED_LEARNING_RATE if args.embedded_model else 1e-4
+    if args.eval_subject_digit is None and digit_default:
+        args.eval_subject_digit = digits_eval.SUBJECT_DIGIT
+    if args.eval_subject_digit is not None and not 0 <= args.eval_subject_digit <= 9:
+        raise ValueError(f"--eval_subject_digit must be a digit 0..9, got {args.eval_subject_digit}")
+    _positive(args, ["num_fidelity_images", "prior_images_per_digit"])
     if args.max_train_steps is None and args.num_train_epochs is None:
         args.max_train_steps = EMBEDDED_MAX_STEPS if args.embedded_model else REAL_MAX_STEPS
     if args.checkpointing_steps is None and args.max_train_steps is not None:
@@ -390,9 +435,20 @@ def adapter_config(args: argparse.Namespace, targets: str | list[str]) -> mm_sub
     return mm_subspace.config_for(args.adapter, **kwargs)
 
 
-def embedded_instance_folder(folder: Path, resolution: int) -> Path:
-    """The embedded default subject, written to ``folder`` once: real cat photos (scikit-image's chelsea, CC0)."""
-    if not folder.is_dir():
+def embedded_instance_folder(folder: Path, resolution: int, subject: str = "digit") -> Path:
+    """The embedded default subject, written to ``folder`` once (``--default_subject``).
+
+    ``digit``: real scans of the digit 9 from the digits test split (held out of the embedded model's
+    pretraining, see :mod:`mm_subspace.eval.digits`); ``cat``: real cat photos (scikit-image's chelsea, CC0).
+    """
+    if folder.is_dir():
+        return folder
+    if subject == "digit":
+        folder.mkdir(parents=True)
+        for i, image in enumerate(digits_eval.subject_images(DIGIT_SUBJECT_IMAGES, size=resolution)):
+            image.save(folder / f"digit9_{i:02d}.png")
+        logger.info("wrote %d test-split scans of the digit 9 to %s", DIGIT_SUBJECT_IMAGES, folder)
+    else:
         tiny_models.write_cat_photos(folder, n=EMBEDDED_INSTANCE_IMAGES, size=max(resolution, 64))
         logger.info("wrote %d cat photos to %s", EMBEDDED_INSTANCE_IMAGES, folder)
     return folder
@@ -407,7 +463,7 @@ def instance_records(args: argparse.Namespace, output_dir: Path, resolution: int
                                args.cache_dir)
     folder = Path(args.instance_data_dir) if args.instance_data_dir else output_dir / "instance_images"
     if args.instance_data_dir is None and accelerator.is_main_process:
-        embedded_instance_folder(folder, resolution)
+        embedded_instance_folder(folder, resolution, args.default_subject)
     accelerator.wait_for_everyone()
     return folder_records(folder, args.caption_column)
 
@@ -740,8 +796,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # -- 2. frozen models ----------------------------------------------------------------------------
     load = dict(revision=args.revision, variant=args.variant)
     tokenizers = [AutoTokenizer.from_pretrained(model_path, subfolder=s, revision=args.revision) for s in ("tokenizer", "tokenizer_2")]
-    text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **load)
-    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", **load)
+    # transformers loads in the stored dtype (fp16 for the shipped model): load fp32, cast to weight_dtype below
+    text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", dtype=torch.float32, **load)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2",
+                                                                 dtype=torch.float32, **load)
     vae = AutoencoderKL.from_pretrained(vae_path, subfolder=vae_sub, **load)
     unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **load)
     scheduler_cls = EDMEulerScheduler if edm_scheduler else EulerDiscreteScheduler if edm else DDPMScheduler
@@ -926,9 +984,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return f"the output of {name}" if name else "the loss only (every module output was finite: inputs or targets?)"
 
     # -- 8. validation ---------------------------------------------------------------------------------
-    def log_validation(step: int) -> Path | None:
-        if args.num_validation_images == 0:
-            return None
+    def current_pipeline() -> tuple[Any, dict[str, torch.nn.Module]]:
+        """The base pipeline around the models being trained (adapters on), every model in eval mode."""
         models = {n: unwrap(accelerator, wrapped.get(n, m)) for n, m in
                   (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))}
         pipe = StableDiffusionXLPipeline.from_pretrained(
@@ -937,6 +994,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         pipe.set_progress_bar_config(disable=True)
         for m in models.values():
             m.eval()
+        return pipe, models
+
+    def log_validation(step: int) -> Path | None:
+        if args.num_validation_images == 0:
+            return None
+        pipe, models = current_pipeline()
         gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
         autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
         with autocast:
@@ -944,12 +1007,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                           height=resolution, width=resolution, num_inference_steps=args.validation_inference_steps).images
         for name, m in models.items():
             m.train(name in parts)
-        path = save_image_grid(images, output_dir / "validation" / f"step-{step:06d}.png")
+        path = save_image_grid(images, output_dir / "validation" / f"step-{step:06d}.png", cols=len(images))
         log_images(accelerator, images, step, args.validation_prompt)
         logger.info("validation grid %s", path)
         return path
 
-    # -- 9. train ---------------------------------------------------------------------------------------
+    # -- 9. train (a step-0 grid first: the base, as every method starts at ΔW = 0) ----------------------
+    first_grid = None
+    if global_step == 0 and accelerator.is_main_process:
+        first_grid = log_validation(0)
+    accelerator.wait_for_everyone()
+    loop_started, start_step = time.perf_counter(), global_step
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
     for m in wrapped.values():
@@ -999,6 +1067,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 last_grid = log_validation(global_step)
             accelerator.wait_for_everyone()
     progress.close()
+    seconds_per_step = (time.perf_counter() - loop_started) / max(1, global_step - start_step)
 
     # -- 10. save: adapters (our format), diffusers export, validation, curve, card (rank 0 only) ------
     final = {n: unwrap(accelerator, wrapped[n]) for n in trained}
@@ -1028,14 +1097,26 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 export_note += f" Not exported to kohya: {err}"
         if args.num_validation_images and (last_grid is None or not last_grid.name.endswith(f"{global_step:06d}.png")):
             last_grid = log_validation(global_step)
+        start_grid = first_grid or output_dir / "validation" / f"step-{0:06d}.png"
+        if last_grid is not None and start_grid.is_file() and start_grid != last_grid:
+            last_grid = _stack_grids([start_grid, last_grid], output_dir / "validation" / f"step-0-vs-{global_step}.png")
+        quality = None
+        if args.eval_subject_digit is not None:
+            quality = _digit_quality(args, current_pipeline()[0], resolution)
+            for name, m in zip(("unet", "text_encoder", "text_encoder_2"), (unet, text_encoder, text_encoder_2)):
+                m.train(name in parts)
+            accelerator.log({f"quality/{k}": v for k, v in quality.items() if isinstance(v, float)}, step=global_step)
+            atomic_write_text(output_dir / "quality.json", json.dumps(quality, indent=2) + "\n")
         curve = save_loss_curve(history, output_dir / "loss_curve.png", f"DreamBooth SDXL, {args.adapter}")
         atomic_write_text(output_dir / "training_args.json", json.dumps(public_flags(args), indent=2, default=str) + "\n")
-        _model_card(args, output_dir, history, global_step, total_batch, world, export_note, last_grid, curve, final)
+        _model_card(args, output_dir, history, global_step, total_batch, world, export_note, last_grid, curve, final,
+                    quality)
         logger.info("saved %s adapter to %s", args.adapter, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     hub = push_to_hub(args, output_dir) if args.push_to_hub and accelerator.is_main_process else None
     return {"output_dir": output_dir, "global_step": global_step, "final_loss": history.last("loss"),
+            "quality": quality if accelerator.is_main_process else None, "seconds_per_step": seconds_per_step,
             "final_aux_loss": history.last("aux_loss"), "digest": digest, "exported": exported, "resumed_from": resume_path,
             "edm": edm, "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__, "hub": hub,
             "prompts": prompts, **steps}
@@ -1085,8 +1166,56 @@ def public_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {k: _public(v) for k, v in vars(args).items() if k not in ("embedded_model", "hub_token")}
 
 
+def _stack_grids(paths: list[Path], out: Path) -> Path:
+    """The validation grids of ``paths`` one above the other (step 0 on top), saved as ``out``."""
+    from PIL import Image
+
+    grids = [Image.open(p).convert("RGB") for p in paths]
+    canvas = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white")
+    y = 0
+    for g in grids:
+        canvas.paste(g, (0, y))
+        y += g.height
+    return save_image_grid([canvas], out, cols=1)
+
+
+def _digit_quality(args: argparse.Namespace, pipe: Any, resolution: int) -> dict[str, Any]:
+    """Subject fidelity and prior preservation (``mm_subspace.eval.digits``) with the adapters on, and for the base.
+
+    Fidelity: share of ``--num_fidelity_images`` instance-prompt images read as ``--eval_subject_digit``.
+    Prior preservation: prompt accuracy on the digits 0-8 other than it (``--prior_images_per_digit`` each).
+    """
+    started = time.time()
+    target = args.eval_subject_digit
+    others = [d for d in digits_eval.PRETRAIN_DIGITS if d != target]
+    sampler = dict(height=resolution, width=resolution)
+    result: dict[str, Any] = {"subject_digit": target, "instance_prompt": args.instance_prompt, "seed": args.seed,
+                              "sampler": {**digits_eval.SAMPLER, **sampler}, "fidelity_images": args.num_fidelity_images,
+                              "prior_images": len(others) * args.prior_images_per_digit,
+                              "classifier_test_accuracy": round(digits_eval.digit_classifier().test_accuracy, 4)}
+    models = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2]
+    for label in ("adapter", "base"):
+        with contextlib.ExitStack() as stack:
+            if label == "base":
+                for m in models:
+                    if mm_subspace.list_adapters(m):
+                        stack.enter_context(mm_subspace.disable_adapters(m))
+            fid = digits_eval.subject_fidelity(pipe, args.instance_prompt, target, args.num_fidelity_images, args.seed,
+                                               **sampler)
+            prior = digits_eval.prompt_accuracy(pipe, others, args.prior_images_per_digit, args.seed, **sampler)
+        result[f"{label}_subject_fidelity"] = fid.value
+        result[f"{label}_reads_for_instance_prompt"] = {str(k): v for k, v in fid.per_digit.items()}
+        result[f"{label}_prior_preservation"] = prior.value
+    result["seconds"] = round(time.time() - started, 1)
+    logger.info("subject fidelity %.2f (base %.2f), prior preservation %.2f (base %.2f) [%s]",
+                result["adapter_subject_fidelity"], result["base_subject_fidelity"], result["adapter_prior_preservation"],
+                result["base_prior_preservation"], "mm_subspace.eval.digits")
+    return result
+
+
 def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory, steps: int, total_batch: int,
-                world: int, export_note: str, grid: Path | None, curve: Path, parts: dict[str, torch.nn.Module]) -> None:
+                world: int, export_note: str, grid: Path | None, curve: Path, parts: dict[str, torch.nn.Module],
+                quality: dict[str, Any] | None = None) -> None:
     name = args.pretrained_model_name_or_path
     local = name is not None and (os.path.isabs(name) or os.path.exists(name))
     hub_base = None if name is None or local else name  # front-matter base_model: hub ids only
@@ -1105,9 +1234,14 @@ def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory
         "diffusers export": export_note,
         **{f"adapter on {k}": v for k, v in adapter_summary(parts).items()},
     }
+    if quality is not None:
+        summary["subject fidelity"] = (f"{quality['adapter_subject_fidelity']:.0%} (base {quality['base_subject_fidelity']:.0%})")
+        summary["prior preservation"] = (f"{quality['adapter_prior_preservation']:.0%} "
+                                         f"(base {quality['base_prior_preservation']:.0%})")
     images = {}
     if grid is not None:
-        images[f"Validation: `{args.validation_prompt}`"] = grid.relative_to(output_dir).as_posix()
+        top = " (top: step 0 = base, bottom: final step)" if grid.name.startswith("step-0-vs") else ""
+        images[f"Validation: `{args.validation_prompt}`{top}"] = grid.relative_to(output_dir).as_posix()
     images["Loss curve"] = curve.relative_to(output_dir).as_posix()
     repo = hub_repo_id(args)
     folder = (f'from huggingface_hub import snapshot_download\n\nfolder = snapshot_download("{repo}")  # or the local '
@@ -1128,11 +1262,27 @@ def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory
               if grid is not None else None)
     write_model_card(
         output_dir, title=f"DreamBooth SDXL — {args.adapter}", base_model=hub_base, method=args.adapter, summary=summary,
-        flags=public_flags(args), images=images, sections={"Use it": usage},
+        flags=public_flags(args), images=images, sections={"Use it": usage, **({"Quality": _quality_section(quality)} if quality else {})},
         tags=("dreambooth", "sdxl", "text-to-image", "diffusers", "diffusers-training", "dora" if args.adapter == "dora"
               else "lora", "template:sd-lora", "stable-diffusion-xl", "stable-diffusion-xl-diffusers"),
         front_matter={"license": "apache-2.0" if name is None else "openrail++", "instance_prompt": args.instance_prompt,
                       "widget": widget},
+    )
+
+
+def _quality_section(q: dict[str, Any]) -> str:
+    reads = ", ".join(f"{k}: {v:.0%}" for k, v in q["adapter_reads_for_instance_prompt"].items())
+    return (
+        "Measured after training with `mm_subspace.eval.digits` (a digit classifier, test accuracy "
+        f"{q['classifier_test_accuracy']:.1%}, reads each generated image downsampled to 8x8).\n\n"
+        "| metric | this adapter | base |\n|---|---|---|\n"
+        f"| subject fidelity: `{q['instance_prompt']}` read as {q['subject_digit']} ({q['fidelity_images']} images) | "
+        f"{q['adapter_subject_fidelity']:.0%} | {q['base_subject_fidelity']:.0%} |\n"
+        f"| prior preservation: prompt accuracy on the other digits 0-8 ({q['prior_images']} images) | "
+        f"{q['adapter_prior_preservation']:.0%} | {q['base_prior_preservation']:.0%} |\n\n"
+        f"Digits read for the instance prompt with the adapter: {reads}. Sampler: "
+        f"{q['sampler']['num_inference_steps']} Euler steps, guidance {q['sampler']['guidance_scale']}, "
+        f"{q['sampler']['height']} px, seed {q.get('seed', 'as --seed')}.\n"
     )
 
 

@@ -1,0 +1,196 @@
+"""DreamBooth quality per method on the embedded digits SDXL: subject fidelity and prior preservation.
+
+Each method trains the headline run (``training/dreambooth_sdxl.py --adapter <method>`` with its
+defaults: the embedded tiny SDXL pretrained on the digits 0-8, five test-split scans of the held-out
+digit 9, "a handwritten digit sks", prior preservation on "a handwritten digit") at the same rank,
+for every seed. Reported: subject fidelity (share of instance-prompt images a digit classifier reads
+as 9) and prior preservation (prompt accuracy on 0-8 with the adapter on), mean ± std over seeds;
+trainable parameters; seconds per optimizer step (median over seeds; depends on the machine's load).
+The class images are generated once and shared by every run (same base, prompt and seed).
+
+    python benchmarks/dreambooth_quality.py [--seeds 0 1 2] [--threads 1] [--max_train_steps N]
+
+Writes ``results/dreambooth_quality.{json,md}``, ``results/dreambooth_quality.png`` (bar chart with
+error bars) and ``results/dreambooth_quality_grid.png`` (a row per method: instance-prompt images of seed 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _common as C
+
+#: (label, --adapter, extra flags)
+CASES: list[tuple[str, str, list[str]]] = [
+    ("lora", "lora", []),
+    ("moslora (kaiming mixer)", "moslora", ["--mixer_init", "kaiming_uniform"]),
+    ("moslora (orthogonal mixer)", "moslora", ["--mixer_init", "orthogonal"]),
+    ("ts_mixing", "ts_mixing", []),
+    ("asylora", "asylora", []),
+    ("sulora", "sulora", []),
+    ("dora", "dora", []),
+]
+GRID_IMAGES = 8
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rank", type=int, default=4, help="the same rank for every method (the script's default)")
+    parser.add_argument("--max_train_steps", type=int, default=None, help="default: the script's embedded default")
+    parser.add_argument("--methods", nargs="+", default=None, help="subset of the case labels' methods")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--work_dir", type=str, default=None, help="where runs go (default: a temporary folder)")
+    return parser.parse_args()
+
+
+def _script() -> Any:
+    path = C.ROOT.parent / "training" / "dreambooth_sdxl.py"
+    spec = importlib.util.spec_from_file_location("dreambooth_sdxl", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _params(out: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in out.glob("*/adapter_model.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            total += sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _grid_row(out: Path, prompt: str, n: int) -> list[Any]:
+    import mm_subspace as mms
+    from mm_subspace.eval import digits as D
+    from mm_subspace.tiny_models import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        if (out / part).is_dir():
+            mms.load_adapter(getattr(pipe, part), out / part)
+    return D.generate_images(pipe, [prompt] * n, seed=0)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main() -> None:
+    args = parse_args()
+    C.set_threads(args.threads)
+    db = _script()
+    cases = [c for c in CASES if args.methods is None or c[1] in args.methods]
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="dreambooth-quality-"))
+    class_dir = work / "class_images"
+    started = time.time()
+    runs: dict[str, list[dict[str, Any]]] = {}
+    grid_rows: dict[str, list[Any]] = {}
+    base: dict[str, float] | None = None
+    for label, method, extra in cases:
+        for seed in args.seeds:
+            out = work / f"{method}{''.join(extra[1:])}-seed{seed}"
+            argv = ["--adapter", method, "--rank", str(args.rank), "--seed", str(seed), "--output_dir", str(out),
+                    "--report_to", "none", "--num_validation_images", "0", "--class_data_dir", str(class_dir), *extra]
+            if args.max_train_steps:
+                argv += ["--max_train_steps", str(args.max_train_steps)]
+            t0 = time.time()
+            result = db.main(db.parse_args(argv))
+            q = result["quality"]
+            runs.setdefault(label, []).append({
+                "seed": seed, "fidelity": q["adapter_subject_fidelity"], "prior": q["adapter_prior_preservation"],
+                "base_fidelity": q["base_subject_fidelity"], "base_prior": q["base_prior_preservation"],
+                "seconds_per_step": result["seconds_per_step"], "steps": result["global_step"],
+                "params": _params(out), "wall_s": time.time() - t0, "reads": q["adapter_reads_for_instance_prompt"],
+            })
+            base = base or {"fidelity": q["base_subject_fidelity"], "prior": q["base_prior_preservation"]}
+            print(f"{label} seed {seed}: fidelity {q['adapter_subject_fidelity']:.2f}, prior {q['adapter_prior_preservation']:.2f}, "
+                  f"{result['seconds_per_step']:.3f} s/step, {time.time() - t0:.0f} s")
+            if seed == args.seeds[0]:
+                grid_rows[label] = _grid_row(out, q["instance_prompt"], GRID_IMAGES)
+
+    rows, summary = [], {}
+    for label, results in runs.items():
+        fid, fid_sd = _mean_std([r["fidelity"] for r in results])
+        pri, pri_sd = _mean_std([r["prior"] for r in results])
+        sps = statistics.median(r["seconds_per_step"] for r in results)
+        summary[label] = {"fidelity_mean": fid, "fidelity_std": fid_sd, "prior_mean": pri, "prior_std": pri_sd,
+                          "params": results[0]["params"], "seconds_per_step": sps}
+        rows.append([label, f"{fid:.0%} ± {fid_sd:.0%}", f"{pri:.0%} ± {pri_sd:.0%}", results[0]["params"], sps])
+    steps = next(iter(runs.values()))[0]["steps"]
+    wall = time.time() - started
+    n_seeds = len(args.seeds)
+    seeds_note = (f"{n_seeds} seeds ({', '.join(map(str, args.seeds))})" if n_seeds >= 3 else
+                  f"ONLY {n_seeds} seed(s) ({', '.join(map(str, args.seeds))}) because of CPU time: the ± is not a real spread")
+    md = [f"DreamBooth on the embedded digits SDXL: `training/dreambooth_sdxl.py --adapter <method> --rank {args.rank}` "
+          f"defaults ({steps} steps, prior preservation on), {seeds_note}; mean ± std. "
+          f"Base (no adapter): subject fidelity {base['fidelity']:.0%}, prior preservation {base['prior']:.0%}. "
+          f"Wall time {wall / 60:.1f} min.", "",
+          C.markdown_table(["method", "subject fidelity (9 for 'sks')", "prior preservation (0-8)", "trainable params",
+                            "s / step"], rows)]
+    C.write_results("dreambooth_quality", {"seeds": args.seeds, "rank": args.rank, "steps": steps, "base": base,
+                                           "summary": summary, "runs": runs, "wall_s": wall}, "\n".join(md))
+    _plot(summary, base, C.RESULTS / "dreambooth_quality.png", seeds_note)
+    _grid(grid_rows, C.RESULTS / "dreambooth_quality_grid.png")
+
+
+def _plot(summary: dict[str, dict[str, float]], base: dict[str, float], path: Path, note: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(summary)
+    x = range(len(labels))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    w = 0.38
+    ax.bar([i - w / 2 for i in x], [summary[k]["fidelity_mean"] for k in labels], w,
+           yerr=[summary[k]["fidelity_std"] for k in labels], capsize=3, label="subject fidelity (9 for 'sks')")
+    ax.bar([i + w / 2 for i in x], [summary[k]["prior_mean"] for k in labels], w,
+           yerr=[summary[k]["prior_std"] for k in labels], capsize=3, label="prior preservation (0-8)")
+    ax.axhline(base["fidelity"], color="C0", ls=":", lw=1, label=f"base fidelity {base['fidelity']:.0%}")
+    ax.axhline(base["prior"], color="C1", ls=":", lw=1, label=f"base prior {base['prior']:.0%}")
+    ax.set_xticks(list(x), labels, rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"DreamBooth on the embedded digits SDXL, {note}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _grid(rows: dict[str, list[Any]], path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    if not rows:
+        return
+    scale, label_w = 2, 170
+    side = next(iter(rows.values()))[0].width * scale
+    canvas = Image.new("RGB", (label_w + side * GRID_IMAGES, side * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows.items()):
+        draw.text((4, r * side + side // 2 - 6), label, fill="black")
+        for c, image in enumerate(images):
+            canvas.paste(image.resize((side, side), Image.Resampling.NEAREST), (label_w + c * side, r * side))
+    canvas.save(path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
