@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import statistics
 import tempfile
 import time
@@ -111,17 +112,24 @@ def main() -> None:
             if args.max_train_steps:
                 argv += ["--max_train_steps", str(args.max_train_steps)]
             t0 = time.time()
-            result = db.main(db.parse_args(argv))
-            q = result["quality"]
-            runs.setdefault(label, []).append({
-                "seed": seed, "fidelity": q["adapter_subject_fidelity"], "prior": q["adapter_prior_preservation"],
-                "base_fidelity": q["base_subject_fidelity"], "base_prior": q["base_prior_preservation"],
-                "seconds_per_step": result["seconds_per_step"], "steps": result["global_step"],
-                "params": _params(out), "wall_s": time.time() - t0, "reads": q["adapter_reads_for_instance_prompt"],
-            })
+            done = out / "benchmark_run.json"  # a finished run in --work_dir is reused (rerun with more seeds)
+            if done.is_file():
+                row = json.loads(done.read_text())
+                q = json.loads((out / "quality.json").read_text())
+            else:
+                result = db.main(db.parse_args(argv))
+                q = result["quality"]
+                row = {
+                    "seed": seed, "fidelity": q["adapter_subject_fidelity"], "prior": q["adapter_prior_preservation"],
+                    "base_fidelity": q["base_subject_fidelity"], "base_prior": q["base_prior_preservation"],
+                    "seconds_per_step": result["seconds_per_step"], "steps": result["global_step"],
+                    "params": _params(out), "wall_s": time.time() - t0, "reads": q["adapter_reads_for_instance_prompt"],
+                }
+                done.write_text(json.dumps(row))
+            runs.setdefault(label, []).append(row)
             base = base or {"fidelity": q["base_subject_fidelity"], "prior": q["base_prior_preservation"]}
-            print(f"{label} seed {seed}: fidelity {q['adapter_subject_fidelity']:.2f}, prior {q['adapter_prior_preservation']:.2f}, "
-                  f"{result['seconds_per_step']:.3f} s/step, {time.time() - t0:.0f} s")
+            print(f"{label} seed {seed}: fidelity {row['fidelity']:.2f}, prior {row['prior']:.2f}, "
+                  f"{row['seconds_per_step']:.3f} s/step, {row['wall_s']:.0f} s")
             if seed == args.seeds[0]:
                 grid_rows[label] = _grid_row(out, q["instance_prompt"], GRID_IMAGES)
 
@@ -142,7 +150,7 @@ def main() -> None:
           f"defaults ({steps} steps, prior preservation on), {seeds_note}; mean ± std. "
           f"Base (no adapter): subject fidelity {base['fidelity']:.0%}, prior preservation {base['prior']:.0%}. "
           f"Wall time {wall / 60:.1f} min.", "",
-          C.markdown_table(["method", "subject fidelity (9 for 'sks')", "prior preservation (0-8)", "trainable params",
+          C.markdown_table(["method", "subject fidelity (9 for 'sks')", "prior preservation (0-8)", "adapter params (saved)",
                             "s / step"], rows)]
     C.write_results("dreambooth_quality", {"seeds": args.seeds, "rank": args.rank, "steps": steps, "base": base,
                                            "summary": summary, "runs": runs, "wall_s": wall}, "\n".join(md))

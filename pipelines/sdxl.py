@@ -16,7 +16,7 @@ Example::
     from pipelines.sdxl import SDXLAdapters
     sd = SDXLAdapters.from_pretrained()                     # tiny offline default; or an SDXL folder / hub id
     sd.load_adapters(["runs/dreambooth-sdxl-lora", "runs/dreambooth-sdxl-moslora"])
-    results = sd.generate_batch("a photo of sks cat", ["lora", "moslora", None], seed=0)
+    results = sd.generate_batch("a handwritten digit sks", ["lora", "moslora", None], seed=0)
     for r in results: r.image.save(f"{r.label}.png")
 """
 

@@ -37,7 +37,9 @@ def sdxl(tmp_path_factory):
     """Tiny SDXL with a UNet-only lora and a UNet + both-text-encoder moslora, plus the base image."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("sdxl_adapters")
-    sd = SDXLAdapters.from_pretrained()
+    from mm_subspace.tiny_models import tiny_sdxl_path
+
+    sd = SDXLAdapters.from_pretrained(tiny_sdxl_path(pretrained=False))  # structure only: random weights
     base = sd.pipe(PROMPT, generator=torch.Generator().manual_seed(7), **GEN).images[0]
     make_demo_sdxl_adapter(sd, root / "dreambooth-sdxl-lora", "lora", steps=0, init_weights=False)
     make_demo_sdxl_adapter(sd, root / "dreambooth-sdxl-moslora", "moslora", steps=0, init_weights=False,

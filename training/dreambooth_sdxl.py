@@ -382,7 +382,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         args.class_prompt = digits_eval.CLASS_PROMPT
     if digit_default:
         for key, value in DIGIT_DEFAULTS.items():
-            if key not in explicit:
+            if key not in explicit and not (key == "train_batch_size" and args.recipe):  # a recipe sets the batch
                 setattr(args, key, value)
     if args.with_prior_preservation:
         if args.class_prompt is None:

@@ -197,7 +197,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     state: dict[str, Any] = {"phase": PHASE_VAE, "step": 0, "scaling_factor": None, "seconds": 0.0}
 
     if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=True)  # tensors, numbers, strings only
         if _run_flags(ck["args"]) != _run_flags(vars(args)):
             raise SystemExit(f"{ckpt_path} was written with other flags ({ck['args']}); use another --output_dir")
         vae.load_state_dict(ck["vae"]), online.load_state_dict(ck["online"]), ema.load_state_dict(ck["ema"])
