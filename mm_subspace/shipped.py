@@ -19,7 +19,6 @@ different (or random) model. The check runs once per process per folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -28,20 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ShippedModelError
+from .io import sha256_file as _sha256
 
 __all__ = ["WEIGHTS_DIR", "MANIFEST_NAME", "list_shipped", "read_manifest", "shipped_path", "write_manifest"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST_NAME = "manifest.json"
 _verified: set[Path] = set()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def list_shipped() -> list[str]:

@@ -50,6 +50,21 @@ STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
 
 
+#: training-script flags that map to a field of the method's config (passed only when the method has it)
+METHOD_FLAGS = ("mixer_init", "num_subspaces")
+
+
+def check_method_flags(args: Any, flags: tuple[str, ...] = METHOD_FLAGS) -> None:
+    """A method flag given for a method without that config field is a ConfigError naming the methods that have it."""
+    from .registry import get_method, list_methods
+
+    fields = get_method(args.adapter).config_class.field_names()
+    for flag in flags:
+        if getattr(args, flag) is not None and flag not in fields:
+            have = [m for m in list_methods() if flag in get_method(m).config_class.field_names()]
+            raise ConfigError(f"--{flag} does not apply to --adapter {args.adapter}; it is a flag of {', '.join(have) or 'no method'}")
+
+
 class MissingExtraError(SubspaceError, ImportError):
     """An optional library a flag needs is not installed (the message names the pip extra)."""
 

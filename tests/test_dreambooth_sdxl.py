@@ -412,24 +412,24 @@ def test_edm_denoised_recovers_x0_from_the_true_target(prediction_type: str) -> 
 def test_epochs_repeats_and_validation_epochs_arithmetic() -> None:
     """diffusers' conversion: epoch = max(instances x repeats, class images) samples; steps = ceil(ceil(samples /
     (batch x processes)) / accumulation); --max_train_steps wins over --num_train_epochs."""
-    args = db.parse_args(["--num_train_epochs", "3", "--repeats", "3", "--train_batch_size", "2",
+    args = db.parse_args(["--default_subject", "cat", "--num_train_epochs", "3", "--repeats", "3", "--train_batch_size", "2",
                           "--gradient_accumulation_steps", "2", "--validation_epochs", "2"])
     assert args.max_train_steps is None
     steps = db.schedule(args, n_instance=5, n_class=0, world=2)
     # 15 samples / (2 x 2) = 4 micro-batches / 2 = 2 steps per epoch
     assert steps == {"samples_per_epoch": 15, "steps_per_epoch": 2, "max_train_steps": 6, "num_train_epochs": 3}
     assert args.validation_steps == 4 and args.checkpointing_steps == 3
-    prior = db.parse_args(["--num_train_epochs", "1", "--with_prior_preservation", "--class_prompt", "a cat"])
+    prior = db.parse_args(["--default_subject", "cat", "--num_train_epochs", "1", "--with_prior_preservation", "--class_prompt", "a cat"])
     assert db.schedule(prior, n_instance=5, n_class=100, world=1)["max_train_steps"] == 100
-    wins = db.parse_args(["--num_train_epochs", "9", "--max_train_steps", "7"])
+    wins = db.parse_args(["--default_subject", "cat", "--num_train_epochs", "9", "--max_train_steps", "7"])
     assert db.schedule(wins, n_instance=4, n_class=0, world=1) == {
         "samples_per_epoch": 4, "steps_per_epoch": 4, "max_train_steps": 7, "num_train_epochs": 2}
-    recipe = db.parse_args(["--recipe", "moslora_paper", "--num_train_epochs", "2"])
+    recipe = db.parse_args(["--default_subject", "cat", "--recipe", "moslora_paper", "--num_train_epochs", "2"])
     assert recipe.max_train_steps is None  # explicit epochs beat the recipe's 500 steps
 
 
 def test_random_crop_and_flip_are_drawn_per_epoch_and_reproducible() -> None:
-    args = db.parse_args(["--random_flip", "--max_train_steps", "8", "--seed", "3"])
+    args = db.parse_args(["--random_flip", "--max_train_steps", "8", "--seed", "3", "--default_subject", "cat"])
     images = [im.resize((64, 40)) for im in tiny_models.cat_photos(2, 48)]  # landscape: the crop can move
     make = lambda: db.MicroBatches(args, 32, images, [0, 0], [], 0, rank=0, world=1)  # noqa: E731
     data = make()
@@ -446,7 +446,8 @@ def test_random_crop_and_flip_are_drawn_per_epoch_and_reproducible() -> None:
 
 def test_optimizer_learning_rates_follow_diffusers(monkeypatch: pytest.MonkeyPatch) -> None:
     parts = {"unet": torch.nn.Linear(2, 2), "text_encoder": torch.nn.Linear(2, 2)}
-    args = db.parse_args(["--scale_lr", "--train_batch_size", "2", "--gradient_accumulation_steps", "3", "--train_text_encoder"])
+    args = db.parse_args(["--scale_lr", "--train_batch_size", "2", "--gradient_accumulation_steps", "3", "--train_text_encoder",
+                          "--learning_rate", "1e-4"])  # the embedded digit default's own lr is 2e-3
     assert args.text_encoder_lr == 5e-6  # diffusers' default, not --learning_rate
     lrs = {g["name"]: g["lr"] for g in db.make_optimizer(args, parts, world=2).param_groups}
     assert lrs == {"unet": pytest.approx(1e-4 * 2 * 3 * 2), "text_encoder": 5e-6}  # --scale_lr: --learning_rate only

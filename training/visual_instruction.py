@@ -59,6 +59,8 @@ from mm_subspace.errors import ConfigError, DataError, MergeError  # noqa: E402
 from mm_subspace.io import atomic_write_text  # noqa: E402
 from mm_subspace.methods import sulora  # noqa: E402
 from mm_subspace.training_utils import (  # noqa: E402
+    METHOD_FLAGS,
+    check_method_flags,
     ADAPTER_NAME,
     CheckpointManager,
     LossHistory,
@@ -91,7 +93,6 @@ FOUR_BIT_SKIP = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 #: ``--recipe`` names (from :mod:`mm_subspace.recipes`); ``moslora_paper`` is an alias of ``moslora_vi_llama3``
 RECIPES: dict[str, str] = {"moslora_paper": "moslora_vi_llama3", "moslora_vi_llama3": "moslora_vi_llama3",
                            "moslora_vi_llama3_official": "moslora_vi_llama3_official"}
-METHOD_FLAGS = ("mixer_init", "num_subspaces")
 
 
 # --------------------------------------------------------------------------------------------- args
@@ -229,11 +230,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     explicit = mm_subspace.recipes.explicit_dests(parser, input_args)
     if args.recipe:
         apply_recipe(args, args.recipe, explicit)
-    fields = mm_subspace.get_method(args.adapter).config_class.field_names()
-    for flag in METHOD_FLAGS:
-        if getattr(args, flag) is not None and flag not in fields:
-            have = [m for m in mm_subspace.list_methods() if flag in mm_subspace.get_method(m).config_class.field_names()]
-            raise ConfigError(f"--{flag} does not apply to --adapter {args.adapter}; it is a flag of {', '.join(have) or 'no method'}")
+    check_method_flags(args)
     _positive(args, ["rank", "vision_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                      "num_train_epochs", "learning_rate", "checkpointing_steps", "checkpoints_total_limit",
                      "eval_batch_size", "max_new_tokens", "model_max_length", "train_limit", "eval_limit", "threads"])
