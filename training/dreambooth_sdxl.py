@@ -1254,8 +1254,9 @@ def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory
         usage += (f"\nStock diffusers, no mm_subspace needed:\n\n```python\npipe.load_lora_weights("
                   f'"{repo}")\n```\n')
     usage += f"\nTrigger: use `{args.instance_prompt}` in the prompt.\n"
-    widget = ([{"text": args.validation_prompt, "output": {"url": grid.relative_to(output_dir).as_posix()}}]
-              if grid is not None else None)
+    final_grid = output_dir / "validation" / f"step-{steps:06d}.png"  # the last step alone (grid may stack step 0 above it)
+    shown = final_grid if final_grid.is_file() else grid
+    widget = [{"text": args.validation_prompt, "output": {"url": shown.relative_to(output_dir).as_posix()}}] if shown else None
     write_model_card(
         output_dir, title=f"DreamBooth SDXL — {args.adapter}", base_model=hub_base, method=args.adapter, summary=summary,
         flags=public_flags(args), images=images, sections={"Use it": usage, **({"Quality": _quality_section(quality)} if quality else {})},
