@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -33,3 +40,20 @@ def _fit(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, lr: floa
 def fit():
     """The regression training loop shared by the per-method "30 steps reduce the loss" tests."""
     return _fit
+
+
+def kill_at_first_checkpoint(cmd: list[str], output_dir: Path, timeout: float = 300, env: dict | None = None) -> None:
+    """Run a training command until it has written ``training_state/checkpoint-1``, SIGKILL it, and keep only
+    that checkpoint (as if the process died right after it): the start of the bit-exact resume tests."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    ckpt = output_dir / "training_state" / "checkpoint-1"
+    deadline = time.time() + timeout
+    while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ckpt.is_dir(), proc.stderr.read() if proc.poll() is not None else "no checkpoint in time"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    for path in (output_dir / "training_state").iterdir():
+        if path.name != "checkpoint-1":
+            shutil.rmtree(path)

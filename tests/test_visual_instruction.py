@@ -11,14 +11,12 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import kill_at_first_checkpoint
 import torch
 from safetensors.torch import load_file
 
@@ -251,22 +249,11 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(SCRIPT), *RESUME, "--output_dir", str(killed), "--max_train_steps", "100000"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    ckpt = killed / "training_state" / "checkpoint-1"
-    deadline = time.time() + 300
-    while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert ckpt.is_dir(), proc.stderr.read() if proc.poll() is not None else "no checkpoint in time"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    for path in (killed / "training_state").iterdir():
-        if path.name != "checkpoint-1":
-            shutil.rmtree(path)
+    kill_at_first_checkpoint(cmd, killed, timeout=300, env=env)
     assert not (killed / "adapter_config.json").exists()
     resumed = vi.main(vi.parse_args([*RESUME, "--output_dir", str(killed), "--max_train_steps", "2",
                                      "--resume_from_checkpoint", "latest"]))
-    assert resumed["resumed_from"] == ckpt and resumed["global_step"] == 2
+    assert resumed["resumed_from"] == killed / "training_state" / "checkpoint-1" and resumed["global_step"] == 2
     straight = vi.main(vi.parse_args([*RESUME, "--output_dir", str(tmp_path / "straight"), "--max_train_steps", "2"]))
     a = load_file(killed / "adapter_model.safetensors")
     b = load_file(tmp_path / "straight" / "adapter_model.safetensors")
