@@ -65,6 +65,14 @@ def check_method_flags(args: Any, flags: tuple[str, ...] = METHOD_FLAGS) -> None
             raise ConfigError(f"--{flag} does not apply to --adapter {args.adapter}; it is a flag of {', '.join(have) or 'no method'}")
 
 
+def check_positive(args: Any, names: list[str], allow_zero: bool = False) -> None:
+    """Each flag in ``names`` that is set must be > 0 (``allow_zero``: >= 0); else a ValueError naming it."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            raise ValueError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
 class MissingExtraError(SubspaceError, ImportError):
     """An optional library a flag needs is not installed (the message names the pip extra)."""
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -57,3 +59,18 @@ def kill_at_first_checkpoint(cmd: list[str], output_dir: Path, timeout: float = 
     for path in (output_dir / "training_state").iterdir():
         if path.name != "checkpoint-1":
             shutil.rmtree(path)
+
+
+def run_two_cpu_processes(script: Path, args: list[str], env: dict | None = None, timeout: float = 600) -> tuple[str, str]:
+    """``accelerate launch`` ``script`` on 2 CPU processes (gloo, as docs/ENVIRONMENT say); assert it succeeds and
+    both ranks end with the same adapter digest; return the combined log and that digest."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    digests = dict(re.findall(r"rank (\d) adapter digest ([0-9a-f]{16})", log))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], digests
+    assert "adapters identical on all 2 ranks" in log
+    return log, digests["0"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import kill_at_first_checkpoint
+from conftest import kill_at_first_checkpoint, run_two_cpu_processes
 import torch
 from safetensors.torch import load_file
 
@@ -228,17 +228,9 @@ def test_prior_preservation_generates_class_images(tmp_path: Path, instance_dir:
 # -- two CPU processes -----------------------------------------------------------------------------
 def test_two_process_cpu_run_ends_with_identical_adapters(tmp_path: Path, instance_dir: Path) -> None:
     out = tmp_path / "ddp"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *FAST,
-           "--adapter", "moslora", "--train_text_encoder", "--max_train_steps", "2", "--num_validation_images", "0",
-           "--checkpointing_steps", "1", "--instance_data_dir", str(instance_dir), "--output_dir", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    digests = dict(re.findall(r"rank (\d) adapter digest ([0-9a-f]{16})", log))
-    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], digests
-    assert "adapters identical on all 2 ranks" in log
+    log, digest = run_two_cpu_processes(SCRIPT, [*FAST, "--adapter", "moslora", "--train_text_encoder", "--max_train_steps", "2",
+                                         "--num_validation_images", "0", "--checkpointing_steps", "1",
+                                         "--instance_data_dir", str(instance_dir), "--output_dir", str(out)], timeout=300)
     assert "Num processes: 2" in log
     # rank 0's saved adapter is the one both ranks hold
     model = tiny_models.tiny_sdxl_pipeline()
@@ -248,7 +240,7 @@ def test_two_process_cpu_run_ends_with_identical_adapters(tmp_path: Path, instan
         parts[part] = getattr(model, part)
     from mm_subspace.training_utils import adapters_digest
 
-    assert adapters_digest(parts) == digests["0"]
+    assert adapters_digest(parts) == digest
     assert sorted(p.name for p in (out / "training_state").iterdir()) == ["checkpoint-1", "checkpoint-2"]
     assert (out / "training_state" / "checkpoint-2" / "random_states_1.pkl").is_file()  # both ranks' RNG
 

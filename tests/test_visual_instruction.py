@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import kill_at_first_checkpoint
+from conftest import kill_at_first_checkpoint, run_two_cpu_processes
 import torch
 from safetensors.torch import load_file
 
@@ -264,16 +264,8 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
 # -- two CPU processes -----------------------------------------------------------------------------
 def test_two_process_cpu_run_ends_with_identical_adapters(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *FAST,
-           "--adapter", "moslora", "--vision_rank", "4", "--max_train_steps", "2", "--skip_eval", "--output_dir", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    digests = dict(re.findall(r"rank (\d) adapter digest ([0-9a-f]{16})", log))
-    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], digests
-    assert "adapters identical on all 2 ranks" in log
+    run_two_cpu_processes(SCRIPT, [*FAST, "--adapter", "moslora", "--vision_rank", "4", "--max_train_steps", "2",
+                                   "--skip_eval", "--output_dir", str(out)], env={"PYTHONPATH": str(ROOT)})
     assert (out / "training_state" / "checkpoint-1" / "random_states_1.pkl").is_file()
 
 

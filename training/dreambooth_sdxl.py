@@ -61,6 +61,7 @@ from mm_subspace.training_utils import (
     METHOD_FLAGS,
     CheckpointManager,
     check_method_flags,
+    check_positive,
     LossHistory,
     adapter_summary,
     assert_replicas_in_sync,
@@ -304,23 +305,11 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
-def _explicit_flags(parser: argparse.ArgumentParser, input_args: list[str] | None) -> set[str]:
-    """Destinations the user passed on the command line (so recipes never override them)."""
-    return mm_subspace.recipes.explicit_dests(parser, input_args)
-
-
-def _positive(args: argparse.Namespace, names: list[str], allow_zero: bool = False) -> None:
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-            raise ValueError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     """Parse and cross-check the flags (bad combinations raise ``ValueError`` here, before anything runs)."""
     parser = build_parser()
     args = parser.parse_args(input_args)
-    explicit = _explicit_flags(parser, input_args)
+    explicit = mm_subspace.recipes.explicit_dests(parser, input_args)  # flags the user passed
     from_recipe: set[str] = set()
     if args.use_dora:  # diffusers' flag: DoRA, keeping the mixer when the adapter had one
         if args.adapter not in ("lora", "moslora", "dora"):
@@ -340,11 +329,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if "num_train_epochs" in explicit and "max_train_steps" not in explicit:
         args.max_train_steps = None  # epochs given on the command line win over a recipe's step count
 
-    _positive(args, ["rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate",
+    check_positive(args, ["rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate",
                      "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "resolution", "snr_gamma",
                      "num_class_images", "sample_batch_size", "validation_inference_steps", "class_inference_steps",
                      "text_encoder_lr", "repeats", "num_train_epochs", "validation_epochs"])
-    _positive(args, ["num_validation_images", "prior_loss_weight", "lr_warmup_steps", "max_grad_norm", "noise_offset",
+    check_positive(args, ["num_validation_images", "prior_loss_weight", "lr_warmup_steps", "max_grad_norm", "noise_offset",
                      "dataloader_num_workers"], allow_zero=True)
     if args.train_text_encoder_ti:
         raise ConfigError(
@@ -398,7 +387,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         args.eval_subject_digit = digits_eval.SUBJECT_DIGIT
     if args.eval_subject_digit is not None and not 0 <= args.eval_subject_digit <= 9:
         raise ValueError(f"--eval_subject_digit must be a digit 0..9, got {args.eval_subject_digit}")
-    _positive(args, ["num_fidelity_images", "prior_images_per_digit"])
+    check_positive(args, ["num_fidelity_images", "prior_images_per_digit"])
     if args.max_train_steps is None and args.num_train_epochs is None:
         args.max_train_steps = EMBEDDED_MAX_STEPS if args.embedded_model else REAL_MAX_STEPS
     if args.checkpointing_steps is None and args.max_train_steps is not None:

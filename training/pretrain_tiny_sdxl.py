@@ -150,7 +150,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     command = "accelerate launch training/pretrain_tiny_sdxl.py " + shlex.join(sys.argv[1:])
-    started = time.time()
 
     # -- data: the shared fixed split, digits 0-8 only ------------------------------------------------
     x_tr, y_tr, x_te, y_te = D.digits_split()

@@ -61,6 +61,7 @@ from mm_subspace.methods import sulora  # noqa: E402
 from mm_subspace.training_utils import (  # noqa: E402
     METHOD_FLAGS,
     check_method_flags,
+    check_positive,
     ADAPTER_NAME,
     CheckpointManager,
     LossHistory,
@@ -202,13 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(args: argparse.Namespace, names: list[str], allow_zero: bool = False) -> None:
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-            raise ValueError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
 def apply_recipe(args: argparse.Namespace, name: str, explicit: set[str]) -> None:
     """Set the recipe's values (method, LLM rank/alpha, training, script options) on every flag the user did not pass.
 
@@ -231,10 +225,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.recipe:
         apply_recipe(args, args.recipe, explicit)
     check_method_flags(args)
-    _positive(args, ["rank", "vision_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+    check_positive(args, ["rank", "vision_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                      "num_train_epochs", "learning_rate", "checkpointing_steps", "checkpoints_total_limit",
                      "eval_batch_size", "max_new_tokens", "model_max_length", "train_limit", "eval_limit", "threads"])
-    _positive(args, ["lr_warmup_steps", "lr_warmup_ratio", "max_grad_norm", "lora_dropout"], allow_zero=True)
+    check_positive(args, ["lr_warmup_steps", "lr_warmup_ratio", "max_grad_norm", "lora_dropout"], allow_zero=True)
     if args.alpha is None:
         args.alpha = 2.0 * args.rank
     if (args.data_path is None and args.model_name_or_path is None and not args.recipe and args.vision_rank is None
