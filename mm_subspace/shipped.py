@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import ShippedModelError
+from .io import atomic_write_text
 from .io import sha256_file as _sha256
 
 __all__ = ["WEIGHTS_DIR", "MANIFEST_NAME", "list_shipped", "read_manifest", "shipped_path", "write_manifest"]
@@ -158,10 +158,6 @@ def write_manifest(
         "versions": _versions(),
         **extra,
     }
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-    os.replace(tmp, folder / MANIFEST_NAME)
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     _verified.discard(folder.resolve())
     return folder / MANIFEST_NAME
