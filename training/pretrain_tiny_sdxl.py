@@ -35,7 +35,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import shlex
 import shutil
 import sys
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 from mm_subspace import tiny_models
 from mm_subspace.eval import digits as D
 from mm_subspace.shipped import WEIGHTS_DIR, write_manifest
+from mm_subspace.io import atomic_paths
 from mm_subspace.training_utils import LossHistory, save_image_grid, save_loss_curve, step_generator
 
 logger = logging.getLogger("pretrain_tiny_sdxl")
@@ -89,9 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------- helpers
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_paths(path) as (tmp,):  # temp file + fsync + rename, leftovers of killed runs cleaned
+        torch.save(obj, tmp)
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
