@@ -81,7 +81,7 @@ from mm_subspace.training_utils import (  # noqa: E402
 
 logger = logging.getLogger("visual_instruction")
 
-EMBEDDED_MAX_STEPS = 600
+EMBEDDED_MAX_STEPS = 800
 #: on the embedded default, vision adapters of this rank unless --vision_rank / --freeze_vision_tower is given
 EMBEDDED_VISION_RANK = 8
 LLM_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
