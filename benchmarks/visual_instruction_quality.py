@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Visual-instruction quality on the embedded default: adapters at equal trainable-parameter budgets.
 
-    python benchmarks/visual_instruction_quality.py            # all three parts, ~30 min on 2 busy cores
+    python benchmarks/visual_instruction_quality.py            # all three parts, 2 runs at a time (--jobs)
 
 Runs ``training/visual_instruction.py`` in-process on the shipped tiny LLaVA (``tiny-llava-digits``)
 and the five held-out digits tasks, and scores greedy exact match on the test split:
@@ -13,6 +13,8 @@ and the five held-out digits tasks, and scores greedy exact match on the test sp
    kaiming_uniform, orthogonal, identity, normal, zero;
 3. **SuLoRA N sweep** (SuLoRA Table 7: best at N = 2r): N = r, 2r, 4r, with the step cost.
 
+Runs are independent processes (``--jobs`` at a time, ``--threads`` torch threads each; the default 2 x 1
+fills 2 cores), so s/step compares methods measured under the same load.
 Writes ``benchmarks/results/visual_instruction_quality.{json,md,png}``. The base model's accuracy
 (adapters off) is measured once. Not a test: numbers move with the machine and the seeds.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -67,6 +70,7 @@ def budget_ranks(methods: list[str], budget_rank: int) -> dict[str, tuple[int, i
 
 
 def run(args: argparse.Namespace, method: str, rank: int, seed: int, *extra: str, eval_base: bool = False) -> dict[str, Any]:
+    """One training run + evaluation (in a worker process); the result fields the tables need."""
     with tempfile.TemporaryDirectory(prefix="viq-") as tmp:
         argv = ["--adapter", method, "--rank", str(rank), "--alpha", str(2 * rank), "--seed", str(seed),
                 "--report_to", "none", "--threads", str(args.threads), "--output_dir", tmp,
@@ -77,8 +81,21 @@ def run(args: argparse.Namespace, method: str, rank: int, seed: int, *extra: str
             argv.append("--eval_base")
         start = time.perf_counter()
         result = vi.main(vi.parse_args(argv))
-        result["wall_seconds"] = time.perf_counter() - start
-    return result
+    keep = ("eval", "trainable_parameters", "seconds_per_step", "final_loss")
+    return {**{k: result[k] for k in keep}, "wall_seconds": time.perf_counter() - start}
+
+
+class Runner:
+    """Submit runs to ``jobs`` worker processes (spawned, not forked: torch's thread pools are not fork-safe) and collect them in order."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.args = args
+        self.pool = ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, method: str, rank: int, seed: int, *extra: str, eval_base: bool = False) -> Any:
+        return self.pool.submit(run, self.args, method, rank, seed, *extra, eval_base=eval_base)
 
 
 def summarize(results: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -109,7 +126,8 @@ def main() -> None:
     parser.add_argument("--budget_rank", type=int, default=16, help="LoRA rank whose parameter count is the budget")
     parser.add_argument("--max_train_steps", type=int, default=None, help="default: the script's embedded default")
     parser.add_argument("--eval_limit", type=int, default=100, help="test images (x 5 tasks) per evaluation")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each in its own process")
     parser.add_argument("--parts", default="methods,init,sweep")
     parser.add_argument("--name", default="visual_instruction_quality",
                         help="results/<name>.{json,md,png}: run parts in parallel processes under different names")
@@ -125,15 +143,24 @@ def main() -> None:
           f"(no vision adapters, so the budgets compare exactly); "
           f"equal trainable-parameter budget = LoRA r={args.budget_rank}; steps = "
           f"{args.max_train_steps or vi.EMBEDDED_MAX_STEPS}, batch {defaults.get_default('train_batch_size')}, lr "
-          f"{defaults.get_default('learning_rate')} {defaults.get_default('lr_scheduler')}, alpha = 2r, {args.threads} "
-          f"thread(s) per run.\n"]
+          f"{defaults.get_default('learning_rate')} {defaults.get_default('lr_scheduler')}, alpha = 2r, {args.jobs} runs at "
+          f"a time with {args.threads} thread(s) each.\n"]
     rows, plot = [], {}
+    runner = Runner(args)  # every part's runs are queued up front, so the workers never wait on the tables
+    init_rank = ranks.get("moslora", (args.budget_rank, 0))[0]
+    seeds, ablation = range(args.seeds), range(args.ablation_seeds)
+    method_runs = {m: [runner.submit(m, ranks[m][0], s, eval_base=i == 0 and s == 0) for s in seeds]
+                   for i, m in enumerate(methods)} if "methods" in parts else {}
+    init_runs = {init: [runner.submit("moslora", init_rank, s, "--mixer_init", init) for s in ablation]
+                 for init in INITS} if "init" in parts else {}
+    sweep_runs = {mult: [runner.submit("sulora", args.budget_rank, s, "--num_subspaces", str(mult * args.budget_rank))
+                         for s in ablation] for mult in (1, 2, 4)} if "sweep" in parts else {}
     if "methods" in parts:
-        base = None
         per_method = {}
-        for method in methods:
+        base = None
+        for method, pending in method_runs.items():
             rank = ranks[method][0]
-            results = [run(args, method, rank, seed, eval_base=base is None and seed == 0) for seed in range(args.seeds)]
+            results = [f.result() for f in pending]
             if base is None:
                 base = results[0]["eval"]["base"]
             per_method[method] = summarize(results, method)
@@ -151,10 +178,9 @@ def main() -> None:
         md += [f"## Methods at equal budget ({args.seeds} seeds, mean ± std)\n", markdown_table(headers, rows), ""]
     if "init" in parts:
         init_rows, inits = [], {}
-        rank = ranks.get("moslora", (args.budget_rank, 0))[0]
-        for init in INITS:
-            res = [run(args, "moslora", rank, seed, "--mixer_init", init) for seed in range(args.ablation_seeds)]
-            inits[init] = summarize(res, "moslora")
+        rank = init_rank
+        for init, pending in init_runs.items():
+            inits[init] = summarize([f.result() for f in pending], "moslora")
             init_rows.append([init, pm(inits[init]["mean"])])
             print("init", init, inits[init]["mean"], flush=True)
         payload["mixer_init"] = inits
@@ -163,15 +189,15 @@ def main() -> None:
     if "sweep" in parts:
         sweep_rows, sweep = [], {}
         rank = args.budget_rank
-        for mult in (1, 2, 4):
-            res = [run(args, "sulora", rank, seed, "--num_subspaces", str(mult * rank)) for seed in range(args.ablation_seeds)]
-            sweep[f"N={mult}r"] = summarize(res, "sulora")
+        for mult, pending in sweep_runs.items():
+            sweep[f"N={mult}r"] = summarize([f.result() for f in pending], "sulora")
             s = sweep[f"N={mult}r"]
             sweep_rows.append([f"N = {mult}r = {mult * rank}", s["params"], pm(s["mean"]), f"{s['s_per_step']:.3f}"])
             print("sweep", mult, s["mean"], flush=True)
         payload["sulora_sweep"] = sweep
         md += [f"## SuLoRA N sweep (r = {rank}, {args.ablation_seeds} seed(s); paper Table 7)\n",
                markdown_table(["N", "trainable params", "mean acc %", "s/step"], sweep_rows), ""]
+    runner.pool.shutdown()
     total = time.perf_counter() - started
     payload["wall_seconds"] = total
     md.append(f"Wall time {total / 60:.1f} min; machine: {machine()['cpu']}, load {machine()['loadavg']}.")
