@@ -103,7 +103,7 @@ def summarize(results: list[dict[str, Any]], name: str) -> dict[str, Any]:
     tasks = sorted(evals[0]["tasks"])
 
     def stats(values: list[float]) -> tuple[float, float]:
-        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
     return {
         "mean": stats([e["mean_accuracy"] for e in evals]),
@@ -114,8 +114,9 @@ def summarize(results: list[dict[str, Any]], name: str) -> dict[str, Any]:
     }
 
 
-def pm(value: tuple[float, float]) -> str:
-    return f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}"
+def pm(value: tuple[float, float | None]) -> str:
+    """``mean ± std`` in %, or the bare value of a single seed (no spread to show)."""
+    return f"{100 * value[0]:.1f}" if value[1] is None else f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}"
 
 
 def main() -> None:
@@ -202,12 +203,12 @@ def main() -> None:
     payload["wall_seconds"] = total
     md.append(f"Wall time {total / 60:.1f} min; machine: {machine()['cpu']}, load {machine()['loadavg']}.")
     if plot:
-        _plot(plot, RESULTS / f"{args.name}.png")
+        _plot(plot, RESULTS / f"{args.name}.png", args.seeds)
         md.append(f"\n![methods]({args.name}.png)")
     write_results(args.name, payload, "\n".join(md))
 
 
-def _plot(values: dict[str, tuple[float, float]], path: Path) -> None:
+def _plot(values: dict[str, tuple[float, float | None]], path: Path, seeds: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,10 +216,11 @@ def _plot(values: dict[str, tuple[float, float]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     names = list(values)
-    ax.bar(names, [100 * values[n][0] for n in names], yerr=[100 * values[n][1] for n in names], capsize=4, color="#4c72b0")
+    ax.bar(names, [100 * values[n][0] for n in names], yerr=[100 * (values[n][1] or 0.0) for n in names], capsize=4,
+           color="#4c72b0")
     ax.set_ylabel("mean exact match %")
     ax.set_ylim(0, 100)
-    ax.set_title("visual instruction, tiny-llava-digits (equal budget)")
+    ax.set_title(f"visual instruction, tiny-llava-digits (equal budget, {seeds} seed{'s' * (seeds > 1)}, mean ± std)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
