@@ -65,6 +65,19 @@ def check_method_flags(args: Any, flags: tuple[str, ...] = METHOD_FLAGS) -> None
             raise ConfigError(f"--{flag} does not apply to --adapter {args.adapter}; it is a flag of {', '.join(have) or 'no method'}")
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Non-reentrant activation (gradient) checkpointing on a transformers model.
+
+    transformers >= 5.x names it ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` is a
+    deprecated alias there, to be removed in v6); older releases only have the old name.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def check_positive(args: Any, names: list[str], allow_zero: bool = False) -> None:
     """Each flag in ``names`` that is set must be > 0 (``allow_zero``: >= 0); else a ValueError naming it."""
     for name in names:

@@ -113,3 +113,33 @@ def test_image_grid_tiles() -> None:
 
     grid = image_grid([Image.new("RGB", (8, 6), c) for c in ("red", "green", "blue")])
     assert grid.size == (16, 12) and grid.getpixel((9, 0)) == (0, 128, 0) and grid.getpixel((0, 7)) == (0, 0, 255)
+
+
+def test_activation_checkpointing_is_on_without_the_deprecated_alias() -> None:
+    """transformers 5.x deprecates gradient_checkpointing_enable (removed in v6): the helper uses the new name,
+    checkpointing is on and the model still trains (same loss and gradient as without checkpointing)."""
+    import warnings
+
+    from transformers import LlamaForCausalLM
+
+    from mm_subspace.tiny_models import tiny_llama_path
+    from mm_subspace.training_utils import enable_activation_checkpointing
+
+    torch.manual_seed(0)
+    ids = torch.randint(300, 4000, (2, 10))
+    losses, grads = [], []
+    for checkpoint in (False, True):
+        model = LlamaForCausalLM.from_pretrained(tiny_llama_path(), dtype=torch.float32)
+        model.train()
+        if checkpoint:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", FutureWarning)
+                enable_activation_checkpointing(model)
+            flag = getattr(model, "is_activation_checkpointing", None)
+            assert flag if flag is not None else model.is_gradient_checkpointing
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)

@@ -147,6 +147,30 @@ def test_eval_only_matches_the_training_time_evaluation(trained: Runs, tmp_path:
     assert "## Evaluation (--eval_only)" in (out / "README.md").read_text()
 
 
+def test_gradient_checkpointing_trains_the_same_adapter(trained: Runs, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """--gradient_checkpointing recomputes activations: the same 3 steps give the same adapter."""
+    plain = trained["lora"]
+    enabled = []
+
+    def spy(model):
+        vi_enable(model)
+        enabled.append(model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing")
+                       else model.is_gradient_checkpointing)
+
+    vi_enable = vi.enable_activation_checkpointing
+    monkeypatch.setattr(vi, "enable_activation_checkpointing", spy)
+    ckpt = run(tmp_path / "ckpt", *RUNS["lora"][:2], "--max_train_steps", "3", "--checkpointing_steps", "2",
+               "--skip_eval", "--gradient_checkpointing")
+    assert enabled == [True]
+    assert ckpt["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-5)
+    a = load_file(plain["output_dir"] / "adapter_model.safetensors")
+    b = load_file(ckpt["output_dir"] / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
 def test_sulora_generation_routes_like_training() -> None:
     """The issue's bug: with a KV cache the prefill routed on the prompt and every decode step on one
     token. Under `sulora.routing` generate() reproduces the teacher-forced training forward exactly."""

@@ -61,6 +61,7 @@ from mm_subspace.training_utils import (
     METHOD_FLAGS,
     CheckpointManager,
     check_method_flags,
+    enable_activation_checkpointing,
     check_positive,
     LossHistory,
     adapter_summary,
@@ -809,7 +810,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
             for te in (text_encoder, text_encoder_2):
-                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_activation_checkpointing(te)
     cast_trainable_params(parts.values(), torch.float32)
     for part, text in adapter_summary(parts).items():
         logger.info("%s adapter on %s: %s", args.adapter, part, text)

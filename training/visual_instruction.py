@@ -61,6 +61,7 @@ from mm_subspace.methods import sulora  # noqa: E402
 from mm_subspace.training_utils import (  # noqa: E402
     METHOD_FLAGS,
     check_method_flags,
+    enable_activation_checkpointing,
     check_positive,
     ADAPTER_NAME,
     CheckpointManager,
@@ -536,7 +537,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         model.to(dtype=weight_dtype)
     mm_subspace.inject(model, config, ADAPTER_NAME)  # TargetError on bad targets, before training
     if args.gradient_checkpointing and not args.load_in_4bit:  # load_4bit already enabled it
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     parts = {"model": model}
     cast_trainable_params(parts.values(), torch.float32)
     trainable, total = mm_subspace.trainable_parameters(model)
