@@ -146,7 +146,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
                 if param.is_floating_point() and param.dtype != torch.float32:
                     param.data = param.data.float()
     if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        from .training_utils import enable_activation_checkpointing  # training_utils imports the core modules
+        from .training_utils import enable_activation_checkpointing  # not at the top: training_utils -> bases -> quant
 
         enable_activation_checkpointing(model)
     if hasattr(model, "enable_input_require_grads"):

@@ -44,6 +44,13 @@ def fit():
     return _fit
 
 
+def checkpointing_on(model: torch.nn.Module) -> bool:
+    """Whether a transformers model has activation checkpointing on (the transformers 5 name, or the old one)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
+
+
 def kill_at_first_checkpoint(cmd: list[str], output_dir: Path, timeout: float = 300, env: dict | None = None) -> None:
     """Run a training command until it has written ``training_state/checkpoint-1``, SIGKILL it, and keep only
     that checkpoint (as if the process died right after it): the start of the bit-exact resume tests."""

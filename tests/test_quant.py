@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from conftest import checkpointing_on
 import torch
 from torch import nn
 
@@ -37,7 +38,7 @@ def test_load_4bit_quantises_and_prepares(llama4):
         assert layer.support_avx512bf16_for_cpu is False  # ENVIRONMENT.md pitfall
     norms = [m for m in llama4.modules() if type(m).__name__.endswith("RMSNorm")]
     assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())
-    assert getattr(llama4, "is_activation_checkpointing", None) or llama4.is_gradient_checkpointing
+    assert checkpointing_on(llama4)
     assert not any(p.requires_grad for p in llama4.parameters())
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import checkpointing_on
 import torch
 from torch import nn
 
@@ -135,8 +136,7 @@ def test_activation_checkpointing_is_on_without_the_deprecated_alias() -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", FutureWarning)
                 enable_activation_checkpointing(model)
-            flag = getattr(model, "is_activation_checkpointing", None)
-            assert flag if flag is not None else model.is_gradient_checkpointing
+            assert checkpointing_on(model)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         losses.append(loss.item())

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import kill_at_first_checkpoint, run_two_cpu_processes
+from conftest import checkpointing_on, kill_at_first_checkpoint, run_two_cpu_processes
 import torch
 from safetensors.torch import load_file
 
@@ -155,8 +155,7 @@ def test_gradient_checkpointing_trains_the_same_adapter(trained: Runs, tmp_path:
 
     def spy(model):
         vi_enable(model)
-        enabled.append(model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing")
-                       else model.is_gradient_checkpointing)
+        enabled.append(checkpointing_on(model))
 
     vi_enable = vi.enable_activation_checkpointing
     monkeypatch.setattr(vi, "enable_activation_checkpointing", spy)
