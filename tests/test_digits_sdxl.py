@@ -26,8 +26,7 @@ PROMPT_ACCURACY_SAMPLE_THRESHOLD = 0.85
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    torch.set_num_threads(1)
+def pipe(one_thread):
     p = tm.tiny_sdxl_pipeline()
     p.set_progress_bar_config(disable=True)
     return p

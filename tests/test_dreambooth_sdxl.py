@@ -190,7 +190,9 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, instance_dir: Path) -
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(SCRIPT), *RESUME, "--instance_data_dir", str(instance_dir), "--output_dir", str(killed),
            "--max_train_steps", "100000"]
-    kill_at_first_checkpoint(cmd, killed, timeout=240)
+    # step 1 runs in the child, step 2 in this process: the same intra-op thread count, or CPU sums differ in the last bit
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    kill_at_first_checkpoint(cmd, killed, timeout=240, env=env)
     assert not (killed / "unet").exists()  # never finished
 
     resumed = db.main(db.parse_args([*RESUME, "--instance_data_dir", str(instance_dir), "--output_dir", str(killed),
