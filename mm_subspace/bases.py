@@ -94,8 +94,7 @@ def supported_types() -> list[str]:
 
 
 register_base(LinearKind())
-# kinds shipped in their own modules (bitsandbytes Linear4bit, nn.MultiheadAttention); cheap imports,
-# bitsandbytes itself is only imported when such a layer is met
-from . import fused as _fused, quant as _quant  # noqa: E402,F401
+# the kinds in their own modules (nn.MultiheadAttention in mm_subspace.fused, bitsandbytes Linear4bit
+# in mm_subspace.quant) are registered by mm_subspace.inject, which sits above all three
 
 __all__ = ["BaseKind", "LinearKind", "register_base", "find_base", "supported_types"]

@@ -223,7 +223,7 @@ def dataset_records(name: str, image_column: str = "image", caption_column: str 
         MissingExtraError: ``datasets`` is not installed (names the extra).
         DataError: no ``split``, missing image/caption column, an empty caption or a non-image value.
     """
-    from .training_utils import require
+    from .compat import require
 
     datasets = require("datasets", "--dataset_name", "train")
     path = Path(name)

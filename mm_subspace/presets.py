@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .errors import ConfigError, TargetError
+from .targets import candidate_modules
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,7 @@ class Preset:
 
     def resolve(self, model: nn.Module) -> list[str]:
         """Full names of ``model``'s modules this preset adapts; a clear error if there are none."""
-        from .inject import _candidate_modules
-
-        names = list(_candidate_modules(model))
+        names = list(candidate_modules(model))
         found = [n for n in names if self.matches(n)]
         if not found:
             leaves = sorted({n.split(".")[-1] for n in names if not n.split(".")[-1].isdigit()})

@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bases import BaseKind, register_base
+from .bases import BaseKind
+from .compat import enable_activation_checkpointing
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +148,6 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
                 if param.is_floating_point() and param.dtype != torch.float32:
                     param.data = param.data.float()
     if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        from .training_utils import enable_activation_checkpointing  # not at the top: training_utils -> bases -> quant
-
         enable_activation_checkpointing(model)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
@@ -160,7 +160,6 @@ def bnb_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype
     """The transformers ``BitsAndBytesConfig`` used by :func:`load_4bit`."""
     from transformers import BitsAndBytesConfig
 
-    from .errors import ConfigError
 
     if quant_type not in QUANT_TYPES:
         raise ConfigError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
@@ -226,7 +225,6 @@ def quantize_model_4bit(
     For models built in memory (tests, tiny configs); weights are quantised from their current values.
     """
     bnb = _bnb()
-    from .errors import ConfigError
 
     if quant_type not in QUANT_TYPES:
         raise ConfigError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
@@ -280,8 +278,6 @@ def _state_tensors(state: Any) -> list[torch.Tensor]:
     tensors = [t for t in (state.absmax, state.code, getattr(state, "offset", None)) if torch.is_tensor(t)]
     return tensors + _state_tensors(getattr(state, "state2", None))
 
-
-register_base(Linear4bitKind())
 
 __all__ = [
     "Linear4bitKind",

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import mm_subspace as mms
 from mm_subspace.errors import AdapterFileError, ConfigError
-from mm_subspace.interop import (
+from mm_subspace.formats import (
     convert_adapter,
     convert_official_moslora,
     export_kohya,
@@ -407,7 +407,7 @@ def test_dora_exports_to_peft_layout_and_refuses_other_axes(tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from mm_subspace.interop import export_dora_peft, import_dora_peft
+    from mm_subspace.formats import export_dora_peft, import_dora_peft
 
     torch.manual_seed(0)
     model = _llama()

@@ -56,7 +56,7 @@ from mm_subspace import tiny_models
 from mm_subspace.caption_data import IMAGE_SUFFIXES, ImageRecord, dataset_records, folder_records, list_images
 from mm_subspace.eval import digits as digits_eval
 from mm_subspace.errors import ConfigError, MergeError
-from mm_subspace.io import atomic_write_text
+from mm_subspace.atomic import atomic_write_text
 from mm_subspace.training_utils import (
     METHOD_FLAGS,
     CheckpointManager,

@@ -56,7 +56,7 @@ import mm_subspace  # noqa: E402
 from mm_subspace import tiny_models  # noqa: E402
 from mm_subspace.data import llava as data  # noqa: E402
 from mm_subspace.errors import ConfigError, DataError, MergeError  # noqa: E402
-from mm_subspace.io import atomic_write_text  # noqa: E402
+from mm_subspace.atomic import atomic_write_text  # noqa: E402
 from mm_subspace.methods import sulora  # noqa: E402
 from mm_subspace.training_utils import (  # noqa: E402
     METHOD_FLAGS,
