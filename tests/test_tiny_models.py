@@ -203,7 +203,7 @@ def test_tiny_sdxl_loads_identical_weights_and_keeps_global_rng(sdxl_path: Path)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         assert _same_state(getattr(first, name), getattr(second, name)), name
     # A rebuild from the seed reproduces the saved weights bit for bit.
-    assert _same_state(tm._tiny_sdxl_components()["unet"], first.unet)
+    assert _same_state(tm.tiny_sdxl_components()["unet"], first.unet)
 
 
 # --------------------------------------------------------------------------- LLaMA / LLaVA
