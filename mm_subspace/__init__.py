@@ -82,6 +82,7 @@ from .methods.trilora import TriLoRAConfig
 from .methods.ts_mixing import TSMixingConfig
 from .presets import list_presets, llava_config, register_preset
 from .quant import load_4bit, prepare_for_kbit_training, quantize_model_4bit
+from .recipes import get_recipe, list_recipes
 from .registry import get_method, list_methods, register_method
 
 
@@ -90,8 +91,6 @@ def config_for(method: str, **kwargs) -> AdapterConfig:
     return get_method(method).config_class(**kwargs)
 
 
-from . import recipes  # noqa: E402  (registers recipes; needs config_for above)
-from .recipes import get_recipe, list_recipes  # noqa: E402
 
 __all__ = [
     "__version__",
