@@ -30,7 +30,7 @@ from torch import nn
 
 from .bases import BaseKind
 from .compat import enable_activation_checkpointing
-from .errors import ConfigError
+from .config import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +161,7 @@ def bnb_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype
     from transformers import BitsAndBytesConfig
 
 
-    if quant_type not in QUANT_TYPES:
-        raise ConfigError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    check_choice("quant_type", quant_type, QUANT_TYPES)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
@@ -226,8 +225,7 @@ def quantize_model_4bit(
     """
     bnb = _bnb()
 
-    if quant_type not in QUANT_TYPES:
-        raise ConfigError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    check_choice("quant_type", quant_type, QUANT_TYPES)
     targets = [
         (name, module) for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and not is_linear4bit(module)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mm_subspace.caption_data import DataError, dataset_records, folder_records
+from mm_subspace.caption_data import dataset_records, folder_records
+from mm_subspace.errors import DataError
 from mm_subspace.training_utils import MissingExtraError
 
 CAPTIONED = Path(__file__).parent / "data" / "captioned"
