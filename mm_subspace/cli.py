@@ -125,7 +125,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from .formats import adapter_components, describe_adapter
 
     folders = adapter_components(args.dir)
-    described = {str(c) if c else "model": describe_adapter(f) for c, f in folders.items()}
+    described = {str(c) if c else "model": describe_adapter(f).as_dict() for c, f in folders.items()}
     if args.json:
         print(json.dumps(described if len(described) > 1 else next(iter(described.values())), indent=2))
         return 0

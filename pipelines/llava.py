@@ -312,7 +312,7 @@ def make_demo_llava_adapter(
 
     import mm_subspace as mms
 
-    from .adapters import describe_adapter
+    from .adapters import adapter_info
 
     name = f"_demo_{method}"
     examples = demo_examples()
@@ -328,4 +328,4 @@ def make_demo_llava_adapter(
         finally:
             mms.remove_adapter(llava.model, name)
             llava._apply()
-    return describe_adapter(out_dir)
+    return adapter_info(out_dir)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -147,9 +148,38 @@ def convert_official_moslora(
                           base_models={c: base for c, (_, base) in loaded.items()})
 
 
+@dataclass(frozen=True)
+class AdapterDescription:
+    """One saved adapter folder: what ``mm-subspace inspect`` prints and the app's adapter table shows.
+
+    ``rank``/``alpha`` are one number, or the sorted distinct values when patterns give modules different
+    ones; ``targets`` are the adapted modules' last name parts; ``trainable_params`` counts the adapter's
+    parameters (loaded onto a stand-in of the recorded shapes, no base model). ``config`` is the adapter's
+    config and ``meta`` the ``adapter_config.json`` as :func:`~mm_subspace.read_adapter_config` returns it.
+    """
+
+    path: str
+    method: str
+    rank: int | list[int]
+    alpha: float | list[float]
+    modules: int
+    targets: list[str]
+    trainable_params: int
+    base_class: str | None
+    base_name_or_path: str | None
+    base_fingerprint: str | None
+    dtype: str | None
+    config: AdapterConfig = field(repr=False, compare=False)
+    meta: dict[str, Any] = field(repr=False, compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON-able fields (``mm-subspace inspect --json``), without ``config`` and ``meta``."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("config", "meta")}
+
+
 @file_errors
-def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:
-    """What ``mm-subspace inspect`` prints: method, ranks, alphas, targets, trainable parameters, base fingerprint."""
+def describe_adapter(path: str | os.PathLike) -> AdapterDescription:
+    """Describe the adapter saved in folder ``path`` (method, ranks, alphas, targets, parameters, base model)."""
     folder = Path(path)
     meta = read_adapter_config(folder)
     config: AdapterConfig = meta["config_obj"]
@@ -159,22 +189,25 @@ def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:
     ranks = sorted({config.rank_for(m) for m in modules})
     alphas = sorted({config.alpha_for(m) for m in modules})
     base = meta.get("base_model") or {}
-    return {
-        "path": str(folder),
-        "method": config.method,
-        "rank": ranks[0] if len(ranks) == 1 else ranks,
-        "alpha": alphas[0] if len(alphas) == 1 else alphas,
-        "modules": len(modules),
-        "targets": sorted({m.split(".")[-1] if not m.split(".")[-1].isdigit() else ".".join(m.split(".")[-2:]) for m in modules}),
-        "trainable_params": trainable,
-        "base_class": base.get("class"),
-        "base_name_or_path": base.get("name_or_path"),
-        "base_fingerprint": base.get("fingerprint"),
-        "dtype": meta.get("dtype"),
-    }
+    return AdapterDescription(
+        path=str(folder),
+        method=config.method,
+        rank=ranks[0] if len(ranks) == 1 else ranks,
+        alpha=alphas[0] if len(alphas) == 1 else alphas,
+        modules=len(modules),
+        targets=sorted({m.split(".")[-1] if not m.split(".")[-1].isdigit() else ".".join(m.split(".")[-2:]) for m in modules}),
+        trainable_params=trainable,
+        base_class=base.get("class"),
+        base_name_or_path=base.get("name_or_path"),
+        base_fingerprint=base.get("fingerprint"),
+        dtype=meta.get("dtype"),
+        config=config,
+        meta=meta,
+    )
 
 
 __all__ = [
+    "AdapterDescription",
     "DIFFUSERS_WEIGHTS",
     "FORMATS",
     "KOHYA_PREFIX",
