@@ -3,7 +3,9 @@
 An :class:`AdapterLayer` never touches its base module directly: it asks the module's
 :class:`BaseKind` for ``in_features``/``out_features``, the dense weight (dequantised if need be) and
 how to write a merged weight back. Supporting a new base type (bitsandbytes ``Linear4bit``, fused
-q/k/v projections) means registering one more small reader here, not subclassing the layer.
+q/k/v projections) means registering one more small reader, not subclassing the layer. This module
+imports no reader of another module: :mod:`mm_subspace.inject` registers those of
+:mod:`mm_subspace.fused` and :mod:`mm_subspace.quant`.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from .errors import AdapterStateError, ConfigError, MergeError, TargetError
 from .fused import PART_KIND, FusedAdapter, FusedPart, MultiheadAttentionKind
 from .layer import Adapter, AdapterLayer, ModelState, batch_dim_of
 from .patterns import compile_pattern, pattern_matches
-from .registry import get_method
 from .quant import Linear4bitKind
+from .registry import get_method
 from .targets import base_of, candidate_modules
 
 logger = logging.getLogger(__name__)

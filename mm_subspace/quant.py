@@ -11,7 +11,7 @@ r=512, α=256; §4.2, Table 5 and Appendix B.2).
 * Merge dequantises, merges and requantises (as PEFT does). It is lossy: the merged layer carries
   a second quantisation error and unmerge restores W only up to that error (a warning says so).
   For an exact deployable model, export the adapter and merge it into the full-precision base.
-* The kind is registered when :mod:`mm_subspace` is imported, without importing bitsandbytes:
+* The kind is registered by :mod:`mm_subspace.inject` (so on ``import mm_subspace``), without importing bitsandbytes:
   a module can only be a ``Linear4bit`` if bitsandbytes is already loaded.
 * CPU pitfall (``/work/shared/ENVIRONMENT.md``): on CPUs with AVX512-BF16 the first eval no-grad
   forward repacks the weights, after which small layers crash and training silently loses

@@ -32,8 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .compat import MissingExtraError, enable_activation_checkpointing, require  # noqa: F401  (used by the training scripts)
-from .errors import AdapterFileError, ConfigError, NonFiniteError, SubspaceError
+from .errors import AdapterFileError, ConfigError, NonFiniteError
 from .inject import adapter_layers, get_state
 from .layer import AdapterLayer
 from .atomic import atomic_paths, atomic_write_text, fsync_dir

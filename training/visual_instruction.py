@@ -57,12 +57,12 @@ from mm_subspace import tiny_models  # noqa: E402
 from mm_subspace.data import llava as data  # noqa: E402
 from mm_subspace.errors import ConfigError, DataError, MergeError  # noqa: E402
 from mm_subspace.atomic import atomic_write_text  # noqa: E402
+from mm_subspace.compat import enable_activation_checkpointing  # noqa: E402
 from mm_subspace.inject import routing  # noqa: E402
 from mm_subspace.methods import sulora  # noqa: E402
 from mm_subspace.training_utils import (  # noqa: E402
     METHOD_FLAGS,
     check_method_flags,
-    enable_activation_checkpointing,
     check_positive,
     ADAPTER_NAME,
     CheckpointManager,

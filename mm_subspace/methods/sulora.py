@@ -6,10 +6,8 @@ Appendix B.3-B.4) and is meant to be the reference one.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
