@@ -17,12 +17,14 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from . import presets
 from .bases import BaseKind, find_base, register_base, supported_types
 from .config import FUSED_PARTS, AdapterConfig
 from .errors import AdapterStateError, ConfigError, MergeError, TargetError
 from .fused import PART_KIND, FusedAdapter, FusedPart, MultiheadAttentionKind
 from .layer import Adapter, AdapterLayer, ModelState, batch_dim_of
 from .patterns import compile_pattern, pattern_matches
+from .presets import with_preset_defaults
 from .quant import Linear4bitKind
 from .registry import get_method
 from .targets import base_of, candidate_modules
@@ -73,8 +75,6 @@ def _hint(target: str, names: list[str]) -> str:
 
 def resolve_targets(model: nn.Module, targets: Any) -> list[str]:
     """Full names of the modules ``targets`` selects (preset name, regex, or list of names/suffixes)."""
-    from . import presets
-
     modules = candidate_modules(model)
     names = list(modules)
     if targets is None or (isinstance(targets, (list, tuple)) and not targets):
@@ -127,8 +127,6 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
         raise ConfigError(f"config must be an AdapterConfig (e.g. mm_subspace.MoSLoRAConfig), got {type(config).__name__}")
     check_adapter_name(adapter_name)
     _refuse_peft_model(model)
-    from .presets import with_preset_defaults
-
     config = with_preset_defaults(config)
     adapter_cls = get_method(config.method)
     state = get_state(model, required=False)
