@@ -17,8 +17,6 @@ from ..errors import ConfigError
 from .dora_peft import dora_factors, dora_magnitudes
 from .peft import lora_state_dict
 
-
-
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 

@@ -18,7 +18,6 @@ from .common import inject_and_load, modules_of, peft_tensors
 from .peft import export_peft, peft_lora_fields, read_peft_config, read_peft_weights
 
 
-
 def dora_magnitudes(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """Module name -> DoRA magnitude (out,) for every adapter that has one (empty for non-DoRA adapters)."""
     return {name: a.magnitude for name, a in iter_adapters(model, adapter_name) if isinstance(getattr(a, "magnitude", None), torch.Tensor)}

@@ -22,13 +22,18 @@ from torch import nn
 from ..atomic import file_errors
 from ..errors import AdapterFileError, ConfigError
 from ..io import read_tensors
-from .common import CLASS_OF_COMPONENT, inject_and_load, key_listing, modules_of, peft_tensors, report_ignored
-from .common import standin_model
+from .common import (
+    CLASS_OF_COMPONENT,
+    inject_and_load,
+    key_listing,
+    modules_of,
+    peft_tensors,
+    report_ignored,
+    standin_model,
+)
 from .diffusers import DIFFUSERS_WEIGHTS
 from .kohya import KOHYA_PREFIX
 from .peft import peft_lora_fields, read_peft_config, read_peft_weights
-
-
 
 # PEFT spelling (lora_A / lora_AB / lora_B, optional adapter segment) and the diffusers spellings the
 # official SDXL script writes through convert_state_dict_to_diffusers, which turns lora_AB into "downB"

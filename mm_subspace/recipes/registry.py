@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 

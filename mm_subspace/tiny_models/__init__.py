@@ -19,17 +19,60 @@ Pipelines and models loaded by path (``--pretrained_model_name_or_path``) are bu
 from __future__ import annotations
 
 from .cache import SEED, cache_dir
-from .tokenizers import BOS_TOKEN, CHAT_TEMPLATE, CLIP_MERGES, CLIP_TOKENIZER_NAME, CLIP_VOCAB_SIZE, EOS_TOKEN
-from .tokenizers import IMAGE_TOKEN, IMAGE_TOKEN_ID, LM_MAX_LENGTH, LM_TOKENIZER_NAME, LM_VOCAB_SIZE, PAD_TOKEN
-from .tokenizers import PAD_TOKEN_ID, clip_tokenizer, clip_tokenizer_files, lm_tokenizer
-from .sdxl import TINY_SDXL_NAME, TINY_SDXL_SHIPPED, tiny_sdxl_components, tiny_sdxl_path, tiny_sdxl_pipeline
-from .llava import TINY_LLAMA_NAME, TINY_LLAVA_NAME, TINY_LLAVA_PRETRAINED, tiny_llama, tiny_llama_path, tiny_llava
-from .llava import tiny_llava_path, tiny_llava_processor
-from .vision import CLIP_MEAN, CLIP_STD, tiny_clip_model, tiny_clip_processor, tiny_clip_vision, tiny_open_clip_vit
-from .vision import tiny_timm_vit
-from .reference import clip_vit_l14_config, deberta_v3_base_config, llama2_7b_config, llama3_8b_config
-from .reference import roberta_base_config, roberta_large_config, sdxl_base_unet_config
+from .llava import (
+    TINY_LLAMA_NAME,
+    TINY_LLAVA_NAME,
+    TINY_LLAVA_PRETRAINED,
+    tiny_llama,
+    tiny_llama_path,
+    tiny_llava,
+    tiny_llava_path,
+    tiny_llava_processor,
+)
 from .photos import SAMPLE_PHOTOS, cat_photos, sample_photo, write_cat_photos
+from .reference import (
+    clip_vit_l14_config,
+    deberta_v3_base_config,
+    llama2_7b_config,
+    llama3_8b_config,
+    roberta_base_config,
+    roberta_large_config,
+    sdxl_base_unet_config,
+)
+from .sdxl import (
+    TINY_SDXL_NAME,
+    TINY_SDXL_SHIPPED,
+    tiny_sdxl_components,
+    tiny_sdxl_path,
+    tiny_sdxl_pipeline,
+)
+from .tokenizers import (
+    BOS_TOKEN,
+    CHAT_TEMPLATE,
+    CLIP_MERGES,
+    CLIP_TOKENIZER_NAME,
+    CLIP_VOCAB_SIZE,
+    EOS_TOKEN,
+    IMAGE_TOKEN,
+    IMAGE_TOKEN_ID,
+    LM_MAX_LENGTH,
+    LM_TOKENIZER_NAME,
+    LM_VOCAB_SIZE,
+    PAD_TOKEN,
+    PAD_TOKEN_ID,
+    clip_tokenizer,
+    clip_tokenizer_files,
+    lm_tokenizer,
+)
+from .vision import (
+    CLIP_MEAN,
+    CLIP_STD,
+    tiny_clip_model,
+    tiny_clip_processor,
+    tiny_clip_vision,
+    tiny_open_clip_vit,
+    tiny_timm_vit,
+)
 
 __all__ = [
     "BOS_TOKEN",
