@@ -11,7 +11,7 @@ Quick start::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .config import AdapterConfig, LowRankConfig
 from .errors import (
@@ -25,7 +25,6 @@ from .errors import (
     SubspaceError,
     TargetError,
 )
-from .export import export_diffusers, export_peft, import_peft, lora_factors, lora_state_dict
 from .inject import (
     active_adapters,
     adapter_layers,
@@ -40,21 +39,27 @@ from .inject import (
     merge_and_unload,
     print_trainable_parameters,
     remove_adapter,
+    routing,
     set_adapter,
     set_scale,
     trainable_parameters,
     unload,
     unmerge,
 )
-from .interop import (
+from .formats import (
     convert_adapter,
     convert_official_moslora,
     describe_adapter,
+    export_diffusers,
     export_dora_peft,
     export_kohya,
+    export_peft,
     import_dora_peft,
     import_kohya,
     import_moslora,
+    import_peft,
+    lora_factors,
+    lora_state_dict,
 )
 from .io import adapter_state_dict, base_fingerprint, load_adapter, read_adapter_config, save_adapter
 from .layer import Adapter, AdapterLayer, LowRankAdapter
@@ -77,6 +82,7 @@ from .methods.trilora import TriLoRAConfig
 from .methods.ts_mixing import TSMixingConfig
 from .presets import list_presets, llava_config, register_preset
 from .quant import load_4bit, prepare_for_kbit_training, quantize_model_4bit
+from .recipes import get_recipe, list_recipes
 from .registry import get_method, list_methods, register_method
 
 
@@ -85,7 +91,87 @@ def config_for(method: str, **kwargs) -> AdapterConfig:
     return get_method(method).config_class(**kwargs)
 
 
-from . import recipes  # noqa: E402  (registers recipes; needs config_for above)
-from .recipes import get_recipe, list_recipes  # noqa: E402
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "__version__",
+    "Adapter",
+    "AdapterConfig",
+    "AdapterFileError",
+    "AdapterLayer",
+    "AdapterStateError",
+    "AsyLoRAConfig",
+    "BitFitConfig",
+    "BottleneckAdapterConfig",
+    "ConfigError",
+    "DoRAConfig",
+    "FLoRAConfig",
+    "IA3Config",
+    "IncompatibleAdapterError",
+    "LoraConfig",
+    "LowRankAdapter",
+    "LowRankConfig",
+    "MergeError",
+    "MoSLoRAConfig",
+    "NonFiniteError",
+    "ParallelAdapterConfig",
+    "SAMParserConfig",
+    "SSBConfig",
+    "SSLConfig",
+    "SVDiffConfig",
+    "ShippedModelError",
+    "SpectralConfig",
+    "SuLoRAConfig",
+    "SubspaceError",
+    "TSMixingConfig",
+    "TargetError",
+    "TriLoRAConfig",
+    "active_adapters",
+    "adapter_layers",
+    "adapter_state_dict",
+    "aux_loss",
+    "base_fingerprint",
+    "config_for",
+    "convert_adapter",
+    "convert_official_moslora",
+    "describe_adapter",
+    "disable_adapters",
+    "enable_adapters",
+    "export_diffusers",
+    "export_dora_peft",
+    "export_kohya",
+    "export_peft",
+    "forward_context",
+    "get_method",
+    "get_recipe",
+    "import_dora_peft",
+    "import_kohya",
+    "import_moslora",
+    "import_peft",
+    "inject",
+    "iter_adapters",
+    "list_adapters",
+    "list_methods",
+    "list_presets",
+    "list_recipes",
+    "llava_config",
+    "load_4bit",
+    "load_adapter",
+    "lora_factors",
+    "lora_state_dict",
+    "merge",
+    "merge_and_unload",
+    "prepare_for_kbit_training",
+    "print_trainable_parameters",
+    "quantize_model_4bit",
+    "read_adapter_config",
+    "register_method",
+    "register_preset",
+    "remove_adapter",
+    "routing",
+    "save_adapter",
+    "set_adapter",
+    "set_scale",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

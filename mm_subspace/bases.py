@@ -3,7 +3,9 @@
 An :class:`AdapterLayer` never touches its base module directly: it asks the module's
 :class:`BaseKind` for ``in_features``/``out_features``, the dense weight (dequantised if need be) and
 how to write a merged weight back. Supporting a new base type (bitsandbytes ``Linear4bit``, fused
-q/k/v projections) means registering one more small reader here, not subclassing the layer.
+q/k/v projections) means registering one more small reader, not subclassing the layer. This module
+imports no reader of another module: :mod:`mm_subspace.inject` registers those of
+:mod:`mm_subspace.fused` and :mod:`mm_subspace.quant`.
 """
 
 from __future__ import annotations
@@ -94,8 +96,7 @@ def supported_types() -> list[str]:
 
 
 register_base(LinearKind())
-# kinds shipped in their own modules (bitsandbytes Linear4bit, nn.MultiheadAttention); cheap imports,
-# bitsandbytes itself is only imported when such a layer is met
-from . import fused as _fused, quant as _quant  # noqa: E402,F401
+# the kinds in their own modules (nn.MultiheadAttention in mm_subspace.fused, bitsandbytes Linear4bit
+# in mm_subspace.quant) are registered by mm_subspace.inject, which sits above all three
 
 __all__ = ["BaseKind", "LinearKind", "register_base", "find_base", "supported_types"]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ConfigError, SubspaceError
-from .interop import FORMATS, KOHYA_PREFIX
+from .formats import FORMATS, KOHYA_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_output(out: str, force: bool, *inputs: str, nested: bool = True) -> None:
     """Refuse an output that is an input (``nested``: or inside/around one), and an existing non-empty one without --force."""
-    from .interop import refuse_overlapping_paths
+    from .formats import refuse_overlapping_paths
 
     for source in inputs:
         if nested:
@@ -122,10 +122,10 @@ def _check_output(out: str, force: bool, *inputs: str, nested: bool = True) -> N
 
 # -- commands -------------------------------------------------------------------------------------
 def _inspect(args: argparse.Namespace) -> int:
-    from .interop import adapter_components, describe_adapter
+    from .formats import adapter_components, describe_adapter
 
     folders = adapter_components(args.dir)
-    described = {str(c) if c else "model": describe_adapter(f) for c, f in folders.items()}
+    described = {str(c) if c else "model": describe_adapter(f).as_dict() for c, f in folders.items()}
     if args.json:
         print(json.dumps(described if len(described) > 1 else next(iter(described.values())), indent=2))
         return 0
@@ -144,7 +144,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .interop import convert_adapter
+    from .formats import convert_adapter
 
     _check_output(args.out, args.force, args.dir)
     out = convert_adapter(args.dir, args.out, args.to, component=args.component,
@@ -154,7 +154,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import_moslora(args: argparse.Namespace) -> int:
-    from .interop import convert_official_moslora
+    from .formats import convert_official_moslora
 
     _check_output(args.out, args.force, args.src)
     out = convert_official_moslora(args.src, args.out, to=args.to, component=args.component,
@@ -218,7 +218,7 @@ def _from_pretrained(cls: Any, folder: Path, config_path: Path) -> Any:
 
 def _merge(args: argparse.Namespace) -> int:
     from .inject import merge_and_unload
-    from .interop import adapter_components
+    from .formats import adapter_components
     from .io import base_fingerprint, load_adapter, read_adapter_config
 
     base_dir, out = Path(args.base), Path(args.out)

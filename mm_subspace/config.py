@@ -10,49 +10,31 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from .errors import ConfigError
+from .patterns import compile_pattern, pattern_matches
 
 TargetSpec = str | list[str] | tuple[str, ...] | None
 
-#: regular expressions in configs (targets, rank_pattern, alpha_pattern, fused_slices keys) are
-#: matched by the ``regex`` engine with this timeout per match (seconds), and may be this long at most:
-#: a pattern read from a file can never hang a loader (Python's ``re`` has no timeout)
-PATTERN_TIMEOUT = 0.5
-MAX_PATTERN_LENGTH = 1000
 
+def check_choice(what: str, value: Any, choices: Iterable[Any], allow_none: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of ``choices`` (or ``None`` with ``allow_none``).
 
-def compile_pattern(pattern: Any, what: str = "pattern") -> Any:
-    """Compile a config regex with the ``regex`` engine; a non-string, over-long or invalid one is a :class:`ConfigError`."""
-    import regex
-
-    if not isinstance(pattern, str):
-        raise ConfigError(f"{what} must be a string (a regular expression), got {type(pattern).__name__} {pattern!r:.80}")
-    if len(pattern) > MAX_PATTERN_LENGTH:
-        raise ConfigError(f"{what} is {len(pattern)} characters long; at most {MAX_PATTERN_LENGTH} are allowed")
-    try:
-        return regex.compile(pattern)
-    except (regex.error, ValueError, TypeError, OverflowError, RecursionError) as err:
-        raise ConfigError(f"{what} {pattern!r:.120} is not a valid regular expression: {err}") from None
-
-
-def pattern_matches(pattern: str, name: str, what: str = "pattern", full: bool = True) -> bool:
-    """Whether ``pattern`` matches ``name`` (``full``: the whole name, else from its start), bounded in time.
-
-    Raises:
-        ConfigError: the pattern is invalid, or needs more than :data:`PATTERN_TIMEOUT` seconds
-            (catastrophic backtracking, e.g. nested quantifiers such as ``(a+)+``).
+    The message names ``what`` (e.g. ``"moslora: mixer_init"``), the allowed values and the value given.
     """
-    compiled = compile_pattern(pattern, what)
+    allowed = tuple(sorted(choices) if isinstance(choices, dict) else choices)
+    if value is None and allow_none:
+        return
     try:
-        found = (compiled.fullmatch if full else compiled.match)(name, timeout=PATTERN_TIMEOUT)
-    except TimeoutError:
-        raise ConfigError(
-            f"{what} {pattern!r:.120} needs more than {PATTERN_TIMEOUT}s to match {name!r:.80} (catastrophic "
-            "backtracking, e.g. nested quantifiers like (a+)+); simplify it, or list module names instead"
-        ) from None
-    return found is not None
+        ok = value in allowed
+    except TypeError:
+        ok = False
+    if not ok:
+        none = "None or " if allow_none else ""
+        raise ConfigError(f"{what} must be {none}one of {allowed}, got {value!r}")
+
 #: slices of a fused projection that can carry their own adapter (``o``: nn.MultiheadAttention's out_proj)
 FUSED_PARTS = ("q", "k", "v", "o")
 
@@ -80,6 +62,9 @@ class AdapterConfig:
     method: ClassVar[str] = ""
     #: methods whose layers hold an A·B pair; MPC constraints and plain-LoRA export need it
     low_rank: ClassVar[bool] = True
+    #: methods that keep a per-row weight magnitude (DoRA Eq. 5): PEFT's ``use_dora`` layout carries it,
+    #: plain LoRA / kohya files have no slot for it
+    has_magnitude: ClassVar[bool] = False
 
     rank: int = field(default=8, metadata={"help": "inner rank r of the low-rank factors"})
     alpha: float = field(default=8.0, metadata={"help": "scale numerator: ΔW is scaled by alpha / rank"})
@@ -240,11 +225,7 @@ class LowRankConfig(AdapterConfig):
         super().__post_init__()
         from .losses import ACTIVATIONS
 
-        if self.mpc is not None and self.mpc not in MPC_MODES:
-            raise ConfigError(f"{self.method}: mpc must be None or one of {MPC_MODES}, got {self.mpc!r}")
+        check_choice(f"{self.method}: mpc", self.mpc, MPC_MODES, allow_none=True)
         if isinstance(self.mpc_coef, bool) or not isinstance(self.mpc_coef, (int, float)) or self.mpc_coef < 0:
             raise ConfigError(f"{self.method}: mpc_coef must be a number >= 0, got {self.mpc_coef!r}")
-        if self.mpc_activation not in ACTIVATIONS:
-            raise ConfigError(
-                f"{self.method}: mpc_activation {self.mpc_activation!r} is not one of {sorted(ACTIVATIONS)}"
-            )
+        check_choice(f"{self.method}: mpc_activation", self.mpc_activation, ACTIVATIONS)

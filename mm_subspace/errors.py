@@ -46,4 +46,5 @@ class ShippedModelError(SubspaceError, RuntimeError):
 
 
 class DataError(SubspaceError, ValueError):
-    """A training record is malformed (image/``<image>`` mismatch, missing file, bad turns, ...)."""
+    """Training data is malformed: a data set (missing images, captions, columns) or a record (image/``<image>``
+    mismatch, missing file, bad turns, ...)."""

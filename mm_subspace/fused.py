@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bases import BaseKind, register_base
+from .bases import BaseKind
 from .config import FUSED_PARTS, AdapterConfig
 from .errors import MergeError, TargetError
 from .layer import Adapter, AdapterLayer, ModelState
 
 
-class _Part:
+class FusedPart:
     """Rows ``start:stop`` of a module's dense weight, presented to an adapter as a Linear of its own."""
 
     def __init__(self, module: nn.Module, kind: BaseKind, start: int, stop: int) -> None:
@@ -54,34 +54,34 @@ class _Part:
 
 
 class PartKind(BaseKind):
-    """Reader for a :class:`_Part`: the parent kind's reader restricted to a block of rows."""
+    """Reader for a :class:`FusedPart`: the parent kind's reader restricted to a block of rows."""
 
     name = "fused_part"
 
     def matches(self, module: Any) -> bool:
-        return isinstance(module, _Part)
+        return isinstance(module, FusedPart)
 
-    def in_features(self, part: _Part) -> int:
+    def in_features(self, part: FusedPart) -> int:
         return part.kind.in_features(part.module)
 
-    def out_features(self, part: _Part) -> int:
+    def out_features(self, part: FusedPart) -> int:
         return part.stop - part.start
 
-    def weight(self, part: _Part) -> torch.Tensor:
+    def weight(self, part: FusedPart) -> torch.Tensor:
         return part.weight
 
-    def set_weight(self, part: _Part, weight: torch.Tensor) -> None:
+    def set_weight(self, part: FusedPart, weight: torch.Tensor) -> None:
         full = part.kind.weight(part.module).clone()
         full[part.start : part.stop] = weight.to(full.dtype)
         part.kind.set_weight(part.module, full)
 
-    def device(self, part: _Part) -> torch.device:
+    def device(self, part: FusedPart) -> torch.device:
         return part.kind.device(part.module)
 
-    def float_dtype(self, part: _Part) -> torch.dtype:
+    def float_dtype(self, part: FusedPart) -> torch.dtype:
         return part.kind.float_dtype(part.module)
 
-    def has_bias(self, part: _Part) -> bool:
+    def has_bias(self, part: FusedPart) -> bool:
         return part.bias is not None
 
 
@@ -91,58 +91,8 @@ PART_KIND = PartKind()
 class _PartView:
     """What a slice adapter is attached to: ``kind`` + ``base_layer``, like an AdapterLayer."""
 
-    def __init__(self, part: _Part) -> None:
+    def __init__(self, part: FusedPart) -> None:
         self.kind, self.base_layer = PART_KIND, part
-
-
-# -- which rows are fused ------------------------------------------------------------------------------
-def fused_rows(kind: BaseKind, module: nn.Module, config: AdapterConfig, module_name: str) -> dict[str, tuple[int, int]] | None:
-    """Slice -> (start, stop) rows adapted separately in ``module``, or ``None`` for one adapter on all of W.
-
-    Raises:
-        TargetError: the slices asked for do not exist, or a fused Linear's rows do not split in three.
-    """
-    asked = config.slices_for(module_name)
-    layout = kind.fused_layout(module) if hasattr(kind, "fused_layout") else None
-    if layout is None:
-        if asked is None:
-            return None
-        out = kind.out_features(module)
-        if out % 3:
-            raise TargetError(
-                f"fused_slices asks for {asked} in {module_name!r}, but its {out} output rows do not split into "
-                "equal q, k, v thirds; drop it from fused_slices (the whole matrix is then adapted as one)"
-            )
-        d = out // 3
-        layout = {p: (i * d, (i + 1) * d) for i, p in enumerate(("q", "k", "v"))}
-    chosen = list(layout) if asked is None else asked
-    missing = [p for p in chosen if p not in layout]
-    if missing:
-        raise TargetError(
-            f"{module_name!r} ({type(module).__name__}) has fused slices {list(layout)}, not {missing}; "
-            f"set fused_slices to a subset of {list(layout)}"
-        )
-    return {p: layout[p] for p in FUSED_PARTS if p in chosen}
-
-
-def check_adapter(kind: BaseKind, adapter_cls: type[Adapter], module: nn.Module, config: AdapterConfig, module_name: str) -> None:
-    """``adapter_cls.validate`` on ``module``, or on each fused slice it will adapt (before any mutation)."""
-    if hasattr(kind, "check"):
-        kind.check(module, module_name)
-    rows = fused_rows(kind, module, config, module_name)
-    if rows is None:
-        adapter_cls.validate(kind, module, config, module_name)
-        return
-    for start, stop in rows.values():
-        adapter_cls.validate(PART_KIND, _Part(module, kind, start, stop), config, module_name)
-
-
-def build_adapter(kind: BaseKind, adapter_cls: type[Adapter], module: nn.Module, config: AdapterConfig, module_name: str) -> Adapter:
-    """The adapter for ``module``: ``adapter_cls`` itself, or a :class:`FusedAdapter` of one per slice."""
-    rows = fused_rows(kind, module, config, module_name)
-    if rows is None:
-        return adapter_cls(kind, module, config, module_name)
-    return FusedAdapter(adapter_cls, kind, module, config, module_name, rows)
 
 
 # -- the adapter ---------------------------------------------------------------------------------------
@@ -169,7 +119,7 @@ class FusedAdapter(Adapter):
         self.exportable = getattr(kind, "fused_layout", None) is None
         self.parts = nn.ModuleDict()
         for p, (start, stop) in rows.items():
-            part = _Part(base, kind, start, stop)
+            part = FusedPart(base, kind, start, stop)
             self.parts[p] = adapter_cls(PART_KIND, part, config, module_name)
             self.parts[p].attach(_PartView(part))
         adapters = list(self.parts.values())
@@ -440,14 +390,11 @@ class MultiheadAttentionLayer(AdapterLayer):
         return out, weights
 
 
-register_base(MultiheadAttentionKind())
-
 __all__ = [
     "FusedAdapter",
     "MultiheadAttentionKind",
     "MultiheadAttentionLayer",
     "PartKind",
-    "build_adapter",
-    "check_adapter",
-    "fused_rows",
+    "FusedPart",
+    "PART_KIND",
 ]

@@ -17,14 +17,27 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .bases import find_base, supported_types
-from .config import AdapterConfig, compile_pattern, pattern_matches
+from . import presets
+from .bases import BaseKind, find_base, register_base, supported_types
+from .config import FUSED_PARTS, AdapterConfig
 from .errors import AdapterStateError, ConfigError, MergeError, TargetError
+from .fused import PART_KIND, FusedAdapter, FusedPart, MultiheadAttentionKind
 from .layer import Adapter, AdapterLayer, ModelState, batch_dim_of
+from .patterns import compile_pattern, pattern_matches
+from .presets import with_preset_defaults
+from .quant import Linear4bitKind
 from .registry import get_method
+from .targets import base_of, candidate_modules
 
 logger = logging.getLogger(__name__)
 STATE_ATTR = "_mm_subspace_state"
+
+# The base kinds beyond nn.Linear (which mm_subspace.bases registers itself), registered here, in the
+# one module above bases, fused and quant that every user of find_base imports: the readers live in
+# their own modules and bases imports none of them. Each goes first, so the more specific type wins
+# (Linear4bit is an nn.Linear subclass). bitsandbytes is only imported when such a layer is met.
+register_base(MultiheadAttentionKind())
+register_base(Linear4bitKind())
 
 
 # -- lookup helpers ---------------------------------------------------------------------------------
@@ -54,19 +67,6 @@ def iter_adapters(model: nn.Module, adapter_name: str | None = None) -> Iterator
                 yield name, adapter
 
 
-def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Module names a target can match: wrapped layers count under their own name, never their insides."""
-    found: dict[str, nn.Module] = {}
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p) for p in skip):
-            continue
-        found[name] = module
-        if isinstance(module, AdapterLayer):
-            skip.append(name + ".")
-    return found
-
-
 def _hint(target: str, names: list[str]) -> str:
     leaves = sorted({n.split(".")[-1] for n in names} | {".".join(n.split(".")[-2:]) for n in names})
     close = difflib.get_close_matches(target, leaves, n=3, cutoff=0.6)
@@ -75,9 +75,7 @@ def _hint(target: str, names: list[str]) -> str:
 
 def resolve_targets(model: nn.Module, targets: Any) -> list[str]:
     """Full names of the modules ``targets`` selects (preset name, regex, or list of names/suffixes)."""
-    from . import presets
-
-    modules = _candidate_modules(model)
+    modules = candidate_modules(model)
     names = list(modules)
     if targets is None or (isinstance(targets, (list, tuple)) and not targets):
         raise ConfigError(
@@ -112,10 +110,6 @@ def resolve_targets(model: nn.Module, targets: Any) -> list[str]:
     return matched
 
 
-def _base_of(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, AdapterLayer) else module
-
-
 # -- inject -----------------------------------------------------------------------------------------
 def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
     """Add adapter ``adapter_name`` described by ``config`` to ``model`` in place, and freeze the base.
@@ -133,9 +127,6 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
         raise ConfigError(f"config must be an AdapterConfig (e.g. mm_subspace.MoSLoRAConfig), got {type(config).__name__}")
     check_adapter_name(adapter_name)
     _refuse_peft_model(model)
-    from .fused import build_adapter, check_adapter
-    from .presets import with_preset_defaults
-
     config = with_preset_defaults(config)
     adapter_cls = get_method(config.method)
     state = get_state(model, required=False)
@@ -144,12 +135,12 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
             f"an adapter named {adapter_name!r} already exists on this model; pass another adapter_name, "
             f"or call mm_subspace.remove_adapter(model, {adapter_name!r}) first"
         )
-    modules = _candidate_modules(model)
+    modules = candidate_modules(model)
     targets = resolve_targets(model, config.targets)
     plan = []
     for name in targets:
         module = modules[name]
-        base = _base_of(module)
+        base = base_of(module)
         kind = find_base(base)
         if kind is None:
             raise TargetError(
@@ -186,6 +177,57 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
         _refresh_trainable(model, state)
     logger.info("injected %s adapter %r into %d modules", config.method, adapter_name, len(plan))
     return model
+
+
+# -- which rows are fused ------------------------------------------------------------------------------
+def fused_rows(kind: BaseKind, module: nn.Module, config: AdapterConfig, module_name: str) -> dict[str, tuple[int, int]] | None:
+    """Slice -> (start, stop) rows adapted separately in ``module``, or ``None`` for one adapter on all of W.
+
+    Raises:
+        TargetError: the slices asked for do not exist, or a fused Linear's rows do not split in three.
+    """
+    asked = config.slices_for(module_name)
+    layout = kind.fused_layout(module) if hasattr(kind, "fused_layout") else None
+    if layout is None:
+        if asked is None:
+            return None
+        out = kind.out_features(module)
+        if out % 3:
+            raise TargetError(
+                f"fused_slices asks for {asked} in {module_name!r}, but its {out} output rows do not split into "
+                "equal q, k, v thirds; drop it from fused_slices (the whole matrix is then adapted as one)"
+            )
+        d = out // 3
+        layout = {p: (i * d, (i + 1) * d) for i, p in enumerate(("q", "k", "v"))}
+    chosen = list(layout) if asked is None else asked
+    missing = [p for p in chosen if p not in layout]
+    if missing:
+        raise TargetError(
+            f"{module_name!r} ({type(module).__name__}) has fused slices {list(layout)}, not {missing}; "
+            f"set fused_slices to a subset of {list(layout)}"
+        )
+    return {p: layout[p] for p in FUSED_PARTS if p in chosen}
+
+
+def check_adapter(kind: BaseKind, adapter_cls: type[Adapter], module: nn.Module, config: AdapterConfig, module_name: str) -> None:
+    """``adapter_cls.validate`` on ``module``, or on each fused slice it will adapt (before any mutation)."""
+    if hasattr(kind, "check"):
+        kind.check(module, module_name)
+    rows = fused_rows(kind, module, config, module_name)
+    if rows is None:
+        adapter_cls.validate(kind, module, config, module_name)
+        return
+    for start, stop in rows.values():
+        adapter_cls.validate(PART_KIND, FusedPart(module, kind, start, stop), config, module_name)
+
+
+def build_adapter(kind: BaseKind, adapter_cls: type[Adapter], module: nn.Module, config: AdapterConfig, module_name: str) -> Adapter:
+    """The adapter for ``module``: ``adapter_cls`` itself, or a :class:`FusedAdapter` of one per slice."""
+    rows = fused_rows(kind, module, config, module_name)
+    if rows is None:
+        return adapter_cls(kind, module, config, module_name)
+    return FusedAdapter(adapter_cls, kind, module, config, module_name, rows)
+
 
 
 #: names an adapter cannot have: attributes of the nn.ModuleDict that holds adapters by name
@@ -424,6 +466,32 @@ def forward_context(model: nn.Module, adapter_rows: list[str | None] | None = No
     state.context = context
     try:
         yield
+    finally:
+        state.context = before
+
+
+@contextlib.contextmanager
+def routing(model: nn.Module, route_mask: torch.Tensor | None, cache: bool = True) -> Iterator[dict[Any, Any] | None]:
+    """The one routing rule for training and generation: route once per sequence, on its prompt.
+
+    Inside this context every SuLoRA layer of ``model`` summarises its input over the ``route_mask``
+    tokens (batch, seq) — :func:`mm_subspace.methods.sulora.prompt_route_mask` — instead of over all tokens of the call. With
+    ``cache=True`` (generation) the first call's choice is kept and reused by the later calls, so the
+    KV-cache decode steps (one token each) use the choice made on the prompt in the prefill. Because the
+    LM is causal, the prompt positions' inputs are the same in a teacher-forced training forward over
+    prompt + answer as in the prefill, so training (``cache=False``, mask from the labels) and
+    ``generate`` (``cache=True``, mask = the prompt's attention mask) route identically — tested in
+    ``tests/test_visual_instruction.py``. The context is merged into the current forward context
+    (per-row ``adapter_rows`` keep working); yields the cache dict (or ``None``).
+    """
+    from .methods.sulora import ROUTE_CACHE, ROUTE_MASK
+
+    state = get_state(model)
+    before = state.context
+    store: dict[Any, Any] | None = {} if cache else None
+    state.context = {**before, ROUTE_MASK: route_mask, ROUTE_CACHE: store}
+    try:
+        yield store
     finally:
         state.context = before
 

@@ -16,26 +16,43 @@ Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
-import re
-import shutil
-import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import AdapterConfig
-from .errors import AdapterFileError, ConfigError, IncompatibleAdapterError, SubspaceError
-from .inject import _candidate_modules, _base_of, get_state, inject, iter_adapters, set_adapter
-from .inject import check_adapter_name, rollback, trainable_module_state
+from .atomic import (
+    atomic_paths,
+    file_errors,
+    leftovers,
+    register_repair,
+    sha256_file,
+)
 from .bases import find_base
+from .config import AdapterConfig
+from .errors import (
+    AdapterFileError,
+    ConfigError,
+    IncompatibleAdapterError,
+    SubspaceError,
+)
+from .inject import (
+    check_adapter_name,
+    get_state,
+    inject,
+    iter_adapters,
+    rollback,
+    set_adapter,
+    trainable_module_state,
+)
+from .targets import base_of, candidate_modules
 
 logger = logging.getLogger(__name__)
 
@@ -45,100 +62,12 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def file_errors(func: Callable) -> Callable:
-    """Decorator for loaders/importers: a non-:class:`SubspaceError` raised while reading a hostile or
-    broken file (bad JSON nesting, huge ints, wrong field types, a folder where a file belongs, odd
-    tensor ranks) becomes an :class:`AdapterFileError` naming the path. Bugs in the caller's model
-    are not the file's fault, but a loader's contract is to raise only ``SubspaceError``."""
-    import functools
-    import inspect
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors save of contiguous CPU copies (shared storage and views are not allowed there)."""
+    from safetensors.torch import save_file
 
-    signature = inspect.signature(func)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except SubspaceError:
-            raise
-        except (ValueError, TypeError, LookupError, AttributeError, RecursionError, OSError, UnicodeError,
-                ArithmeticError, NotImplementedError) as err:
-            try:
-                bound = signature.bind_partial(*args, **kwargs).arguments
-            except TypeError:
-                bound = {}
-            path = next((bound[k] for k in ("path", "src", "folder", "dir") if k in bound), None)
-            where = f"{func.__name__}({str(path) if path is not None else ''})"
-            if isinstance(err, OSError):  # permissions, a folder where a file belongs, a full disk
-                raise AdapterFileError(f"{where}: {type(err).__name__}: {err}") from err
-            raise AdapterFileError(
-                f"{where}: the input cannot be read ({type(err).__name__}: {str(err)[:300]}); it is corrupt, "
-                "hand-edited or not in the expected format"
-            ) from err
-
-    return wrapper
-
-
-# -- atomic files ---------------------------------------------------------------------------------
-#: our temporary / backup names: ".<target>.tmp-<pid>-<8 hex>" and the same + ".old"
-_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}(?P<old>\.old)?$")
-
-
-def _fs_step(label: str) -> None:
-    """Called before every file operation of an atomic write (``label`` names it); a no-op.
-
-    The kill-at-every-point test replaces it to stop the process between any two operations.
-    """
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    if os.name != "posix":
-        return True  # no cheap liveness test: leftovers are then removed by age (see leftovers())
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
-        return True
-    return True
-
-
-def leftovers(folder: Path, targets: list[str] | None = None, stale_only: bool = False) -> list[Path]:
-    """Temporary/backup files of our own naming in ``folder`` (for ``targets`` names, default all).
-
-    ``stale_only``: only those whose writing process is gone (POSIX), or older than an hour (elsewhere).
-    """
-    import time
-
-    found = []
-    with contextlib.suppress(OSError):
-        for path in folder.iterdir():
-            m = _LEFTOVER.match(path.name)
-            if not m or (targets is not None and m["target"] not in targets) or not path.is_file():
-                continue
-            if stale_only:
-                pid = int(m["pid"])
-                if os.name == "posix" and _pid_alive(pid):
-                    continue
-                if os.name != "posix" and time.time() - path.stat().st_mtime < 3600:
-                    continue
-            found.append(path)
-    return sorted(found)
-
-
-def _tidy(folder: Path, targets: list[str]) -> None:
-    """Before writing ``targets`` in ``folder``: repair an interrupted adapter save, then delete stale leftovers."""
-    stale = leftovers(folder, targets, stale_only=True)
-    if not stale:
-        return
-    if WEIGHTS_NAME in targets or CONFIG_NAME in targets:
-        _repair_pair(folder)
-    for path in leftovers(folder, targets, stale_only=True):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-    logger.info("removed %d leftover file(s) of interrupted saves in %s", len(stale), folder)
 
 
 def _repair_pair(folder: Path) -> None:
@@ -157,97 +86,8 @@ def _repair_pair(folder: Path) -> None:
             return
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
-
-@contextlib.contextmanager
-def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
-    """Yield temporary paths beside ``targets``; on success rename each onto its target, in order.
-
-    On any exception the temporaries are deleted and the targets are untouched — also when a rename
-    fails after an earlier target was already replaced: that one is put back from a hard link of its
-    old content (so weights and config never end up from two different saves). The old content
-    stays under a backup name until the last rename is done, so a process killed between two
-    renames leaves the previous set recoverable (:func:`load_adapter` does it for adapters);
-    leftovers of killed writers are deleted by the next write into the same folder.
-    """
-    for folder in dict.fromkeys(t.parent for t in targets):
-        _tidy(folder, [t.name for t in targets if t.parent == folder])
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    temps = [t.with_name(f".{t.name}.tmp-{tag}") for t in targets]
-    olds = [tmp.with_name(tmp.name + ".old") for tmp in temps]
-    done: list[tuple[Path, Path | None]] = []
-    try:
-        _fs_step("write")
-        yield temps
-        for tmp in temps:
-            _fs_step(f"fsync {tmp.name}")
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-        for tmp, target, old in zip(temps, targets, olds):
-            _fs_step(f"backup {target.name}")
-            kept = _keep_old(target, old)
-            _fs_step(f"replace {target.name}")
-            os.replace(tmp, target)
-            done.append((target, kept))
-        for folder in dict.fromkeys(t.parent for t in targets):
-            _fs_step("fsync dir")
-            _fsync_dir(folder)
-    except BaseException:
-        for target, kept in reversed(done):  # roll back the renames already made
-            if kept is None:
-                target.unlink()
-            else:
-                os.replace(kept, target)
-        raise
-    finally:
-        for tmp in temps + olds:
-            if tmp.exists():
-                _fs_step(f"unlink {tmp.name.split('.tmp-')[0]}{'.old' if tmp.name.endswith('.old') else ''}")
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-
-
-def _keep_old(target: Path, old: Path) -> Path | None:
-    """Make ``old`` a second name (hard link, else a copy) of ``target``'s current content; None if absent."""
-    if not target.exists():
-        return None
-    try:
-        os.link(target, old)
-    except OSError:
-        shutil.copyfile(target, old)
-    return old
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file + rename)."""
-    with atomic_paths(Path(path)) as (tmp,):
-        tmp.write_text(text, encoding="utf-8")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors save of contiguous CPU copies (shared storage and views are not allowed there)."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+register_repair((WEIGHTS_NAME, CONFIG_NAME), _repair_pair)
 
 
 # -- fingerprint --------------------------------------------------------------------------------------
@@ -262,10 +102,10 @@ def base_fingerprint(model: nn.Module) -> str:
 
 
 def module_signature(model: nn.Module, names: list[str]) -> dict[str, dict[str, Any]]:
-    modules = _candidate_modules(model)
+    modules = candidate_modules(model)
     out = {}
     for name in names:
-        base = _base_of(modules[name])
+        base = base_of(modules[name])
         kind = find_base(base)
         out[name] = {"kind": kind.name, "in": kind.in_features(base), "out": kind.out_features(base)}
     return out
@@ -292,7 +132,7 @@ def save_adapter(
     _writer: Callable[[dict[str, torch.Tensor], Path], None] = save_tensors,
 ) -> Path:
     """Save adapter ``adapter_name`` of ``model`` to ``save_directory`` (created if needed), atomically."""
-    from . import __version__
+    from ._version import __version__
 
     state = get_state(model)
     if adapter_name not in state.configs:
@@ -422,7 +262,7 @@ def read_adapter_weights(folder: str | os.PathLike, meta: dict[str, Any]) -> dic
 
 def check_compatible(model: nn.Module, modules: dict[str, dict[str, Any]], where: str = "adapter") -> None:
     """Raise :class:`IncompatibleAdapterError` unless every module exists in ``model`` with the same shape."""
-    present = _candidate_modules(model)
+    present = candidate_modules(model)
     missing = [n for n in modules if n not in present]
     problems = []
     if missing:
@@ -430,7 +270,7 @@ def check_compatible(model: nn.Module, modules: dict[str, dict[str, Any]], where
     for name, sig in modules.items():
         if name in missing:
             continue
-        base = _base_of(present[name])
+        base = base_of(present[name])
         kind = find_base(base)
         if kind is None:
             problems.append(f"{name!r} is a {type(base).__name__}, not a layer type we can wrap")

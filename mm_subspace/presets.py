@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .config import check_choice
 from .errors import ConfigError, TargetError
+from .targets import candidate_modules
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,7 @@ class Preset:
 
     def resolve(self, model: nn.Module) -> list[str]:
         """Full names of ``model``'s modules this preset adapts; a clear error if there are none."""
-        from .inject import _candidate_modules
-
-        names = list(_candidate_modules(model))
+        names = list(candidate_modules(model))
         found = [n for n in names if self.matches(n)]
         if not found:
             leaves = sorted({n.split(".")[-1] for n in names if not n.split(".")[-1].isdigit()})
@@ -100,7 +100,7 @@ register_preset(Preset(
     "script with --train_text_encoder). Inject into text_encoder and text_encoder_2 separately.",
 ))
 
-# -- wider SDXL, ViTs, LLaVA (issue 5) ------------------------------------------------------------------
+# -- wider SDXL, ViTs, LLaVA ------------------------------------------------------------------
 SDXL_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 
 register_preset(Preset(
@@ -143,16 +143,13 @@ register_preset(Preset(
 ))
 
 LLAVA_LM = r"language_model\.(.*\.)?(q|k|v|o|gate|up|down)_proj"
-LLAVA_VISION_ATTN = r"vision_tower\.(.*\.)?self_attn\.(q|k|v|out)_proj"
 LLAVA_VISION = r"vision_tower\.(.*\.)?(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
 LLAVA_PROJECTOR = r"multi_modal_projector\.linear_[12]"
 VIT_LINEARS = ("out_proj", "fc1", "fc2")
 LLAVA_SUFFIXES = LLAMA_ATTN + LLAMA_MLP + VIT_LINEARS
 
-# issue 12 item 7: ``llava`` used to adapt the projector and only the ViT attention while crediting MoSLoRA §4.2.
-# The paper (§4.2) keeps XTuner's pretrained projector and its XTuner configs adapt every ViT linear
-# (find_all_linear_names: q,k,v,out_proj and mlp.fc1/fc2), so ``llava`` is now that set; the old one is
-# ``llava_attn_projector``.
+# The MoSLoRA paper (§4.2) keeps XTuner's pretrained projector and its XTuner configs adapt every ViT linear
+# (find_all_linear_names: q,k,v,out_proj and mlp.fc1/fc2), so ``llava`` is that set.
 register_preset(Preset(
     "llava", LLAVA_SUFFIXES,
     "LLaVA (transformers LlavaForConditionalGeneration) as in the MoSLoRA paper (§4.2, Table 8, App. B.2): the "
@@ -166,21 +163,10 @@ register_preset(Preset(
     include=rf"({LLAVA_LM}|{LLAVA_VISION})$",
 ))
 register_preset(Preset(
-    "llava_no_projector", LLAVA_SUFFIXES,
-    "Same modules as llava (which no longer adapts the projector); kept so configs naming it keep working.",
-    include=rf"({LLAVA_LM}|{LLAVA_VISION})$",
-))
-register_preset(Preset(
     "llava_projector", LLAVA_SUFFIXES + ("linear_1", "linear_2"),
     "llava plus LoRA-style adapters on the multimodal projector linear_1/linear_2 (llava_config(projector='adapt')). "
     "Not the paper's setting (it keeps the pretrained projector).",
     include=rf"({LLAVA_LM}|{LLAVA_VISION}|{LLAVA_PROJECTOR})$",
-))
-register_preset(Preset(
-    "llava_attn_projector", LLAMA_ATTN + LLAMA_MLP + ("out_proj", "linear_1", "linear_2"),
-    "The llava preset before issue 12: LLM projections, vision-tower attention only (no fc1/fc2) and the projector "
-    "adapted. Kept for reproducing adapters trained with it.",
-    include=rf"({LLAVA_LM}|{LLAVA_VISION_ATTN}|{LLAVA_PROJECTOR})$",
 ))
 
 PROJECTOR_MODES = ("adapt", "train", "freeze")
@@ -212,8 +198,7 @@ def llava_config(
     """
     from .registry import get_method
 
-    if projector not in PROJECTOR_MODES:
-        raise ConfigError(f"projector must be one of {PROJECTOR_MODES}, got {projector!r}")
+    check_choice("projector", projector, PROJECTOR_MODES)
     rank_pattern = {r"vision_tower\..*": vision_rank, **kwargs.pop("rank_pattern", {})}
     alpha_pattern = {r"vision_tower\..*": vision_alpha, **kwargs.pop("alpha_pattern", {})}
     trainable = list(kwargs.pop("trainable_modules", []))
@@ -233,7 +218,7 @@ def llava_config(
     )
 
 
-# -- InternLM2 (issue 12 item 7) ----------------------------------------------------------------------------
+# -- InternLM2 ----------------------------------------------------------------------------
 # InternLM2 (internlm/internlm2-chat-7b, HF remote code) names: model.layers.N.attention.wqkv / .wo and
 # model.layers.N.feed_forward.w1 / w2 / w3 (w1 = gate, w3 = up, w2 = down). wqkv is fused in a grouped-query
 # layout — per key/value head, [q heads of the group; k; v] interleaved — not the [Q; K; V] thirds that
@@ -257,7 +242,7 @@ register_preset(Preset(
     include=rf"({INTERNLM2_LM}|{VISION_TOWER_ANY})$",
 ))
 
-# -- q,v-only and encoder presets for the SuLoRA and survey recipes (issue 16) --------------------------
+# -- q,v-only and encoder presets for the SuLoRA and survey recipes --------------------------
 register_preset(Preset(
     "llama_qv", ("q_proj", "v_proj"),
     "W_Q and W_V of every LLaMA attention layer — the SuLoRA paper's choice in all its experiments (§4.3, after "

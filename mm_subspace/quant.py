@@ -11,7 +11,7 @@ r=512, α=256; §4.2, Table 5 and Appendix B.2).
 * Merge dequantises, merges and requantises (as PEFT does). It is lossy: the merged layer carries
   a second quantisation error and unmerge restores W only up to that error (a warning says so).
   For an exact deployable model, export the adapter and merge it into the full-precision base.
-* The kind is registered when :mod:`mm_subspace` is imported, without importing bitsandbytes:
+* The kind is registered by :mod:`mm_subspace.inject` (so on ``import mm_subspace``), without importing bitsandbytes:
   a module can only be a ``Linear4bit`` if bitsandbytes is already loaded.
 * CPU pitfall (``/work/shared/ENVIRONMENT.md``): on CPUs with AVX512-BF16 the first eval no-grad
   forward repacks the weights, after which small layers crash and training silently loses
@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bases import BaseKind, register_base
+from .bases import BaseKind
+from .compat import enable_activation_checkpointing
+from .config import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +148,6 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
                 if param.is_floating_point() and param.dtype != torch.float32:
                     param.data = param.data.float()
     if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        from .training_utils import enable_activation_checkpointing  # not at the top: training_utils -> bases -> quant
-
         enable_activation_checkpointing(model)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
@@ -160,10 +160,8 @@ def bnb_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype
     """The transformers ``BitsAndBytesConfig`` used by :func:`load_4bit`."""
     from transformers import BitsAndBytesConfig
 
-    from .errors import ConfigError
 
-    if quant_type not in QUANT_TYPES:
-        raise ConfigError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    check_choice("quant_type", quant_type, QUANT_TYPES)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
@@ -226,10 +224,8 @@ def quantize_model_4bit(
     For models built in memory (tests, tiny configs); weights are quantised from their current values.
     """
     bnb = _bnb()
-    from .errors import ConfigError
 
-    if quant_type not in QUANT_TYPES:
-        raise ConfigError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    check_choice("quant_type", quant_type, QUANT_TYPES)
     targets = [
         (name, module) for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and not is_linear4bit(module)
@@ -280,8 +276,6 @@ def _state_tensors(state: Any) -> list[torch.Tensor]:
     tensors = [t for t in (state.absmax, state.code, getattr(state, "offset", None)) if torch.is_tensor(t)]
     return tensors + _state_tensors(getattr(state, "state2", None))
 
-
-register_base(Linear4bitKind())
 
 __all__ = [
     "Linear4bitKind",

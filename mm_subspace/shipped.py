@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ShippedModelError
-from .io import atomic_write_text
-from .io import sha256_file as _sha256
+from .atomic import atomic_write_text
+from .atomic import sha256_file as _sha256
 
 __all__ = ["WEIGHTS_DIR", "MANIFEST_NAME", "list_shipped", "read_manifest", "shipped_path", "write_manifest"]
 

@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import AdapterFileError, ConfigError, NonFiniteError, SubspaceError
+from .errors import AdapterFileError, ConfigError, NonFiniteError
 from .inject import adapter_layers, get_state
 from .layer import AdapterLayer
-from .io import CONFIG_NAME, WEIGHTS_NAME, _fsync_dir, adapter_state_dict, atomic_write_text, load_tensors_into
+from .atomic import atomic_paths, atomic_write_text, fsync_dir
+from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, load_tensors_into
 from .io import read_adapter_config, read_adapter_weights, save_adapter
 
 if TYPE_CHECKING:
@@ -65,42 +66,12 @@ def check_method_flags(args: Any, flags: tuple[str, ...] = METHOD_FLAGS) -> None
             raise ConfigError(f"--{flag} does not apply to --adapter {args.adapter}; it is a flag of {', '.join(have) or 'no method'}")
 
 
-def enable_activation_checkpointing(model: Any) -> None:
-    """Non-reentrant activation (gradient) checkpointing on a transformers model.
-
-    transformers >= 5.x names it ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` is a
-    deprecated alias there, to be removed in v6); older releases only have the old name.
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
 def check_positive(args: Any, names: list[str], allow_zero: bool = False) -> None:
     """Each flag in ``names`` that is set must be > 0 (``allow_zero``: >= 0); else a ValueError naming it."""
     for name in names:
         value = getattr(args, name)
         if value is not None and (value < 0 or (value == 0 and not allow_zero)):
             raise ValueError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-class MissingExtraError(SubspaceError, ImportError):
-    """An optional library a flag needs is not installed (the message names the pip extra)."""
-
-
-def require(module: str, flag: str, extra: str, package: str | None = None) -> Any:
-    """``importlib.import_module(module)``, or :class:`MissingExtraError` naming ``flag`` and the extra to install."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingExtraError(
-            f'{flag} needs the `{package or module}` library: pip install "mm-subspace[{extra}]" '
-            f"(or pip install {package or module})"
-        ) from None
 
 
 # -- parameters --------------------------------------------------------------------------------------
@@ -449,11 +420,11 @@ class CheckpointManager:
         if accelerator.is_main_process:
             state = {"step": step, "method": self.method, **(extra or {})}
             atomic_write_text(tmp / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():  # a re-run of the same step: replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self._rotate()
         accelerator.wait_for_everyone()
         self.last_saved = final
@@ -504,7 +475,6 @@ def save_loss_curve(history: LossHistory, path: str | os.PathLike, title: str = 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .io import atomic_paths
 
     keys = [k for k in dict.fromkeys(k for r in history.rows for k in r) if k not in ("step", "lr")]
     keys = [k for k in keys if any(r.get(k, 0.0) != 0.0 for r in history.rows)]  # e.g. no aux loss at all
@@ -544,7 +514,6 @@ def image_grid(images: Sequence[PIL.Image.Image], cols: int | None = None) -> PI
 
 def save_image_grid(images: Sequence[PIL.Image.Image], path: str | os.PathLike, cols: int | None = None) -> Path:
     """:func:`image_grid` saved as PNG atomically."""
-    from .io import atomic_paths
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

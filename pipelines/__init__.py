@@ -13,7 +13,7 @@ Heavy libraries (diffusers, transformers) are imported when a pipeline is built,
 
 from __future__ import annotations
 
-from .adapters import TABLE_HEADERS, AdapterInfo, AdapterSet, describe_adapter, find_adapters
+from .adapters import TABLE_HEADERS, AdapterInfo, AdapterSet, adapter_info, find_adapters
 from .llava import Answer, LlavaAdapters, check_llava_request, make_demo_llava_adapter, train_visual_instruction
 from .sdxl import BASE_LABEL, Generation, SDXLAdapters, check_sdxl_request, make_demo_sdxl_adapter
 
@@ -26,9 +26,9 @@ __all__ = [
     "Generation",
     "LlavaAdapters",
     "SDXLAdapters",
+    "adapter_info",
     "check_llava_request",
     "check_sdxl_request",
-    "describe_adapter",
     "find_adapters",
     "make_demo_llava_adapter",
     "make_demo_sdxl_adapter",

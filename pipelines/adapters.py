@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from mm_subspace.errors import SubspaceError
-from mm_subspace.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
+from mm_subspace.formats import describe_adapter
+from mm_subspace.io import CONFIG_NAME
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SDXL_COMPONENTS", "TABLE_HEADERS", "AdapterInfo", "AdapterSet", "adapter_name_for", "describe_adapter", "find_adapters"]
+__all__ = ["SDXL_COMPONENTS", "TABLE_HEADERS", "AdapterInfo", "AdapterSet", "adapter_info", "adapter_name_for", "find_adapters"]
 
 #: pipeline components an SDXL adapter folder may hold, as sub-folders of that name
 SDXL_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -100,21 +101,9 @@ def adapter_name_for(folder: Path) -> str:
     return name
 
 
-def _count_params(folder: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as fh:
-        for key in fh.keys():
-            n = 1
-            for dim in fh.get_slice(key).get_shape():
-                n *= dim
-            total += n
-    return total
-
-
-def describe_adapter(root: Path, name: str | None = None) -> AdapterInfo | None:
-    """Describe the adapter rooted at ``root``; ``None`` if ``root`` holds no adapter.
+def adapter_info(root: Path, name: str | None = None) -> AdapterInfo | None:
+    """The adapter rooted at ``root`` (each part described by :func:`mm_subspace.describe_adapter`);
+    ``None`` if ``root`` holds no adapter.
 
     A folder that looks like an adapter but cannot be read is returned with ``compatible=False``
     and the reason, so a UI can list it instead of crashing.
@@ -128,15 +117,14 @@ def describe_adapter(root: Path, name: str | None = None) -> AdapterInfo | None:
         return None
     info = AdapterInfo(name=name or adapter_name_for(root), path=root, parts={}, family="sdxl")
     try:
-        for component, folder in parts.items():
-            meta = read_adapter_config(folder)
-            info.configs[component] = meta
-            info.params += _count_params(folder)
-        first = next(iter(info.configs.values()))
-        config = first["config_obj"]
-        base = first.get("base_model") or {}
+        described = {component: describe_adapter(folder) for component, folder in parts.items()}
+        info.configs = {component: d.meta for component, d in described.items()}
+        info.params = sum(d.trainable_params for d in described.values())
+        first_described = next(iter(described.values()))
+        first, config = first_described.meta, first_described.config
         info.method, info.rank, info.alpha = config.method, int(config.rank), float(config.alpha)
-        info.base_class, info.base_name = str(base.get("class") or ""), str(base.get("name_or_path") or "")
+        info.base_class = str(first_described.base_class or "")
+        info.base_name = str(first_described.base_name_or_path or "")
         if "" in parts:  # flat folder: family and component from the recorded base class
             info.family = FAMILY_OF_CLASS.get(info.base_class, "sdxl" if "unet" in info.base_class.lower() else "llava")
             component = "unet" if info.family == "sdxl" else "model"
@@ -161,7 +149,7 @@ def find_adapters(dirs: Iterable[str | os.PathLike[str]], max_depth: int = 3) ->
     def visit(folder: Path, depth: int) -> None:
         if folder.resolve() in seen or not folder.is_dir():
             return
-        info = describe_adapter(folder)
+        info = adapter_info(folder)
         if info is not None:
             seen.add(folder.resolve())
             found.append(info)
@@ -245,7 +233,7 @@ class AdapterSet:
         from mm_subspace.inject import remove_adapter
         from mm_subspace.io import load_adapter
 
-        info = path if isinstance(path, AdapterInfo) else describe_adapter(Path(path), name)
+        info = path if isinstance(path, AdapterInfo) else adapter_info(Path(path), name)
         if info is None:
             raise AdapterFileError(
                 f"{path} holds no adapter: expected adapter_config.json, or unet/ (text_encoder/, text_encoder_2/) "
@@ -278,7 +266,7 @@ class AdapterSet:
         """Load each adapter that fits; the others are returned with ``compatible=False`` and a reason."""
         out = []
         for item in infos:
-            info = item if isinstance(item, AdapterInfo) else describe_adapter(Path(item))
+            info = item if isinstance(item, AdapterInfo) else adapter_info(Path(item))
             if info is None:
                 continue
             if info.family != self.family and info.family != "unknown":

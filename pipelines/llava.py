@@ -176,7 +176,7 @@ class LlavaAdapters(AdapterSet):
 def _prompt_routing(model: nn.Module, attention_mask: torch.Tensor) -> contextlib.AbstractContextManager:
     """SuLoRA's routing rule for ``generate``: route once on the prompt, reuse it in the decode steps."""
     from mm_subspace.inject import get_state
-    from mm_subspace.methods.sulora import routing
+    from mm_subspace.inject import routing
 
     if get_state(model, required=False) is None:
         return contextlib.nullcontext()
@@ -252,7 +252,8 @@ def train_visual_instruction(
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
     losses = []
-    from mm_subspace.methods.sulora import prompt_route_mask, routing
+    from mm_subspace.inject import routing
+    from mm_subspace.methods.sulora import prompt_route_mask
 
     route = prompt_route_mask(tensors["attention_mask"], tensors["labels"])
     try:
@@ -311,7 +312,7 @@ def make_demo_llava_adapter(
 
     import mm_subspace as mms
 
-    from .adapters import describe_adapter
+    from .adapters import adapter_info
 
     name = f"_demo_{method}"
     examples = demo_examples()
@@ -327,4 +328,4 @@ def make_demo_llava_adapter(
         finally:
             mms.remove_adapter(llava.model, name)
             llava._apply()
-    return describe_adapter(out_dir)
+    return adapter_info(out_dir)

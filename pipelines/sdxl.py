@@ -238,7 +238,7 @@ def make_demo_sdxl_adapter(
     import mm_subspace as mms
     from mm_subspace.tiny_models import cat_photos
 
-    from .adapters import describe_adapter
+    from .adapters import adapter_info
 
     pipe, name = sd.pipe, f"_demo_{method}"
     parts = {"unet": "sdxl_unet"}
@@ -258,7 +258,7 @@ def make_demo_sdxl_adapter(
             for component in parts:
                 mms.remove_adapter(getattr(pipe, component), name)
             sd._apply()
-    return describe_adapter(out_dir)
+    return adapter_info(out_dir)
 
 
 def _train_steps(pipe: Any, components: list[str], name: str, steps: int, photos: list[Any], progress: Callable[[int, int], None] | None) -> None:

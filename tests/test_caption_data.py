@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mm_subspace.caption_data import DataError, dataset_records, folder_records
-from mm_subspace.training_utils import MissingExtraError
+from mm_subspace.caption_data import dataset_records, folder_records
+from mm_subspace.errors import DataError
+from mm_subspace.compat import MissingExtraError
 
 CAPTIONED = Path(__file__).parent / "data" / "captioned"
 EXPECTED = {

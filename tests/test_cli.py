@@ -69,7 +69,7 @@ def test_export(adapter, tmp_path):
     from safetensors.torch import load_file
     from transformers import CLIPTextModel
 
-    from mm_subspace.interop import kohya_state_dict
+    from mm_subspace.formats import kohya_state_dict
     from mm_subspace.tiny_models import tiny_sdxl_path
 
     te = CLIPTextModel.from_pretrained(tiny_sdxl_path(pretrained=False) / "text_encoder")

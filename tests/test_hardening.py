@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mm_subspace as mms
-import mm_subspace.io as io
+import mm_subspace.atomic as atomic
 from mm_subspace.errors import AdapterFileError, AdapterStateError, ConfigError, SubspaceError
 from mm_subspace.io import CONFIG_NAME, WEIGHTS_NAME
 
@@ -80,9 +80,9 @@ def test_save_killed_between_every_pair_of_file_operations(tmp_path, monkeypatch
     old, new = adapted(), newer()
     folder = tmp_path / "ckpt"
     labels: list[str] = []
-    monkeypatch.setattr(io, "_fs_step", labels.append)
+    monkeypatch.setattr(atomic, "_fs_step", labels.append)
     mms.save_adapter(old, folder)
-    monkeypatch.setattr(io, "_fs_step", lambda label: None)
+    monkeypatch.setattr(atomic, "_fs_step", lambda label: None)
     commit = labels.index(f"replace {CONFIG_NAME}")
     assert labels.index(f"replace {WEIGHTS_NAME}") < commit  # two renames: the kill of the issue is possible
     for point in range(len(labels)):
@@ -96,7 +96,7 @@ def test_save_killed_between_every_pair_of_file_operations(tmp_path, monkeypatch
                     os._exit(0)
                 count[0] += 1
 
-            io._fs_step = step
+            atomic._fs_step = step
             try:
                 mms.save_adapter(new, folder)
             finally:
@@ -292,7 +292,7 @@ from test_reliability import rss_bytes  # noqa: E402
 @pytest.mark.parametrize("strict", [True, False])
 def test_tiny_folder_declaring_huge_shapes_allocates_nothing(tmp_path, strict):
     """Issue 15.5: a 2 KB folder claiming 10^9-wide modules fails before any allocation (inspect / stand-ins)."""
-    from mm_subspace.interop import describe_adapter, load_standin
+    from mm_subspace.formats import describe_adapter, load_standin
 
     folder = tmp_path / "a"
     mms.save_adapter(adapted(), folder)
@@ -361,7 +361,7 @@ def test_failed_loads_restore_requires_grad_and_everything_else(tmp_path):
     tensors["2.lora_A"][0, 0] = float("nan")
     save_file(tensors, str(tmp_path / "ours" / WEIGHTS_NAME))
     meta = json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())
-    meta["weights_sha256"] = io.sha256_file(tmp_path / "ours" / WEIGHTS_NAME)
+    meta["weights_sha256"] = atomic.sha256_file(tmp_path / "ours" / WEIGHTS_NAME)
     (tmp_path / "ours" / CONFIG_NAME).write_text(json.dumps(meta))
     lora = net()
     torch.manual_seed(5)
@@ -458,7 +458,7 @@ def _hostile_configs(meta: dict) -> dict[str, str]:
 
 def test_hostile_config_files_raise_only_subspace_errors(tmp_path):
     from mm_subspace.cli import main
-    from mm_subspace.interop import describe_adapter
+    from mm_subspace.formats import describe_adapter
 
     folder = tmp_path / "a"
     mms.save_adapter(adapted(), folder)

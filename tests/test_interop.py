@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import mm_subspace as mms
 from mm_subspace.errors import AdapterFileError, ConfigError
-from mm_subspace.interop import (
+from mm_subspace.formats import (
     convert_adapter,
     convert_official_moslora,
     export_kohya,
@@ -407,7 +407,7 @@ def test_dora_exports_to_peft_layout_and_refuses_other_axes(tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from mm_subspace.interop import export_dora_peft, import_dora_peft
+    from mm_subspace.formats import export_dora_peft, import_dora_peft
 
     torch.manual_seed(0)
     model = _llama()
@@ -444,3 +444,16 @@ def test_dora_exports_to_peft_layout_and_refuses_other_axes(tmp_path):
         convert_adapter(tmp_path / "ours", tmp_path / "kohya", "kohya", component="text_encoder")
     with pytest.raises(ConfigError, match="export_dora_peft"):
         kohya_state_dict(text_encoder=model)
+
+
+@pytest.mark.parametrize("method", mms.list_methods())
+def test_has_magnitude_is_true_exactly_for_methods_that_keep_one(method):
+    """``config_class.has_magnitude`` (what scripts ask instead of comparing method names) matches the
+    adapters: a DoRA-style per-row magnitude, which only the PEFT use_dora layout can hold."""
+    from mm_subspace.formats import dora_magnitudes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    mms.inject(model, mms.config_for(method, targets=["0"]))
+    cls = mms.get_method(method).config_class
+    assert cls.has_magnitude == bool(dora_magnitudes(model)), method

@@ -86,7 +86,7 @@ def test_missing_key_is_an_error_and_non_strict_loads_the_rest(tmp_path):
     save_file(tensors, weights)
     cfg = tmp_path / "a" / "adapter_config.json"
     meta = json.loads(cfg.read_text())
-    from mm_subspace.io import sha256_file
+    from mm_subspace.atomic import sha256_file
 
     meta["weights_sha256"] = sha256_file(weights)  # a consistent but incomplete save
     cfg.write_text(json.dumps(meta))

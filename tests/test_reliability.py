@@ -245,7 +245,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch, stage
     files = disk(folder)
     writer = crash_writer(stage) if stage in ("before", "midway", "after") else None
     if stage.startswith("rename"):
-        import mm_subspace.io as io
+        import mm_subspace.atomic as io
 
         real_replace, calls = os.replace, []
 
@@ -257,7 +257,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch, stage
 
         monkeypatch.setattr(io.os, "replace", replace)
     elif stage == "fsync":
-        import mm_subspace.io as io
+        import mm_subspace.atomic as io
 
         monkeypatch.setattr(io.os, "fsync", lambda fd: (_ for _ in ()).throw(Crash("fsync")))
     with pytest.raises(Crash):

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from mm_subspace import tiny_models as tm
+from mm_subspace.tiny_models.cache import cached
+from mm_subspace.tiny_models.tokenizers import _clip_vocab_and_merges
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a cat", "A sks dog, in the snow!", "don't 42 émigré café"]
@@ -56,7 +58,7 @@ def test_cached_failed_build_leaves_nothing(
         raise KeyboardInterrupt  # a killed build
 
     with pytest.raises(KeyboardInterrupt):
-        tm._cached("thing-v1", build)
+        cached("thing-v1", build)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -73,11 +75,11 @@ def test_cached_loser_of_rename_uses_winner(
         winner.mkdir()
         (winner / "mine.txt").write_text("winner")
 
-    path = tm._cached("thing-v1", build)
+    path = cached("thing-v1", build)
     assert path == tmp_path / "thing-v1"
     assert (path / "mine.txt").read_text() == "winner"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thing-v1"]  # temp folder removed
-    assert tm._cached("thing-v1", build) == path and len(calls) == 1  # built once
+    assert cached("thing-v1", build) == path and len(calls) == 1  # built once
 
 
 def test_two_processes_build_at_once(tmp_path: Path) -> None:
@@ -102,7 +104,7 @@ def test_two_processes_build_at_once(tmp_path: Path) -> None:
 def test_clip_vocab_equals_open_clip() -> None:
     from open_clip.tokenizer import SimpleTokenizer
 
-    vocab, merges = tm._clip_vocab_and_merges()
+    vocab, merges = _clip_vocab_and_merges()
     assert vocab == SimpleTokenizer().encoder
     assert len(vocab) == tm.CLIP_VOCAB_SIZE and len(merges) == 48894
 
@@ -203,7 +205,7 @@ def test_tiny_sdxl_loads_identical_weights_and_keeps_global_rng(sdxl_path: Path)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         assert _same_state(getattr(first, name), getattr(second, name)), name
     # A rebuild from the seed reproduces the saved weights bit for bit.
-    assert _same_state(tm._tiny_sdxl_components()["unet"], first.unet)
+    assert _same_state(tm.tiny_sdxl_components()["unet"], first.unet)
 
 
 # --------------------------------------------------------------------------- LLaMA / LLaVA

@@ -124,7 +124,7 @@ def test_activation_checkpointing_is_on_without_the_deprecated_alias() -> None:
     from transformers import LlamaForCausalLM
 
     from mm_subspace.tiny_models import tiny_llama_path
-    from mm_subspace.training_utils import enable_activation_checkpointing
+    from mm_subspace.compat import enable_activation_checkpointing
 
     torch.manual_seed(0)
     ids = torch.randint(300, 4000, (2, 10))

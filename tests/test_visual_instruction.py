@@ -172,7 +172,8 @@ def test_gradient_checkpointing_trains_the_same_adapter(trained: Runs, tmp_path:
 
 def test_sulora_generation_routes_like_training() -> None:
     """The issue's bug: with a KV cache the prefill routed on the prompt and every decode step on one
-    token. Under `sulora.routing` generate() reproduces the teacher-forced training forward exactly."""
+    token. Under `mm_subspace.inject.routing` generate() reproduces the teacher-forced training forward exactly."""
+    from mm_subspace.inject import routing
     from mm_subspace.methods import sulora
 
     model, processor = tiny_models.tiny_llava()
@@ -190,7 +191,7 @@ def test_sulora_generation_routes_like_training() -> None:
     mask = torch.ones_like(ids)
 
     def generate(routed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = sulora.routing(model, mask, cache=True) if routed else torch.no_grad()
+        ctx = routing(model, mask, cache=True) if routed else torch.no_grad()
         with torch.no_grad(), ctx:
             out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5, min_new_tokens=5,
                                  do_sample=False, output_logits=True, return_dict_in_generate=True,
@@ -202,7 +203,7 @@ def test_sulora_generation_routes_like_training() -> None:
     labels = seqs.clone()
     labels[:, : ids.shape[1]] = data.IGNORE_INDEX
     route = sulora.prompt_route_mask(torch.ones_like(seqs), labels)
-    with torch.no_grad(), sulora.routing(model, route, cache=False):
+    with torch.no_grad(), routing(model, route, cache=False):
         train_logits = model(input_ids=seqs, attention_mask=torch.ones_like(seqs), pixel_values=pixels).logits
     steps = gen_logits.shape[1]
     teacher = train_logits[:, ids.shape[1] - 1: ids.shape[1] - 1 + steps]

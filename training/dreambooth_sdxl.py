@@ -56,12 +56,12 @@ from mm_subspace import tiny_models
 from mm_subspace.caption_data import IMAGE_SUFFIXES, ImageRecord, dataset_records, folder_records, list_images
 from mm_subspace.eval import digits as digits_eval
 from mm_subspace.errors import ConfigError, MergeError
-from mm_subspace.io import atomic_write_text
+from mm_subspace.atomic import atomic_write_text
+from mm_subspace.compat import enable_activation_checkpointing, require
 from mm_subspace.training_utils import (
     METHOD_FLAGS,
     CheckpointManager,
     check_method_flags,
-    enable_activation_checkpointing,
     check_positive,
     LossHistory,
     adapter_summary,
@@ -71,7 +71,6 @@ from mm_subspace.training_utils import (
     locate_nonfinite,
     nonfinite_parameters,
     param_groups,
-    require,
     sample_epoch_indices,
     save_image_grid,
     save_loss_curve,

@@ -5,7 +5,7 @@
 
 Real diffusers/transformers classes (``AutoencoderKL``, ``UNet2DConditionModel`` with SDXL's
 ``text_time`` conditioning, ``CLIPTextModel`` + ``CLIPTextModelWithProjection``, real CLIP BPE
-tokenizers), the architecture of ``mm_subspace.tiny_models._tiny_sdxl_components``. Data:
+tokenizers), the architecture of ``mm_subspace.tiny_models.tiny_sdxl_components``. Data:
 scikit-learn's digits, the fixed train split of ``mm_subspace.eval.digits`` (digits 0-8 only),
 8x8 scans upscaled to 32x32 RGB, dark ink on white.
 
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from mm_subspace import tiny_models
 from mm_subspace.eval import digits as D
 from mm_subspace.shipped import WEIGHTS_DIR, write_manifest
-from mm_subspace.io import atomic_paths
+from mm_subspace.atomic import atomic_paths
 from mm_subspace.training_utils import LossHistory, save_image_grid, save_loss_curve, step_generator
 
 logger = logging.getLogger("pretrain_tiny_sdxl")
@@ -159,13 +159,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     n = len(pixels)
     logger.info("training on %d train-split scans of digits %s (9 held out)", n, list(D.PRETRAIN_DIGITS))
 
-    components = tiny_models._tiny_sdxl_components()  # tiny_models' seeded init (= the random builder's)
+    components = tiny_models.tiny_sdxl_components()  # tiny_models' seeded init (= the random builder's)
     vae, unet = components["vae"].to(device), components["unet"].to(device)
     encoders = [components["text_encoder"].to(device), components["text_encoder_2"].to(device)]
     te_lr = args.learning_rate if args.text_encoder_lr is None else args.text_encoder_lr
     for enc in encoders:
         enc.requires_grad_(te_lr > 0).train(te_lr > 0)
-    shadow = tiny_models._tiny_sdxl_components()  # same architectures; EMA weights copied below
+    shadow = tiny_models.tiny_sdxl_components()  # same architectures; EMA weights copied below
     ema = torch.nn.ModuleList([shadow["unet"], shadow["text_encoder"], shadow["text_encoder_2"]]).to(device)
     online = torch.nn.ModuleList([unet, *encoders])
     ema.load_state_dict(online.state_dict())

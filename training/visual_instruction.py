@@ -29,7 +29,7 @@ beyond them:
   silently skipped sample or a zero loss (LLaVA#1166); bad records stop the run before training
   unless ``--skip_bad_records``.
 * SuLoRA routes once per sequence on its prompt, in training and in ``generate`` alike
-  (``mm_subspace.methods.sulora.routing``).
+  (``mm_subspace.inject.routing``).
 * ``--recipe moslora_vi_llama3`` (alias ``moslora_paper``): MoSLoRA Table 8 (LLaMA3+ViT), from
   :mod:`mm_subspace.recipes`. Flags given explicitly win.
 """
@@ -56,12 +56,13 @@ import mm_subspace  # noqa: E402
 from mm_subspace import tiny_models  # noqa: E402
 from mm_subspace.data import llava as data  # noqa: E402
 from mm_subspace.errors import ConfigError, DataError, MergeError  # noqa: E402
-from mm_subspace.io import atomic_write_text  # noqa: E402
+from mm_subspace.atomic import atomic_write_text  # noqa: E402
+from mm_subspace.compat import enable_activation_checkpointing  # noqa: E402
+from mm_subspace.inject import routing  # noqa: E402
 from mm_subspace.methods import sulora  # noqa: E402
 from mm_subspace.training_utils import (  # noqa: E402
     METHOD_FLAGS,
     check_method_flags,
-    enable_activation_checkpointing,
     check_positive,
     ADAPTER_NAME,
     CheckpointManager,
@@ -367,12 +368,12 @@ class PixelCache:
 
 # --------------------------------------------------------------------------------------------- evaluation
 def generation_routing(model: Any, route_mask: torch.Tensor, cache: bool = True) -> contextlib.AbstractContextManager:
-    """:func:`sulora.routing` (route on the prompt, cache for the decode steps) when the model has adapters."""
+    """:func:`routing` (route on the prompt, cache for the decode steps) when the model has adapters."""
     from mm_subspace.inject import get_state
 
     if get_state(model, required=False) is None:
         return contextlib.nullcontext()
-    return sulora.routing(model, route_mask, cache=cache)
+    return routing(model, route_mask, cache=cache)
 
 
 def evaluate(model: Any, encoder: data.ConversationEncoder, records: list[data.Record], batch_size: int,
@@ -578,7 +579,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     def forward(batch: dict[str, torch.Tensor], net: Any) -> torch.Tensor:
         route = sulora.prompt_route_mask(batch["attention_mask"], batch["labels"])
-        with sulora.routing(model, route, cache=False):  # the rule generate() uses too
+        with routing(model, route, cache=False):  # the rule generate() uses too
             return supervised_loss(net, batch)
 
     def where_nonfinite(batch: dict[str, torch.Tensor]) -> str:

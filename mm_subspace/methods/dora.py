@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig
-from ..errors import ConfigError, MergeError
+from ..config import AdapterConfig, check_choice
+from ..errors import MergeError
 from ..layer import Adapter, LowRankAdapter
 from ..registry import register_method
 from .moslora import MIXER_INITS, init_mixer
@@ -28,12 +28,12 @@ class DoRAConfig(AdapterConfig):
     """
 
     method = "dora"
+    has_magnitude = True
     mixer_init: str | None = field(default=None, metadata={"help": f"None (plain DoRA) or one of {MIXER_INITS}"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.mixer_init is not None and self.mixer_init not in MIXER_INITS:
-            raise ConfigError(f"dora: mixer_init {self.mixer_init!r} is neither None (plain DoRA) nor one of {MIXER_INITS}")
+        check_choice("dora: mixer_init (None = plain DoRA)", self.mixer_init, MIXER_INITS, allow_none=True)
 
 
 @register_method

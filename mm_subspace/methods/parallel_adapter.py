@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import AdapterConfig
-from ..errors import ConfigError
+from ..config import AdapterConfig, check_choice
 from ..layer import LowRankAdapter
 from ..losses import ACTIVATIONS, activation
 from ..registry import register_method
@@ -28,8 +27,7 @@ class ParallelAdapterConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"{self.method}: activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        check_choice(f"{self.method}: activation", self.activation, ACTIVATIONS)
 
 
 @register_method

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
-from ..errors import ConfigError
+from ..config import AdapterConfig, check_choice
 from ..registry import register_method
 from .sam_parser import SVDAdapter
 
@@ -32,8 +31,7 @@ class SpectralConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"spectral: variant {self.variant!r} is not one of {VARIANTS}")
+        check_choice("spectral: variant", self.variant, VARIANTS)
 
 
 def cayley(generator: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,8 @@ Appendix B.3-B.4) and is meant to be the reference one.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +28,7 @@ ORDERS = ("index", "score")
 #: ``"alpha/r"``: ΔW scaled by alpha/r like every other method here (and PEFT); ``"alpha"``: by alpha, SuLoRA Eq. (2)/(4)
 SCALING_MODES = ("alpha/r", "alpha")
 
-#: forward-context keys of the routing rule (see :func:`routing`)
+#: forward-context keys of the routing rule (see :func:`mm_subspace.inject.routing`)
 ROUTE_MASK = "route_mask"
 ROUTE_CACHE = "sulora_route_cache"
 _warned_single_token = False
@@ -51,32 +49,6 @@ def prompt_route_mask(attention_mask: torch.Tensor, labels: torch.Tensor | None 
         prompt = mask & (positions < first.unsqueeze(1))
         mask = torch.where(prompt.any(1, keepdim=True), prompt, mask)
     return mask.long()
-
-
-@contextlib.contextmanager
-def routing(model: nn.Module, route_mask: torch.Tensor | None, cache: bool = True) -> Iterator[dict[Any, Any] | None]:
-    """The one routing rule for training and generation: route once per sequence, on its prompt.
-
-    Inside this context every SuLoRA layer of ``model`` summarises its input over the ``route_mask``
-    tokens (batch, seq) — :func:`prompt_route_mask` — instead of over all tokens of the call. With
-    ``cache=True`` (generation) the first call's choice is kept and reused by the later calls, so the
-    KV-cache decode steps (one token each) use the choice made on the prompt in the prefill. Because the
-    LM is causal, the prompt positions' inputs are the same in a teacher-forced training forward over
-    prompt + answer as in the prefill, so training (``cache=False``, mask from the labels) and
-    ``generate`` (``cache=True``, mask = the prompt's attention mask) route identically — tested in
-    ``tests/test_visual_instruction.py``. The context is merged into the current forward context
-    (per-row ``adapter_rows`` keep working); yields the cache dict (or ``None``).
-    """
-    from ..inject import get_state
-
-    state = get_state(model)
-    before = state.context
-    store: dict[Any, Any] | None = {} if cache else None
-    state.context = {**before, ROUTE_MASK: route_mask, ROUTE_CACHE: store}
-    try:
-        yield store
-    finally:
-        state.context = before
 
 
 @dataclass
@@ -140,7 +112,7 @@ class SuLoRA(LowRankAdapter):
 
     Routing (§3.4): one choice per instance, not per token. For an input (batch, seq, in) the
     router reads h̄ = the mean over the sequence (padding excluded when an ``attention_mask``
-    (batch, seq) matching x is in the forward context; only the prompt under :func:`routing`, which
+    (batch, seq) matching x is in the forward context; only the prompt under :func:`~mm_subspace.inject.routing`, which
     also caches the choice for KV-cache decode steps — use it for training and ``generate`` alike); a (batch, in) input is one token per
     instance; extra middle dims are averaged like the sequence. The router sees the input before
     dropout. The r winners are placed in index order (or score order, ``subspace_order="score"``);
@@ -212,7 +184,7 @@ class SuLoRA(LowRankAdapter):
 
     # -- forward (Eq. 4) --------------------------------------------------------------------------
     def routed(self, x: torch.Tensor, context: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`route` under the rule of :func:`routing`: the prompt's mask, and the cached choice if any."""
+        """:meth:`route` under the rule of :func:`~mm_subspace.inject.routing`: the prompt's mask, and the cached choice if any."""
         global _warned_single_token
         cache = context.get(ROUTE_CACHE)
         if cache is not None and id(self) in cache and cache[id(self)][1].shape[0] == x.shape[0]:
@@ -224,7 +196,7 @@ class SuLoRA(LowRankAdapter):
         elif x.dim() == 3 and x.shape[1] == 1 and not self.training and not _warned_single_token:
             _warned_single_token = True
             logger.warning("SuLoRA routes on a single token (a KV-cache decode step?): wrap generate() in "
-                           "mm_subspace.methods.sulora.routing(model, prompt_attention_mask) so every step uses the "
+                           "mm_subspace.inject.routing(model, prompt_attention_mask) so every step uses the "
                            "choice made on the prompt, as in training")
         return routed
 

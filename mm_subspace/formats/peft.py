@@ -1,10 +1,8 @@
-"""Export to plain LoRA (PEFT and diffusers formats) and import of PEFT LoRA checkpoints.
+"""PEFT LoRA: export (``adapter_config.json`` + ``adapter_model.safetensors``) and import.
 
 Every method whose ΔW has the form ``scaling · up · down`` (LoRA, MoSLoRA, TS-Mixing, and the other
 A·B-shaped methods) exports as an ordinary LoRA: the mixer is folded into B exactly (``up = B · M``),
-so stock loaders reproduce the adapter's outputs. DoRA (with or without a mixer) exports in PEFT's
-``use_dora=True`` layout, which diffusers' SDXL loader reads too (``lora_magnitude_vector`` keys). The official MoSLoRA code loses the mixer on the
-way to diffusers; here the folded factors carry it. Methods that cannot be written as a fixed rank-r
+so stock loaders reproduce the adapter's outputs. Methods that cannot be written as a fixed rank-r
 product (SuLoRA's routed B, nonlinear MPC) raise :class:`~mm_subspace.errors.MergeError` saying why.
 """
 
@@ -19,13 +17,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AdapterFileError, ConfigError
-from .inject import TRAINABLE_PREFIX, get_state, inject, iter_adapters, set_adapter, trainable_module_state
-from .inject import rollback
-from .io import file_errors, load_tensors_into, read_tensors, save_tensors
+from ..atomic import atomic_paths, file_errors
+from ..errors import AdapterFileError, ConfigError
+from ..inject import (
+    TRAINABLE_PREFIX,
+    get_state,
+    inject,
+    iter_adapters,
+    rollback,
+    set_adapter,
+    trainable_module_state,
+)
+from ..io import FORMAT, load_tensors_into, read_tensors, save_tensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
-DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def lora_factors(model: nn.Module, adapter_name: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -54,61 +59,6 @@ def lora_state_dict(
     return state
 
 
-def dora_magnitudes(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """Module name -> DoRA magnitude (out,) for every adapter that has one (empty for non-DoRA adapters)."""
-    return {name: a.magnitude for name, a in iter_adapters(model, adapter_name) if isinstance(getattr(a, "magnitude", None), torch.Tensor)}
-
-
-def dora_factors(
-    model: nn.Module, adapter_name: str = "default"
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], dict[str, torch.Tensor]]:
-    """DoRA in PEFT's ``use_dora=True`` layout: ``{module: (lora_A (r, in), B·M (out, r), scaling)}`` and
-    ``{module: magnitude (out,)}``.
-
-    DoRA Eq. (5): ``W' = m ⊙ (W + ΔW) / ‖W + ΔW‖``, the norm taken per output row of the (out, in)
-    weight — the axis of PEFT's ``lora_magnitude_vector`` and of our ``magnitude``. With a MoSLoRA
-    mixer ``ΔW = s·(B·M)·A`` both inside the norm and on the low-rank path, so folding M into B is exact.
-
-    Raises:
-        ConfigError: no adapter, a non-DoRA adapter among them, or a magnitude on another axis.
-    """
-    magnitudes = dora_magnitudes(model, adapter_name)
-    adapters = dict(iter_adapters(model, adapter_name))
-    if not adapters:
-        raise ConfigError(f"model has no adapter named {adapter_name!r} to export")
-    plain = sorted(set(adapters) - set(magnitudes))
-    if plain:
-        raise ConfigError(f"{plain[:3]} are {adapters[plain[0]].method} adapters, not DoRA; export them as plain LoRA")
-    factors = {}
-    for name, adapter in adapters.items():
-        if tuple(magnitudes[name].shape) != (adapter.out_features,):
-            raise ConfigError(
-                f"{name!r}: DoRA magnitude has shape {tuple(magnitudes[name].shape)}, not one value per output row "
-                f"({adapter.out_features},) as PEFT's lora_magnitude_vector; refusing to write it on another axis"
-            )
-        factors[name] = (adapter.lora_A.detach(), adapter.up_weight().detach(), float(adapter.scaling))
-    return factors, {name: m.detach() for name, m in magnitudes.items()}
-
-
-def diffusers_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """One component's tensors for ``pytorch_lora_weights.safetensors`` (keys without the component prefix).
-
-    Plain LoRA (mixer and scale folded into B), or for DoRA the same plus
-    ``<module>.lora_magnitude_vector.weight`` (out,): diffusers' loader sees the magnitude keys and builds PEFT DoRA layers (scale folded into B
-    is exact there too, since DoRA's ΔW = s·B·A both inside the norm and on the low-rank path).
-    """
-    if not dora_magnitudes(model, adapter_name):
-        return lora_state_dict(model, adapter_name, fold_scale=True)
-    factors, magnitudes = dora_factors(model, adapter_name)
-    state = {}
-    for name, (down, up, scaling) in factors.items():
-        state[f"{name}.lora_A.weight"] = down.contiguous()
-        state[f"{name}.lora_B.weight"] = (up * scaling).contiguous()
-        # ".weight": diffusers 0.42's text-encoder path maps only this spelling (the UNet path takes both)
-        state[f"{name}.lora_magnitude_vector.weight"] = magnitudes[name].contiguous()
-    return state
-
-
 def _patterns(values: dict[str, float], default: float) -> dict[str, float]:
     return {re.escape(name): v for name, v in values.items() if v != default}
 
@@ -123,11 +73,10 @@ def export_peft(
     The mixer is folded into ``lora_B``; rank and alpha are kept (per-module values go to PEFT's
     ``rank_pattern`` / ``alpha_pattern``), so PEFT computes exactly our ΔW. ``factors`` (default
     :func:`lora_factors`), ``extra_tensors`` (PEFT keys) and ``use_dora`` let other layouts (DoRA,
-    see :func:`mm_subspace.interop.export_dora_peft`) reuse this writer.
+    see :func:`mm_subspace.formats.dora_peft.export_dora_peft`) reuse this writer.
     """
     from peft import LoraConfig
 
-    from .io import atomic_paths
 
     factors = lora_factors(model, adapter_name) if factors is None else factors
     ranks = {name: int(down.shape[0]) for name, (down, _, _) in factors.items()}
@@ -161,32 +110,7 @@ def export_peft(
     return out
 
 
-def export_diffusers(
-    save_directory: str | os.PathLike,
-    unet: nn.Module | None = None,
-    text_encoder: nn.Module | None = None,
-    text_encoder_2: nn.Module | None = None,
-    adapter_name: str = "default",
-) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` that stock ``StableDiffusionXLPipeline.load_lora_weights`` loads.
-
-    Pass the injected UNet and, when adapted, the text encoders. Scale and mixer are folded into
-    ``lora_B`` (diffusers takes alpha = r when the file carries no metadata). DoRA adapters add
-    ``lora_magnitude_vector`` keys (PEFT's layout), which the stock loader turns into DoRA layers.
-    """
-    from diffusers import StableDiffusionXLPipeline
-
-    parts = {"unet_lora_layers": unet, "text_encoder_lora_layers": text_encoder, "text_encoder_2_lora_layers": text_encoder_2}
-    layers = {key: diffusers_state_dict(m, adapter_name) for key, m in parts.items() if m is not None}
-    if not layers:
-        raise ConfigError("export_diffusers needs at least one of unet=, text_encoder=, text_encoder_2=")
-    out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    StableDiffusionXLPipeline.save_lora_weights(out, **layers, weight_name=DIFFUSERS_WEIGHTS)
-    return out
-
-
-def _read_peft_weights(folder: Path) -> dict[str, torch.Tensor]:
+def read_peft_weights(folder: Path) -> dict[str, torch.Tensor]:
     st, binary = folder / PEFT_WEIGHTS, folder / "adapter_model.bin"
     if st.is_file():
         return read_tensors(st)
@@ -203,7 +127,6 @@ def _read_peft_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def read_peft_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The JSON object of a PEFT ``adapter_config.json``; an mm_subspace folder or a non-PEFT file is a clear error."""
-    from .io import FORMAT
 
     path = Path(folder) / "adapter_config.json"
     try:
@@ -238,7 +161,7 @@ def peft_lora_fields(cfg: dict[str, Any], modules: list[str]) -> dict[str, Any]:
 
     ``use_rslora`` (scale alpha/√r) is converted exactly: alpha' = alpha·√r per module.
     """
-    from .methods.lora import LoraConfig
+    from ..methods.lora import LoraConfig
 
     r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     rank_pattern = {k: int(v) for k, v in (cfg.get("rank_pattern") or {}).items()}
@@ -257,7 +180,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "
     ``use_rslora`` is converted exactly (alpha' = alpha·√r). DoRA and other PEFT variants are refused
     with the reason. Returns the adapter name.
     """
-    from .methods.lora import LoraConfig
+    from ..methods.lora import LoraConfig
 
     folder = Path(path)
     cfg = read_peft_config(folder)
@@ -266,7 +189,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "
     for flag in ("use_dora", "use_qalora", "lora_bias"):
         if cfg.get(flag):
             raise AdapterFileError(f"{folder}: PEFT option {flag}=True has no plain-LoRA equivalent; import refused")
-    tensors = {strip_peft_prefix(k): v for k, v in _read_peft_weights(folder).items()}
+    tensors = {strip_peft_prefix(k): v for k, v in read_peft_weights(folder).items()}
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
     saved = list(cfg.get("modules_to_save") or [])  # PEFT's fully trained modules -> our trainable_modules
     in_saved = lambda k: any(k.startswith(s + ".") or f".{s}." in k for s in saved)  # noqa: E731

@@ -1,0 +1,221 @@
+"""Atomic files: write beside the target, fsync, rename into place; undo everything on failure.
+
+:func:`atomic_paths` is what every writer of the package builds on (adapter folders, exported files,
+checkpoints, plots, manifests); :func:`file_errors` turns a hostile input file's low-level errors
+into an :class:`~mm_subspace.errors.AdapterFileError` naming the path. Nothing here knows the adapter
+format: :mod:`mm_subspace.io` registers its repair of an interrupted save with :func:`register_repair`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import AdapterFileError, SubspaceError
+
+logger = logging.getLogger(__name__)
+
+
+def file_errors(func: Callable) -> Callable:
+    """Decorator for loaders/importers: a non-:class:`SubspaceError` raised while reading a hostile or
+    broken file (bad JSON nesting, huge ints, wrong field types, a folder where a file belongs, odd
+    tensor ranks) becomes an :class:`AdapterFileError` naming the path. Bugs in the caller's model
+    are not the file's fault, but a loader's contract is to raise only ``SubspaceError``."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SubspaceError:
+            raise
+        except (ValueError, TypeError, LookupError, AttributeError, RecursionError, OSError, UnicodeError,
+                ArithmeticError, NotImplementedError) as err:
+            try:
+                bound = signature.bind_partial(*args, **kwargs).arguments
+            except TypeError:
+                bound = {}
+            path = next((bound[k] for k in ("path", "src", "folder", "dir") if k in bound), None)
+            where = f"{func.__name__}({str(path) if path is not None else ''})"
+            if isinstance(err, OSError):  # permissions, a folder where a file belongs, a full disk
+                raise AdapterFileError(f"{where}: {type(err).__name__}: {err}") from err
+            raise AdapterFileError(
+                f"{where}: the input cannot be read ({type(err).__name__}: {str(err)[:300]}); it is corrupt, "
+                "hand-edited or not in the expected format"
+            ) from err
+
+    return wrapper
+
+
+#: our temporary / backup names: ".<target>.tmp-<pid>-<8 hex>" and the same + ".old"
+_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}(?P<old>\.old)?$")
+
+
+def _fs_step(label: str) -> None:
+    """Called before every file operation of an atomic write (``label`` names it); a no-op.
+
+    The kill-at-every-point test replaces it to stop the process between any two operations.
+    """
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":
+        return True  # no cheap liveness test: leftovers are then removed by age (see leftovers())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def leftovers(folder: Path, targets: list[str] | None = None, stale_only: bool = False) -> list[Path]:
+    """Temporary/backup files of our own naming in ``folder`` (for ``targets`` names, default all).
+
+    ``stale_only``: only those whose writing process is gone (POSIX), or older than an hour (elsewhere).
+    """
+    import time
+
+    found = []
+    with contextlib.suppress(OSError):
+        for path in folder.iterdir():
+            m = _LEFTOVER.match(path.name)
+            if not m or (targets is not None and m["target"] not in targets) or not path.is_file():
+                continue
+            if stale_only:
+                pid = int(m["pid"])
+                if os.name == "posix" and _pid_alive(pid):
+                    continue
+                if os.name != "posix" and time.time() - path.stat().st_mtime < 3600:
+                    continue
+            found.append(path)
+    return sorted(found)
+
+
+def _tidy(folder: Path, targets: list[str]) -> None:
+    """Before writing ``targets`` in ``folder``: run the repairs registered for them, then delete stale leftovers."""
+    stale = leftovers(folder, targets, stale_only=True)
+    if not stale:
+        return
+    for names, repair in _REPAIRS:
+        if names & set(targets):
+            repair(folder)
+    for path in leftovers(folder, targets, stale_only=True):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    logger.info("removed %d leftover file(s) of interrupted saves in %s", len(stale), folder)
+
+
+#: (file names, repair(folder)): run before a write of any of those names finds stale leftovers
+_REPAIRS: list[tuple[frozenset[str], Callable[[Path], None]]] = []
+
+
+def register_repair(names: tuple[str, ...], repair: Callable[[Path], None]) -> None:
+    """Run ``repair(folder)`` before a write of any of ``names`` into ``folder`` that finds leftovers of a
+    killed writer (e.g. the adapter format puts back weights only a backup still holds)."""
+    _REPAIRS.append((frozenset(names), repair))
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a directory, so a rename in it survives a power loss (a no-op where impossible)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
+    """Yield temporary paths beside ``targets``; on success rename each onto its target, in order.
+
+    On any exception the temporaries are deleted and the targets are untouched — also when a rename
+    fails after an earlier target was already replaced: that one is put back from a hard link of its
+    old content (so weights and config never end up from two different saves). The old content
+    stays under a backup name until the last rename is done, so a process killed between two
+    renames leaves the previous set recoverable (:func:`load_adapter` does it for adapters);
+    leftovers of killed writers are deleted by the next write into the same folder.
+    """
+    for folder in dict.fromkeys(t.parent for t in targets):
+        _tidy(folder, [t.name for t in targets if t.parent == folder])
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temps = [t.with_name(f".{t.name}.tmp-{tag}") for t in targets]
+    olds = [tmp.with_name(tmp.name + ".old") for tmp in temps]
+    done: list[tuple[Path, Path | None]] = []
+    try:
+        _fs_step("write")
+        yield temps
+        for tmp in temps:
+            _fs_step(f"fsync {tmp.name}")
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        for tmp, target, old in zip(temps, targets, olds):
+            _fs_step(f"backup {target.name}")
+            kept = _keep_old(target, old)
+            _fs_step(f"replace {target.name}")
+            os.replace(tmp, target)
+            done.append((target, kept))
+        for folder in dict.fromkeys(t.parent for t in targets):
+            _fs_step("fsync dir")
+            fsync_dir(folder)
+    except BaseException:
+        for target, kept in reversed(done):  # roll back the renames already made
+            if kept is None:
+                target.unlink()
+            else:
+                os.replace(kept, target)
+        raise
+    finally:
+        for tmp in temps + olds:
+            if tmp.exists():
+                _fs_step(f"unlink {tmp.name.split('.tmp-')[0]}{'.old' if tmp.name.endswith('.old') else ''}")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def _keep_old(target: Path, old: Path) -> Path | None:
+    """Make ``old`` a second name (hard link, else a copy) of ``target``'s current content; None if absent."""
+    if not target.exists():
+        return None
+    try:
+        os.link(target, old)
+    except OSError:
+        shutil.copyfile(target, old)
+    return old
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file + rename)."""
+    with atomic_paths(Path(path)) as (tmp,):
+        tmp.write_text(text, encoding="utf-8")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+__all__ = ["atomic_paths", "atomic_write_text", "file_errors", "fsync_dir", "leftovers", "register_repair", "sha256_file"]
