@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import SubspaceError
+from .errors import DataError
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -37,10 +37,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 FILE_COLUMN = "file_name"
-
-
-class DataError(SubspaceError, ValueError):
-    """A training data set is malformed (missing images, captions, columns)."""
 
 
 @dataclass
