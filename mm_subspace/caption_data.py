@@ -131,8 +131,8 @@ def _metadata_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
                 raise DataError(f"{path} is empty; it needs a header row with {FILE_COLUMN} and a caption column")
             for row in reader:
                 rows.append((reader.line_num, row))
-        except csv.Error as err:
-            raise DataError(f"{path} line {reader.line_num}: not valid CSV ({err}); fields are at most "
+        except csv.Error as err:  # reader.line_num counts the lines read before the bad one
+            raise DataError(f"{path} line {reader.line_num + 1}: not valid CSV ({err}); fields are at most "
                             f"{csv.field_size_limit()} characters") from None
     return rows
 
