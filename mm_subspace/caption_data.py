@@ -161,8 +161,10 @@ def read_metadata_captions(folder: Path, caption_column: str | None = None,
         if column is None:
             column = _caption_column(list(row), where, caption_column)
         name = row.get(FILE_COLUMN)
-        if not name or not isinstance(name, str):
+        if not name:
             raise DataError(f"{where}: no {FILE_COLUMN!r} (imagefolder convention: the image path relative to {folder})")
+        if not isinstance(name, str):
+            raise DataError(f"{where}: {FILE_COLUMN} is a {type(name).__name__}, expected a path string")
         image = resolve_inside(folder, name, where, allow_outside)
         if not image.is_file():
             raise DataError(f"{where}: {FILE_COLUMN} {name!r} does not exist in {folder}; fix the row or add the image")

@@ -70,6 +70,11 @@ def test_resolve_inside_refuses_dotdot_absolute_and_symlinks_out(tmp_path: Path,
         with pytest.raises(DataError, match=rf"here: '{name}' resolves to .*outside the data folder.*allow_outside=True"):
             resolve_inside(data, name, "here")
         assert resolve_inside(data, name, "here", allow_outside=True) == outside.resolve()
+    os.symlink("loop_b", data / "loop_a")
+    os.symlink("loop_a", data / "loop_b")
+    for name in ("a\0b.png", "x" * 5000, "loop_a"):  # NUL (from a JSON \u0000), too long, symlink loop
+        with pytest.raises(DataError, match=r"here: .* is not a usable path"):
+            resolve_inside(data, name, "here")
 
 
 def test_16bit_png_and_float_tiff_are_scaled_by_their_real_range(tmp_path: Path) -> None:
@@ -235,7 +240,7 @@ def test_llava_image_paths_out_of_the_folder_are_refused(tmp_path: Path, outside
 
 def test_llava_bad_images_are_the_record_error_and_deep_images_are_scaled(tmp_path: Path) -> None:
     path = _llava(tmp_path, [{"id": f"r-{n}", "image": n, "conversations": CONVERSATION}
-                             for n in ("bomb.png", "cut.png", "deep.png", "f.tif")] +
+                             for n in ("bomb.png", "cut.png", "deep.png", "f.tif", "nul\0.png")] +
                   [{"id": "r-list", "image": ["ok.png"], "conversations": CONVERSATION}])
     bomb_png(path.parent / "bomb.png", 30000)
     noise = np.random.default_rng(3).integers(0, 256, (32, 32, 3)).astype(np.uint8)
@@ -244,7 +249,8 @@ def test_llava_bad_images_are_the_record_error_and_deep_images_are_scaled(tmp_pa
     values = np.random.default_rng(2).integers(0, 65535, (4, 4)).astype(np.uint16)
     Image.fromarray(values).save(path.parent / "deep.png")
     Image.fromarray(np.float32(values) / 65535, mode="F").save(path.parent / "f.tif")
-    bomb, cut, deep, flt, as_list = llava.load_llava_json(path, path.parent)
+    bomb, cut, deep, flt, nul, as_list = llava.load_llava_json(path, path.parent)
+    assert isinstance(nul, DataError) and "not a usable path" in str(nul)
     assert isinstance(bomb, DataError) and "record 'r-bomb.png'" in str(bomb) and "decompression bomb" in str(bomb)
     assert isinstance(cut, DataError) and "cut.png is not a readable image" in str(cut)
     assert isinstance(as_list, DataError) and "'image' is a list" in str(as_list)

@@ -47,10 +47,17 @@ def resolve_inside(folder: str | os.PathLike[str], name: str | os.PathLike[str],
         allow_outside: accept paths that resolve outside ``folder`` (absolute paths, ``..``, symlinks).
 
     Raises:
-        DataError: the path resolves outside ``folder`` (the message names both and the opt-in).
+        DataError: the path resolves outside ``folder`` (the message names both and the opt-in), or
+            the OS refuses it (a NUL byte, a name too long, a symlink loop).
     """
     root = Path(folder).resolve()
-    path = (root / name).resolve()
+    try:
+        path = (root / name).resolve()
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # the caller reports missing files in its own words
+    except (OSError, ValueError, RuntimeError) as err:  # ValueError: NUL byte; RuntimeError: symlink loop
+        raise DataError(f"{where}: {str(name)[:200]!r} is not a usable path ({err}); fix the name") from None
     if not allow_outside and not path.is_relative_to(root):
         raise DataError(f"{where}: {str(name)!r} resolves to {path}, outside the data folder {root}; refused "
                         "(paths in data files stay inside their folder: copy the file in, or allow paths outside "
