@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .data.files import load_image, read_text, resolve_inside, to_rgb
+from .data.files import load_image, parse_json, read_text, resolve_inside, to_rgb
 from .errors import DataError
 
 if TYPE_CHECKING:
@@ -113,14 +112,7 @@ def _metadata_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {number}: not valid JSON ({err.msg})") from None
-            except RecursionError:
-                raise DataError(f"{path} line {number}: JSON nested too deeply; a row is one flat object") from None
-            except ValueError as err:  # e.g. an integer over Python's 4300-digit limit
-                raise DataError(f"{path} line {number}: not usable JSON ({err})") from None
+            row = parse_json(line, path, number)
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
             rows.append((number, row))

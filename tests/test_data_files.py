@@ -264,7 +264,7 @@ def test_llava_bad_images_are_the_record_error_and_deep_images_are_scaled(tmp_pa
     (b'{"id": "a", "conversations": []}\n{"id": "b\0"}\n', r"train.json line 2: holds a NUL byte"),
     (b"[" * 100_000, r"train.json: JSON nested too deeply"),
     (b'{"id": "a", "conversations": []}\n' + b"[" * 100_000 + b"\n", r"train.json line 2: JSON nested too deeply"),
-    (b'{"id": "a", "conversations": []}\n{"id": \n', r"train.json line 2: not LLaVA JSON"),
+    (b'{"id": "a", "conversations": []}\n{"id": \n', r"train.json line 2: not valid JSON"),
 ], ids=["bom", "utf8", "nul", "deep-list", "deep-jsonl", "jsonl-syntax"])
 def test_llava_files_with_bad_bytes_name_file_and_line(tmp_path: Path, raw: bytes, message: str | None) -> None:
     path = _llava(tmp_path, [], raw)

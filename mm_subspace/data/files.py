@@ -8,7 +8,8 @@ that names the file (and the line, where there is one):
   folder that points out of it) must resolve inside the data folder, unless the caller passes
   ``allow_outside=True``;
 * :func:`read_text` — text data files are UTF-8 (a leading BOM is dropped, ``utf-8-sig``); invalid
-  UTF-8 and NUL bytes are errors naming the line;
+  UTF-8 and NUL bytes are errors naming the line; :func:`parse_json` names the line of bad or too
+  deeply nested JSON;
 * :func:`load_image` — any image PIL opens, as 8-bit RGB: decompression bombs (more than
   ``PIL.Image.MAX_IMAGE_PIXELS`` pixels, PIL's warning level, not only its error level), truncated and
   unidentified files are errors naming the file; 16-bit, 32-bit integer and float images are scaled to
@@ -18,19 +19,20 @@ that names the file (and the line, where there is one):
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import warnings
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DataError
 
 if TYPE_CHECKING:
     import PIL.Image
 
-__all__ = ["load_image", "read_text", "resolve_inside", "to_rgb"]
+__all__ = ["load_image", "parse_json", "read_text", "resolve_inside", "to_rgb"]
 
 #: PIL modes whose values do not fit 8 bit; :func:`load_image` stretches them by their real range
 HIGH_DEPTH_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
@@ -90,6 +92,21 @@ def read_text(path: str | os.PathLike[str]) -> str:
     except UnicodeDecodeError as err:
         raise DataError(f"{path} line {_line_of(data, err.start)}: not valid UTF-8 ({err.reason} at byte "
                         f"{err.start}); save the file as UTF-8") from None
+
+
+def parse_json(text: str, path: str | os.PathLike[str], line: int = 0) -> Any:
+    """``json.loads(text)`` of ``path`` (``line``: the JSONL line, 0 for a whole file) whose every failure
+    is a :class:`DataError` naming the file and line: invalid JSON, nesting too deep for Python's parser
+    (``RecursionError``), integers over Python's 4300-digit limit."""
+    at = f"{path} line {line}" if line else str(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} line {line or err.lineno}: not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise DataError(f"{at}: JSON nested too deeply (Python's parser gives up); records are flat objects") from None
+    except ValueError as err:
+        raise DataError(f"{at}: not usable JSON ({err})") from None
 
 
 def _to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:

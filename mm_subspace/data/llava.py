@@ -30,7 +30,6 @@ LLaVA (``tiny-llava-digits``) was pretrained on captions of the train part only,
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DataError
-from .files import load_image, read_text, resolve_inside
+from .files import load_image, parse_json, read_text, resolve_inside
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -156,18 +155,6 @@ def records_from_llava_json(
     return out
 
 
-def _parse_json(text: str, path: Path, line: int = 0) -> Any:
-    """``json.loads`` whose every failure is a :class:`DataError` naming the file and line."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} line {line or err.lineno}: not LLaVA JSON (a list of records) or JSONL: {err.msg}") from None
-    except RecursionError:
-        raise DataError(f"{path}{f' line {line}' if line else ''}: JSON nested too deeply for a LLaVA record") from None
-    except ValueError as err:  # e.g. an integer over Python's 4300-digit limit
-        raise DataError(f"{path}{f' line {line}' if line else ''}: not usable JSON ({err})") from None
-
-
 def load_llava_json(data_path: str | os.PathLike[str], image_folder: str | os.PathLike[str] | None = None,
                     allow_outside: bool = False) -> list[Record | DataError]:
     """Read a LLaVA JSON (a list) or JSONL file; see :func:`records_from_llava_json`.
@@ -181,9 +168,9 @@ def load_llava_json(data_path: str | os.PathLike[str], image_folder: str | os.Pa
         raise DataError(f"--data_path {path} does not exist")
     text = read_text(path)
     if text.lstrip().startswith("["):
-        raw = _parse_json(text, path)
+        raw = parse_json(text, path)
     else:
-        raw = [_parse_json(line, path, n) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        raw = [parse_json(line, path, n) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not raw:
         raise DataError(f"{path} holds no records: the data set is empty")
     if not isinstance(raw, list):
