@@ -73,7 +73,7 @@ def read_manifest(name_or_folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise ShippedModelError(f"{path} has an empty 'files' table, so it checks nothing; reinstall mm-subspace")
     for rel, entry in manifest["files"].items():
         parts = PurePosixPath(rel).parts
-        if rel.startswith("/") or "\\" in rel or ":" in rel or not parts or ".." in parts or rel == MANIFEST_NAME:
+        if rel.startswith("/") or any(c in rel for c in "\\:\0") or not parts or ".." in parts or rel == MANIFEST_NAME:
             raise ShippedModelError(f"{path} lists {rel!r}, not a plain path inside its folder; reinstall mm-subspace")
         if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
                 or not _SHA256.fullmatch(entry["sha256"]) or type(entry.get("bytes")) is not int or entry["bytes"] < 0):

@@ -124,8 +124,9 @@ GOOD = {"sha256": "0" * 64, "bytes": 8}
     ({"/etc/passwd": GOOD}, r"lists '/etc/passwd', not a plain path"),
     ({"": GOOD}, r"lists '', not a plain path"),
     ({"manifest.json": GOOD}, r"lists 'manifest.json', not a plain path"),
+    ({"config.json": GOOD, "unet/weights.safetensors": GOOD, "x\0": GOOD}, r"lists 'x\\x00', not a plain path"),
 ], ids=["empty", "list-entry", "no-sha", "no-bytes", "str-bytes", "bool-bytes", "negative-bytes", "short-sha",
-        "dict-sha", "dotdot", "absolute", "blank", "itself"])
+        "dict-sha", "dotdot", "absolute", "blank", "itself", "nul-byte"])
 def test_malformed_manifest_entries_are_shipped_model_errors(tmp_path, files, message):
     folder = _model(tmp_path)
     manifest = shipped.read_manifest(folder)
