@@ -78,7 +78,7 @@ def list_images(folder: Path, what: str, flag: str, skip: set[str] = frozenset()
         try:
             images.append((path, load_image(path)))
         except DataError as err:
-            skipped.append(f"{path.name} ({err})")
+            skipped.append(str(err))  # names the file and the reason
     if skipped:
         logger.warning("skipped %d unreadable/non-image file(s) in %s: %s", len(skipped), folder, "; ".join(skipped))
     if not images:
