@@ -15,17 +15,26 @@ every image must have one; a metadata row naming a missing file, a missing capti
 caption, a duplicate row, a sidecar without its image, or a sidecar that disagrees with the
 metadata row of the same image is a :class:`~mm_subspace.errors.DataError` naming the file and line.
 A sidecar that repeats its metadata caption exactly is accepted.
+
+Hostile folders (:mod:`mm_subspace.data.files`): a ``file_name`` with ``..`` or an absolute path, and
+any image, sidecar or metadata file that is a symlink resolving outside the folder, is a ``DataError``
+unless ``allow_outside=True``. Text files are UTF-8 (a BOM is dropped); invalid UTF-8, NUL bytes, too
+deeply nested JSON and CSV fields over 128 KB are ``DataError`` s naming the file and line. Images are
+8-bit RGB (16-bit / float images scaled by their real range); an unreadable top-level image
+(decompression bomb, truncated, not an image) is skipped with a warning naming it, but one a caption
+names is a ``DataError``.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .data.files import load_image, parse_json, read_text, resolve_inside, to_rgb
 from .errors import DataError
 
 if TYPE_CHECKING:
@@ -48,24 +57,16 @@ class ImageRecord:
     source: str
 
 
-def open_image(path: Path) -> PIL.Image.Image:
-    """Open ``path`` as an EXIF-rotated RGB image (fully loaded); raises PIL/OS errors as they are."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im.load()
-        return ImageOps.exif_transpose(im).convert("RGB")
-
-
-def list_images(folder: Path, what: str, flag: str, skip: set[str] = frozenset()) -> list[tuple[Path, Any]]:
-    """Open every image in ``folder`` (not recursive); unreadable or non-image files are skipped with a
-    warning naming them; names in ``skip`` (caption files) are passed over silently.
+def list_images(folder: Path, what: str, flag: str, skip: set[str] = frozenset(),
+                allow_outside: bool = False) -> list[tuple[Path, Any]]:
+    """Open every image in ``folder`` (not recursive) with :func:`~mm_subspace.data.files.load_image`;
+    unreadable or non-image files (decompression bombs, truncated files, ...) are skipped with a warning
+    naming them; names in ``skip`` (caption files) are passed over silently.
 
     Raises:
         FileNotFoundError / ValueError: the folder is missing, empty, or holds no readable image.
+        DataError: a file is a symlink resolving outside ``folder`` (unless ``allow_outside``).
     """
-    from PIL import UnidentifiedImageError
-
     if not folder.is_dir():
         raise FileNotFoundError(f"{flag} {folder} does not exist; point it at a folder of {what} photos")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in skip)
@@ -73,12 +74,13 @@ def list_images(folder: Path, what: str, flag: str, skip: set[str] = frozenset()
         raise ValueError(f"{flag} {folder} is empty; put a few {what} photos (png/jpg) in it")
     images, skipped = [], []
     for path in files:
+        resolve_inside(folder, path.name, f"{flag} {folder}", allow_outside)
         try:
-            images.append((path, open_image(path)))
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            skipped.append(f"{path.name} ({type(err).__name__})")
+            images.append((path, load_image(path)))
+        except DataError as err:
+            skipped.append(str(err))  # names the file and the reason
     if skipped:
-        logger.warning("skipped %d unreadable/non-image file(s) in %s: %s", len(skipped), folder, ", ".join(skipped))
+        logger.warning("skipped %d unreadable/non-image file(s) in %s: %s", len(skipped), folder, "; ".join(skipped))
     if not images:
         raise ValueError(f"{flag} {folder} holds no readable image (skipped: {', '.join(skipped)}); add png/jpg photos")
     return images
@@ -98,37 +100,49 @@ def _caption_column(columns: list[str], where: str, caption_column: str | None) 
 
 
 def _metadata_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, row)`` of a metadata.jsonl / metadata.csv file."""
+    """``(line number, row)`` of a metadata.jsonl / metadata.csv file (UTF-8, an optional BOM dropped).
+
+    Raises:
+        DataError: invalid UTF-8, a NUL byte, invalid or too deeply nested JSON, a CSV field over
+            ``csv.field_size_limit()`` (128 KB) or other malformed CSV, naming the path and line.
+    """
+    text = read_text(path)
     rows = []
     if path.suffix == ".jsonl":
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+            row = parse_json(line, path, number)
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
             rows.append((number, row))
     else:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
             if reader.fieldnames is None:
                 raise DataError(f"{path} is empty; it needs a header row with {FILE_COLUMN} and a caption column")
             for row in reader:
                 rows.append((reader.line_num, row))
+        except csv.Error as err:  # reader.line_num counts the lines read before the bad one
+            raise DataError(f"{path} line {reader.line_num + 1}: not valid CSV ({err}); fields are at most "
+                            f"{csv.field_size_limit()} characters") from None
     return rows
 
 
-def read_metadata_captions(folder: Path, caption_column: str | None = None) -> dict[Path, tuple[str, str]]:
-    """``{image path: (caption, "metadata.jsonl line N")}`` from the folder's metadata file ({} if none)."""
+def read_metadata_captions(folder: Path, caption_column: str | None = None,
+                           allow_outside: bool = False) -> dict[Path, tuple[str, str]]:
+    """``{image path: (caption, "metadata.jsonl line N")}`` from the folder's metadata file ({} if none).
+
+    ``file_name`` must resolve inside ``folder`` (no ``..``, absolute paths or symlinks out of it)
+    unless ``allow_outside``.
+    """
     present = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
     if len(present) > 1:
         raise DataError(f"{folder} has both {METADATA_FILES[0]} and {METADATA_FILES[1]}; keep one")
     if not present:
         return {}
     path = present[0]
+    resolve_inside(folder, path.name, str(path), allow_outside)
     rows = _metadata_rows(path)
     if not rows:
         raise DataError(f"{path} has no rows; add one per image ({FILE_COLUMN} + caption) or remove it")
@@ -141,7 +155,9 @@ def read_metadata_captions(folder: Path, caption_column: str | None = None) -> d
         name = row.get(FILE_COLUMN)
         if not name:
             raise DataError(f"{where}: no {FILE_COLUMN!r} (imagefolder convention: the image path relative to {folder})")
-        image = (folder / str(name)).resolve()
+        if not isinstance(name, str):
+            raise DataError(f"{where}: {FILE_COLUMN} is a {type(name).__name__}, expected a path string")
+        image = resolve_inside(folder, name, where, allow_outside)
         if not image.is_file():
             raise DataError(f"{where}: {FILE_COLUMN} {name!r} does not exist in {folder}; fix the row or add the image")
         if column not in row:
@@ -156,31 +172,33 @@ def read_metadata_captions(folder: Path, caption_column: str | None = None) -> d
 
 
 def folder_records(folder: Path, caption_column: str | None = None, what: str = "subject",
-                   flag: str = "--instance_data_dir") -> list[ImageRecord]:
+                   flag: str = "--instance_data_dir", allow_outside: bool = False) -> list[ImageRecord]:
     """Every image of ``folder`` with its caption (metadata file, ``.txt`` sidecars, or ``None`` for all).
 
-    See the module docstring for the precedence rules and the errors.
+    See the module docstring for the precedence rules and the errors. ``allow_outside=True`` accepts
+    metadata ``file_name`` s and image symlinks that resolve outside ``folder`` (refused by default).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{flag} {folder} does not exist; point it at a folder of {what} photos")
     sidecars = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".txt" and not p.name.startswith("."))
     skip = {*METADATA_FILES, *(p.name for p in sidecars)}
-    images = dict(list_images(folder, what, flag, skip=skip))
+    images = dict(list_images(folder, what, flag, skip=skip, allow_outside=allow_outside))
     images = {path.resolve(): image for path, image in images.items()}
-    captions = read_metadata_captions(folder, caption_column)
+    captions = read_metadata_captions(folder, caption_column, allow_outside)
 
     by_stem: dict[str, list[Path]] = {}
     for path in folder.iterdir():
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             by_stem.setdefault(path.stem, []).append(path.resolve())
     for sidecar in sidecars:
+        resolve_inside(folder, sidecar.name, f"caption file {sidecar}", allow_outside)
         targets = by_stem.get(sidecar.stem, [])
         if len(targets) != 1:
             problem = "has no image" if not targets else f"matches {len(targets)} images ({sorted(p.name for p in targets)})"
             raise DataError(f"caption file {sidecar} {problem} named {sidecar.stem}.<png|jpg|...>; "
                             "add the image, rename the caption, or remove it")
-        text = sidecar.read_text(encoding="utf-8").strip()
+        text = read_text(sidecar).strip()
         if not text:
             raise DataError(f"caption file {sidecar} is empty; write a caption or remove it")
         image = targets[0]
@@ -200,10 +218,7 @@ def folder_records(folder: Path, caption_column: str | None = None, what: str = 
     for path, (caption, where) in sorted(captions.items()):
         image = images.get(path)
         if image is None:  # listed in metadata but not a readable top-level image (nested, or broken)
-            try:
-                image = open_image(path)
-            except Exception as err:
-                raise DataError(f"{where}: {path} is not a readable image ({type(err).__name__}: {err})") from None
+            image = load_image(path, where)
         records.append(ImageRecord(image, caption, str(path)))
     logger.info("%d captioned images from %s", len(records), folder)
     return records
@@ -245,7 +260,7 @@ def dataset_records(name: str, image_column: str = "image", caption_column: str 
         where = f"dataset {name} row {i}"
         value = row[image_column]
         if isinstance(value, str):
-            value = open_image(Path(value))
+            value = load_image(value, where)
         if not hasattr(value, "convert"):
             raise DataError(f"{where}: column {image_column!r} holds {type(value).__name__}, not an image")
         caption = None
@@ -254,7 +269,7 @@ def dataset_records(name: str, image_column: str = "image", caption_column: str 
             if not isinstance(caption, str) or not caption.strip():
                 raise DataError(f"{where}: empty caption in column {caption_column!r}")
             caption = caption.strip()
-        records.append(ImageRecord(value.convert("RGB"), caption, where))
+        records.append(ImageRecord(to_rgb(value), caption, where))
     if not records:
         raise DataError(f"dataset {name} ({split}) is empty")
     return records

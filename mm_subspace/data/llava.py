@@ -18,8 +18,10 @@ template or tokenizer that re-tokenizes across a turn boundary), the record is a
 
 Bad records (``<image>`` without an image, an image without ``<image>``, a missing image file, turns
 that do not alternate human/gpt, no assistant token left after truncation) raise :class:`DataError`
-naming the record; :func:`encode_records` with ``skip_bad_records=True`` drops them with a warning
-and a count instead. Text longer than ``max_length`` is truncated with a warning and a count.
+naming the record; so do an image path resolving outside ``image_folder`` (``..``, absolute, a symlink
+out of it; ``allow_outside=True`` accepts it) and an image that is a decompression bomb, truncated or
+not an image. :func:`encode_records` with ``skip_bad_records=True`` drops them with a warning and a
+count instead. Text longer than ``max_length`` is truncated with a warning and a count.
 
 The default data set, :func:`digits_instruction_records`, builds five instruction tasks over the same
 scikit-learn digits scans (1,797 real 8x8 images) with a fixed stratified 75/25 split; the shipped tiny
@@ -28,7 +30,6 @@ LLaVA (``tiny-llava-digits``) was pretrained on captions of the train part only,
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DataError
+from .files import load_image, parse_json, read_text, resolve_inside
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -93,16 +95,18 @@ def _bad(record_id: str, problem: str) -> DataError:
 
 
 def records_from_llava_json(
-    raw: Sequence[dict[str, Any]], image_folder: str | os.PathLike[str] | None = None, source: str = "data"
+    raw: Sequence[dict[str, Any]], image_folder: str | os.PathLike[str] | None = None, source: str = "data",
+    allow_outside: bool = False,
 ) -> list[Record | DataError]:
     """Turn LLaVA JSON records into :class:`Record` s; a malformed record becomes its :class:`DataError`.
 
     Checks: ``conversations`` is a non-empty list alternating ``human``/``gpt`` from ``human`` to
-    ``gpt``; ``<image>`` appears (once) iff the record has an ``image``; the image file exists under
-    ``image_folder`` and opens.
+    ``gpt``; ``<image>`` appears (once) iff the record has an ``image``; the image path resolves inside
+    ``image_folder`` (default: the working directory; ``..``, absolute paths and symlinks out of it are
+    refused unless ``allow_outside=True``), exists and opens as an image
+    (:func:`~mm_subspace.data.files.load_image`: decompression bombs, truncated and corrupt files are
+    the record's error; 16-bit and float images are scaled to 8 bit by their real range).
     """
-    from PIL import Image
-
     out: list[Record | DataError] = []
     roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
     for n, item in enumerate(raw):
@@ -133,14 +137,12 @@ def records_from_llava_json(
                 if n_placeholders == 0:
                     raise _bad(rid, f"has an image ({item['image']}) but no {IMAGE_PLACEHOLDER} in its text: "
                                f"put {IMAGE_PLACEHOLDER} where the image goes (e.g. '{IMAGE_PLACEHOLDER}\\n' + question)")
-                path = Path(image_folder or ".") / str(item["image"])
+                if not isinstance(item["image"], str):
+                    raise _bad(rid, f"'image' is a {type(item['image']).__name__}, expected a path string")
+                path = resolve_inside(image_folder or ".", item["image"], f"record {rid!r}", allow_outside)
                 if not path.is_file():
                     raise _bad(rid, f"image file {path} does not exist (check --image_folder)")
-                try:
-                    with Image.open(path) as img:
-                        image = img.convert("RGB")
-                except OSError as err:
-                    raise _bad(rid, f"image file {path} cannot be read ({err})") from None
+                image = load_image(path, f"record {rid!r}: image file")
             elif n_placeholders:
                 raise _bad(rid, f"has {IMAGE_PLACEHOLDER} in its text but no 'image' field: add the image or "
                            f"remove {IMAGE_PLACEHOLDER}")
@@ -153,19 +155,27 @@ def records_from_llava_json(
     return out
 
 
-def load_llava_json(data_path: str | os.PathLike[str], image_folder: str | os.PathLike[str] | None = None) -> list[Record | DataError]:
-    """Read a LLaVA JSON (a list) or JSONL file; see :func:`records_from_llava_json`."""
+def load_llava_json(data_path: str | os.PathLike[str], image_folder: str | os.PathLike[str] | None = None,
+                    allow_outside: bool = False) -> list[Record | DataError]:
+    """Read a LLaVA JSON (a list) or JSONL file; see :func:`records_from_llava_json`.
+
+    The file is UTF-8 (a BOM is dropped); invalid UTF-8, a NUL byte, invalid or too deeply nested
+    JSON raise :class:`DataError` naming the file and line. ``allow_outside`` accepts image paths
+    that resolve outside ``image_folder``.
+    """
     path = Path(data_path)
     if not path.is_file():
         raise DataError(f"--data_path {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not LLaVA JSON (a list of records) or JSONL: {err}") from None
+    text = read_text(path)
+    if text.lstrip().startswith("["):
+        raw = parse_json(text, path)
+    else:
+        raw = [parse_json(line, path, n) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not raw:
         raise DataError(f"{path} holds no records: the data set is empty")
-    return records_from_llava_json(raw, image_folder, source=path.name)
+    if not isinstance(raw, list):
+        raise DataError(f"{path} is a JSON {type(raw).__name__}, expected a list of LLaVA records")
+    return records_from_llava_json(raw, image_folder, source=path.name, allow_outside=allow_outside)
 
 
 # --------------------------------------------------------------------------- encoding
