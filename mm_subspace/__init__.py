@@ -38,6 +38,7 @@ from .inject import (
     list_adapters,
     merge,
     merge_and_unload,
+    parameter_counts,
     print_trainable_parameters,
     remove_adapter,
     set_adapter,
