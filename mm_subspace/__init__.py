@@ -27,6 +27,7 @@ from .errors import (
 )
 from .export import export_diffusers, export_peft, import_peft, lora_factors, lora_state_dict
 from .inject import (
+    ParameterCounts,
     active_adapters,
     adapter_layers,
     aux_loss,
