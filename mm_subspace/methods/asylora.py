@@ -28,9 +28,10 @@ def check_a_init(method: str, value: object) -> None:
 def orthonormal_rows_(weight: torch.Tensor) -> torch.Tensor:
     """Fill ``weight`` (k, d) in place with orthonormal rows: the first right singular vectors of a random matrix.
 
-    As AsyLoRA's code (``A_init="rand"``: the right singular vectors of ``rand(out, in) − 0.5``), drawn
-    from the global torch RNG in float32 (no SVD for half types on CPU) and copied into ``weight``'s
-    dtype. For k ≤ d, ``W·Wᵀ = I``. For k > d, d rows cannot all be orthonormal in R^d: the rows come
+    As AsyLoRA's code (``A_init="rand"``: the first right singular vectors of ``rand(out, in) − 0.5``),
+    except that the random matrix has k rows rather than ``out`` (a cheaper SVD; the result is again a
+    random orthonormal frame); drawn from the global torch RNG in float32 (no SVD for half types on CPU)
+    and copied into ``weight``'s dtype. For k ≤ d, ``W·Wᵀ = I``. For k > d, d rows cannot all be orthonormal in R^d: the rows come
     in blocks of d, each block orthonormal and drawn from its own random matrix, so every row still
     has unit norm. A meta tensor is left as it is.
     """
