@@ -26,6 +26,7 @@ from .errors import (
     TargetError,
 )
 from .inject import (
+    ParameterCounts,
     active_adapters,
     adapter_layers,
     aux_loss,
@@ -37,6 +38,7 @@ from .inject import (
     list_adapters,
     merge,
     merge_and_unload,
+    parameter_counts,
     print_trainable_parameters,
     remove_adapter,
     routing,
