@@ -597,6 +597,18 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """``"<module>.<tensor>" -> tensor`` for one adapter (parameters and persistent buffers)."""
+    state = {}
+    for module_name, adapter in iter_adapters(model, adapter_name):
+        for key, value in adapter.state_dict().items():
+            state[f"{module_name}.{key}"] = value
+    config = get_state(model).configs.get(adapter_name)
+    if config is not None:  # fully trained modules (config.trainable_modules), under "trainable_modules."
+        state.update({k: v.detach() for k, v in trainable_module_state(model, config).items()})
+    return state
+
+
 class ParameterCounts(NamedTuple):
     """What :func:`parameter_counts` returns."""
 
@@ -616,8 +628,6 @@ def parameter_counts(model: nn.Module, adapter_name: str | None = None) -> Param
     adapter on the model, summed); ``stored − trainable`` is what an adapter keeps frozen. ``trainable``
     and ``total`` are model-wide, as in :func:`trainable_parameters`.
     """
-    from .io import adapter_state_dict
-
     trainable, total = trainable_parameters(model)
     state = get_state(model, required=False)
     names = [] if state is None else list(state.configs) if adapter_name is None else [adapter_name]

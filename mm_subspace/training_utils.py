@@ -36,7 +36,8 @@ from .errors import AdapterFileError, ConfigError, NonFiniteError
 from .inject import adapter_layers, get_state
 from .layer import AdapterLayer
 from .atomic import atomic_paths, atomic_write_text, fsync_dir
-from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, load_tensors_into
+from .inject import adapter_state_dict
+from .io import CONFIG_NAME, WEIGHTS_NAME, load_tensors_into
 from .io import read_adapter_config, read_adapter_weights, save_adapter
 
 if TYPE_CHECKING:
