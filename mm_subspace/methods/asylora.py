@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from ..bases import BaseKind
-from ..config import LowRankConfig
-from ..errors import ConfigError
+from ..config import LowRankConfig, check_choice
 from ..layer import LowRankAdapter
 from ..registry import register_method
 
@@ -21,8 +20,7 @@ A_INITS = ("orthonormal", "kaiming")
 
 def check_a_init(method: str, value: object) -> None:
     """:class:`ConfigError` unless ``value`` is one of :data:`A_INITS`."""
-    if value not in A_INITS:
-        raise ConfigError(f"{method}: a_init must be one of {A_INITS}, got {value!r}")
+    check_choice(f"{method}: a_init", value, A_INITS)
 
 
 def orthonormal_rows_(weight: torch.Tensor) -> torch.Tensor:
@@ -70,8 +68,7 @@ class AsyLoRAConfig(LowRankConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.freeze not in FREEZE_CHOICES:
-            raise ConfigError(f"asylora: freeze must be 'A' or 'B', got {self.freeze!r}")
+        check_choice("asylora: freeze", self.freeze, FREEZE_CHOICES)
         check_a_init("asylora", self.a_init)
 
 

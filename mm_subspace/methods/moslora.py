@@ -9,8 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import LowRankConfig
-from ..errors import ConfigError
+from ..config import LowRankConfig, check_choice
 from ..layer import LowRankAdapter
 from ..registry import register_method
 
@@ -41,8 +40,7 @@ class MoSLoRAConfig(LowRankConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.mixer_init not in MIXER_INITS:
-            raise ConfigError(f"moslora: mixer_init {self.mixer_init!r} is not one of {MIXER_INITS}")
+        check_choice("moslora: mixer_init", self.mixer_init, MIXER_INITS)
 
 
 def init_mixer(kind: str, r: int, dd: dict[str, Any]) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..bases import BaseKind
-from ..config import LowRankConfig
+from ..config import LowRankConfig, check_choice
 from ..errors import ConfigError
 from ..layer import LowRankAdapter
 from ..losses import load_balance_loss, record_once, training_forward
@@ -105,12 +105,9 @@ class SuLoRAConfig(LowRankConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.scaling_mode not in SCALING_MODES:
-            raise ConfigError(f"sulora: scaling_mode must be one of {SCALING_MODES}, got {self.scaling_mode!r}")
-        if self.subspace_order not in ORDERS:
-            raise ConfigError(f"sulora: subspace_order must be one of {ORDERS}, got {self.subspace_order!r}")
-        if self.pairing not in PAIRINGS:
-            raise ConfigError(f"sulora: pairing must be one of {PAIRINGS}, got {self.pairing!r}")
+        check_choice("sulora: scaling_mode", self.scaling_mode, SCALING_MODES)
+        check_choice("sulora: subspace_order", self.subspace_order, ORDERS)
+        check_choice("sulora: pairing", self.pairing, PAIRINGS)
         if self.pairing == "paired" and self.subspace_order == "score":
             raise ConfigError("sulora: subspace_order='score' only applies to pairing='index' (the paired update sums "
                               "over the chosen (a_i, b_i), so their order cannot matter); use pairing='index' or drop it")
