@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_app_server import SDXL_NAMES, app_url  # noqa: E402
+from compare_app_server import SDXL_NAMES, app_url  # tests/ is on sys.path (pytest's rootdir insertion)
 
 gradio_client = pytest.importorskip("gradio_client")
 

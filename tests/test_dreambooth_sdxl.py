@@ -6,7 +6,6 @@ Runs are tiny (32 px, rank 2, 2-4 steps) and shared through module-scoped fixtur
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -23,13 +22,11 @@ from safetensors.torch import load_file
 import mm_subspace as mms
 from mm_subspace import tiny_models
 from mm_subspace.errors import ConfigError, NonFiniteError, TargetError
+from mm_subspace.training import dreambooth_sdxl as db
 from mm_subspace.training_utils import CheckpointManager, sample_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "dreambooth_sdxl.py"
-_spec = importlib.util.spec_from_file_location("dreambooth_sdxl", SCRIPT)
-db = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(db)
 
 RES = "32"  # the embedded model's native size: latents 8x8
 FAST = ["--resolution", RES, "--rank", "2", "--report_to", "none", "--validation_inference_steps", "2",
