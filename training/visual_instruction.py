@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from mm_subspace.training.script_flags import add_flags
 
 import mm_subspace
 from mm_subspace import presets, tiny_models
@@ -58,7 +59,6 @@ from mm_subspace.io import atomic_write_text
 from mm_subspace.methods import sulora
 from mm_subspace.training_utils import (
     ADAPTER_NAME,
-    METHOD_FLAGS,
     CheckpointManager,
     LossHistory,
     adapter_summary,
@@ -69,6 +69,7 @@ from mm_subspace.training_utils import (
     check_positive,
     enable_activation_checkpointing,
     locate_nonfinite,
+    method_flag_values,
     nonfinite_parameters,
     param_groups,
     sample_indices,
@@ -113,10 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Truncate longer records (with a warning and a count). Default: the tokenizer's model_max_length.")
 
     g = parser.add_argument_group("adapter")
-    g.add_argument("--adapter", type=str, default="moslora", help="Adapter method: any of mm_subspace.list_methods().")
-    g.add_argument("--rank", type=int, default=16, help="LLM adapter rank r.")
-    g.add_argument("--alpha", type=float, default=None, help="LLM adapter alpha (ΔW scaled by alpha/r). Default: 2·rank.")
-    g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the adapter input.")
+    add_flags(g, "--adapter", "--rank", "--alpha", "--lora_dropout", "--mixer_init", "--num_subspaces",
+              rank={"default": 16, "help": "LLM adapter rank r."},
+              alpha={"help": "LLM adapter alpha (ΔW scaled by alpha/r). Default: 2·rank."})
     g.add_argument("--vision_rank", type=int, default=None,
                    help="Also adapt every linear of the vision tower with this rank (paper Table 8: 64). Default: "
                    f"{EMBEDDED_VISION_RANK} on the embedded default (digits data and model), else no vision adapters.")
@@ -128,9 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Multimodal projector: frozen (the pretrained one, as the paper), full (trained fully, saved in "
                    "the same adapter file), adapter (adapters on linear_1/linear_2 with the vision rank/alpha, or the LLM's). "
                    "presets.llava_config's words freeze / train / adapt mean the same.")
-    g.add_argument("--mixer_init", type=str, default=None,
-                   help="MoSLoRA mixer init (kaiming_uniform, orthogonal, identity, normal, zero).")
-    g.add_argument("--num_subspaces", type=int, default=None, help="SuLoRA: N sub-spaces the router picks r of (default 2r).")
 
     g = parser.add_argument_group("data")
     g.add_argument("--data_path", type=str, default=None,
@@ -148,40 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Skip malformed records with a warning and a count, instead of stopping before training.")
 
     g = parser.add_argument_group("training")
-    g.add_argument("--recipe", type=str, default=None,
-                   help="From mm_subspace.recipes: moslora_vi_llama3 = MoSLoRA Table 8 (LLaMA3+ViT): LLM "
-                   "r 64 α 128, ViT r 64 α 16, batch 8 × accumulation 2, lr 2e-5, 1 epoch, projector frozen; "
-                   "moslora_vi_llama3_official = the same as the official XTuner config runs it (projector trained). "
-                   "Flags given explicitly win.")
-    g.add_argument("--train_batch_size", type=int, default=16, help="Batch size per process.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    g.add_argument("--max_train_steps", type=int, default=None,
-                   help=f"Optimizer steps; overrides --num_train_epochs. Default: {EMBEDDED_MAX_STEPS} on the embedded "
-                   "default, else from --num_train_epochs.")
-    g.add_argument("--num_train_epochs", type=float, default=1.0, help="Epochs when --max_train_steps is not given.")
-    g.add_argument("--learning_rate", type=float, default=2e-3, help="Learning rate of the adapters (and projector).")
-    g.add_argument("--lr_scheduler", type=str, default="cosine",
-                   help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
-    g.add_argument("--lr_warmup_steps", type=int, default=None, help="Warm-up steps. Default: --lr_warmup_ratio of the steps.")
+    add_flags(g, "--recipe", "--train_batch_size", "--gradient_accumulation_steps", "--max_train_steps",
+              "--num_train_epochs", "--learning_rate", "--lr_scheduler", "--lr_warmup_steps",
+              "--adam_beta1", "--adam_beta2", "--adam_weight_decay", "--adam_epsilon",
+              "--max_grad_norm", "--mixed_precision", "--gradient_checkpointing", "--seed",
+              recipe={"help": 'From mm_subspace.recipes: moslora_vi_llama3 = MoSLoRA Table 8 (LLaMA3+ViT): LLM r 64 α 128, ViT r 64 α 16, batch 8 × accumulation 2, lr 2e-5, 1 epoch, projector frozen; moslora_vi_llama3_official = the same as the official XTuner config runs it (projector trained). Flags given explicitly win.'},
+              train_batch_size={"default": 16},
+              max_train_steps={"help": f'Optimizer steps; overrides --num_train_epochs. Default: {EMBEDDED_MAX_STEPS} on the embedded default, else from --num_train_epochs.'},
+              num_train_epochs={"type": float, "default": 1.0, "help": 'Epochs when --max_train_steps is not given.'},
+              learning_rate={"default": 0.002, "help": 'Learning rate of the adapters (and projector).'},
+              lr_scheduler={"default": "cosine"},
+              lr_warmup_steps={"default": None, "help": 'Warm-up steps. Default: --lr_warmup_ratio of the steps.'})
     g.add_argument("--lr_warmup_ratio", type=float, default=0.03, help="Warm-up as a fraction of the steps (LLaVA-1.5: 0.03).")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=0.0)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
-    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                   help="Mixed precision (frozen weights cast, adapters fp32). Default: accelerate config.")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the LM.")
-    g.add_argument("--seed", type=int, default=0, help="Seed of every random draw (adapter init, data order, dropout).")
 
     g = parser.add_argument_group("checkpoints")
-    g.add_argument("--output_dir", type=str, default=None,
-                   help="Output folder. Default: runs/llava-<adapter> (the comparison app scans runs/).")
-    g.add_argument("--checkpointing_steps", type=int, default=None,
-                   help="Resumable checkpoint every N optimizer steps. Default: half of the steps (at most 500).")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    g.add_argument("--resume_from_checkpoint", type=str, default=None,
-                   help='"latest", a checkpoint name (checkpoint-10) or path. "latest" with none starts fresh.')
+    add_flags(g, "--output_dir", "--checkpointing_steps", "--checkpoints_total_limit",
+              "--resume_from_checkpoint")
     g.add_argument("--save_merged", action="store_true",
                    help="Also write merged/: the adapter folded into a full-precision copy of the base (save_pretrained).")
 
@@ -195,9 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_new_tokens", type=int, default=6, help="Greedy answer length limit.")
     g.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads per process (1 is fastest on a shared CPU). Default: torch's.")
-    g.add_argument("--report_to", type=str, default="tensorboard",
-                   help='Tracker: "tensorboard" (<output_dir>/logs), "wandb", "all" or "none".')
-    g.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    add_flags(g, "--report_to", "--logging_dir")
     return parser
 
 
@@ -258,7 +235,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------- model
 def adapter_config(args: argparse.Namespace) -> mm_subspace.AdapterConfig:
     """``config_for(args.adapter, ...)``: LLM targets, optional vision/projector adapters, projector training."""
-    fields = mm_subspace.get_method(args.adapter).config_class.field_names()
     targets = [LLM_TARGETS]
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
@@ -276,7 +252,7 @@ def adapter_config(args: argparse.Namespace) -> mm_subspace.AdapterConfig:
                                   targets="|".join(f"(?:{t})" for t in targets), rank_pattern=rank_pattern,
                                   alpha_pattern=alpha_pattern,
                                   trainable_modules=["multi_modal_projector"] if projector == "train" else [])
-    kwargs.update({f: getattr(args, f) for f in METHOD_FLAGS if f in fields and getattr(args, f) is not None})
+    kwargs.update(method_flag_values(args))
     return mm_subspace.config_for(args.adapter, **kwargs)
 
 
