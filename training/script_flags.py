@@ -50,7 +50,7 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
     "--seed": {"type": int, "default": 0, "help": "Seed of every random draw (adapter init, data order, dropout, noise)."},
     # checkpoints
     "--output_dir": {"type": str, "default": None,
-                     "help": "Output folder. Default: runs/<script>-<adapter> (the comparison app scans runs/)."},
+                     "help": "Output folder (the comparison app scans runs/)."},
     "--checkpointing_steps": {"type": int, "default": None,
                               "help": "Save a resumable checkpoint (training_state/checkpoint-<step>) every N optimizer "
                               "steps. Default: 500, or half of --max_train_steps when that is less."},
@@ -61,7 +61,7 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
     # logging
     "--report_to": {"type": str, "default": "tensorboard",
                     "help": 'Tracker: "tensorboard" (offline, <output_dir>/logs), "wandb", "comet_ml", ..., "all" or '
-                    '"none". Missing ones are named and skipped.'},
+                    '"none". Logs go to every one that is installed; missing ones are named and skipped.'},
     "--logging_dir": {"type": str, "default": "logs", "help": "Tracker folder, relative to --output_dir."},
 }
 

@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("checkpoints")
     add_flags(g, "--output_dir", "--checkpointing_steps", "--checkpoints_total_limit",
-              "--resume_from_checkpoint")
+              "--resume_from_checkpoint",
+              output_dir={"help": "Output folder. Default: runs/llava-<adapter> (the comparison app scans runs/)."})
     g.add_argument("--save_merged", action="store_true",
                    help="Also write merged/: the adapter folded into a full-precision copy of the base (save_pretrained).")
 
