@@ -539,3 +539,13 @@ def test_default_digit_subject_learns_the_nine(tmp_path: Path) -> None:
     assert grid.name in card and Image.open(grid).size == (64, 64)  # 2 images x (step 0 row, final row)
     cat = db.parse_args(["--default_subject", "cat"])  # the cat photos stay one flag away
     assert cat.instance_prompt == "a photo of sks cat" and not cat.with_prior_preservation
+
+
+def test_contradictory_or_disagreeing_compat_flags_are_refused(tmp_path: Path) -> None:
+    """Flags that used to be accepted and ignored: --use_8bit_adam with Prodigy is an error; --local_rank must
+    agree with the rank accelerate runs (checked before any model loads)."""
+    with pytest.raises(ConfigError, match="--use_8bit_adam .* does not apply to --optimizer prodigy"):
+        db.parse_args(["--optimizer", "prodigy", "--use_8bit_adam"])
+    with pytest.raises(ConfigError, match="--local_rank 3 but accelerate runs this process as local rank 0"):
+        db.main(db.parse_args([*FAST, "--local_rank", "3", "--output_dir", str(tmp_path / "out")]))
+    assert not (tmp_path / "out" / "unet").exists()
