@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
