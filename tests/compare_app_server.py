@@ -60,7 +60,7 @@ def make_adapters(root: Path) -> None:
         "ll = LlavaAdapters.from_pretrained()\n"
         "make_demo_llava_adapter(ll, root / 'llava-lora', 'lora', steps=0, init_weights=False)\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(root), str(REPO)], check=True, cwd=REPO, timeout=START_TIMEOUT,
+    subprocess.run([sys.executable, "-c", code, str(root)], check=True, cwd=REPO, timeout=START_TIMEOUT,
                    env=dict(os.environ, OMP_NUM_THREADS="1"))
     # an unreadable adapter: the app must list it with the reason and start anyway
     (root / "broken").mkdir()
