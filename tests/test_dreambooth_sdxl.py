@@ -6,6 +6,7 @@ Runs are tiny (32 px, rank 2, 2-4 steps) and shared through module-scoped fixtur
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -549,3 +550,9 @@ def test_contradictory_or_disagreeing_compat_flags_are_refused(tmp_path: Path) -
     with pytest.raises(ConfigError, match="--local_rank 3 but accelerate runs this process as local rank 0"):
         db.main(db.parse_args([*FAST, "--local_rank", "3", "--output_dir", str(tmp_path / "out")]))
     assert not (tmp_path / "out" / "unet").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed: the flag runs")
+def test_xformers_flag_without_xformers_is_refused_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs xformers .*drop the flag"):
+        db.main(db.parse_args([*FAST, "--enable_xformers_memory_efficient_attention", "--output_dir", str(tmp_path)]))

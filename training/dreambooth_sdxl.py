@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -256,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local_rank", type=int, default=-1,
                    help="torch.distributed.launch's flag: accepted when it agrees with the local rank accelerate runs.")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                   help="Accepted and ignored: diffusers already uses PyTorch's memory-efficient SDPA attention.")
+                   help="xformers attention in the UNet, as diffusers (needs xformers; without the flag PyTorch's "
+                   "memory-efficient SDPA attention runs).")
     g.add_argument("--train_text_encoder_ti", action="store_true",
                    help="NOT SUPPORTED (pivotal tuning / textual inversion of diffusers' advanced script): refused with an "
                    "error. Use --train_text_encoder.")
@@ -446,8 +448,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    if args.enable_xformers_memory_efficient_attention:
-        logger.info("--enable_xformers_memory_efficient_attention ignored: PyTorch's SDPA attention is used (memory-efficient)")
+    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        raise ConfigError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); without it "
+                          "PyTorch's SDPA attention runs, already memory-efficient: drop the flag")
 
     # -- 1. everything that can be wrong with the input is checked before any model loads ----------
     model_path = args.pretrained_model_name_or_path or str(tiny_models.tiny_sdxl_path())
@@ -500,6 +503,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                                                  dtype=torch.float32, **load)
     vae = AutoencoderKL.from_pretrained(vae_path, subfolder=vae_sub, **load)
     unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **load)
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
     scheduler_cls = EDMEulerScheduler if edm_scheduler else EulerDiscreteScheduler if edm else DDPMScheduler
     noise_scheduler = scheduler_cls.from_pretrained(model_path, subfolder="scheduler", revision=args.revision)
     for model in (vae, text_encoder, text_encoder_2, unet):
