@@ -16,13 +16,7 @@ Heavy libraries (diffusers, transformers) are imported when a pipeline is built,
 
 from __future__ import annotations
 
-from .adapters import (
-    TABLE_HEADERS,
-    AdapterInfo,
-    AdapterSet,
-    describe_adapter,
-    find_adapters,
-)
+from .adapters import TABLE_HEADERS, AdapterInfo, AdapterSet, describe_adapter, find_adapters
 from .llava import Answer, LlavaAdapters, check_llava_request, save_merged_llava
 from .sdxl import BASE_LABEL, Generation, SDXLAdapters, check_sdxl_request
 

@@ -95,12 +95,7 @@ class LlavaAdapters(AdapterSet):
             from mm_subspace.tiny_models import tiny_llava
 
             return cls(*tiny_llava(torch_dtype))
-        from transformers import (
-            AutoConfig,
-            AutoModelForCausalLM,
-            AutoProcessor,
-            AutoTokenizer,
-        )
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
         config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
         dtype = torch_dtype or torch.float32
