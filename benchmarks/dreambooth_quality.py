@@ -18,7 +18,6 @@ error bars) and ``results/dreambooth_quality_grid.png`` (a row per method: insta
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import tempfile
@@ -53,11 +52,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def _script() -> Any:
-    path = C.ROOT.parent / "training" / "dreambooth_sdxl.py"
-    spec = importlib.util.spec_from_file_location("dreambooth_sdxl", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from mm_subspace.training import dreambooth_sdxl
+
+    return dreambooth_sdxl
 
 
 def _params(out: Path) -> dict[str, int]:

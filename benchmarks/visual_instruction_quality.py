@@ -22,7 +22,6 @@ Writes ``benchmarks/results/visual_instruction_quality.{json,md,png}``. The base
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import multiprocessing
 import statistics
 import sys
@@ -31,14 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, ROOT, machine, markdown_table, write_results
+from _common import RESULTS, machine, markdown_table, write_results
 
 import mm_subspace as mms
+from mm_subspace.training import visual_instruction as vi
 
-SCRIPT = ROOT.parent / "training" / "visual_instruction.py"
-_spec = importlib.util.spec_from_file_location("visual_instruction", SCRIPT)
-vi = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(vi)
 
 METHODS = ("lora", "moslora", "ts_mixing", "asylora", "sulora", "dora")
 INITS = ("kaiming_uniform", "kaiming_unit", "orthogonal", "identity", "normal", "zero")

@@ -67,6 +67,22 @@ def check_method_flags(args: Any, flags: tuple[str, ...] = METHOD_FLAGS) -> None
             raise ConfigError(f"--{flag} does not apply to --adapter {args.adapter}; it is a flag of {', '.join(have) or 'no method'}")
 
 
+def method_flag_values(args: Any, flags: tuple[str, ...] = METHOD_FLAGS) -> dict[str, Any]:
+    """``{field: value}`` of the method flags given (not None) that ``args.adapter``'s config has."""
+    from .registry import get_method
+
+    fields = get_method(args.adapter).config_class.field_names()
+    return {f: getattr(args, f) for f in flags if f in fields and getattr(args, f) is not None}
+
+
+def is_dora(method: str) -> bool:
+    """Whether ``method`` is DoRA (or built on it): a trained per-row magnitude, so no plain-LoRA ΔW = B·A —
+    no kohya file, PEFT's DoRA layout in ``pytorch_lora_weights.safetensors``. The scripts' one check for it."""
+    from .registry import get_method
+
+    return get_method(method).config_class.has_magnitude
+
+
 def check_positive(args: Any, names: list[str], allow_zero: bool = False) -> None:
     """Each flag in ``names`` that is set must be > 0 (``allow_zero``: >= 0); else a ValueError naming it."""
     for name in names:
