@@ -330,18 +330,23 @@ class CheckpointManager:
     ``save`` has every rank write into ``.checkpoint-<step>.tmp`` (accelerate writes the per-rank
     RNG states there), then rank 0 renames it into place: a killed run leaves either a whole
     checkpoint or none, and ``latest`` ignores leftovers. Only then are old checkpoints rotated
-    out (``total_limit``), so the last good one always survives a failure.
+    out (``total_limit``), so the last good one always survives a failure. A checkpoint is written only
+    when every trainable parameter is finite, so "the last good checkpoint" always is one.
 
     Args:
         output_dir: the run's output folder.
         method: adapter method, recorded and checked on resume.
         total_limit: keep at most this many checkpoints (``None`` = all).
+        num_processes: the run's world size, recorded; a resume with another one is refused (the lr
+            schedule's length and the data order depend on it).
     """
 
     output_dir: Path
     method: str
     total_limit: int | None = None
+    num_processes: int | None = None
     last_saved: Path | None = field(default=None, init=False)
+    parts: dict[str, nn.Module] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def root(self) -> Path:
@@ -391,6 +396,13 @@ class CheckpointManager:
                 f"checkpoint {path} has no adapter for {missing} (was it trained without --train_text_encoder?); "
                 "resume with the same flags as the original run"
             )
+        saved_world = state.get("num_processes")
+        if self.num_processes is not None and saved_world is not None and saved_world != self.num_processes:
+            raise ConfigError(
+                f"checkpoint {path} was written by a run on {saved_world} processes, this one has {self.num_processes}: "
+                f"the lr schedule (stepped once per process) and the data order depend on it. Resume with "
+                f"--num_processes {saved_world} (accelerate launch), or start a fresh run in another --output_dir"
+            )
         check_adapter_folder(path, self.method, parts)
         return int(state["step"])
 
@@ -423,19 +435,42 @@ class CheckpointManager:
 
         accelerator.register_save_state_pre_hook(save_hook)
         accelerator.register_load_state_pre_hook(load_hook)
+        self.parts = parts
+
+    def load(self, accelerator: Accelerator, path: Path) -> None:
+        """``accelerator.load_state(path)`` (the DDP path under FSDP2: adapters are replicated, see distributed)."""
+        from .distributed import data_parallel_state
+
+        with data_parallel_state(accelerator):
+            accelerator.load_state(str(path))
+        self.last_saved = path
 
     def save(self, accelerator: Accelerator, step: int, extra: dict[str, Any] | None = None) -> Path:
-        """``accelerator.save_state`` into ``checkpoint-<step>`` atomically; then rotate. Call on every rank."""
+        """``accelerator.save_state`` into ``checkpoint-<step>`` atomically; then rotate. Call on every rank.
+
+        Raises:
+            NonFiniteError: a trainable parameter holds NaN/inf (nothing is written; the last good checkpoint stays).
+        """
+        bad = nonfinite_parameters(self.parts)
+        if bad:
+            kept = f"the last good checkpoint {self.last_saved} is kept" if self.last_saved else "no checkpoint was written"
+            raise NonFiniteError(f"step {step}: trainable parameters {bad[:3]} hold NaN/inf, so no checkpoint is written "
+                                 f"({kept}); lower --learning_rate or set --max_grad_norm")
+        from .distributed import data_parallel_state
+
         final = self.root / f"{CHECKPOINT_PREFIX}{step}"
         tmp = self.root / f".{final.name}.tmp"
         if accelerator.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        with data_parallel_state(accelerator):
+            accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {"step": step, "method": self.method, **(extra or {})}
+            if self.num_processes is not None:
+                state["num_processes"] = self.num_processes
             atomic_write_text(tmp / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
             fsync_dir(tmp)
             if final.exists():  # a re-run of the same step: replace it

@@ -37,7 +37,6 @@ loop under ``accumulate``, checkpoints on ``sync_gradients``, validation, save),
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import logging
@@ -52,6 +51,8 @@ import torch
 import mm_subspace
 from mm_subspace import tiny_models
 from mm_subspace.caption_data import list_images
+from mm_subspace.distributed import (SkippedSteps, apply_test_overrides, check_setup, process_group_kwargs,
+                                     replicate_trainable, sync_replicated_grads)
 from mm_subspace.errors import ConfigError, MergeError
 from mm_subspace.eval import digits as digits_eval
 from mm_subspace.atomic import atomic_write_text
@@ -61,7 +62,7 @@ from mm_subspace.training.dreambooth_report import (digit_quality, log_images, m
                                                     stack_grids)
 from mm_subspace.training.script_flags import add_flags, str_to_bool
 from mm_subspace.training.sdxl_diffusion import (diffusion_loss, draw_noise, edm_denoised, edm_inputs, encode_prompt,
-                                                 generate_class_images, tokenize)
+                                                 generate_class_images, tokenize, validation_images)
 from mm_subspace.training_utils import (
     CheckpointManager,
     LossHistory,
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(g, "--recipe", "--train_batch_size", "--gradient_accumulation_steps", "--max_train_steps",
               "--num_train_epochs", "--learning_rate", "--lr_scheduler", "--lr_warmup_steps",
               "--adam_beta1", "--adam_beta2", "--adam_weight_decay", "--adam_epsilon",
-              "--max_grad_norm", "--mixed_precision", "--gradient_checkpointing", "--seed",
+              "--max_grad_norm", "--mixed_precision", "--gradient_checkpointing", "--seed", "--max_skipped_steps",
+              "--ddp_timeout",
               recipe={"choices": RECIPES, "help": 'Paper setting from mm_subspace.recipes: moslora_sdxl (alias moslora_paper) = MoSLoRA §4.3 / the official script: rank 4, orthogonal mixer, lr 1e-4 constant, batch 1 x accumulation 4, 500 steps, 50 validation inference steps, no prior preservation, no text-encoder training; lora_sdxl = the same with LoRA. Flags given explicitly win.'},
               max_train_steps={"help": f'Optimizer steps; wins over --num_train_epochs. Default: from --num_train_epochs when given, else {EMBEDDED_MAX_STEPS} on the embedded model, {REAL_MAX_STEPS} otherwise.'},
               num_train_epochs={"help": 'Passes over the data (instance images × --repeats; with prior preservation, at least the class images), converted to steps as diffusers does; the arithmetic is logged.'},
@@ -241,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_epochs", type=int, default=None,
                    help="Validate every N epochs (converted to steps; the arithmetic is logged). Not with --validation_steps.")
     g.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps of validation images.")
+    g.add_argument("--validation_batch_size", type=int, default=4,
+                   help="Validation images per pipeline call (the images do not depend on it; lower it to save memory).")
     g.add_argument("--eval_subject_digit", type=int, default=None,
                    help="Measure subject fidelity (share of instance-prompt images a digit classifier reads as this digit) and "
                    "prior preservation (prompt accuracy on the other digits 0-8) with mm_subspace.eval.digits after "
@@ -290,7 +294,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
     check_positive(args, ["rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate",
                      "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "resolution", "snr_gamma",
-                     "num_class_images", "sample_batch_size", "validation_inference_steps", "class_inference_steps",
+                     "num_class_images", "sample_batch_size", "validation_inference_steps", "validation_batch_size", "ddp_timeout",
+                     "max_skipped_steps", "class_inference_steps",
                      "text_encoder_lr", "repeats", "num_train_epochs", "validation_epochs"])
     check_positive(args, ["num_validation_images", "prior_loss_weight", "lr_warmup_steps", "max_grad_norm", "noise_offset",
                      "dataloader_num_workers"], allow_zero=True)
@@ -436,8 +441,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # as diffusers: TE1 pooled is unused
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),  # as diffusers: TE1 pooled is unused
+                         process_group_kwargs(args.ddp_timeout)],
     )
+    apply_test_overrides(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info("%s", accelerator.state)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -475,8 +482,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     config_unet = adapter_config(args, _targets(args.target_preset))  # ConfigError on bad values
     config_text = adapter_config(args, _targets(args.text_encoder_target_preset)) if args.train_text_encoder else None
     part_names = ["unet", *(TEXT_ENCODER_PARTS if args.train_text_encoder else ())]
+    # DeepSpeed, FSDP1, FSDP2 with the text encoders: refused here. Sharded (FSDP2): forwards need every rank
+    sharded = check_setup(accelerator, len(part_names)) == "fsdp2"
 
-    manager = CheckpointManager(output_dir, args.adapter, args.checkpoints_total_limit)
+    manager = CheckpointManager(output_dir, args.adapter, args.checkpoints_total_limit, num_processes=world)
     resume_path = manager.resolve(args.resume_from_checkpoint)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run", manager.root)
@@ -487,9 +496,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.with_prior_preservation:
         class_dir = Path(args.class_data_dir)
-        if accelerator.is_main_process:
-            generate_class_images(args, model_path, class_dir, resolution, accelerator)
-        accelerator.wait_for_everyone()
+        generate_class_images(args, model_path, class_dir, resolution, accelerator)  # split across the ranks
         classes = list_images(class_dir, "class", "--class_data_dir")[: args.num_class_images]
     steps = schedule(args, len(instance), len(classes) if args.with_prior_preservation else 0, world)
 
@@ -584,6 +591,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                            export=checkpoint_export)
     accelerator.register_for_checkpointing(history)
     trained = list(parts)
+    replicate_trainable(accelerator, [parts[n] for n in trained])  # FSDP2: the frozen base is sharded, adapters whole
     prepared = accelerator.prepare(*[parts[n] for n in trained], optimizer, lr_scheduler)
     wrapped = dict(zip(trained, prepared[: len(trained)]))
     optimizer, lr_scheduler = prepared[len(trained):]
@@ -603,9 +611,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     global_step = 0
     if resume_path is not None:
         logger.info("resuming from %s (step %d)", resume_path, resume_step)
-        accelerator.load_state(str(resume_path))
+        manager.load(accelerator, resume_path)
         global_step = resume_step
-        manager.last_saved = resume_path
 
     total_batch = args.train_batch_size * world * args.gradient_accumulation_steps
     logger.info("***** training: %d instance images, %d steps (%d epochs), batch %d per process x %d processes x %d "
@@ -661,17 +668,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             m.eval()
         return pipe, models
 
+    validated: set[int] = set()  # steps with a grid (the same on every rank)
+
     def log_validation(step: int) -> Path | None:
+        """The validation grid of ``step``: rank 0 writes it; every rank runs it when the UNet is sharded."""
         if args.num_validation_images == 0:
             return None
+        validated.add(step)
         pipe, models = current_pipeline()
-        gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
-        autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
-        with autocast:
-            images = pipe(args.validation_prompt, num_images_per_prompt=args.num_validation_images, generator=gens,
-                          height=resolution, width=resolution, num_inference_steps=args.validation_inference_steps).images
+        images = validation_images(pipe, args.validation_prompt, args.num_validation_images, args.validation_batch_size,
+                                   args.seed, weight_dtype, progress=accelerator.is_local_main_process, height=resolution,
+                                   width=resolution, num_inference_steps=args.validation_inference_steps)
         for name, m in models.items():
             m.train(name in parts)
+        if not accelerator.is_main_process:
+            return None
         path = save_image_grid(images, output_dir / "validation" / f"step-{step:06d}.png", cols=len(images))
         log_images(accelerator, images, step, args.validation_prompt)
         logger.info("validation grid %s", path)
@@ -679,7 +690,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     # -- 9. train (a step-0 grid first: the base, as every method starts at ΔW = 0) ----------------------
     first_grid = None
-    if global_step == 0 and accelerator.is_main_process:
+    validating = accelerator.is_main_process or sharded  # a sharded UNet runs on every rank
+    if global_step == 0 and validating:
         first_grid = log_validation(0)
     accelerator.wait_for_everyone()
     loop_started, start_step = time.perf_counter(), global_step
@@ -693,6 +705,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(global_step * accum, args.max_train_steps * accum),
                                          num_workers=args.dataloader_num_workers)
     items = iter(loader)
+    skips = SkippedSteps(accelerator, args.max_skipped_steps)  # fp16: steps the loss scaler skips are not divergence
     while global_step < args.max_train_steps:
         sums = torch.zeros(2, device=device)  # diffusion loss, aux loss over this optimizer step
         for micro in range(args.gradient_accumulation_steps):
@@ -705,32 +718,40 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                       if args.with_prior_preservation else None)
                 aux = sum((mm_subspace.aux_loss(parts[n]) for n in trained), torch.zeros((), device=device))
                 terms = accelerator.gather(torch.stack([loss.detach(), aux.detach().float()]).reshape(1, 2)).mean(0)
-                check_finite({"loss": terms[0].item(), "aux_loss": terms[1].item()}, global_step + 1,
-                             lambda: where_nonfinite(batch), manager.last_saved)
+                if not skips.scaling:
+                    check_finite({"loss": terms[0].item(), "aux_loss": terms[1].item()}, global_step + 1,
+                                 lambda: where_nonfinite(batch), manager.last_saved)
                 sums += terms / args.gradient_accumulation_steps
                 accelerator.backward(loss + aux)
                 for n in trained:  # drop aux terms re-recorded by gradient-checkpointing recomputation
                     mm_subspace.aux_loss(parts[n])
-                grad_norm = None
+                if accelerator.sync_gradients:
+                    sync_replicated_grads(accelerator, trainable)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                    check_finite({"grad_norm": float(grad_norm)}, global_step + 1, lambda: where_nonfinite(batch),
-                                 manager.last_saved)
+                    if not skips.scaling:
+                        check_finite({"grad_norm": float(grad_norm)}, global_step + 1, lambda: where_nonfinite(batch),
+                                     manager.last_saved)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
+                if accelerator.sync_gradients:
+                    skips.update(global_step + 1, manager.last_saved)
         if not accelerator.sync_gradients:  # cannot happen: micro steps are a multiple of accumulation
             raise RuntimeError("gradient accumulation out of step with accelerate")
         global_step += 1
         logs = {"loss": sums[0].item(), "aux_loss": sums[1].item(), "lr": lr_scheduler.get_last_lr()[0]}
+        if skips.scaling:
+            logs["skipped_steps"] = skips.total
         history.append(global_step, **logs)
         progress.update(1)
-        progress.set_postfix(loss=f"{logs['loss']:.4f}", aux=f"{logs['aux_loss']:.3g}", lr=f"{logs['lr']:.2e}")
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", aux=f"{logs['aux_loss']:.3g}", lr=f"{logs['lr']:.2e}",
+                             **({"skipped": skips.total} if skips.scaling else {}))
         accelerator.log(logs, step=global_step)
         if global_step % args.checkpointing_steps == 0:
             manager.save(accelerator, global_step)
         if args.validation_steps and global_step % args.validation_steps == 0:
-            if accelerator.is_main_process:
+            if validating:
                 last_grid = log_validation(global_step)
             accelerator.wait_for_everyone()
     progress.close()
@@ -762,16 +783,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             except (ConfigError, MergeError) as err:  # e.g. a target kohya's SDXL layout cannot name
                 logger.error("--output_kohya_format: no kohya file written: %s", err)
                 export_note += f" Not exported to kohya: {err}"
-        if args.num_validation_images and (last_grid is None or not last_grid.name.endswith(f"{global_step:06d}.png")):
+    quality = None
+    if validating:  # rank 0, or every rank when the UNet is sharded
+        if args.num_validation_images and global_step not in validated:
             last_grid = log_validation(global_step)
-        start_grid = first_grid or output_dir / "validation" / f"step-{0:06d}.png"
-        if last_grid is not None and start_grid.is_file() and start_grid != last_grid:
-            last_grid = stack_grids([start_grid, last_grid], output_dir / "validation" / f"step-0-vs-{global_step}.png")
-        quality = None
         if args.eval_subject_digit is not None:
             quality = digit_quality(args, current_pipeline()[0], resolution)
             for name, m in zip(("unet", "text_encoder", "text_encoder_2"), (unet, text_encoder, text_encoder_2)):
                 m.train(name in parts)
+    if accelerator.is_main_process:
+        start_grid = first_grid or output_dir / "validation" / f"step-{0:06d}.png"
+        if last_grid is not None and start_grid.is_file() and start_grid != last_grid:
+            last_grid = stack_grids([start_grid, last_grid], output_dir / "validation" / f"step-0-vs-{global_step}.png")
+        if quality is not None:
             accelerator.log({f"quality/{k}": v for k, v in quality.items() if isinstance(v, float)}, step=global_step)
             atomic_write_text(output_dir / "quality.json", json.dumps(quality, indent=2) + "\n")
         curve = save_loss_curve(history, output_dir / "loss_curve.png", f"DreamBooth SDXL, {args.adapter}")
@@ -786,7 +810,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "quality": quality if accelerator.is_main_process else None, "seconds_per_step": seconds_per_step,
             "final_aux_loss": history.last("aux_loss"), "digest": digest, "exported": exported, "resumed_from": resume_path,
             "edm": edm, "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__, "hub": hub,
-            "prompts": prompts, **steps}
+            "prompts": prompts, "skipped_steps": skips.total, **steps}
 
 
 if __name__ == "__main__":

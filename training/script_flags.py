@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from mm_subspace.distributed import DEFAULT_DDP_TIMEOUT, DEFAULT_MAX_SKIPPED_STEPS
+
 #: flag -> ``add_argument`` keyword arguments
 SHARED_FLAGS: dict[str, dict[str, Any]] = {
     # adapter
@@ -48,6 +50,12 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
                           "accelerate config."},
     "--gradient_checkpointing": {"action": "store_true", "help": "Trade compute for memory."},
     "--seed": {"type": int, "default": 0, "help": "Seed of every random draw (adapter init, data order, dropout, noise)."},
+    "--max_skipped_steps": {"type": int, "default": DEFAULT_MAX_SKIPPED_STEPS,
+                            "help": "fp16: the loss scaler skips the steps whose gradients overflow while it calibrates "
+                            "(counted and logged as skipped_steps). Stop after this many consecutive skipped steps."},
+    "--ddp_timeout": {"type": int, "default": DEFAULT_DDP_TIMEOUT,
+                      "help": "Process-group timeout in seconds: how long the other ranks wait for rank-0-only work "
+                      "(final evaluation, --save_merged, model card) before the run fails."},
     # checkpoints
     "--output_dir": {"type": str, "default": None,
                      "help": "Output folder (the comparison app scans runs/)."},

@@ -7,6 +7,7 @@ them inline); the noise, timestep and loss steps stay in the script's ``main``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -36,28 +37,97 @@ def encode_prompt(text_encoders: list[torch.nn.Module], input_ids: list[torch.Te
 
 def generate_class_images(args: argparse.Namespace, model_path: str, class_dir: Path, resolution: int,
                           accelerator: Any) -> None:
-    """Fill ``class_dir`` up to ``--num_class_images`` with base-pipeline samples of ``--class_prompt`` (rank 0)."""
+    """Fill ``class_dir`` up to ``--num_class_images`` with base-pipeline samples of ``--class_prompt``. Call on every
+    rank: the missing images are split across the ranks (as diffusers does), each seeded by its index, so the
+    images do not depend on the number of processes."""
     from diffusers import StableDiffusionXLPipeline
 
-    class_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        class_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     have = len([p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES])
-    missing = args.num_class_images - have
-    if missing <= 0:
+    accelerator.wait_for_everyone()  # every rank counted before any writes
+    mine = list(range(have, args.num_class_images))[accelerator.process_index::accelerator.num_processes]
+    if have >= args.num_class_images:
         return
-    logger.info("generating %d class images of %r in %s", missing, args.class_prompt, class_dir)
-    precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_path, revision=args.revision, variant=args.variant, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(accelerator.device)
-    for start in range(have, args.num_class_images, args.sample_batch_size):
-        idx = list(range(start, min(start + args.sample_batch_size, args.num_class_images)))
-        gens = [torch.Generator().manual_seed(args.seed * 100_003 + i) for i in idx]
-        images = pipe([args.class_prompt] * len(idx), generator=gens, height=resolution, width=resolution,
-                      num_inference_steps=args.class_inference_steps).images
-        for i, image in zip(idx, images):
-            image.save(class_dir / f"class_{i:05d}.png")
-    del pipe
+    logger.info("generating %d class images of %r in %s (%d on this rank of %d)", args.num_class_images - have,
+                args.class_prompt, class_dir, len(mine), accelerator.num_processes)
+    if mine:
+        precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        pipe = StableDiffusionXLPipeline.from_pretrained(model_path, revision=args.revision, variant=args.variant,
+                                                         dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(accelerator.device)
+        for start in range(0, len(mine), args.sample_batch_size):
+            idx = mine[start: start + args.sample_batch_size]
+            gens = [torch.Generator().manual_seed(args.seed * 100_003 + i) for i in idx]
+            images = pipe([args.class_prompt] * len(idx), generator=gens, height=resolution, width=resolution,
+                          num_inference_steps=args.class_inference_steps).images
+            for i, image in zip(idx, images):
+                image.save(class_dir / f"class_{i:05d}.png")
+        del pipe
+    accelerator.wait_for_everyone()
+
+
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """The SDXL pipeline's latent -> image step in fp32 outside autocast (as diffusers upcasts its VAE): images in
+    [-1, 1], (b, 3, h, w). A half-precision VAE is upcast for the call and cast back (the training VAE is fp32)."""
+    cfg = vae.config
+    dtype = vae.dtype
+    with torch.autocast(latents.device.type, enabled=False), torch.no_grad():
+        if dtype != torch.float32:
+            vae.to(torch.float32)
+        try:
+            latents = latents.to(torch.float32)
+            mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+            if mean is not None and std is not None:
+                mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+                std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+                latents = latents * std / cfg.scaling_factor + mean
+            else:
+                latents = latents / cfg.scaling_factor
+            images = vae.decode(latents, return_dict=False)[0]
+        finally:
+            if dtype != torch.float32:
+                vae.to(dtype)
+    return images
+
+
+def validation_images(pipe: Any, prompt: str, n: int, batch_size: int, seed: int, weight_dtype: torch.dtype,
+                      progress: bool = True, **sampler: Any) -> list[Any]:
+    """``n`` validation images of ``prompt``, ``batch_size`` per pipeline call (image ``i`` seeded ``seed + i``, so
+    the chunking does not change them). The denoising runs under autocast to ``weight_dtype``; the latents are
+    decoded by :func:`decode_latents` in fp32 outside it.
+
+    A NaN/inf image is logged as an error naming the cause and the fix (the images are still returned)."""
+    from tqdm.auto import tqdm
+
+    device = pipe.unet.device
+    autocast = (torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32
+                else contextlib.nullcontext())
+    images: list[Any] = []
+    bad = 0
+    for start in tqdm(range(0, n, batch_size), desc="Validation", disable=not progress, leave=False):
+        idx = range(start, min(start + batch_size, n))
+        gens = [torch.Generator().manual_seed(seed + i) for i in idx]
+        with autocast:
+            latents = pipe(prompt, num_images_per_prompt=len(idx), generator=gens, output_type="latent", **sampler).images
+        pixels = decode_latents(pipe.vae, latents)
+        bad += int((~torch.isfinite(pixels)).flatten(1).any(1).sum())
+        if getattr(pipe, "watermark", None) is not None:
+            pixels = pipe.watermark.apply_watermark(pixels)
+        images += pipe.image_processor.postprocess(torch.nan_to_num(pixels), output_type="pil")
+    if bad:
+        if not torch.isfinite(latents).all():
+            logger.error("validation: %d of %d images are NaN/inf because the UNet's latents are (%s): the adapter or "
+                         "the fp16 run diverged; try --mixed_precision bf16 or a lower --learning_rate", bad, n,
+                         str(weight_dtype).replace("torch.", ""))
+        else:
+            logger.error("validation: %d of %d images are NaN/inf although the latents are finite: the VAE overflows; "
+                         "pass one that is stable in half precision with --pretrained_vae_model_name_or_path (e.g. "
+                         "madebyollin/sdxl-vae-fp16-fix)", bad, n)
+    return images
 
 
 def edm_inputs(scheduler: Any, noisy: torch.Tensor, sigmas: torch.Tensor, edm_scheduler: bool) -> torch.Tensor:
