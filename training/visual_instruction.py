@@ -54,6 +54,8 @@ from mm_subspace.training.script_flags import add_flags
 import mm_subspace
 from mm_subspace import presets, tiny_models
 from mm_subspace.data import llava as data
+from mm_subspace.distributed import (SkippedSteps, apply_test_overrides, check_setup, process_group_kwargs,
+                                     replicate_trainable, sync_replicated_grads)
 from mm_subspace.errors import ConfigError, DataError, MergeError
 from mm_subspace.atomic import atomic_write_text
 from mm_subspace.compat import enable_activation_checkpointing
@@ -149,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(g, "--recipe", "--train_batch_size", "--gradient_accumulation_steps", "--max_train_steps",
               "--num_train_epochs", "--learning_rate", "--lr_scheduler", "--lr_warmup_steps",
               "--adam_beta1", "--adam_beta2", "--adam_weight_decay", "--adam_epsilon",
-              "--max_grad_norm", "--mixed_precision", "--gradient_checkpointing", "--seed",
+              "--max_grad_norm", "--mixed_precision", "--gradient_checkpointing", "--seed", "--max_skipped_steps",
+              "--ddp_timeout",
               recipe={"help": 'From mm_subspace.recipes: moslora_vi_llama3 = MoSLoRA Table 8 (LLaMA3+ViT): LLM r 64 α 128, ViT r 64 α 16, batch 8 × accumulation 2, lr 2e-5, 1 epoch, projector frozen; moslora_vi_llama3_official = the same as the official XTuner config runs it (projector trained). Flags given explicitly win.'},
               train_batch_size={"default": 16},
               max_train_steps={"help": f'Optimizer steps; overrides --num_train_epochs. Default: {EMBEDDED_MAX_STEPS} on the embedded default, else from --num_train_epochs.'},
@@ -209,7 +212,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     check_method_flags(args)
     check_positive(args, ["rank", "vision_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                      "num_train_epochs", "learning_rate", "checkpointing_steps", "checkpoints_total_limit",
-                     "eval_batch_size", "max_new_tokens", "model_max_length", "train_limit", "eval_limit", "threads"])
+                     "eval_batch_size", "max_new_tokens", "model_max_length", "train_limit", "eval_limit", "threads",
+                     "max_skipped_steps", "ddp_timeout"])
     check_positive(args, ["lr_warmup_steps", "lr_warmup_ratio", "max_grad_norm", "lora_dropout"], allow_zero=True)
     if args.alpha is None:
         args.alpha = 2.0 * args.rank
@@ -420,8 +424,8 @@ def eval_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def run_eval(args: argparse.Namespace, model: Any, encoder: data.ConversationEncoder, pixels: PixelCache,
-             with_adapter: bool) -> dict[str, dict[str, Any]]:
-    """Evaluate the adapter (and with ``--eval_base`` the base); write ``<output_dir>/eval.json``."""
+             with_adapter: bool, write: bool = True) -> dict[str, dict[str, Any]]:
+    """Evaluate the adapter (and with ``--eval_base`` the base); write ``<output_dir>/eval.json`` (``write``)."""
     raw = load_records(args, "test")
     if not raw:
         logger.info("no evaluation data (--eval_data_path) given: skipping evaluation")
@@ -442,8 +446,9 @@ def run_eval(args: argparse.Namespace, model: Any, encoder: data.ConversationEnc
     for name, res in out.items():
         logger.info("eval %s: mean exact match %.4f  %s", name, res["mean_accuracy"],
                     {t: round(v["accuracy"], 4) for t, v in res["tasks"].items()})
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(args.output_dir) / "eval.json", json.dumps(out, indent=2) + "\n")
+    if write:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.output_dir) / "eval.json", json.dumps(out, indent=2) + "\n")
     return out
 
 
@@ -469,11 +474,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         log_with=None if args.report_to == "none" or args.eval_only else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
         # vision_feature_layer=-2 leaves the last vision layer (and its adapters) without gradient
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True), process_group_kwargs(args.ddp_timeout)],
     )
+    apply_test_overrides(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info("%s", accelerator.state)
     rank, world = accelerator.process_index, accelerator.num_processes
+    # DeepSpeed, FSDP1, FSDP2 with a 4-bit base: refused here. Sharded (FSDP2): generate() needs every rank
+    sharded = check_setup(accelerator, 1, quantized=args.load_in_4bit) == "fsdp2"
+    evaluating = accelerator.is_main_process or sharded
     set_seed(args.seed)
     model_path = args.model_name_or_path or str(tiny_models.tiny_llava_path())
     base_name = args.model_name_or_path or "mm_subspace.tiny_llava (tiny-llava-digits)"
@@ -509,7 +518,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         args.checkpointing_steps = min(500, max(1, args.max_train_steps // 2))
     config = adapter_config(args)  # ConfigError on bad values
 
-    manager = CheckpointManager(output_dir, args.adapter, args.checkpoints_total_limit)
+    manager = CheckpointManager(output_dir, args.adapter, args.checkpoints_total_limit, num_processes=world)
     resume_path = manager.resolve(args.resume_from_checkpoint)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run", manager.root)
@@ -536,6 +545,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     history = LossHistory()
     manager.register_hooks(accelerator, parts, base_model=base_name)
     accelerator.register_for_checkpointing(history)
+    replicate_trainable(accelerator, [model])  # FSDP2: the frozen base is sharded, adapters whole
     model_w, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     params = [p for p in model.parameters() if p.requires_grad]
     if accelerator.is_main_process and args.report_to != "none":
@@ -544,9 +554,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     global_step = 0
     if resume_path is not None:
         logger.info("resuming from %s (step %d)", resume_path, resume_step)
-        accelerator.load_state(str(resume_path))
+        manager.load(accelerator, resume_path)
         global_step = resume_step
-        manager.last_saved = resume_path
     total_batch = args.train_batch_size * world * args.gradient_accumulation_steps
     logger.info("***** training: %d records, %d steps (%.2f epochs), batch %d per process x %d processes x %d "
                 "accumulation = %d", len(train), args.max_train_steps, args.max_train_steps / steps_per_epoch,
@@ -576,6 +585,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     model_w.train()
     started, step_times = time.perf_counter(), []
+    skips = SkippedSteps(accelerator, args.max_skipped_steps)  # fp16: steps the loss scaler skips are not divergence
     while global_step < args.max_train_steps:
         t0 = time.perf_counter()
         sums = torch.zeros(2)
@@ -587,24 +597,33 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 loss = forward(batch, model_w)
                 aux = mm_subspace.aux_loss(model)
                 terms = accelerator.gather(torch.stack([loss.detach(), aux.detach().float()]).reshape(1, 2)).mean(0).cpu()
-                check_finite({"loss": terms[0].item(), "aux_loss": terms[1].item()}, global_step + 1,
-                             lambda: where_nonfinite(batch), manager.last_saved)
+                if not skips.scaling:
+                    check_finite({"loss": terms[0].item(), "aux_loss": terms[1].item()}, global_step + 1,
+                                 lambda: where_nonfinite(batch), manager.last_saved)
                 sums += terms / args.gradient_accumulation_steps
                 accelerator.backward(loss + aux)
                 mm_subspace.aux_loss(model)  # drop terms re-recorded by gradient-checkpointing recomputation
+                if accelerator.sync_gradients:
+                    sync_replicated_grads(accelerator, params)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                    check_finite({"grad_norm": float(grad_norm)}, global_step + 1, lambda: where_nonfinite(batch),
-                                 manager.last_saved)
+                    if not skips.scaling:
+                        check_finite({"grad_norm": float(grad_norm)}, global_step + 1, lambda: where_nonfinite(batch),
+                                     manager.last_saved)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
+                if accelerator.sync_gradients:
+                    skips.update(global_step + 1, manager.last_saved)
         global_step += 1
         step_times.append(time.perf_counter() - t0)
         logs = {"loss": sums[0].item(), "aux_loss": sums[1].item(), "lr": lr_scheduler.get_last_lr()[0]}
+        if skips.scaling:
+            logs["skipped_steps"] = skips.total
         history.append(global_step, **logs)
         progress.update(1)
-        progress.set_postfix(loss=f"{logs['loss']:.4f}", aux=f"{logs['aux_loss']:.3g}", lr=f"{logs['lr']:.2e}")
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", aux=f"{logs['aux_loss']:.3g}", lr=f"{logs['lr']:.2e}",
+                             **({"skipped": skips.total} if skips.scaling else {}))
         accelerator.log(logs, step=global_step)
         if global_step % args.checkpointing_steps == 0:
             manager.save(accelerator, global_step)
@@ -633,8 +652,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             from mm_subspace.pipelines.llava import save_merged_llava
 
             save_merged_llava(model_path, output_dir, output_dir / "merged")
-        if not args.skip_eval:
-            results = run_eval(args, final, encoder, pixels, with_adapter=True)
+    if evaluating and not args.skip_eval:  # rank 0 (the others wait up to --ddp_timeout), every rank if sharded
+        results = run_eval(args, final, encoder, pixels, with_adapter=True, write=accelerator.is_main_process)
+    if accelerator.is_main_process:
         curve = save_loss_curve(history, output_dir / "loss_curve.png", f"visual instruction, {args.adapter}")
         flags = {k: v for k, v in vars(args).items() if k not in ("embedded_model", "embedded_data")}
         atomic_write_text(output_dir / "training_args.json", json.dumps(flags, indent=2, default=str) + "\n")
@@ -648,7 +668,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "final_aux_loss": history.last("aux_loss"), "digest": digest, "eval": results,
             "peft_exported": peft_note.startswith("`peft"), "resumed_from": resume_path,
             "trainable_parameters": trainable, "total_parameters": total, "train_seconds": train_seconds,
-            "probe": probe, "probe_logits": probe_logits,
+            "probe": probe, "probe_logits": probe_logits, "skipped_steps": skips.total,
             "seconds_per_step": sorted(step_times)[len(step_times) // 2] if step_times else None}
 
 
