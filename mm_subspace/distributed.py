@@ -144,6 +144,20 @@ def replicate_trainable(accelerator: Accelerator, models: Iterable[nn.Module]) -
     accelerator.state.fsdp_plugin.ignored_modules = owners
 
 
+def log_sharding(accelerator: Accelerator, models: Iterable[nn.Module]) -> tuple[int, int]:
+    """FSDP2 (after ``prepare``): log and return how many frozen tensors are sharded and trainable ones replicated."""
+    if not is_sharded(accelerator):
+        return 0, 0
+    from torch.distributed.tensor import DTensor
+
+    params = [p for model in models for p in model.parameters()]
+    sharded = sum(isinstance(p, DTensor) for p in params)
+    replicated = sum(p.requires_grad and not isinstance(p, DTensor) for p in params)
+    logger.info("FSDP2: %d frozen tensors sharded across %d ranks, %d trainable tensors replicated", sharded,
+                accelerator.num_processes, replicated)
+    return sharded, replicated
+
+
 def sync_replicated_grads(accelerator: Accelerator, params: Iterable[torch.Tensor]) -> None:
     """FSDP2: average the gradients of the replicated (unsharded) trainable parameters across ranks, as DDP does.
 

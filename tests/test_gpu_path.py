@@ -203,13 +203,14 @@ def test_fsdp2_two_processes_train_the_adapter_of_ddp_checkpoint_it_alone_and_re
         path, common = DB_SCRIPT, [*DB_FAST, "--adapter", "lora", "--max_train_steps", "2", "--checkpointing_steps", "1",
                                    "--with_prior_preservation", "--class_prompt", "a photo of a cat",
                                    "--num_class_images", "3", "--class_inference_steps", "2", "--sample_batch_size", "1"]
-        part = "unet"
+        part = ckpt_part = "unet"
     else:
         path, common = VI_SCRIPT, [*VI_FAST, "--adapter", "moslora", "--max_train_steps", "2", "--checkpointing_steps", "1",
                                    "--eval_limit", "2"]
-        part = ""
+        part, ckpt_part = "", "model"
     log, _ = run_two_cpu_processes(path, [*common, "--output_dir", str(tmp_path / "fsdp")], env=FSDP2, timeout=900)
-    assert "FSDP2 on 2 CPU processes" in log
+    sharded, replicated = map(int, re.search(r"FSDP2: (\d+) frozen tensors sharded across 2 ranks, (\d+) trainable", log).groups())
+    assert sharded > 0 and replicated > 0
     run_two_cpu_processes(path, [*common, "--output_dir", str(tmp_path / "ddp")], env={"PYTHONPATH": str(ROOT)},
                           timeout=900)
     _assert_same_adapter(tmp_path / "fsdp" / part, tmp_path / "ddp" / part)  # sharding the base changes nothing
@@ -217,7 +218,7 @@ def test_fsdp2_two_processes_train_the_adapter_of_ddp_checkpoint_it_alone_and_re
     files = _checkpoint_files(ckpt)
     assert not [f for f in files if "fsdp" in f or f.startswith("pytorch_model") or f.endswith(".distcp")], files
     weights = sum((ckpt / f).stat().st_size for f in files if f.endswith(".safetensors"))
-    trainable = sum(t.numel() * 4 for t in adapter_tensors(ckpt / part).values())
+    trainable = sum(t.numel() * 4 for t in adapter_tensors(ckpt / ckpt_part).values())
     assert weights < 3 * trainable + 4096  # the adapter (and its diffusers export), no frozen base
     if script == "dreambooth":  # class images generated across the ranks: the indices each seeded alike
         assert sorted(p.name for p in (tmp_path / "fsdp" / "class_images").iterdir()) == \

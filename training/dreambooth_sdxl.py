@@ -51,8 +51,8 @@ import torch
 import mm_subspace
 from mm_subspace import tiny_models
 from mm_subspace.caption_data import list_images
-from mm_subspace.distributed import (SkippedSteps, apply_test_overrides, check_setup, process_group_kwargs,
-                                     replicate_trainable, sync_replicated_grads)
+from mm_subspace.distributed import (SkippedSteps, apply_test_overrides, check_setup, log_sharding,
+                                     process_group_kwargs, replicate_trainable, sync_replicated_grads)
 from mm_subspace.errors import ConfigError, MergeError
 from mm_subspace.eval import digits as digits_eval
 from mm_subspace.atomic import atomic_write_text
@@ -598,6 +598,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     unet_w = wrapped["unet"]
     text_models = [wrapped.get("text_encoder", text_encoder), wrapped.get("text_encoder_2", text_encoder_2)]
     trainable = [p for n in trained for _, p in parts[n].named_parameters() if p.requires_grad]
+    log_sharding(accelerator, [parts[n] for n in trained])
 
     if accelerator.is_main_process and args.report_to != "none":
         tracker_cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()

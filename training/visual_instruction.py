@@ -54,8 +54,8 @@ from mm_subspace.training.script_flags import add_flags
 import mm_subspace
 from mm_subspace import presets, tiny_models
 from mm_subspace.data import llava as data
-from mm_subspace.distributed import (SkippedSteps, apply_test_overrides, check_setup, process_group_kwargs,
-                                     replicate_trainable, sync_replicated_grads)
+from mm_subspace.distributed import (SkippedSteps, apply_test_overrides, check_setup, log_sharding,
+                                     process_group_kwargs, replicate_trainable, sync_replicated_grads)
 from mm_subspace.errors import ConfigError, DataError, MergeError
 from mm_subspace.atomic import atomic_write_text
 from mm_subspace.compat import enable_activation_checkpointing
@@ -548,6 +548,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     replicate_trainable(accelerator, [model])  # FSDP2: the frozen base is sharded, adapters whole
     model_w, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     params = [p for p in model.parameters() if p.requires_grad]
+    log_sharding(accelerator, [model])
     if accelerator.is_main_process and args.report_to != "none":
         tracker_cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
         accelerator.init_trackers(f"llava-{args.adapter}", config=tracker_cfg)
