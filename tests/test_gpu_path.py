@@ -172,6 +172,19 @@ def test_supported_setups_pass() -> None:
     assert distributed.check_setup(_accelerator("NO", processes=1), 3) == "single"
 
 
+@pytest.mark.parametrize("config", sorted((ROOT / "training" / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_accelerate_configs_load_and_are_supported_setups(config: Path) -> None:
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(str(config))
+    assert cfg.distributed_type.value in ("NO", "MULTI_GPU", "FSDP")
+    if cfg.distributed_type.value == "FSDP":
+        assert cfg.fsdp_config["fsdp_version"] == 2 and not cfg.fsdp_config["fsdp_cpu_ram_efficient_loading"]
+    assert cfg.mixed_precision in ("fp16", "bf16")
+    assert f"--config_file training/accelerate_configs/{config.name}" in (ROOT / "docs" / "gpu.md").read_text() or \
+        config.name in (ROOT / "docs" / "gpu.md").read_text()
+
+
 def test_resume_on_another_number_of_processes_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "db"
     db.main(db.parse_args([*DB_FAST, "--output_dir", str(out), "--max_train_steps", "1"]))
