@@ -742,9 +742,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError("gradient accumulation out of step with accelerate")
         global_step += 1
         logs = {"loss": sums[0].item(), "aux_loss": sums[1].item(), "lr": lr_scheduler.get_last_lr()[0]}
-        if skips.scaling:
-            logs["skipped_steps"] = skips.total
         history.append(global_step, **logs)
+        if skips.scaling:  # progress bar and trackers (not a loss series of the curve)
+            logs["skipped_steps"] = skips.total
         progress.update(1)
         progress.set_postfix(loss=f"{logs['loss']:.4f}", aux=f"{logs['aux_loss']:.3g}", lr=f"{logs['lr']:.2e}",
                              **({"skipped": skips.total} if skips.scaling else {}))
