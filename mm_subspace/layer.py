@@ -235,8 +235,8 @@ class Adapter(nn.Module):
         """
         slots = self.__dict__.get("_dtype_slots")
         if slots is None:
-            slots = self.__dict__["_dtype_slots"] = self._frozen_tensor_slots()
-        if slots is None:
+            slots = self.__dict__["_dtype_slots"] = self._frozen_tensor_slots() or ()
+        if not slots:
             return
         (ref_module, ref_name), frozen = slots
         dtype = ref_module._parameters[ref_name].dtype
@@ -461,6 +461,10 @@ class AdapterLayer(nn.Module):
     batch_dim: int = 0
     #: True for layers that bring their adapters' inputs to batch-first themselves (no detection)
     fixed_batch_dim: bool = False
+    #: per-row routing stacks the stackable adapters into one batched matmul (:meth:`_stacked_forward`);
+    #: set ``AdapterLayer.stacked_routing = False`` to run every adapter's own forward on its rows instead
+    #: (the reference the stacked path is tested against; ``benchmarks/batched_generation.py`` compares both)
+    stacked_routing: ClassVar[bool] = True
 
     def _routed_forward(self, x: torch.Tensor, out: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
         """Each batch row through its own adapter (``adapter_rows``); the base output ``out`` is computed once.
@@ -492,13 +496,20 @@ class AdapterLayer(nn.Module):
             adapter = self.adapters[name]
             adapter.align_dtypes()
             return adapter(x, out, **extras)
-        stacked, looped = [], []
+        stacked, looped, first = [], [], None
+        modules = self.adapters._modules  # plain dict: this loop runs for every layer of every routed call
         for name, rows in groups.items():
-            if name is None or name not in self.adapters or rows.numel() == 0:
+            adapter = modules.get(name) if name is not None else None
+            if adapter is None or rows.numel() == 0:
                 continue
-            adapter = self.adapters[name]
             adapter.align_dtypes()
-            (stacked if self._joins_stack(adapter, stacked) else looped).append(name)
+            if self.stacked_routing and adapter.can_stack():  # stack adapters of one dtype and device
+                param = next(iter(adapter._parameters.values()))
+                first = first or (param.dtype, param.device)
+                if (param.dtype, param.device) == first:
+                    stacked.append(name)
+                    continue
+            looped.append(name)
         # one output tensor, written in place per looped group (not one copy per group)
         result = self._stacked_forward(x, out, tuple(stacked)) if stacked else None
         for name in looped:
@@ -511,16 +522,6 @@ class AdapterLayer(nn.Module):
             result = out.clone() if result is None else result
             result.index_copy_(dim, rows, new.to(result.dtype))
         return out if result is None else result
-
-    def _joins_stack(self, adapter: Adapter, stacked: list[str]) -> bool:
-        """Whether ``adapter`` can be stacked with the adapters already in ``stacked`` (same dtype and device)."""
-        if not adapter.can_stack():
-            return False
-        if not stacked:
-            return True
-        first = next(iter(self.adapters[stacked[0]].parameters()))
-        mine = next(iter(adapter.parameters()))
-        return mine.dtype == first.dtype and mine.device == first.device
 
     def _stacked_forward(self, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
         """``out + x·downᵀ·upᵀ`` per row with the row owner's factors: one gather and two batched matmuls.
@@ -551,18 +552,16 @@ class AdapterLayer(nn.Module):
         through ``param.data`` bypass the version counter: write adapter weights under ``torch.no_grad()``,
         as every mm_subspace function does.)
         """
-        adapters = [self.adapters[n] for n in names]
+        modules = self.adapters._modules
+        adapters = [modules[n] for n in names]
         if torch.is_grad_enabled():
             return self._stack(adapters)
         key: list[Any] = [names, torch.is_inference_mode_enabled()]
-        tensors = []
-        for adapter in adapters:
-            key.append(adapter.total_scale)
-            tensors += [t for t in adapter._parameters.values() if t is not None]
-            tensors += [t for t in adapter._buffers.values() if t is not None]
-        if any(t.is_inference() for t in tensors):  # no version counter to key on
+        tensors = [t for a in adapters for store in (a._parameters, a._buffers) for t in store.values() if t is not None]
+        try:
+            key += [a.total_scale for a in adapters] + [(t.data_ptr(), t._version) for t in tensors]
+        except RuntimeError:  # an inference tensor (made under inference_mode) has no version counter to key on
             return self._stack(adapters)
-        key += [(t.data_ptr(), t._version) for t in tensors]
         cached = self.__dict__.get("_stack_cache")
         if cached is not None and cached[0] == key:
             return cached[1]

@@ -78,3 +78,31 @@ def test_half_base_with_fp32_adapter_matches_fp32(method, dtype, use_autocast):
     assert (out.float() - ref_out).abs().max() <= TOLERANCE[dtype] * scale, method
     flat, ref_flat = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in _grads(reference)])
     assert torch.linalg.norm(flat - ref_flat) <= GRAD_TOLERANCE[dtype] * torch.linalg.norm(ref_flat), method
+
+
+@pytest.mark.parametrize("use_autocast", [False, True], ids=["no_autocast", "autocast"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_routed_rows_on_a_half_base_equal_single_runs(dtype, use_autocast):
+    """Per-row routing (stacked LoRA/AsyLoRA rows, SuLoRA's own forward) on a half base with fp32 adapters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 10)).to(dtype).eval()
+    for name in ("lora", "asylora", "sulora"):
+        mms.inject(model, _config(name), name)
+    cast_trainable_params([model], torch.float32)
+    rows = ["sulora", "lora", None, "asylora"]
+    x = torch.randn(4, 5, 12, generator=torch.Generator().manual_seed(1)).to(dtype)
+    context = torch.autocast("cpu", dtype=dtype) if use_autocast else contextlib.nullcontext()
+    single = {}
+    with torch.no_grad(), context:
+        for name in rows:
+            if name is None:
+                with mms.disable_adapters(model):
+                    single[name] = model(x)
+            else:
+                mms.set_adapter(model, name)
+                single[name] = model(x)
+        with mms.forward_context(model, adapter_rows=rows):
+            routed = model(x)
+    assert routed.dtype == dtype
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(routed[i], single[name][i], atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
