@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--routing_dim", type=int, default=64, help="in = out features of the routing layer")
     parser.add_argument("--routing_tokens", type=int, default=4, help="tokens per row in the routing layer benchmark")
-    parser.add_argument("--routing_calls", type=int, default=200, help="layer calls per timed repeat")
-    parser.add_argument("--routing_repeats", type=int, default=15, help="timed repeats per routing case (median)")
+    parser.add_argument("--routing_calls", type=int, default=20, help="layer calls per timed repeat")
+    parser.add_argument("--routing_repeats", type=int, default=151, help="timed repeats per routing case (median)")
     args = parser.parse_args()
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(args.parts) - set(PARTS))
@@ -133,16 +134,17 @@ def bench_routing_layer(args: argparse.Namespace) -> list[dict[str, Any]]:
 
         with torch.no_grad(), mms.forward_context(model, adapter_rows=names):
             modes = routing_modes(model, lambda: layer(x))
-            ops = {name: count_ops(fn) for name, fn in modes.items()}
+            ops = {name: (fn(), count_ops(fn))[1] for name, fn in modes.items()}  # after one call that fills the caches
             timed = routing_modes(model, calls)
-            times = C.interleaved(timed if k > 1 else {"stacked": timed["stacked"]}, args.routing_repeats, warmup=1)
+            times = C.interleaved(timed if k > 1 else {"stacked": timed["stacked"]}, args.routing_repeats, warmup=1,
+                                  clock=time.thread_time)
         for name, seconds in times.items():
             label = name if k > 1 else "one adapter (no gather)"
             rows.append({"k": k, "mode": label, "ops": ops[name], "host_us": 1e6 * C.median(seconds) / args.routing_calls,
-                         "times_s": seconds})
-    one = rows[0]["host_us"]
+                         "best_us": 1e6 * min(seconds) / args.routing_calls, "times_s": seconds})
     for row in rows:
-        row["vs_k1"] = row["host_us"] / one
+        row["vs_k1"] = row["host_us"] / rows[0]["host_us"]
+        row["best_vs_k1"] = row["best_us"] / rows[0]["best_us"]
     return rows
 
 
@@ -159,7 +161,7 @@ def bench_routing_unet(args: argparse.Namespace) -> list[dict[str, Any]]:
         with torch.no_grad(), mms.forward_context(unet, adapter_rows=names[:k]):
             modes = routing_modes(unet, lambda: unet(**batch))
             modes = {name: modes[name] for name in ("stacked", "loop")}
-            ops = {name: count_ops(fn) for name, fn in modes.items()}
+            ops = {name: (fn(), count_ops(fn))[1] for name, fn in modes.items()}
             times = C.interleaved(modes, args.repeats, warmup=1)
         for name, seconds in times.items():
             rows.append({"k": k, "mode": name, "ops": ops[name], "adapted_layers": n_layers, "median_s": C.median(seconds),
@@ -172,8 +174,9 @@ def bench_routing_unet(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def routing_markdown(layer_rows: list[dict[str, Any]], unet_rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     layer_table = C.markdown_table(
-        ["K", "routing", "aten ops per call", "host time per call (µs)", "× K=1"],
-        [[r["k"], r["mode"], r["ops"], f"{r['host_us']:.0f}", f"{r['vs_k1']:.2f}"] for r in layer_rows],
+        ["K", "routing", "aten ops per call", "host time per call, median (µs)", "× K=1", "best of repeats (µs)", "× K=1 (best)"],
+        [[r["k"], r["mode"], r["ops"], f"{r['host_us']:.0f}", f"{r['vs_k1']:.2f}", f"{r['best_us']:.0f}",
+          f"{r['best_vs_k1']:.2f}"] for r in layer_rows],
     )
     unet_table = C.markdown_table(
         ["K", "routing", "aten ops per UNet call", "per adapted layer", "median (ms)", "× loop"],
@@ -181,15 +184,19 @@ def routing_markdown(layer_rows: list[dict[str, Any]], unet_rows: list[dict[str,
           f"{r['vs_loop']:.2f}"] for r in unet_rows],
     )
     k4 = next(r for r in layer_rows if r["k"] == 4 and r["mode"] == "stacked")
-    verdict = "met" if k4["vs_k1"] <= 1.5 else "missed"
+    verdict = {(True, True): "met", (False, False): "missed"}.get(
+        (k4["vs_k1"] <= 1.5, k4["best_vs_k1"] <= 1.5), "met on the best time, missed on the median" if k4["best_vs_k1"] <= 1.5
+        else "met on the median, missed on the best time")
     return (
         f"## Routing cost per adapted layer (K adapters, one per row)\n\n"
         f"One `nn.Linear({args.routing_dim}, {args.routing_dim})` with K adapters ({', '.join(STACKED_METHODS)} in turn, "
         f"rank 4), batch 2K x {args.routing_tokens} tokens, under `torch.no_grad()`; ops and time include the base "
         f"layer. Median over {args.routing_repeats} interleaved repeats of {args.routing_calls} calls. K=1 is the "
-        "single-adapter forward (every row has the same owner, no gather).\n\n"
+        "single-adapter forward (every row has the same owner, no gather). Host time is the CPU time of the calling "
+        "thread (`time.thread_time`, one torch thread), so time other jobs hold the CPU is not counted.\n\n"
         f"{layer_table}\n\n"
-        f"Goal: K=4 ≤ 1.5x the host time of K=1 per layer: **{verdict}** (stacked K=4: {k4['vs_k1']:.2f}x).\n\n"
+        f"Goal: K=4 ≤ 1.5x the host time of K=1 per layer: **{verdict}** (stacked K=4: {k4['vs_k1']:.2f}x the median, "
+        f"{k4['best_vs_k1']:.2f}x the best time).\n\n"
         f"Tiny SDXL UNet, {unet_rows[0]['adapted_layers']} adapted layers (to_q, to_k, to_v, to_out.0), one UNet call "
         f"at batch 2K, median of {args.repeats}:\n\n{unet_table}\n"
     )

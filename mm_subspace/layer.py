@@ -582,6 +582,11 @@ class AdapterLayer(nn.Module):
         self.__dict__.pop("_stack_cache", None)  # .to()/.half()/.cuda(): the stacked copies follow on next use
         return super()._apply(fn, recurse)
 
+    def __getstate__(self) -> dict[str, Any]:  # pickle / deepcopy: the stacked copies are rebuilt on use
+        state = super().__getstate__()
+        state.pop("_stack_cache", None)
+        return state
+
     # -- merge ----------------------------------------------------------------------------------------
     def merge(self, names: list[str], exact: bool = False) -> None:
         """Fold the named adapters into the base weight, in order.

@@ -238,6 +238,30 @@ def test_stacked_routing_follows_weight_scale_and_dtype_changes():
         doubled = model(x.double())
     assert doubled.dtype == torch.float64
     torch.testing.assert_close(doubled.float(), after)
+    with torch.inference_mode(), mms.forward_context(model, adapter_rows=rows):
+        assert torch.equal(model(x.double()), doubled)
+
+
+def test_stacked_routing_gradients_equal_the_per_adapter_loop(monkeypatch):
+    """With autograd on (eval mode), the stacked path gives every adapter the gradient the per-adapter loop gives."""
+    from mm_subspace.layer import AdapterLayer
+
+    model, names = _routed_net(["lora", "moslora", "trilora"])
+    rows = [names[2], None, *names]
+    x = torch.randn(len(rows), 3, 12, generator=torch.Generator().manual_seed(8))
+    params = [p for _, a in mms.iter_adapters(model) for p in a.parameters()]
+    grads = {}
+    for stacked in (True, False):
+        monkeypatch.setattr(AdapterLayer, "stacked_routing", stacked)
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        with mms.forward_context(model, adapter_rows=rows):
+            model(x).pow(2).sum().backward()
+        grads[stacked] = [p.grad.clone() for p in params]
+    for g_stacked, g_loop in zip(grads[True], grads[False]):
+        torch.testing.assert_close(g_stacked, g_loop)
+    assert all(g.abs().sum() > 0 for g in grads[True])
 
 
 def test_routing_mixes_stacked_and_own_forward_adapters(monkeypatch):
