@@ -128,12 +128,15 @@ def bench_routing_layer(args: argparse.Namespace) -> list[dict[str, Any]]:
         names = add_adapters(model, k, ["0"])
         layer, x = model[0], torch.randn(2 * k, args.routing_tokens, dim)
 
+        def once(layer: nn.Module = layer, x: torch.Tensor = x) -> None:
+            layer(x)
+
         def calls(n: int = args.routing_calls) -> None:
             for _ in range(n):
-                layer(x)
+                once()
 
         with torch.no_grad(), mms.forward_context(model, adapter_rows=names):
-            modes = routing_modes(model, lambda: layer(x))
+            modes = routing_modes(model, once)
             ops = {name: (fn(), count_ops(fn))[1] for name, fn in modes.items()}  # after one call that fills the caches
             timed = routing_modes(model, calls)
             times = C.interleaved(timed if k > 1 else {"stacked": timed["stacked"]}, args.routing_repeats, warmup=1,
@@ -159,7 +162,7 @@ def bench_routing_unet(args: argparse.Namespace) -> list[dict[str, Any]]:
     for k in ROUTING_KS:
         batch = C.unet_batch(unet, 2 * k)
         with torch.no_grad(), mms.forward_context(unet, adapter_rows=names[:k]):
-            modes = routing_modes(unet, lambda: unet(**batch))
+            modes = routing_modes(unet, lambda batch=batch: unet(**batch))
             modes = {name: modes[name] for name in ("stacked", "loop")}
             ops = {name: (fn(), count_ops(fn))[1] for name, fn in modes.items()}
             times = C.interleaved(modes, args.repeats, warmup=1)

@@ -19,6 +19,7 @@ import copy
 
 import pytest
 import torch
+from conftest import single_adapter_runs
 from torch import nn
 
 import mm_subspace as mms
@@ -92,17 +93,9 @@ def test_routed_rows_on_a_half_base_equal_single_runs(dtype, use_autocast):
     rows = ["sulora", "lora", None, "asylora"]
     x = torch.randn(4, 5, 12, generator=torch.Generator().manual_seed(1)).to(dtype)
     context = torch.autocast("cpu", dtype=dtype) if use_autocast else contextlib.nullcontext()
-    single = {}
     with torch.no_grad(), context:
-        for name in rows:
-            if name is None:
-                with mms.disable_adapters(model):
-                    single[name] = model(x)
-            else:
-                mms.set_adapter(model, name)
-                single[name] = model(x)
+        expected = single_adapter_runs(model, x, rows)
         with mms.forward_context(model, adapter_rows=rows):
             routed = model(x)
     assert routed.dtype == dtype
-    for i, name in enumerate(rows):
-        torch.testing.assert_close(routed[i], single[name][i], atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    torch.testing.assert_close(routed, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])

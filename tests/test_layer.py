@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import single_adapter_runs
 from torch import nn
 
 import mm_subspace as mms
@@ -177,25 +178,23 @@ def _randomise_cores(model: nn.Module) -> None:
                     tensor.normal_(0, 0.5)
 
 
-def _single_runs(model: nn.Module, x: torch.Tensor, rows: list[str | None], batch_dim: int = 0) -> torch.Tensor:
-    """Row i of ``x`` through adapter ``rows[i]`` alone (``None``: the base), one run per adapter, stacked back."""
-    outs = {}
-    for name in dict.fromkeys(rows):
-        if name is None:
-            with mms.disable_adapters(model):
-                outs[name] = model(x)
-        else:
-            mms.set_adapter(model, name)
-            outs[name] = model(x)
-    return torch.stack([outs[name].select(batch_dim, i) for i, name in enumerate(rows)], batch_dim)
-
-
 def _count_stacked(monkeypatch) -> list[int]:
     from mm_subspace.layer import AdapterLayer
 
     calls, original = [], AdapterLayer._stacked_forward
     monkeypatch.setattr(AdapterLayer, "_stacked_forward", lambda self, *a: calls.append(1) or original(self, *a))
     return calls
+
+
+def _stacked_calls_of_routing(model: nn.Module, x: torch.Tensor, rows: list, monkeypatch) -> int:
+    """Route ``x`` by ``rows`` (no autograd), check it equals the single-adapter runs; how often the stacked path ran."""
+    with torch.no_grad():
+        expected = single_adapter_runs(model, x, rows)
+    calls = _count_stacked(monkeypatch)
+    with torch.no_grad(), mms.forward_context(model, adapter_rows=rows):
+        routed = model(x)
+    torch.testing.assert_close(routed, expected)
+    return len(calls)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
@@ -206,7 +205,7 @@ def test_stacked_routing_equals_single_adapter_runs(method, k, monkeypatch):
     rows = [*names, None, names[0]]
     x = torch.randn(len(rows), 5, 12, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        expected = _single_runs(model, x, rows)
+        expected = single_adapter_runs(model, x, rows)
     calls = _count_stacked(monkeypatch)
     with torch.no_grad(), mms.forward_context(model, adapter_rows=rows):
         routed = model(x)
@@ -231,7 +230,7 @@ def test_stacked_routing_follows_weight_scale_and_dtype_changes():
         mms.set_scale(model, names[1], 3.0)
         after = model(x)
     with torch.no_grad():
-        torch.testing.assert_close(after, _single_runs(model, x, rows))
+        torch.testing.assert_close(after, single_adapter_runs(model, x, rows))
     assert not torch.allclose(after[0], before[0]) and not torch.allclose(after[2], before[2])
     model.double()
     with torch.no_grad(), mms.forward_context(model, adapter_rows=rows):
@@ -270,13 +269,7 @@ def test_routing_mixes_stacked_and_own_forward_adapters(monkeypatch):
     assert [model[0].adapters[n].can_stack() for n in names] == [True, False, True, False, True]
     rows = [names[3], *names, None, names[1]]
     x = torch.randn(len(rows), 4, 12, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        expected = _single_runs(model, x, rows)
-    calls = _count_stacked(monkeypatch)
-    with torch.no_grad(), mms.forward_context(model, adapter_rows=rows):
-        routed = model(x)
-    assert len(calls) == 2
-    torch.testing.assert_close(routed, expected)
+    assert _stacked_calls_of_routing(model, x, rows, monkeypatch) == 2  # once per adapted layer
 
 
 def test_routing_in_training_mode_runs_each_adapters_own_forward(monkeypatch):
@@ -285,7 +278,7 @@ def test_routing_in_training_mode_runs_each_adapters_own_forward(monkeypatch):
     rows = [*names, None]
     x = torch.randn(3, 12, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        expected = _single_runs(model, x, rows)
+        expected = single_adapter_runs(model, x, rows)
     calls = _count_stacked(monkeypatch)
     model.train()
     with mms.forward_context(model, adapter_rows=rows):
@@ -317,13 +310,7 @@ def test_stacked_routing_in_a_sequence_first_block(monkeypatch):
     assert model[0].inner[0].batch_dim == 1
     rows = ["b", None, "a", "c"]
     x = torch.randn(4, 6, 12, generator=torch.Generator().manual_seed(6))  # (batch, seq, d); the linears see (seq, batch, d)
-    with torch.no_grad():
-        expected = _single_runs(model, x, rows)
-    calls = _count_stacked(monkeypatch)
-    with torch.no_grad(), mms.forward_context(model, adapter_rows=rows):
-        routed = model(x)
-    assert len(calls) == 2
-    torch.testing.assert_close(routed, expected)
+    assert _stacked_calls_of_routing(model, x, rows, monkeypatch) == 2  # once per adapted layer
 
 
 def test_stacked_routing_op_count_does_not_grow_with_k():
