@@ -191,7 +191,7 @@ def routing_markdown(layer_rows: list[dict[str, Any]], unet_rows: list[dict[str,
         (k4["vs_k1"] <= 1.5, k4["best_vs_k1"] <= 1.5), "met on the best time, missed on the median" if k4["best_vs_k1"] <= 1.5
         else "met on the median, missed on the best time")
     return (
-        f"## Routing cost per adapted layer (K adapters, one per row)\n\n"
+        f"### Routing cost per adapted layer (K adapters, one per row)\n\n"
         f"One `nn.Linear({args.routing_dim}, {args.routing_dim})` with K adapters ({', '.join(STACKED_METHODS)} in turn, "
         f"rank 4), batch 2K x {args.routing_tokens} tokens, under `torch.no_grad()`; ops and time include the base "
         f"layer. Median over {args.routing_repeats} interleaved repeats of {args.routing_calls} calls. K=1 is the "
@@ -268,7 +268,7 @@ def pipelines_markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> 
           f"{r['vs_one_adapter']:.2f}", f"{r['vs_sequential']:.2f}"] for r in rows],
     )
     return (
-        f"## Pipelines, K={args.k}\n\n"
+        f"### Pipelines, K={args.k}\n\n"
         f"Adapters: {', '.join(methods(args.k))} (rank 4, random non-zero factors, loaded from disk). "
         f"Median of {args.repeats} interleaved repeats after {args.warmup} warm-up round(s).\n\n{table}\n\n"
         "Goal of the issue: K=4 batched ≤ 1.3× one adapter. On a CPU the tiny UNet's convolutions and "
