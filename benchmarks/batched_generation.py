@@ -108,7 +108,7 @@ def routing_modes(model: nn.Module, call: Callable[[], Any]) -> dict[str, Callab
     def restacked() -> Any:
         AdapterLayer.stacked_routing = True
         for layer in layers:
-            layer.__dict__.pop("_stack_cache", None)
+            layer.clear_routing_cache()
         return call()
 
     def loop() -> Any:

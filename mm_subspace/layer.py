@@ -550,7 +550,7 @@ class AdapterLayer(nn.Module):
         is keyed on the adapters' scales and on the storage and version counter of each of their
         tensors, so a training step, ``load_adapter``, ``set_scale`` or ``.to()`` refreshes it. (Writes
         through ``param.data`` bypass the version counter: write adapter weights under ``torch.no_grad()``,
-        as every mm_subspace function does.)
+        as every mm_subspace function does, or call :meth:`clear_routing_cache`.)
         """
         modules = self.adapters._modules
         adapters = [modules[n] for n in names]
@@ -578,8 +578,15 @@ class AdapterLayer(nn.Module):
         ups = [up.T if up.shape[1] == rank else F.pad(up.T, (0, 0, 0, rank - up.shape[1])) for _, up in factors]
         return torch.stack(downs + [torch.zeros_like(downs[0])]), torch.stack(ups + [torch.zeros_like(ups[0])])
 
+    def clear_routing_cache(self) -> None:
+        """Drop the cached stacked factors of per-row routing (rebuilt on the next routed call).
+
+        Needed only after writing adapter tensors through ``param.data``, which the cache cannot see.
+        """
+        self.__dict__.pop("_stack_cache", None)
+
     def _apply(self, fn: Any, recurse: bool = True) -> AdapterLayer:
-        self.__dict__.pop("_stack_cache", None)  # .to()/.half()/.cuda(): the stacked copies follow on next use
+        self.clear_routing_cache()  # .to()/.half()/.cuda(): the stacked copies follow on next use
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:  # pickle / deepcopy: the stacked copies are rebuilt on use

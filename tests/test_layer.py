@@ -239,6 +239,15 @@ def test_stacked_routing_follows_weight_scale_and_dtype_changes():
     torch.testing.assert_close(doubled.float(), after)
     with torch.inference_mode(), mms.forward_context(model, adapter_rows=rows):
         assert torch.equal(model(x.double()), doubled)
+    # a write through .data is invisible to the version counter: clear_routing_cache() makes it count
+    with torch.no_grad(), mms.forward_context(model, adapter_rows=rows):
+        model(x.double())  # cached without inference_mode
+    model[0].adapters[names[0]].lora_B.data.mul_(0.0)
+    model[0].clear_routing_cache()
+    with torch.no_grad():
+        expected = single_adapter_runs(model, x.double(), rows)
+        with mms.forward_context(model, adapter_rows=rows):
+            torch.testing.assert_close(model(x.double()), expected)
 
 
 def test_stacked_routing_gradients_equal_the_per_adapter_loop(monkeypatch):
