@@ -81,7 +81,7 @@ def test_mixer_inits_have_the_documented_structure():
     torch.testing.assert_close(mixers["orthogonal"] @ mixers["orthogonal"].T, torch.eye(6))
     assert torch.equal(mixers["identity"], torch.eye(6))
     assert torch.count_nonzero(mixers["zero"]) == 0
-    with pytest.raises(ConfigError, match="mixer_init 'xavier'"):
+    with pytest.raises(ConfigError, match="mixer_init.*'xavier'"):
         mms.MoSLoRAConfig(mixer_init="xavier")
 
 
