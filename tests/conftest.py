@@ -81,3 +81,22 @@ def run_two_cpu_processes(script: Path, args: list[str], env: dict | None = None
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], digests
     assert "adapters identical on all 2 ranks" in log
     return log, digests["0"]
+
+
+def single_adapter_runs(model: torch.nn.Module, x: torch.Tensor, rows: list, batch_dim: int = 0) -> torch.Tensor:
+    """What per-row routing must give: row i of ``x`` through adapter ``rows[i]`` alone (``None``: the base).
+
+    One plain forward of the whole batch per adapter (``set_adapter``; ``disable_adapters`` for the base),
+    then row i taken from its adapter's output along ``batch_dim``.
+    """
+    import mm_subspace as mms
+
+    outs = {}
+    for name in dict.fromkeys(rows):
+        if name is None:
+            with mms.disable_adapters(model):
+                outs[name] = model(x)
+        else:
+            mms.set_adapter(model, name)
+            outs[name] = model(x)
+    return torch.stack([outs[name].select(batch_dim, i) for i, name in enumerate(rows)], batch_dim)
