@@ -148,13 +148,22 @@ def test_activation_checkpointing_is_on_without_the_deprecated_alias() -> None:
 def test_is_dora_and_method_flag_values_follow_the_registry():
     import argparse
 
-    from mm_subspace.training_utils import is_dora, method_flag_values
+    from mm_subspace.training_utils import check_method_flags, is_dora, method_flag_values
 
     assert is_dora("dora") and not is_dora("lora") and not is_dora("moslora")
     args = argparse.Namespace(adapter="moslora", mixer_init="orthogonal", num_subspaces=None)
     assert method_flag_values(args) == {"mixer_init": "orthogonal"}
     args.adapter = "lora"  # lora has no mixer: the flag is not passed on
     assert method_flag_values(args) == {}
+    sulora = argparse.Namespace(adapter="sulora", mixer_init=None, num_subspaces=8, pairing="index", a_init="kaiming",
+                                router_temperature=0.5)
+    assert method_flag_values(sulora) == {"num_subspaces": 8, "pairing": "index", "a_init": "kaiming",
+                                          "router_temperature": 0.5}
+    asy = argparse.Namespace(**{**vars(sulora), "adapter": "asylora", "num_subspaces": None, "pairing": None,
+                                "router_temperature": None})
+    assert method_flag_values(asy) == {"a_init": "kaiming"}
+    with pytest.raises(ConfigError, match="--pairing does not apply to --adapter asylora; it is a flag of sulora"):
+        check_method_flags(argparse.Namespace(**{**vars(asy), "pairing": "paired"}))
 
 
 def test_shared_script_flags_are_defined_once_and_overridable():
