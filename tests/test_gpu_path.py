@@ -41,6 +41,16 @@ SCALER = {distributed.TEST_GRADSCALER_ENV: str(2.0**24)}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps its state (mixed precision included) per process: a later in-process run would inherit
+    this module's fp16 silently. Reset it after each test."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture
 def forced_scaler(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(distributed.TEST_GRADSCALER_ENV, str(2.0**24))

@@ -36,3 +36,13 @@ def peak_memory(request: pytest.FixtureRequest):
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps its state (mixed precision included) per process: without a reset the bf16 run after the
+    fp16 one would silently train in fp16."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
