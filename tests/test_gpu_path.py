@@ -44,10 +44,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate keeps its state (mixed precision included) per process: a later in-process run would inherit
-    this module's fp16 silently. Reset it after each test."""
-    yield
+    this module's fp16 silently, and an earlier one's precision makes fp16 raise. Reset it around each test."""
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier run's precision would refuse fp16
+    yield
     AcceleratorState._reset_state(reset_partial_state=True)
 
 

@@ -42,7 +42,8 @@ def peak_memory(request: pytest.FixtureRequest):
 def fresh_accelerate_state():
     """accelerate keeps its state (mixed precision included) per process: without a reset the bf16 run after the
     fp16 one would silently train in fp16."""
-    yield
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier run's precision would refuse fp16
+    yield
     AcceleratorState._reset_state(reset_partial_state=True)
