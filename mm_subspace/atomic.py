@@ -130,6 +130,23 @@ def register_repair(names: tuple[str, ...], repair: Callable[[Path], None]) -> N
     _REPAIRS.append((frozenset(names), repair))
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS tells (Linux ``/proc``); else set and restored."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """``0o666 & ~umask``: the mode ``open()`` gives a new file. Every file we write gets it, whatever created
+    the temporary (safetensors writes ``0o600``), so weights are as readable as their config."""
+    return 0o666 & ~current_umask()
+
+
 def fsync_dir(folder: Path) -> None:
     """fsync a directory, so a rename in it survives a power loss (a no-op where impossible)."""
     try:
@@ -148,6 +165,9 @@ def fsync_dir(folder: Path) -> None:
 def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
     """Yield temporary paths beside ``targets``; on success rename each onto its target, in order.
 
+    Each file gets the mode ``0o666 & ~umask`` (:func:`default_file_mode`) before its rename, as a plain
+    ``open()`` would give it, whichever library wrote the temporary.
+
     On any exception the temporaries are deleted and the targets are untouched — also when a rename
     fails after an earlier target was already replaced: that one is put back from a hard link of its
     old content (so weights and config never end up from two different saves). The old content
@@ -164,7 +184,10 @@ def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
     try:
         _fs_step("write")
         yield temps
+        mode = default_file_mode()
         for tmp in temps:
+            if os.name == "posix":
+                os.chmod(tmp, mode)
             _fs_step(f"fsync {tmp.name}")
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -218,4 +241,4 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["atomic_paths", "atomic_write_text", "file_errors", "fsync_dir", "leftovers", "register_repair", "sha256_file"]
+__all__ = ["atomic_paths", "atomic_write_text", "current_umask", "default_file_mode", "file_errors", "fsync_dir", "leftovers", "register_repair", "sha256_file"]
