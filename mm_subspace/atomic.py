@@ -14,10 +14,11 @@ import logging
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import AdapterFileError, SubspaceError
 
@@ -56,6 +57,54 @@ def file_errors(func: Callable) -> Callable:
             ) from err
 
     return wrapper
+
+
+#: what a path that is not a regular file is, for messages
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(path: Path, mode: int) -> AdapterFileError:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return AdapterFileError(f"{path} is {kind}, not a regular file (reading it could block or never end); "
+                            "put the real file there or remove it")
+
+
+def require_regular_file(path: str | os.PathLike, missing: str) -> None:
+    """Raise :class:`AdapterFileError` with ``missing`` if ``path`` does not exist, or naming what it is if it is
+    not a regular file (symlinks followed): a FIFO would block a reader forever, ``/dev/zero`` never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise AdapterFileError(missing) from None
+    if not stat.S_ISREG(mode):
+        raise _not_regular(Path(path), mode)
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open ``path`` for binary reading if it is a regular file, else :class:`AdapterFileError` naming what it is.
+
+    Opened non-blocking and checked with ``fstat`` on the open descriptor, so a FIFO put in place after a
+    check cannot block the caller. ``FileNotFoundError``/``PermissionError`` propagate.
+    """
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(Path(path), mode)
+        if nonblock:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The UTF-8 text of a regular file (:func:`open_regular`); ``UnicodeDecodeError`` on invalid UTF-8."""
+    with open_regular(path) as fh:
+        return fh.read().decode("utf-8")
 
 
 #: our temporary / backup names: ".<target>.tmp-<pid>-<8 hex>" and the same + ".old"
@@ -235,10 +284,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-__all__ = ["atomic_paths", "atomic_write_text", "current_umask", "default_file_mode", "file_errors", "fsync_dir", "leftovers", "register_repair", "sha256_file"]
+__all__ = ["atomic_paths", "atomic_write_text", "current_umask", "default_file_mode", "file_errors", "fsync_dir", "leftovers",
+           "open_regular", "read_text_file", "register_repair", "require_regular_file", "sha256_file"]

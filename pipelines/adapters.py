@@ -106,13 +106,16 @@ def adapter_info(root: Path, name: str | None = None) -> AdapterInfo | None:
     ``None`` if ``root`` holds no adapter.
 
     A folder that looks like an adapter but cannot be read is returned with ``compatible=False``
-    and the reason, so a UI can list it instead of crashing.
+    and the reason, so a UI can list it instead of crashing: truncated or garbage weights, and a FIFO,
+    device or folder where ``adapter_config.json`` or ``adapter_model.safetensors`` belongs (never opened
+    for reading, so a FIFO cannot block).
     """
     root = Path(root)
-    if (root / CONFIG_NAME).is_file():
+    # lexists: a config that is a FIFO, a folder or a dangling link is listed with that reason, not skipped
+    if os.path.lexists(root / CONFIG_NAME):
         parts = {"": root}
     else:
-        parts = {c: root / c for c in SDXL_COMPONENTS if (root / c / CONFIG_NAME).is_file()}
+        parts = {c: root / c for c in SDXL_COMPONENTS if os.path.lexists(root / c / CONFIG_NAME)}
     if not parts:
         return None
     info = AdapterInfo(name=name or adapter_name_for(root), path=root, parts={}, family="sdxl")
@@ -141,22 +144,32 @@ def adapter_info(root: Path, name: str | None = None) -> AdapterInfo | None:
 def find_adapters(dirs: Iterable[str | os.PathLike[str]], max_depth: int = 3) -> list[AdapterInfo]:
     """Every adapter under ``dirs`` (each a folder of adapters, or an adapter folder itself).
 
+    One broken folder never stops the search: an adapter that cannot be read is in the list with
+    ``compatible=False`` and the reason (see :func:`adapter_info`); a folder that cannot be listed is
+    skipped with a warning.
+
     Names are unique within a family: a repeated name gets ``-2``, ``-3``... Sorted by family, then path.
     """
     found: list[AdapterInfo] = []
     seen: set[Path] = set()
 
     def visit(folder: Path, depth: int) -> None:
-        if folder.resolve() in seen or not folder.is_dir():
+        try:
+            resolved = folder.resolve()
+            if resolved in seen or not folder.is_dir():
+                return
+            info = adapter_info(folder)
+            if info is not None:
+                seen.add(resolved)
+                found.append(info)
+                return
+            if depth >= max_depth:
+                return
+            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SKIP_DIRS)
+        except (OSError, RuntimeError) as err:  # unreadable folder, symlink loop (RuntimeError before Python 3.13)
+            logger.warning("skipping %s: %s", folder, err)
             return
-        info = adapter_info(folder)
-        if info is not None:
-            seen.add(folder.resolve())
-            found.append(info)
-            return
-        if depth >= max_depth:
-            return
-        for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SKIP_DIRS):
+        for child in children:
             visit(child, depth + 1)
 
     for d in dirs:

@@ -69,14 +69,14 @@ def adapter_components(path: str | os.PathLike, component: str | None = None) ->
     class names (``None`` for other models).
     """
     folder = Path(path)
-    if (folder / CONFIG_NAME).is_file():
+    if os.path.lexists(folder / CONFIG_NAME):  # read_adapter_config names a FIFO/folder in its place
         if component is None:
             meta = read_adapter_config(folder)
             component = COMPONENT_OF_CLASS.get((meta.get("base_model") or {}).get("class"))
         elif component not in KOHYA_PREFIX:
             raise ConfigError(f"unknown SDXL component {component!r}; one of {sorted(KOHYA_PREFIX)}")
         return {component: folder}
-    found = {c: folder / c for c in KOHYA_PREFIX if (folder / c / CONFIG_NAME).is_file()}
+    found = {c: folder / c for c in KOHYA_PREFIX if os.path.lexists(folder / c / CONFIG_NAME)}
     if not found:
         raise AdapterFileError(
             f"{folder} is neither an adapter folder ({CONFIG_NAME}) nor a pipeline adapter folder with "

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..atomic import atomic_paths, file_errors
+from ..atomic import atomic_paths, file_errors, read_text_file, require_regular_file
 from ..errors import AdapterFileError, ConfigError
 from ..inject import (
     TRAINABLE_PREFIX,
@@ -112,9 +112,10 @@ def export_peft(
 
 def read_peft_weights(folder: Path) -> dict[str, torch.Tensor]:
     st, binary = folder / PEFT_WEIGHTS, folder / "adapter_model.bin"
-    if st.is_file():
+    if os.path.lexists(st):  # read_tensors names a FIFO/folder in its place
         return read_tensors(st)
-    if binary.is_file():
+    if os.path.lexists(binary):
+        require_regular_file(binary, f"{binary} is a dangling link")
         try:  # never unpickle arbitrary objects
             state = torch.load(binary, map_location="cpu", weights_only=True)
         except Exception as err:
@@ -130,7 +131,7 @@ def read_peft_config(folder: str | os.PathLike) -> dict[str, Any]:
 
     path = Path(folder) / "adapter_config.json"
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = json.loads(read_text_file(path))
     except FileNotFoundError:
         raise AdapterFileError(f"no adapter_config.json in {folder}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON or a huge int
