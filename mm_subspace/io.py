@@ -45,6 +45,7 @@ from .errors import (
     IncompatibleAdapterError,
     SubspaceError,
 )
+from .hub import ADAPTER_FILES, resolve
 from .inject import (
     check_adapter_name,
     get_state,
@@ -359,6 +360,9 @@ def load_adapter(
 ) -> str:
     """Load an adapter saved by :func:`save_adapter` onto ``model``; returns its adapter name.
 
+    ``path`` is a local folder or, if no such path exists, a Hugging Face Hub id (``"user/my-moslora"``):
+    only the adapter's two files are downloaded (:func:`mm_subspace.hub.resolve`).
+
     Args:
         adapter_name: name on this model (default: the name it was saved under).
         strict: unexpected or missing tensor keys are an error; with ``strict=False`` they are
@@ -371,7 +375,7 @@ def load_adapter(
         AdapterStateError: the model is left exactly as it was (tensors, requires_grad flags,
         module tree, active adapters).
     """
-    folder = Path(path)
+    folder = resolve(path, ADAPTER_FILES)
     meta = read_adapter_config(folder)
     if adapter_name is not None:
         check_adapter_name(adapter_name)

@@ -23,6 +23,7 @@ from torch import nn
 from ..atomic import atomic_write_text, file_errors
 from ..config import AdapterConfig
 from ..errors import AdapterFileError, ConfigError
+from ..hub import ADAPTER_FILES, resolve
 from ..io import CONFIG_NAME, read_adapter_config, save_adapter
 from .common import CLASS_OF_COMPONENT, COMPONENT_OF_CLASS, load_standin, standin_model
 from .diffusers import DIFFUSERS_WEIGHTS, diffusers_state_dict, export_diffusers
@@ -203,8 +204,8 @@ class AdapterDescription:
 
 @file_errors
 def describe_adapter(path: str | os.PathLike) -> AdapterDescription:
-    """Describe the adapter saved in folder ``path`` (method, ranks, alphas, targets, parameters, base model)."""
-    folder = Path(path)
+    """Describe the adapter saved in folder ``path`` (or a Hub id) (method, ranks, alphas, targets, parameters, base model)."""
+    folder = resolve(path, ADAPTER_FILES)
     meta = read_adapter_config(folder)
     config: AdapterConfig = meta["config_obj"]
     model, _ = load_standin(folder)

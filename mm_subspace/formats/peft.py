@@ -19,6 +19,7 @@ from torch import nn
 
 from ..atomic import atomic_paths, file_errors, read_text_file, require_regular_file
 from ..errors import AdapterFileError, ConfigError
+from ..hub import PEFT_FILES, resolve
 from ..inject import (
     TRAINABLE_PREFIX,
     get_state,
@@ -179,11 +180,11 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "
     """Load a PEFT LoRA checkpoint (``adapter_config.json`` + weights) onto ``model`` as our ``lora``.
 
     ``use_rslora`` is converted exactly (alpha' = alpha·√r). DoRA and other PEFT variants are refused
-    with the reason. Returns the adapter name.
+    with the reason. ``path`` is a folder or a Hub id (as PEFT's ``from_pretrained``). Returns the adapter name.
     """
     from ..methods.lora import LoraConfig
 
-    folder = Path(path)
+    folder = resolve(path, PEFT_FILES)
     cfg = read_peft_config(folder)
     if cfg.get("peft_type") != "LORA":
         raise AdapterFileError(f"{folder} is a {cfg.get('peft_type')!r} PEFT adapter; only LORA can be imported")
