@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import mm_subspace as mms
-from pipelines.adapters import find_adapters
+from mm_subspace.pipelines.adapters import find_adapters
 
 
 @contextlib.contextmanager
