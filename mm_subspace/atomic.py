@@ -264,6 +264,37 @@ def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
                 tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``target``; on success fsync its files and rename it to ``target``.
+
+    A process killed while filling it leaves no ``target`` (only a ``.<name>.tmp-<pid>-<id>`` folder, deleted by
+    the next call once that process is gone), so a half-written folder is never taken for a whole one. On an
+    exception the temporary folder is deleted. ``target`` must not exist yet.
+    """
+    target = Path(target)
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for path in parent.glob(f".{target.name}.tmp-*"):
+        m = _LEFTOVER.match(path.name)
+        if m and m["target"] == target.name and path.is_dir() and not _pid_alive(int(m["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+    tmp = parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        os.rename(tmp, target)
+        fsync_dir(parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _keep_old(target: Path, old: Path) -> Path | None:
     """Make ``old`` a second name (hard link, else a copy) of ``target``'s current content; None if absent."""
     if not target.exists():
@@ -290,5 +321,5 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["atomic_paths", "atomic_write_text", "current_umask", "default_file_mode", "file_errors", "fsync_dir", "leftovers",
+__all__ = ["atomic_dir", "atomic_paths", "atomic_write_text", "current_umask", "default_file_mode", "file_errors", "fsync_dir", "leftovers",
            "open_regular", "read_text_file", "register_repair", "require_regular_file", "sha256_file"]
