@@ -26,10 +26,12 @@ from .atomic import read_text_file, require_regular_file
 from .errors import AdapterFileError
 
 TRAINER_STATE = "trainer_state.json"
-#: accelerate's files of every checkpoint (the optimizer and LR scheduler of one-optimizer training)
-ACCELERATE_FILES = ("optimizer.bin", "scheduler.bin")
-#: accelerate's per-rank RNG states, written and read by ``save_state``/``load_state``
-RNG_STATE = "random_states_{rank}.pkl"
+#: accelerate's files that ``load_state`` reads (optimizers, LR schedulers, samplers, the fp16 scaler, per-rank RNG
+#: states), all through ``torch.load(weights_only=True)``
+ACCELERATE_PATTERNS = ("optimizer*.bin", "scheduler*.bin", "sampler*.bin", "dl_state_dict*.bin", "scaler.pt",
+                       "random_states_*.pkl")
+#: files every training checkpoint has
+REQUIRED_FILES = ("optimizer.bin",)
 #: keys of one loss-history row: the step (an int) and named finite floats
 HISTORY_KEY = "loss_history"
 
@@ -106,15 +108,15 @@ def load_torch_state(path: str | os.PathLike) -> Any:
         ) from None
 
 
-def check_accelerate_files(checkpoint: str | os.PathLike, num_processes: int = 1) -> None:
+def check_accelerate_files(checkpoint: str | os.PathLike, required: tuple[str, ...] = REQUIRED_FILES) -> None:
     """Read accelerate's files of ``checkpoint`` as :func:`load_torch_state` does (before any model is built), so
-    a truncated ``optimizer.bin`` is reported naming it instead of failing inside ``load_state``."""
+    a truncated ``optimizer.bin`` is reported naming it instead of failing inside ``load_state``: every file of
+    :data:`ACCELERATE_PATTERNS` present, and the ``required`` ones (an optimizer's state is always saved)."""
     folder = Path(checkpoint)
-    for name in (*ACCELERATE_FILES, *(RNG_STATE.format(rank=r) for r in range(num_processes))):
-        if name.startswith("random_states") and not os.path.lexists(folder / name):
-            continue  # accelerate treats missing RNG states as optional; our draws are seeded per step anyway
+    names = {p.name for pattern in ACCELERATE_PATTERNS for p in folder.glob(pattern)} | set(required)
+    for name in sorted(names):
         load_torch_state(folder / name)
 
 
-__all__ = ["ACCELERATE_FILES", "HISTORY_KEY", "RNG_STATE", "TRAINER_STATE", "check_accelerate_files",
+__all__ = ["ACCELERATE_PATTERNS", "HISTORY_KEY", "REQUIRED_FILES", "TRAINER_STATE", "check_accelerate_files",
            "check_history_rows", "load_torch_state", "read_trainer_state"]

@@ -406,8 +406,8 @@ class CheckpointManager:
             f"{self.root}: {have}. Pass 'latest', one of those names, or a checkpoint path."
         )
 
-    def validate(self, path: Path, parts: Sequence[str], configs: dict[str, AdapterConfig] | None = None,
-                 num_processes: int = 1) -> dict[str, Any]:
+    def validate(self, path: Path, parts: Sequence[str], configs: dict[str, AdapterConfig] | None = None
+                 ) -> dict[str, Any]:
         """Check checkpoint ``path`` completely before any model is built; returns its ``trainer_state.json``.
 
         Raises:
@@ -415,6 +415,13 @@ class CheckpointManager:
             ConfigError: the checkpoint is fine but belongs to another run (method, parts, adapter config).
         """
         state = read_trainer_state(path)
+        pickled = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+        if pickled:  # accelerate would unpickle them in full (and refuses to load the folder without them)
+            raise ConfigError(
+                f"checkpoint {path} holds {', '.join(pickled)}: pickled state (written by an older mm_subspace, or put "
+                "there) that resuming would have to unpickle, which can run any code. Delete the file(s) to resume "
+                "(the loss history before this run is then not restored)"
+            )
         if state["method"] != self.method:
             raise ConfigError(
                 f"checkpoint {path} belongs to a --adapter {state['method']} run, not {self.method}: resume with "
@@ -432,16 +439,15 @@ class CheckpointManager:
             read_adapter_weights(path / part, meta)  # the checksum: truncated weights are found now
             if configs and part in configs:
                 check_same_config(path / part, meta["config"], configs[part])
-        check_accelerate_files(path, num_processes)
+        check_accelerate_files(path)
         return state
 
-    def check_resumable(self, path: Path, parts: Sequence[str], configs: dict[str, AdapterConfig] | None = None,
-                        num_processes: int = 1) -> int:
+    def check_resumable(self, path: Path, parts: Sequence[str], configs: dict[str, AdapterConfig] | None = None) -> int:
         """:meth:`validate` and return the checkpoint's step."""
-        return int(self.validate(path, parts, configs, num_processes)["step"])
+        return int(self.validate(path, parts, configs)["step"])
 
-    def find_resumable(self, spec: str | None, parts: Sequence[str], configs: dict[str, AdapterConfig] | None = None,
-                       num_processes: int = 1) -> tuple[Path | None, dict[str, Any] | None]:
+    def find_resumable(self, spec: str | None, parts: Sequence[str], configs: dict[str, AdapterConfig] | None = None
+                       ) -> tuple[Path | None, dict[str, Any] | None]:
         """The checkpoint ``--resume_from_checkpoint spec`` names, checked (:meth:`validate`): ``(path, trainer state)``,
         or ``(None, None)`` for no spec or ``latest`` with no checkpoint yet.
 
@@ -455,7 +461,7 @@ class CheckpointManager:
             found, problems = self.checkpoints(), []
             for path in reversed(found):
                 try:
-                    return path, self.validate(path, parts, configs, num_processes)
+                    return path, self.validate(path, parts, configs)
                 except AdapterFileError as err:
                     logger.warning("--resume_from_checkpoint latest: skipping %s, it is broken (%s); trying the "
                                    "previous checkpoint", path.name, err)
@@ -467,14 +473,14 @@ class CheckpointManager:
             return None, None
         path = self.resolve(spec)
         try:
-            return path, self.validate(path, parts, configs, num_processes)
+            return path, self.validate(path, parts, configs)
         except AdapterFileError as err:
             earlier = [p for p in self.checkpoints() if p.resolve() != path.resolve()
                        and (not re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", path.name) or checkpoint_step(p) < checkpoint_step(path))]
             previous = None
             for candidate in reversed(earlier):
                 try:
-                    self.validate(candidate, parts, configs, num_processes)
+                    self.validate(candidate, parts, configs)
                     previous = candidate
                     break
                 except AdapterFileError:

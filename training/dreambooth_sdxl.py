@@ -518,8 +518,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     manager = CheckpointManager(output_dir, args.adapter, args.checkpoints_total_limit)
     # the whole checkpoint is checked now (files, method, adapter settings); a broken "latest" falls back
     resume_path, resume_state = manager.find_resumable(
-        args.resume_from_checkpoint, part_names, {p: config_unet if p == "unet" else config_text for p in part_names},
-        world)
+        args.resume_from_checkpoint, part_names, {p: config_unet if p == "unet" else config_text for p in part_names})
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run", manager.root)
     resume_step = resume_state["step"] if resume_state else 0
