@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mm_subspace.errors import SubspaceError
+from mm_subspace.errors import HubError, SubspaceError
 from mm_subspace.formats import describe_adapter
+from mm_subspace.hub import PIPELINE_ADAPTER_FILES, is_repo_id, resolve
 from mm_subspace.io import CONFIG_NAME
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,14 @@ def find_adapters(dirs: Iterable[str | os.PathLike[str]], max_depth: int = 3) ->
             visit(child, depth + 1)
 
     for d in dirs:
-        visit(Path(d).expanduser(), 0)
+        folder = Path(d).expanduser()
+        if isinstance(d, str) and "/" in d.strip("/") and not os.path.lexists(folder) and is_repo_id(d):
+            try:  # owner/name that is no local folder: a Hub repository of adapters
+                folder = resolve(d, PIPELINE_ADAPTER_FILES)
+            except HubError as err:
+                logger.warning("skipping %s: %s", d, err)
+                continue
+        visit(folder, 0)
     found.sort(key=lambda i: (i.family, str(i.path)))
     used: dict[tuple[str, str], int] = {}
     for info in found:  # unique per family: the two families load into different pipelines
@@ -236,7 +244,7 @@ class AdapterSet:
         return info
 
     def load_adapter(self, path: str | os.PathLike[str] | AdapterInfo, name: str | None = None) -> AdapterInfo:
-        """Load one adapter (a flat adapter folder or a DreamBooth output folder) under ``name``.
+        """Load one adapter (a flat adapter folder, a DreamBooth output folder, or a Hub id of either) under ``name``.
 
         Raises :class:`mm_subspace.IncompatibleAdapterError` (or ``AdapterFileError``) with the reason
         if it does not fit; the pipeline is then unchanged. Use :meth:`load_adapters` to collect
@@ -246,6 +254,11 @@ class AdapterSet:
         from mm_subspace.inject import remove_adapter
         from mm_subspace.io import load_adapter
 
+        if isinstance(path, str) and not os.path.lexists(Path(path).expanduser()):
+            local = resolve(path, PIPELINE_ADAPTER_FILES)  # a hub id: only the adapter files are fetched
+            if local != Path(path).expanduser():
+                name = name or adapter_name_for(Path(path))  # named after the repository, not the cache folder
+            path = local
         info = path if isinstance(path, AdapterInfo) else adapter_info(Path(path), name)
         if info is None:
             raise AdapterFileError(
