@@ -337,7 +337,7 @@ def test_float_flags_must_be_finite_and_in_range(capsys: pytest.CaptureFixture) 
                  "--snr_gamma", "--noise_offset", "--text_encoder_lr", "--alpha"):
         for value in ("nan", "inf", "-inf"):
             with pytest.raises(SystemExit) as exit_:
-                db.parse_args([flag, value])
+                db.parse_args([f"{flag}={value}"])
             assert exit_.value.code == 2
             assert f"argument {flag}: must be a finite number, got '{value}'" in capsys.readouterr().err
     for argv, says in ((["--adam_beta1", "1"], "--adam_beta1 must be in [0, 1)"),
@@ -384,9 +384,11 @@ def test_allow_outside_data_reaches_the_folder_reader(tmp_path: Path, instance_d
     from mm_subspace.training import dreambooth_data
 
     data = tmp_path / "data"
-    data.mkdir()
+    tiny_models.write_cat_photos(data, n=1, size=40)
+    inside = next(data.glob("*.png")).name
     outside = next(instance_dir.glob("*.png"))
-    (data / "metadata.jsonl").write_text(json.dumps({"file_name": str(outside), "text": "a photo of sks cat"}) + "\n")
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": inside, "text": "inside"}) + "\n"
+                                         + json.dumps({"file_name": str(outside), "text": "a photo of sks cat"}) + "\n")
     solo = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
     args = db.parse_args(["--instance_data_dir", str(data)])
     assert args.allow_outside_data is False
@@ -394,7 +396,7 @@ def test_allow_outside_data_reaches_the_folder_reader(tmp_path: Path, instance_d
         dreambooth_data.instance_records(args, tmp_path, 32, solo)
     args = db.parse_args(["--instance_data_dir", str(data), "--allow_outside_data"])
     records = dreambooth_data.instance_records(args, tmp_path, 32, solo)
-    assert [r.caption for r in records] == ["a photo of sks cat"]
+    assert sorted(r.caption for r in records) == ["a photo of sks cat", "inside"]
 
 
 def test_new_user_mistakes_end_in_one_error_line(tmp_path: Path) -> None:
