@@ -57,3 +57,34 @@ def test_llava_tab_answers_per_adapter(client, tmp_path):
                                    {"headers": ["adapter", "scale"], "data": [["lora", 1.0]]}, True, api_name="/answer")
     assert [row[0] for row in table["data"]] == ["base", "lora"] and status.startswith("**Done:** 2 answer(s)")
     assert table["data"][1][2:5] == ["lora", 4, table["data"][1][4]] and table["data"][1][4] > 0
+
+
+def test_nan_and_oversized_requests_get_our_rejected_message(client):
+    """NaN in an integer field reaches our checks (not Gradio's generic error); an 8 MB-class prompt is capped;
+    a request over the time budget is refused with its numbers before it runs."""
+    nan = float("nan")
+    for kwargs, message in (({"steps": nan}, "steps must be a finite number"),
+                            ({"size": nan}, "must be a finite number"),
+                            ({"prompt": "cat " * 1000}, "characters long; at most 2,000"),
+                            ({"steps": 150, "size": 2048}, "the budget is")):
+        gallery, _, status = generate(client, **kwargs)
+        assert gallery == [] and status.startswith("**Rejected:**") and message in status, status
+    _, _, status = client.predict("a photo of sks cat", "", nan, 2, 5.0, 32, 32, list(SDXL_NAMES), SCALES, True,
+                                  api_name="/generate")
+    assert status.startswith("**Rejected:** seed must be a whole number"), status
+
+
+def test_integer_fields_pass_nan_through_to_our_checks():
+    import gradio as gr
+
+    from mm_subspace.apps import compare
+    from mm_subspace.pipelines import SDXLAdapters
+    from mm_subspace.tiny_models import tiny_sdxl_path
+
+    sd = SDXLAdapters.from_pretrained(tiny_sdxl_path(pretrained=False))
+    demo = compare.build_ui(sd, None, [])
+    numbers = [block for block in demo.blocks.values() if isinstance(block, gr.Number)]
+    assert len(numbers) == 5 and all(block.precision is None for block in numbers)  # no int() of a NaN in Gradio
+    assert numbers[0].preprocess(float("nan")) != numbers[0].preprocess(float("nan"))  # NaN arrives as NaN
+    gallery, _, status = compare.run_generate(sd, "cat", "", 0, float("nan"), 5.0, 32, 32, ["base"], [], True)
+    assert gallery == [] and status == "**Rejected:** steps must be a finite number, got nan"

@@ -116,3 +116,18 @@ def test_the_refused_pickle_would_have_run_code(tmp_path):
     marker = tmp_path / "code-ran"
     pickle.loads(pickle.dumps(_RunsCode(str(marker)))).close()
     assert marker.exists()
+
+
+def test_no_shipped_code_registers_state_that_accelerate_would_pickle():
+    """accelerate's register_for_checkpointing saves custom state as a pickle and loads it with a full unpickle."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    offenders = []
+    for folder in ("mm_subspace", "training", "pipelines", "apps"):
+        for path in sorted((repo / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Attribute) and node.attr in ("register_for_checkpointing", "load_custom_state"):
+                    offenders.append(f"{path.relative_to(repo)}:{node.lineno}")
+    assert not offenders, offenders
