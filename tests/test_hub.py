@@ -176,3 +176,12 @@ def test_model_flags_checked_before_loading(tmp_path, offline):
         hub.resolve_model("cat/", "--pretrained_model_name_or_path", "model_index.json")
     with pytest.raises(HubError, match=r"--pretrained_model_name_or_path 'stabilityai/stable-diffusion-xl-base-1.0' .*HF_HUB_OFFLINE"):
         hub.resolve_model("stabilityai/stable-diffusion-xl-base-1.0", "--pretrained_model_name_or_path", "model_index.json")
+
+
+def test_inspect_command_takes_a_hub_id(tmp_path, fake_hub, capsys):
+    from mm_subspace.cli import main
+
+    fake_hub.repos["user/my-moslora"] = mms.save_adapter(_trained(), tmp_path / "repo")
+    assert main(["inspect", "user/my-moslora", "--json"]) == 0
+    assert '"method": "moslora"' in capsys.readouterr().out
+    assert fake_hub.calls[0] == ("user/my-moslora", list(hub.PIPELINE_ADAPTER_FILES))

@@ -23,7 +23,7 @@ from torch import nn
 from ..atomic import atomic_write_text, file_errors
 from ..config import AdapterConfig
 from ..errors import AdapterFileError, ConfigError
-from ..hub import ADAPTER_FILES, resolve
+from ..hub import ADAPTER_FILES, PIPELINE_ADAPTER_FILES, resolve
 from ..io import CONFIG_NAME, read_adapter_config, save_adapter
 from .common import CLASS_OF_COMPONENT, COMPONENT_OF_CLASS, load_standin, standin_model
 from .diffusers import DIFFUSERS_WEIGHTS, diffusers_state_dict, export_diffusers
@@ -67,9 +67,9 @@ def adapter_components(path: str | os.PathLike, component: str | None = None) ->
     A pipeline adapter folder holds ``unet/``, ``text_encoder/``, ``text_encoder_2/`` sub-folders
     (each saved with :func:`mm_subspace.save_adapter`, as diffusers lays out a pipeline); a single
     adapter folder maps to ``component`` or, when not given, to the SDXL component its recorded base
-    class names (``None`` for other models).
+    class names (``None`` for other models). ``path`` may be a Hub id (only the adapter files are fetched).
     """
-    folder = Path(path)
+    folder = resolve(path, PIPELINE_ADAPTER_FILES)
     if os.path.lexists(folder / CONFIG_NAME):  # read_adapter_config names a FIFO/folder in its place
         if component is None:
             meta = read_adapter_config(folder)
