@@ -203,7 +203,7 @@ def _three_checkpoints(root: Path, method: str = "moslora"):
 
 
 def test_resume_never_unpickles_accelerate_custom_state(tmp_path: Path) -> None:
-    accelerator, manager, model, _ = _three_checkpoints(tmp_path)
+    accelerator, manager, _, _ = _three_checkpoints(tmp_path)
     latest = manager.root / "checkpoint-3"
     assert not list(latest.glob("custom_checkpoint_*")), "nothing may be registered for a pickled custom state"
     state = json.loads((latest / "trainer_state.json").read_text())
