@@ -66,8 +66,8 @@ _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (s
 
 def _not_regular(path: Path, mode: int) -> AdapterFileError:
     kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-    return AdapterFileError(f"{path} is {kind}, not a regular file (reading it could block or never end); "
-                            "put the real file there or remove it")
+    return AdapterFileError(f"{path} is {kind}, not a regular file, so it cannot be read (reading it could block or "
+                            "never end); put the real file there or remove it")
 
 
 def require_regular_file(path: str | os.PathLike, missing: str) -> None:

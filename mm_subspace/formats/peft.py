@@ -133,6 +133,8 @@ def read_peft_config(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / "adapter_config.json"
     try:
         cfg = json.loads(read_text_file(path))
+    except AdapterFileError:  # a FIFO or folder in its place: the message says which
+        raise
     except FileNotFoundError:
         raise AdapterFileError(f"no adapter_config.json in {folder}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON or a huge int
