@@ -273,7 +273,7 @@ def test_parse_args_errors_and_recipe() -> None:
 
 
 def test_bad_instance_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ConfigError, match="missing: no such folder"):  # at parse time: one error line from the CLI
         run(tmp_path / "o1", instance=tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="is empty"):
