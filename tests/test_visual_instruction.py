@@ -340,3 +340,33 @@ def test_shipped_tiny_llava_is_pretrained_and_verified() -> None:
         encoder = data.ConversationEncoder(processor)
         accuracy[pretrained] = vi.evaluate(model, encoder, caption, 32, 6, vi.PixelCache(processor.image_processor))
     assert accuracy[True]["mean_accuracy"] >= 0.8 and accuracy[False]["mean_accuracy"] == 0.0
+
+
+def test_float_flags_finite_and_data_paths_checked(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    for flag in ("--learning_rate", "--max_grad_norm", "--adam_beta2", "--lora_dropout", "--vision_alpha"):
+        with pytest.raises(SystemExit):
+            vi.parse_args([f"{flag}=nan"])
+        assert f"argument {flag}: must be a finite number, got 'nan'" in capsys.readouterr().err
+    for argv, says in ((["--adam_beta1", "1"], "--adam_beta1 must be in [0, 1)"),
+                       (["--lr_warmup_ratio", "1.5"], "--lr_warmup_ratio must be in [0, 1)"),
+                       (["--adam_epsilon", "0"], "--adam_epsilon must be > 0"),
+                       (["--data_path", str(tmp_path / "none.json")], "none.json: no such file"),
+                       (["--data_path", str(tmp_path), "--image_folder", str(tmp_path / "imgs")], "--data_path")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            vi.parse_args(argv)
+
+
+def test_allow_outside_data_reaches_the_llava_reader(tmp_path: Path) -> None:
+    from mm_subspace.tiny_models import write_cat_photos
+
+    images, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    write_cat_photos(elsewhere, n=1, size=32)
+    images.mkdir()
+    record = {"id": "0", "image": str(next(elsewhere.glob("*.png"))),
+              "conversations": [{"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": "a cat"}]}
+    data_path = tmp_path / "data.json"
+    data_path.write_text(json.dumps([record]))
+    args = vi.parse_args(["--data_path", str(data_path), "--image_folder", str(images)])
+    assert isinstance(vi.load_records(args, "train")[0], mms.errors.DataError)
+    args = vi.parse_args(["--data_path", str(data_path), "--image_folder", str(images), "--allow_outside_data"])
+    assert not isinstance(vi.load_records(args, "train")[0], mms.errors.DataError)

@@ -49,12 +49,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from mm_subspace.training.script_flags import add_flags
+from mm_subspace.training.script_flags import add_flags, check_unit_interval, finite_float
 
 import mm_subspace
 from mm_subspace import presets, tiny_models
 from mm_subspace.data import llava as data
 from mm_subspace.errors import ConfigError, DataError, MergeError
+from mm_subspace.hub import resolve_model
 from mm_subspace.atomic import atomic_write_text
 from mm_subspace.compat import enable_activation_checkpointing
 from mm_subspace.inject import routing
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vision_rank", type=int, default=None,
                    help="Also adapt every linear of the vision tower with this rank (paper Table 8: 64). Default: "
                    f"{EMBEDDED_VISION_RANK} on the embedded default (digits data and model), else no vision adapters.")
-    g.add_argument("--vision_alpha", type=float, default=None, help="Vision adapter alpha (Table 8: 16). Default: = vision rank.")
+    g.add_argument("--vision_alpha", type=finite_float, default=None, help="Vision adapter alpha (Table 8: 16). Default: = vision rank.")
     g.add_argument("--freeze_vision_tower", action="store_true",
                    help="Keep the vision tower exactly as pretrained (no vision adapters even with --vision_rank).")
     g.add_argument("--tune_projector", type=str, default="frozen",
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LLaVA JSON (a list) or JSONL of {'id', 'image', 'conversations': [{'from': 'human'|'gpt', "
                    "'value'}]}. Default: the digits instruction tasks (train split).")
     g.add_argument("--image_folder", type=str, default=None, help="Folder the records' 'image' paths are relative to.")
+    g.add_argument("--allow_outside_data", action="store_true",
+                   help="Accept records whose 'image' resolves outside --image_folder (data kept elsewhere on purpose). "
+                   "Default: refused, naming the record.")
     g.add_argument("--eval_data_path", type=str, default=None,
                    help="Evaluation records (same format; the last gpt turn is the reference answer, an optional 'task' "
                    "field groups the accuracy). Default: the digits test split when --data_path is not given.")
@@ -154,11 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
               recipe={"help": 'From mm_subspace.recipes: moslora_vi_llama3 = MoSLoRA Table 8 (LLaMA3+ViT): LLM r 64 α 128, ViT r 64 α 16, batch 8 × accumulation 2, lr 2e-5, 1 epoch, projector frozen; moslora_vi_llama3_official = the same as the official XTuner config runs it (projector trained). Flags given explicitly win.'},
               train_batch_size={"default": 16},
               max_train_steps={"help": f'Optimizer steps; overrides --num_train_epochs. Default: {EMBEDDED_MAX_STEPS} on the embedded default, else from --num_train_epochs.'},
-              num_train_epochs={"type": float, "default": 1.0, "help": 'Epochs when --max_train_steps is not given.'},
+              num_train_epochs={"type": finite_float, "default": 1.0, "help": 'Epochs when --max_train_steps is not given.'},
               learning_rate={"default": 0.002, "help": 'Learning rate of the adapters (and projector).'},
               lr_scheduler={"default": "cosine"},
               lr_warmup_steps={"default": None, "help": 'Warm-up steps. Default: --lr_warmup_ratio of the steps.'})
-    g.add_argument("--lr_warmup_ratio", type=float, default=0.03, help="Warm-up as a fraction of the steps (LLaVA-1.5: 0.03).")
+    g.add_argument("--lr_warmup_ratio", type=finite_float, default=0.03, help="Warm-up as a fraction of the steps (LLaVA-1.5: 0.03).")
 
     g = parser.add_argument_group("checkpoints")
     add_flags(g, "--output_dir", "--checkpointing_steps", "--checkpoints_total_limit",
@@ -211,7 +215,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     check_positive(args, ["rank", "vision_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                      "num_train_epochs", "learning_rate", "checkpointing_steps", "checkpoints_total_limit",
                      "eval_batch_size", "max_new_tokens", "model_max_length", "train_limit", "eval_limit", "threads"])
-    check_positive(args, ["lr_warmup_steps", "lr_warmup_ratio", "max_grad_norm", "lora_dropout"], allow_zero=True)
+    check_positive(args, ["lr_warmup_steps", "lr_warmup_ratio", "max_grad_norm", "lora_dropout", "adam_weight_decay",
+                          "alpha", "vision_alpha"], allow_zero=True)
+    check_positive(args, ["adam_epsilon"])
+    check_unit_interval(args)
     if args.alpha is None:
         args.alpha = 2.0 * args.rank
     if (args.data_path is None and args.model_name_or_path is None and not args.recipe and args.vision_rank is None
@@ -228,6 +235,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ConfigError("--tasks/--train_limit select the built-in digits data; drop them with --data_path")
     if args.data_path is None and args.image_folder is not None:
         raise ConfigError("--image_folder needs --data_path (the records whose images it holds)")
+    for flag, value, kind in (("data_path", args.data_path, "file"), ("eval_data_path", args.eval_data_path, "file"),
+                              ("image_folder", args.image_folder, "folder")):
+        path = Path(value).expanduser() if value is not None else None
+        if path is not None and not (path.is_file() if kind == "file" else path.is_dir()):
+            raise ConfigError(f"--{flag} {value}: no such {kind}")
     args.embedded_model = args.model_name_or_path is None
     args.embedded_data = args.data_path is None
     if args.output_dir is None:
@@ -315,9 +327,9 @@ def load_records(args: argparse.Namespace, split: str) -> list[data.Record | Dat
     if split == "train":
         if args.data_path is None:
             return list(data.digits_instruction_records("train", args.tasks, limit=args.train_limit))
-        return data.load_llava_json(args.data_path, args.image_folder)
+        return data.load_llava_json(args.data_path, args.image_folder, allow_outside=args.allow_outside_data)
     if args.eval_data_path is not None:
-        records = data.load_llava_json(args.eval_data_path, args.image_folder)
+        records = data.load_llava_json(args.eval_data_path, args.image_folder, allow_outside=args.allow_outside_data)
     elif args.data_path is None:
         records = list(data.digits_instruction_records("test", args.tasks, limit=args.eval_limit))
     else:
@@ -476,6 +488,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     logger.info("%s", accelerator.state)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(args.seed)
+    if args.model_name_or_path:  # a local folder must hold the model, a hub id must be fetchable: one HubError
+        resolve_model(args.model_name_or_path, "--model_name_or_path", "config.json")
     model_path = args.model_name_or_path or str(tiny_models.tiny_llava_path())
     base_name = args.model_name_or_path or "mm_subspace.tiny_llava (tiny-llava-digits)"
 
@@ -511,10 +525,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     config = adapter_config(args)  # ConfigError on bad values
 
     manager = CheckpointManager(output_dir, args.adapter, args.checkpoints_total_limit)
-    resume_path = manager.resolve(args.resume_from_checkpoint)
+    # the whole checkpoint is checked now (files, method, adapter settings); a broken "latest" falls back
+    resume_path, resume_state = manager.find_resumable(args.resume_from_checkpoint, ["model"], {"model": config})
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run", manager.root)
-    resume_step = manager.check_resumable(resume_path, ["model"]) if resume_path else 0
+    resume_step = resume_state["step"] if resume_state else 0
 
     # -- 2. model and adapters --------------------------------------------------------------------------
     model, processor = load_model(args, model_path, accelerator.device)
@@ -536,7 +551,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     history = LossHistory()
     manager.register_hooks(accelerator, parts, base_model=base_name)
-    accelerator.register_for_checkpointing(history)
+    manager.history = history  # saved as JSON in trainer_state.json (never pickled)
     model_w, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     params = [p for p in model.parameters() if p.requires_grad]
     if accelerator.is_main_process and args.report_to != "none":
@@ -545,7 +560,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     global_step = 0
     if resume_path is not None:
         logger.info("resuming from %s (step %d)", resume_path, resume_step)
-        accelerator.load_state(str(resume_path))
+        accelerator.load_state(str(resume_path), load_kwargs={"weights_only": True})  # runs no code from the folder
+        manager.restore(resume_state)
         global_step = resume_step
         manager.last_saved = resume_path
     total_batch = args.train_batch_size * world * args.gradient_accumulation_steps
@@ -700,4 +716,6 @@ def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    from mm_subspace.cli import report_errors
+
+    raise SystemExit(report_errors("visual_instruction.py", lambda: main(parse_args())))
