@@ -91,6 +91,7 @@ __all__ = [
     "exact_match",
     "iter_llava_json",
     "load_llava_json",
+    "modality_grouped_indices",
     "modality_grouped_order",
     "modality_lengths",
     "normalize_answer",
@@ -383,6 +384,27 @@ def modality_grouped_order(lengths: Sequence[int], batch_size: int, world_size: 
     megabatches = image + text
     order = [megabatches[int(j)] for j in torch.randperm(len(megabatches), generator=gen)]
     return [i for chunk in order for i in chunk] + tail
+
+
+_ORDERS: dict[tuple[int, int, int, int, int], list[int]] = {}
+
+
+def modality_grouped_indices(lengths: Sequence[int], batch_size: int, micro_step: int, rank: int, world_size: int,
+                             seed: int) -> list[int]:
+    """Record indices of micro-batch ``micro_step`` on ``rank`` in :func:`modality_grouped_order` (a function of the
+    step only, for bit-exact resume): epoch ``e`` is the order of seed ``seed + e``, walked one mega-batch of
+    ``world_size * batch_size`` per micro step (the last one wraps to the epoch's start)."""
+    mega = world_size * batch_size
+    steps_per_epoch = -(-len(lengths) // mega)
+    epoch, j = divmod(micro_step, steps_per_epoch)
+    key = (id(lengths), len(lengths), batch_size, world_size, seed + epoch)
+    if key not in _ORDERS:
+        _ORDERS.clear()  # one epoch's order at a time
+        _ORDERS[key] = modality_grouped_order(lengths, batch_size, world_size, seed + epoch)
+    order = _ORDERS[key]
+    chunk = order[j * mega:(j + 1) * mega]
+    chunk += order[: mega - len(chunk)]
+    return chunk[rank * batch_size:(rank + 1) * batch_size]
 
 
 def _interleave(chunk: list[int], world_size: int) -> list[int]:
