@@ -338,7 +338,7 @@ def test_shipped_tiny_llava_is_pretrained_and_verified() -> None:
     for pretrained in (True, False):
         model, processor = tiny_models.tiny_llava(pretrained=pretrained)
         encoder = data.ConversationEncoder(processor)
-        accuracy[pretrained] = vi.evaluate(model, encoder, caption, 32, 6, vi.PixelCache(processor.image_processor))
+        accuracy[pretrained] = vi.evaluate(model, encoder, caption, 32, 6, vi.pixel_values(processor.image_processor))
     assert accuracy[True]["mean_accuracy"] >= 0.8 and accuracy[False]["mean_accuracy"] == 0.0
 
 
