@@ -378,12 +378,10 @@ def probe_forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- data
-def load_records(args: argparse.Namespace, split: str) -> list[data.Record | DataError]:
-    """The training (``split="train"``) or evaluation records the flags name."""
-    if split == "train":
-        if args.data_path is None:
-            return list(data.digits_instruction_records("train", args.tasks, limit=args.train_limit))
-        return data.load_llava_json(args.data_path, args.image_folder)
+def load_records(args: argparse.Namespace, split: str = "test") -> list[data.Record | DataError]:
+    """The evaluation records the flags name, images decoded (training reads lazily: :func:`training_set`)."""
+    if split != "test":
+        raise ValueError(f"load_records reads the evaluation records (split 'test'), not {split!r}; see training_set")
     if args.eval_data_path is not None:
         records = data.load_llava_json(args.eval_data_path, args.image_folder)
     elif args.data_path is None:

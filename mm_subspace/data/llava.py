@@ -279,10 +279,10 @@ def _iter_json_list(text: str, pos: int, path: Path) -> Iterator[Any]:
         except json.JSONDecodeError as err:
             raise DataError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
         except RecursionError:
-            raise DataError(f"{path} line {text.count(chr(10), 0, pos) + 1}: JSON nested too deeply (Python's parser "
-                            "gives up); records are flat objects") from None
+            raise DataError(f"{path}: JSON nested too deeply (Python's parser gives up; the record from line "
+                            f"{text.count(chr(10), 0, pos) + 1}); records are flat objects") from None
         except ValueError as err:
-            raise DataError(f"{path} line {text.count(chr(10), 0, pos) + 1}: not usable JSON ({err})") from None
+            raise DataError(f"{path}: not usable JSON ({err}; the record from line {text.count(chr(10), 0, pos) + 1})") from None
         n += 1
         yield item
 
