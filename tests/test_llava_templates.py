@@ -334,3 +334,15 @@ def test_lazy_dataset_memory_is_bounded_on_20000_records(tmp_path: Path, encoder
     assert len(lazy) == 20_000 and seen == 2_000
     assert indexed - before < 100, f"indexing 20,000 records took {indexed - before:.0f} MB"
     assert after - before < 200, f"resident memory grew by {after - before:.0f} MB"
+
+
+def test_modality_grouped_indices_walk_each_epoch_once_across_ranks() -> None:
+    lengths = [(-1) ** (i // 3) * (1 + i % 11) for i in range(48)]
+    batch, world = 3, 2
+    steps = 48 // (batch * world)
+    for epoch in range(2):
+        seen = [i for step in range(epoch * steps, (epoch + 1) * steps) for rank in range(world)
+                for i in data.modality_grouped_indices(lengths, batch, step, rank, world, seed=5)]
+        assert seen == data.modality_grouped_order(lengths, batch, world, seed=5 + epoch)  # a function of the step only
+    assert data.modality_grouped_indices(lengths, batch, 3, 1, world, seed=5) == \
+        data.modality_grouped_order(lengths, batch, world, seed=5)[3 * 6 + 3:3 * 6 + 6]

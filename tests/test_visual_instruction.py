@@ -429,7 +429,7 @@ def test_llava15_like_folder_trains_and_greedy_answers_end_at_eos(llava15_like: 
             "--report_to", "none", "--threads", "1", "--adapter", "lora", "--rank", "16", "--learning_rate", "1e-2",
             "--train_batch_size", "5", "--gradient_accumulation_steps", "1", "--max_train_steps", "60",
             "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--tune_projector", "full", "--skip_eval",
-            "--group_by_modality_length", "--checkpointing_steps", "1000"]
+            "--group_by_modality_length", "--dataloader_num_workers", "1", "--checkpointing_steps", "1000"]
     with caplog.at_level(logging.INFO):
         result = run(tmp_path / "out", *argv, fast=[])
     assert "conversation template: vicuna_v1" in caplog.text
