@@ -346,3 +346,15 @@ def test_modality_grouped_indices_walk_each_epoch_once_across_ranks() -> None:
         assert seen == data.modality_grouped_order(lengths, batch, world, seed=5 + epoch)  # a function of the step only
     assert data.modality_grouped_indices(lengths, batch, 3, 1, world, seed=5) == \
         data.modality_grouped_order(lengths, batch, world, seed=5)[3 * 6 + 3:3 * 6 + 6]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[{"id": "a"}] x', r"line 1: not valid JSON \(text after the closing"),
+    ('[{"id": "a"},\n]', r"line 2: not valid JSON"),
+    ('[{"id": "a"}\n{"id": "b"}]', r"line 2: not valid JSON \(expected ',' or '\]'\)"),
+])
+def test_json_list_read_record_by_record_names_the_line_of_bad_syntax(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "data.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message):
+        list(data.iter_llava_json(path))

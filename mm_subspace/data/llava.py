@@ -265,6 +265,8 @@ def _iter_json_list(text: str, pos: int, path: Path) -> Iterator[Any]:
         while pos < len(text) and text[pos] in " \t\r\n":
             pos += 1
         if text.startswith("]", pos):
+            if text[pos + 1:].strip():
+                raise DataError(f"{path} line {text.count(chr(10), 0, pos) + 1}: not valid JSON (text after the closing ']')")
             if n == 0:
                 raise DataError(f"{path} holds no records: the data set is empty")
             return
