@@ -74,7 +74,7 @@ def report(note: str, command: str) -> str:
         section("step_time", "Training step time"),
         section("memory", "Memory"),
         section("inference", "Inference latency"),
-        section("batched_generation", "Batched multi-adapter generation (pipelines/)"),
+        section("batched_generation", "Batched multi-adapter generation (per-row routing, pipelines/)"),
     ]
     text = "\n".join(parts)
     readme = C.ROOT / "README.md"

@@ -3,7 +3,7 @@
 Every error names the problem and the fix. All inherit from :class:`SubspaceError`, and from the
 builtin type a caller would naturally catch (``ValueError`` for bad input, ``RuntimeError`` for an
 operation that cannot be done in the model's current state), so ``except ValueError`` keeps working.
-These are the only exceptions the loaders let escape on bad files (see ``tests/test_reliability.py``).
+These are the only exceptions the loaders let escape on bad files (see ``tests/test_io.py``).
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ class ModelState:
         self.disabled: bool = False
         self.context: dict[str, Any] = {}
         self._row_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._slot_cache: dict[tuple, torch.Tensor] = {}
 
     def row_groups(self, batch: int, device: torch.device) -> dict[str | None, torch.Tensor]:
         """For the routed forward: adapter name -> indices of the batch rows it owns."""
@@ -71,6 +72,24 @@ class ModelState:
                 groups[name] = torch.tensor(idx, dtype=torch.long, device=device)
             self._row_cache = {key: groups}
         return groups
+
+    def row_slots(self, batch: int, device: torch.device, names: tuple[str, ...]) -> torch.Tensor:
+        """For the vectorised routed forward: per batch row (batch,), the position of its owner in ``names``.
+
+        Rows owned by the base or by an adapter not in ``names`` get ``len(names)``: the all-zero slot.
+        Cached per (rows, batch, device, names), so all layers holding the same adapters share one tensor.
+        """
+        rows = self.context["adapter_rows"]
+        key = (tuple(rows), batch, str(device), names)
+        slots = self._slot_cache.get(key)
+        if slots is None:
+            position = {name: i for i, name in enumerate(names)}
+            owner = [position.get(rows[i % len(rows)], len(names)) for i in range(batch)]
+            slots = torch.tensor(owner, dtype=torch.long, device=device)
+            if any(k[:3] != key[:3] for k in self._slot_cache):  # new rows: drop the old ones' entries
+                self._slot_cache = {}
+            self._slot_cache[key] = slots
+        return slots
 
 
 class Adapter(nn.Module):
@@ -190,6 +209,62 @@ class Adapter(nn.Module):
         reason = self.merge_refusal or f"{self.method} does not define a fixed ΔW"
         return f"cannot {what} adapter method {self.method!r} on {self.module_name!r}: {reason}"
 
+    # -- per-row routing in one batched matmul (AdapterLayer._stacked_forward) ----------------------
+    def can_stack(self) -> bool:
+        """True when :meth:`routing_factors` gives this adapter's update right now (default: never)."""
+        return False
+
+    def routing_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(down (r, in), up (out, r))`` with the forward's update ``x·downᵀ·upᵀ``, the scale folded into ``up``.
+
+        Only called when :meth:`can_stack` is True. With it, per-row routing stacks the factors of the
+        K adapters of a layer and applies them in one gather + batched matmul whose op count does not
+        grow with K; adapters without it run their own forward on their rows.
+        """
+        raise TypeError(f"{type(self).__name__} cannot be stacked for per-row routing (can_stack() is False)")
+
+    # -- dtypes -------------------------------------------------------------------------------------
+    def align_dtypes(self) -> None:
+        """Cast the frozen floating tensors (``frozen_parameters``, buffers) to the dtype of the other parameters.
+
+        With a half-precision base, :func:`~mm_subspace.training_utils.cast_trainable_params` makes
+        the trainable parameters float32 masters and leaves frozen ones in half (SuLoRA's and
+        AsyLoRA's frozen factor, TS-Mixing's fixed mixer, the SVD buffers), which would then meet a
+        float32 factor in one matmul. :class:`AdapterLayer` calls this before every forward: a dtype
+        comparison per frozen tensor, and one cast the first time they differ.
+        """
+        slots = self.__dict__.get("_dtype_slots")
+        if slots is None:
+            slots = self.__dict__["_dtype_slots"] = self._frozen_tensor_slots() or ()
+        if not slots:
+            return
+        (ref_module, ref_name), frozen = slots
+        dtype = ref_module._parameters[ref_name].dtype
+        for module, name, is_param in frozen:
+            store = module._parameters if is_param else module._buffers
+            tensor = store[name]
+            if tensor is not None and tensor.dtype != dtype:
+                if is_param:
+                    tensor.data = tensor.data.to(dtype)
+                else:
+                    store[name] = tensor.to(dtype)
+
+    def _frozen_tensor_slots(self) -> tuple[tuple[nn.Module, str], list[tuple[nn.Module, str, bool]]] | None:
+        """(owner and name of the reference parameter, [(owner, name, is_parameter)] of the frozen floating tensors)."""
+        frozen_names = set(self.frozen_parameters)
+        reference, frozen = None, []
+        for module_name, module in self.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            for name, param in module._parameters.items():
+                if param is None or not param.is_floating_point():
+                    continue
+                if prefix + name in frozen_names:
+                    frozen.append((module, name, True))
+                elif reference is None:
+                    reference = (module, name)
+            frozen += [(module, name, False) for name, buf in module._buffers.items() if buf is not None and buf.is_floating_point()]
+        return None if reference is None or not frozen else (reference, frozen)
+
     # -- auxiliary losses (SuLoRA load balance, MPC regularisers) ------------------------------------
     def record_aux(self, loss: torch.Tensor) -> None:
         """Add ``loss`` to what :func:`mm_subspace.aux_loss` will collect from this adapter."""
@@ -213,6 +288,15 @@ class LowRankAdapter(Adapter):
     """
 
     mixer_trainable: ClassVar[bool] = True
+    #: the eval-mode forward is exactly ``x·Aᵀ·(s·up_weight())ᵀ``, so per-row routing may stack this adapter
+    #: with others (:meth:`Adapter.routing_factors`). A subclass that overrides ``forward`` or ``inner`` is
+    #: not stackable unless it sets ``stackable = True`` itself (TriLoRA: its diagonal core is in ``up_weight``).
+    stackable: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "stackable" not in cls.__dict__ and (cls.forward is not LowRankAdapter.forward or cls.inner is not LowRankAdapter.inner):
+            cls.stackable = False
 
     def __init__(self, kind: BaseKind, base: nn.Module, config: AdapterConfig, module_name: str) -> None:
         super().__init__(kind, base, config, module_name)
@@ -282,6 +366,13 @@ class LowRankAdapter(Adapter):
             raise MergeError(self._refusal("export to plain LoRA"))
         return self.lora_A, self.up_weight()
 
+    def can_stack(self) -> bool:
+        # training mode keeps its own forward: dropout and the MPC penalties act there
+        return self.stackable and not self.training and self.mpc != "nonlinear"
+
+    def routing_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A, self.up_weight() * self.total_scale
+
     def delta_weight(self) -> torch.Tensor:
         down, up = self.lora_factors()
         return (up @ down) * self.total_scale
@@ -326,6 +417,7 @@ class AdapterLayer(nn.Module):
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "state", state)
         object.__setattr__(self, "module_name", module_name)
+        self.train(base_layer.training)  # injected into an eval model: eval too (no adapter dropout)
 
     # ``in_features``/``weight`` pass-throughs keep code that inspects the layer working
     @property
@@ -358,7 +450,9 @@ class AdapterLayer(nn.Module):
             return self._routed_forward(x, out, context)
         for name in state.active:
             if name in self.adapters and name not in self.merged:
-                out = self.adapters[name](x, out, **context)
+                adapter = self.adapters[name]
+                adapter.align_dtypes()
+                out = adapter(x, out, **context)
         return out
 
     #: the dimension of this layer's input that holds the batch rows, for per-row routing: 0, or 1 inside
@@ -367,8 +461,19 @@ class AdapterLayer(nn.Module):
     batch_dim: int = 0
     #: True for layers that bring their adapters' inputs to batch-first themselves (no detection)
     fixed_batch_dim: bool = False
+    #: per-row routing stacks the stackable adapters into one batched matmul (:meth:`_stacked_forward`);
+    #: set ``AdapterLayer.stacked_routing = False`` to run every adapter's own forward on its rows instead
+    #: (the reference the stacked path is tested against; ``benchmarks/batched_generation.py`` compares both)
+    stacked_routing: ClassVar[bool] = True
 
     def _routed_forward(self, x: torch.Tensor, out: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
+        """Each batch row through its own adapter (``adapter_rows``); the base output ``out`` is computed once.
+
+        Rows of stackable adapters (:meth:`Adapter.can_stack`: LoRA, MoSLoRA, TS-Mixing, AsyLoRA,
+        TriLoRA, FLoRA in eval mode) go through :meth:`_stacked_forward`, one gather + batched matmul
+        for all of them; the rows of any other adapter through its own forward, one call per adapter
+        (as PEFT's ``_mixed_batch_forward``).
+        """
         if self.merged:
             raise AdapterStateError(
                 f"per-row adapter routing on {self.module_name!r} while {self.merged} is merged into the "
@@ -386,11 +491,29 @@ class AdapterLayer(nn.Module):
         groups = self.state.row_groups(batch, x.device)
         if len(groups) == 1:  # every row has the same owner: no gather/scatter
             name = next(iter(groups))
-            return self.adapters[name](x, out, **extras) if name in self.adapters else out
-        result = None  # one copy of the output, written in place per group (not one copy per group)
+            if name not in self.adapters:
+                return out
+            adapter = self.adapters[name]
+            adapter.align_dtypes()
+            return adapter(x, out, **extras)
+        stacked, looped, first = [], [], None
+        modules = self.adapters._modules  # plain dict: this loop runs for every layer of every routed call
         for name, rows in groups.items():
-            if name is None or name not in self.adapters or rows.numel() == 0:
+            adapter = modules.get(name) if name is not None else None
+            if adapter is None or rows.numel() == 0:
                 continue
+            adapter.align_dtypes()
+            if self.stacked_routing and adapter.can_stack():  # stack adapters of one dtype and device
+                param = next(iter(adapter._parameters.values()))
+                first = first or (param.dtype, param.device)
+                if (param.dtype, param.device) == first:
+                    stacked.append(name)
+                    continue
+            looped.append(name)
+        # one output tensor, written in place per looped group (not one copy per group)
+        result = self._stacked_forward(x, out, tuple(stacked)) if stacked else None
+        for name in looped:
+            rows = groups[name]
             sub = {  # context tensors (attention_mask, ...) are always batch-first
                 k: v.index_select(0, rows) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch else v
                 for k, v in extras.items()
@@ -399,6 +522,77 @@ class AdapterLayer(nn.Module):
             result = out.clone() if result is None else result
             result.index_copy_(dim, rows, new.to(result.dtype))
         return out if result is None else result
+
+    def _stacked_forward(self, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+        """``out + x·downᵀ·upᵀ`` per row with the row owner's factors: one gather and two batched matmuls.
+
+        The K adapters' :meth:`Adapter.routing_factors` are stacked into ``down`` (K+1, in, R) and
+        ``up`` (K+1, R, out) — ranks below the largest R padded with zeros (exact), the scale folded into
+        ``up``, slot K all zero for rows of the base or of a non-stacked adapter — and each row picks its
+        slot. The op count does not depend on K. Rows of the base come out exactly as ``out``.
+        """
+        down, up = self._stacked_factors(names)
+        slots = self.state.row_slots(x.shape[self.batch_dim], x.device, names)
+        dim = self.batch_dim
+        xb, ob = (x, out) if dim == 0 else (x.movedim(dim, 0), out.movedim(dim, 0))
+        batch = xb.shape[0]
+        h = torch.bmm(xb.reshape(batch, -1, xb.shape[-1]).to(down.dtype), down.index_select(0, slots))
+        up_rows = up.index_select(0, slots)
+        if dim == 0 and h.dtype == out.dtype:  # the add fused into the second matmul
+            return torch.baddbmm(out.reshape(batch, -1, out.shape[-1]), h, up_rows).view(out.shape)
+        delta = torch.bmm(h, up_rows).reshape(ob.shape)
+        return out + (delta if dim == 0 else delta.movedim(0, dim)).to(out.dtype)
+
+    def _stacked_factors(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(down (K+1, in, R), up (K+1, R, out))`` of the adapters ``names``, cached while nothing changes.
+
+        The cache is used only without autograd (``torch.no_grad``/``inference_mode``: generation) and
+        is keyed on the adapters' scales and on the storage and version counter of each of their
+        tensors, so a training step, ``load_adapter``, ``set_scale`` or ``.to()`` refreshes it. (Writes
+        through ``param.data`` bypass the version counter: write adapter weights under ``torch.no_grad()``,
+        as every mm_subspace function does, or call :meth:`clear_routing_cache`.)
+        """
+        modules = self.adapters._modules
+        adapters = [modules[n] for n in names]
+        if torch.is_grad_enabled():
+            return self._stack(adapters)
+        key: list[Any] = [names, torch.is_inference_mode_enabled()]
+        tensors = [t for a in adapters for store in (a._parameters, a._buffers) for t in store.values() if t is not None]
+        try:
+            key += [a.total_scale for a in adapters] + [(t.data_ptr(), t._version) for t in tensors]
+        except RuntimeError:  # an inference tensor (made under inference_mode) has no version counter to key on
+            return self._stack(adapters)
+        cached = self.__dict__.get("_stack_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        stacked = self._stack(adapters)
+        # the detached tensors keep the keyed storages alive, so a data_ptr can't be reused by a new one
+        self.__dict__["_stack_cache"] = (key, stacked, [t.detach() for t in tensors])
+        return stacked
+
+    @staticmethod
+    def _stack(adapters: list[Adapter]) -> tuple[torch.Tensor, torch.Tensor]:
+        factors = [a.routing_factors() for a in adapters]
+        rank = max(down.shape[0] for down, _ in factors)
+        downs = [down.T if down.shape[0] == rank else F.pad(down.T, (0, rank - down.shape[0])) for down, _ in factors]
+        ups = [up.T if up.shape[1] == rank else F.pad(up.T, (0, 0, 0, rank - up.shape[1])) for _, up in factors]
+        return torch.stack(downs + [torch.zeros_like(downs[0])]), torch.stack(ups + [torch.zeros_like(ups[0])])
+
+    def clear_routing_cache(self) -> None:
+        """Drop the cached stacked factors of per-row routing (rebuilt on the next routed call).
+
+        Needed only after writing adapter tensors through ``param.data``, which the cache cannot see.
+        """
+        self.__dict__.pop("_stack_cache", None)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> AdapterLayer:
+        self.clear_routing_cache()  # .to()/.half()/.cuda(): the stacked copies follow on next use
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:  # pickle / deepcopy: the stacked copies are rebuilt on use
+        state = super().__getstate__()
+        state.pop("_stack_cache", None)
+        return state
 
     # -- merge ----------------------------------------------------------------------------------------
     def merge(self, names: list[str], exact: bool = False) -> None:
@@ -477,6 +671,7 @@ class AdapterLayer(nn.Module):
 
     def add_adapter(self, name: str, adapter: Adapter) -> None:
         adapter.attach(self)
+        adapter.train(self.training)
         self.adapters[name] = adapter
 
     def extra_repr(self) -> str:

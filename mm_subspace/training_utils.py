@@ -53,7 +53,7 @@ TRAINER_STATE = "trainer_state.json"
 
 
 #: training-script flags that map to a field of the method's config (passed only when the method has it)
-METHOD_FLAGS = ("mixer_init", "num_subspaces")
+METHOD_FLAGS = ("mixer_init", "num_subspaces", "pairing", "a_init", "router_temperature")
 
 
 def check_method_flags(args: Any, flags: tuple[str, ...] = METHOD_FLAGS) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -13,6 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, settings
+from torch import nn
+
+import mm_subspace as mms
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +159,107 @@ def build_llama_llava_processor(folder: Path) -> Path:
 def llama_llava_processor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of :func:`build_llama_llava_processor` (built once per session)."""
     return build_llama_llava_processor(tmp_path_factory.mktemp("llama_tokenizer"))
+
+
+def single_adapter_runs(model: torch.nn.Module, x: torch.Tensor, rows: list, batch_dim: int = 0) -> torch.Tensor:
+    """What per-row routing must give: row i of ``x`` through adapter ``rows[i]`` alone (``None``: the base).
+
+    One plain forward of the whole batch per adapter (``set_adapter``; ``disable_adapters`` for the base),
+    then row i taken from its adapter's output along ``batch_dim``.
+    """
+    import mm_subspace as mms
+
+    outs = {}
+    for name in dict.fromkeys(rows):
+        if name is None:
+            with mms.disable_adapters(model):
+                outs[name] = model(x)
+        else:
+            mms.set_adapter(model, name)
+            outs[name] = model(x)
+    return torch.stack([outs[name].select(batch_dim, i) for i, name in enumerate(rows)], batch_dim)
+
+
+# -- the tiny adapted MLP shared by the io, atomic, inject and formats tests -------------------------------------
+def net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6))
+
+
+def adapted(method: str = "moslora", seed: int = 0, name: str = "default") -> nn.Sequential:
+    m = net()
+    torch.manual_seed(seed + 100)
+    mms.inject(m, mms.config_for(method, rank=4, alpha=8, targets=["0", "2"], init_weights=False), adapter_name=name)
+    return m
+
+
+def snapshot(model: nn.Module) -> tuple:
+    """Everything a failed call must leave as it was: tensors, requires_grad flags, module tree, adapters."""
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        [(n, type(m).__name__) for n, m in model.named_modules()],
+        {k: c.to_dict() for k, c in mms.list_adapters(model).items()},
+    )
+
+
+def assert_unchanged(model: nn.Module, before: tuple) -> None:
+    after = snapshot(model)
+    assert after[0].keys() == before[0].keys() and all(torch.equal(after[0][k], before[0][k]) for k in before[0])
+    assert after[1] == before[1], "requires_grad flags changed"
+    assert after[2] == before[2], "module tree changed"
+    assert after[3] == before[3], "adapters changed"
+
+
+def disk(folder: Path) -> dict[str, str]:
+    """name -> sha256 of every file under ``folder`` (temp files included)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+#: hypothesis settings for the property tests that build models (few, fixed examples)
+FEW = settings(max_examples=40, derandomize=True, deadline=None, database=None,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+# -- an official MoSLoRA checkpoint, written by hand (the formats and CLI tests) ---------------------------------
+def write_official(folder: Path, model, targets: list[str], r: int = 4, alpha: float = 8.0, fmt: str = "safetensors",
+                   seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Write an official-layout MoSLoRA checkpoint from known random tensors; returns module -> (A, AB, B)."""
+    gen = torch.Generator().manual_seed(seed)
+    factors, state = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            a = torch.randn(r, module.in_features, generator=gen) * 0.2
+            ab = torch.randn(r, r, generator=gen) * 0.5
+            b = torch.randn(module.out_features, r, generator=gen) * 0.2
+            factors[name] = (a, ab, b)
+            for key, value in (("lora_A", a), ("lora_AB", ab), ("lora_B", b)):
+                state[f"base_model.model.{name}.{key}.weight"] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_use_mixer": True, "target_modules": targets,
+              "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+              "task_type": "CAUSAL_LM", "base_model_name_or_path": "tiny", "init_lora_weights": True}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(folder / "adapter_model.safetensors"))
+    else:
+        torch.save(state, folder / "adapter_model.bin")
+    return factors
+
+
+def _official_forward(model, factors, scaling: float):
+    """The official code's forward, by hand: base(x) + lora_B(lora_AB(lora_A(x))) * scaling."""
+    for name, (a, ab, b) in factors.items():
+        def hook(mod, inputs, out, a=a, ab=ab, b=b):
+            return out + F.linear(F.linear(F.linear(inputs[0], a), ab), b) * scaling
+        model.get_submodule(name).register_forward_hook(hook)
+    return model

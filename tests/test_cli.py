@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import adapted
 
 import mm_subspace as mms
 from mm_subspace.cli import main
@@ -87,7 +88,7 @@ def test_export(adapter, tmp_path):
 
 
 def test_import_moslora(tmp_path):
-    from test_interop import _official_forward, write_official
+    from conftest import _official_forward, write_official
 
     factors = write_official(tmp_path / "official", _llama(), TARGETS, fmt="bin")
     proc = run("import-moslora", str(tmp_path / "official"), str(tmp_path / "ours"))
@@ -292,3 +293,21 @@ def test_merged_sdxl_pipeline_loads_in_stock_diffusers_without_torch_dtype(tmp_p
     assert {m.dtype for m in (merged.unet, merged.vae, merged.text_encoder, merged.text_encoder_2)} == {torch.float32}
     image = merged("a photo", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 32, 32, 3)
+
+
+# -- the CLI's merge command on a broken base -------------------------------------------
+def test_cli_merge_with_broken_base_prints_one_error_line(tmp_path, capsys):
+    folder = tmp_path / "a"
+    mms.save_adapter(adapted(), folder)
+    base = tmp_path / "base"
+    base.mkdir()
+    for name, text in [("config.json", "{not json"), ("config.json", '{"architectures": 5}'),
+                       ("config.json", '{"_class_name": "UNet2DConditionModel", "in_channels": "many"}'),
+                       ("model_index.json", "[1]"), ("model_index.json", '{"_class_name": "StableDiffusionXLPipeline", "unet": 7}')]:
+        for old in base.iterdir():
+            old.unlink()
+        (base / name).write_text(text)
+        assert main(["merge", "--base", str(base), "--adapter", str(folder), str(tmp_path / f"m{len(text)}")]) == 1
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # (diffusers may log its own warning line before)
+        assert last.startswith("mm-subspace merge: error:") and "Traceback" not in err, (name, text, err)

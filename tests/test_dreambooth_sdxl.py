@@ -256,6 +256,9 @@ def test_parse_args_errors_and_recipe() -> None:
         db.parse_args(["--adapter", "moslor"])
     with pytest.raises(ConfigError, match="--mixer_init does not apply to --adapter lora"):
         db.parse_args(["--adapter", "lora", "--mixer_init", "orthogonal"])
+    sulora = db.parse_args(["--adapter", "sulora", "--pairing", "index", "--a_init", "kaiming", "--router_temperature", "0.5"])
+    config = db.adapter_config(sulora, "sdxl_unet")
+    assert (config.pairing, config.a_init, config.router_temperature) == ("index", "kaiming", 0.5)
     with pytest.raises(ValueError, match="needs --class_prompt"):
         db.parse_args(["--with_prior_preservation", "--default_subject", "cat"])
     with pytest.raises(ValueError, match="--rank must be > 0"):
@@ -441,8 +444,8 @@ def test_optimizer_learning_rates_follow_diffusers(monkeypatch: pytest.MonkeyPat
 
 def test_diffusers_flags_parse_or_refuse_clearly() -> None:
     assert db.parse_args(["--use_dora", "--adapter", "lora"]).adapter == "dora"
-    both = db.parse_args(["--use_dora"])  # default moslora -> DoRA with the MoSLoRA mixer
-    assert (both.adapter, both.mixer_init) == ("dora", "kaiming_uniform")
+    both = db.parse_args(["--use_dora"])  # default moslora -> DoRA with the MoSLoRA mixer (the library's default init)
+    assert (both.adapter, both.mixer_init) == ("dora", "orthogonal")
     with pytest.raises(ConfigError, match="--train_text_encoder_ti .* is not supported.*--train_text_encoder"):
         db.parse_args(["--train_text_encoder_ti"])
     with pytest.raises(ConfigError, match="--output_kohya_format needs an adapter that folds to plain LoRA, not sulora"):

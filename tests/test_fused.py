@@ -214,3 +214,30 @@ def test_user_slices_override_preset_and_rows_route_per_adapter():
     torch.testing.assert_close(routed[0], adapted[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(routed[1], base[1], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(adapted[0], base[0])
+
+
+# -- the NaN guard names MHA and fused qkv wrappers --------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.qkv = nn.Linear(16, 48)
+        self.fc = nn.Linear(48, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.qkv(self.attn(x, x, x, need_weights=False)[0]))
+
+
+@pytest.mark.parametrize("where", ["attn", "qkv"])
+def test_nan_guard_names_mha_and_fused_qkv_wrappers(where):
+    """The first NaN module is the fused wrapper (MultiheadAttentionLayer / fused qkv), not the next leaf."""
+    from mm_subspace.training_utils import locate_nonfinite
+
+    torch.manual_seed(0)
+    model = Block()
+    mms.inject(model, mms.LoraConfig(rank=2, targets=["attn", "qkv"], fused_slices={"qkv": ["q", "v"]}, init_weights=False))
+    with torch.no_grad():
+        getattr(model, where).adapters["default"].parts["v"].lora_B[0, 0] = float("nan")
+    x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0))
+    cls = "MultiheadAttentionLayer" if where == "attn" else "AdapterLayer"
+    assert locate_nonfinite({"m": model}, lambda: model(x)) == f"m.{where} ({cls})"

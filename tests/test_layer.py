@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import single_adapter_runs
 from torch import nn
 
 import mm_subspace as mms
@@ -80,7 +81,7 @@ def test_mixer_inits_have_the_documented_structure():
     torch.testing.assert_close(mixers["orthogonal"] @ mixers["orthogonal"].T, torch.eye(6))
     assert torch.equal(mixers["identity"], torch.eye(6))
     assert torch.count_nonzero(mixers["zero"]) == 0
-    with pytest.raises(ConfigError, match="mixer_init 'xavier'"):
+    with pytest.raises(ConfigError, match="mixer_init.*'xavier'"):
         mms.MoSLoRAConfig(mixer_init="xavier")
 
 
@@ -136,3 +137,213 @@ def test_step_zero_equals_base_for_every_core_method():
         reference = model(x)
         mms.inject(model, mms.config_for(method, rank=4, targets=["0", "2"]))
         assert torch.equal(model(x), reference), method
+
+
+def test_adapters_injected_into_an_eval_model_are_in_eval_mode():
+    """No adapter dropout in a model put in eval mode before the adapter was injected (or loaded)."""
+    model = _net().eval()
+    mms.inject(model, mms.LoraConfig(rank=4, dropout=0.5, targets=["0"], init_weights=False))
+    assert not model[0].training and not _adapter(model).training
+    x = torch.randn(8, 12, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(x), model(x))
+    model.train()
+    assert _adapter(model).training
+
+
+# -- per-row routing: stacked (one batched matmul) vs the adapters' own forwards ----------------------------
+STACKABLE = ("lora", "moslora", "ts_mixing", "asylora", "trilora", "flora")
+
+
+def _routed_net(methods: list[str], seed: int = 0) -> tuple[nn.Module, list[str]]:
+    """The two-layer net with one adapter per entry of ``methods`` (ranks 2, 4, 6, ...; scales 1, 0.5, 1.5, ...)."""
+    model = _net(seed).eval()
+    names = []
+    for i, method in enumerate(methods):
+        name = f"{method}{i}"
+        torch.manual_seed(100 + i)
+        mms.inject(model, mms.config_for(method, rank=2 * (i % 4 + 1), alpha=4, targets=["0", "2"], init_weights=False), name)
+        mms.set_scale(model, name, (1.0, 0.5, 1.5, 2.0)[i % 4])
+        names.append(name)
+    _randomise_cores(model)
+    return model, names
+
+
+def _randomise_cores(model: nn.Module) -> None:
+    """TriLoRA/FLoRA cores start at zero: draw them so every adapter really moves its rows."""
+    with torch.no_grad():
+        for _, adapter in mms.iter_adapters(model):
+            for name in ("lora_E", "mixer"):
+                tensor = getattr(adapter, name, None)
+                if isinstance(tensor, nn.Parameter) and not tensor.any():
+                    tensor.normal_(0, 0.5)
+
+
+def _count_stacked(monkeypatch) -> list[int]:
+    from mm_subspace.layer import AdapterLayer
+
+    calls, original = [], AdapterLayer._stacked_forward
+    monkeypatch.setattr(AdapterLayer, "_stacked_forward", lambda self, *a: calls.append(1) or original(self, *a))
+    return calls
+
+
+def _stacked_calls_of_routing(model: nn.Module, x: torch.Tensor, rows: list, monkeypatch) -> int:
+    """Route ``x`` by ``rows`` (no autograd), check it equals the single-adapter runs; how often the stacked path ran."""
+    with torch.no_grad():
+        expected = single_adapter_runs(model, x, rows)
+    calls = _count_stacked(monkeypatch)
+    with torch.no_grad(), mms.forward_context(model, adapter_rows=rows):
+        routed = model(x)
+    torch.testing.assert_close(routed, expected)
+    return len(calls)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("method", STACKABLE)
+def test_stacked_routing_equals_single_adapter_runs(method, k, monkeypatch):
+    """K adapters of mixed ranks and scales plus base rows, one routed call = K + 1 separate runs, row by row."""
+    model, names = _routed_net([method] * k)
+    rows = [*names, None, names[0]]
+    x = torch.randn(len(rows), 5, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = single_adapter_runs(model, x, rows)
+    calls = _count_stacked(monkeypatch)
+    with torch.no_grad(), mms.forward_context(model, adapter_rows=rows):
+        routed = model(x)
+        again = model(x)  # from the cached stacked factors
+    with mms.forward_context(model, adapter_rows=rows):
+        with_grad = model(x)  # autograd on: stacked afresh, not cached
+    assert len(calls) == 6  # both adapted layers, every call: the stacked path, never the per-adapter loop
+    torch.testing.assert_close(routed, expected)
+    assert torch.equal(again, routed)
+    torch.testing.assert_close(with_grad, expected)
+    assert torch.equal(routed[k], model[2].base_layer(model[1](model[0].base_layer(x[k]))))  # the base row is exact
+
+
+def test_stacked_routing_follows_weight_scale_and_dtype_changes():
+    """The cached stacked factors are refreshed by an in-place weight update, set_scale and .double()."""
+    model, names = _routed_net(["lora", "moslora"])
+    rows = [names[1], None, names[0]]
+    x = torch.randn(3, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), mms.forward_context(model, adapter_rows=rows):
+        before = model(x)
+        model[0].adapters[names[0]].lora_B.mul_(-2.0)  # what an optimizer step or load_adapter does
+        mms.set_scale(model, names[1], 3.0)
+        after = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(after, single_adapter_runs(model, x, rows))
+    assert not torch.allclose(after[0], before[0]) and not torch.allclose(after[2], before[2])
+    model.double()
+    with torch.no_grad(), mms.forward_context(model, adapter_rows=rows):
+        doubled = model(x.double())
+    assert doubled.dtype == torch.float64
+    torch.testing.assert_close(doubled.float(), after)
+    with torch.inference_mode(), mms.forward_context(model, adapter_rows=rows):
+        assert torch.equal(model(x.double()), doubled)
+    # a write through .data is invisible to the version counter: clear_routing_cache() makes it count
+    with torch.no_grad(), mms.forward_context(model, adapter_rows=rows):
+        model(x.double())  # cached without inference_mode
+    model[0].adapters[names[0]].lora_B.data.mul_(0.0)
+    model[0].clear_routing_cache()
+    with torch.no_grad():
+        expected = single_adapter_runs(model, x.double(), rows)
+        with mms.forward_context(model, adapter_rows=rows):
+            torch.testing.assert_close(model(x.double()), expected)
+
+
+def test_stacked_routing_gradients_equal_the_per_adapter_loop(monkeypatch):
+    """With autograd on (eval mode), the stacked path gives every adapter the gradient the per-adapter loop gives."""
+    from mm_subspace.layer import AdapterLayer
+
+    model, names = _routed_net(["lora", "moslora", "trilora"])
+    rows = [names[2], None, *names]
+    x = torch.randn(len(rows), 3, 12, generator=torch.Generator().manual_seed(8))
+    params = [p for _, a in mms.iter_adapters(model) for p in a.parameters()]
+    grads = {}
+    for stacked in (True, False):
+        monkeypatch.setattr(AdapterLayer, "stacked_routing", stacked)
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        with mms.forward_context(model, adapter_rows=rows):
+            model(x).pow(2).sum().backward()
+        grads[stacked] = [p.grad.clone() for p in params]
+    for g_stacked, g_loop in zip(grads[True], grads[False]):
+        torch.testing.assert_close(g_stacked, g_loop)
+    assert all(g.abs().sum() > 0 for g in grads[True])
+
+
+def test_routing_mixes_stacked_and_own_forward_adapters(monkeypatch):
+    """DoRA and SuLoRA cannot be stacked: their rows go through their own forward, the others' through one bmm."""
+    model, names = _routed_net(["lora", "dora", "moslora", "sulora", "trilora"])
+    assert [model[0].adapters[n].can_stack() for n in names] == [True, False, True, False, True]
+    rows = [names[3], *names, None, names[1]]
+    x = torch.randn(len(rows), 4, 12, generator=torch.Generator().manual_seed(4))
+    assert _stacked_calls_of_routing(model, x, rows, monkeypatch) == 2  # once per adapted layer
+
+
+def test_routing_in_training_mode_runs_each_adapters_own_forward(monkeypatch):
+    """Training keeps the per-adapter forward (dropout, MPC penalties): the stacked path is for eval only."""
+    model, names = _routed_net(["lora", "moslora"])
+    rows = [*names, None]
+    x = torch.randn(3, 12, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = single_adapter_runs(model, x, rows)
+    calls = _count_stacked(monkeypatch)
+    model.train()
+    with mms.forward_context(model, adapter_rows=rows):
+        routed = model(x)
+    assert not calls
+    torch.testing.assert_close(routed, expected)
+
+
+class _SeqFirst(nn.Module):
+    """A block that feeds (seq, batch, d) to its linears, as ``nn.Transformer(batch_first=False)`` does."""
+
+    batch_first = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.transpose(0, 1)).transpose(0, 1)
+
+
+def test_stacked_routing_in_a_sequence_first_block(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(_SeqFirst()).eval()
+    names = ["a", "b", "c"]
+    for i, (name, method) in enumerate(zip(names, ("lora", "moslora", "ts_mixing"))):
+        torch.manual_seed(i)
+        mms.inject(model, mms.config_for(method, rank=2 + 2 * i, targets=["inner.0", "inner.2"], init_weights=False), name)
+    assert model[0].inner[0].batch_dim == 1
+    rows = ["b", None, "a", "c"]
+    x = torch.randn(4, 6, 12, generator=torch.Generator().manual_seed(6))  # (batch, seq, d); the linears see (seq, batch, d)
+    assert _stacked_calls_of_routing(model, x, rows, monkeypatch) == 2  # once per adapted layer
+
+
+def test_stacked_routing_op_count_does_not_grow_with_k():
+    """One gather + two batched matmuls per layer whatever the number of adapters (cached factors, no autograd)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for k in (2, 8):
+        model, names = _routed_net(["lora", "moslora"] * (k // 2))
+        layer = model[0]
+        x = torch.randn(k + 1, 12, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad(), mms.forward_context(model, adapter_rows=[*names, None]):
+            layer(x)  # fills the cache
+            with Count() as count:
+                layer(x)
+        counts[k] = count.ops
+    assert counts[2] == counts[8]
+    assert len(counts[8]) <= 10, counts[8]

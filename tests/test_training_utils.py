@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import checkpointing_on
+from conftest import adapted, checkpointing_on
 import torch
 from torch import nn
 
@@ -148,13 +148,22 @@ def test_activation_checkpointing_is_on_without_the_deprecated_alias() -> None:
 def test_is_dora_and_method_flag_values_follow_the_registry():
     import argparse
 
-    from mm_subspace.training_utils import is_dora, method_flag_values
+    from mm_subspace.training_utils import check_method_flags, is_dora, method_flag_values
 
     assert is_dora("dora") and not is_dora("lora") and not is_dora("moslora")
     args = argparse.Namespace(adapter="moslora", mixer_init="orthogonal", num_subspaces=None)
     assert method_flag_values(args) == {"mixer_init": "orthogonal"}
     args.adapter = "lora"  # lora has no mixer: the flag is not passed on
     assert method_flag_values(args) == {}
+    sulora = argparse.Namespace(adapter="sulora", mixer_init=None, num_subspaces=8, pairing="index", a_init="kaiming",
+                                router_temperature=0.5)
+    assert method_flag_values(sulora) == {"num_subspaces": 8, "pairing": "index", "a_init": "kaiming",
+                                          "router_temperature": 0.5}
+    asy = argparse.Namespace(**{**vars(sulora), "adapter": "asylora", "num_subspaces": None, "pairing": None,
+                                "router_temperature": None})
+    assert method_flag_values(asy) == {"a_init": "kaiming"}
+    with pytest.raises(ConfigError, match="--pairing does not apply to --adapter asylora; it is a flag of sulora"):
+        check_method_flags(argparse.Namespace(**{**vars(asy), "pairing": "paired"}))
 
 
 def test_shared_script_flags_are_defined_once_and_overridable():
@@ -168,3 +177,33 @@ def test_shared_script_flags_are_defined_once_and_overridable():
     assert (args.rank, args.seed) == (16, SHARED_FLAGS["--seed"]["default"])
     with pytest.raises(KeyError, match="overrides for flags not added"):
         add_flags(argparse.ArgumentParser(), "--rank", seed={"default": 1})
+
+
+X_NET = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(1))  # input of conftest.net
+
+
+# -- the NaN guard names the first non-finite adapted module -----------------------------------------------------
+def test_nonfinite_adapter_output_is_reported_with_module_name():
+    from mm_subspace.training_utils import check_finite, locate_nonfinite, nonfinite_parameters
+
+    m = adapted()
+    with torch.no_grad():
+        m[2].adapters["default"].lora_B[0, 0] = float("nan")
+    loss = m(X_NET).pow(2).mean()
+    assert not torch.isfinite(loss)
+    where = locate_nonfinite({"unet": m}, lambda: m(X_NET))
+    assert where == "unet.2 (AdapterLayer)"
+    assert nonfinite_parameters({"unet": m}) == ["unet.2.adapters.default.lora_B"]
+    with pytest.raises(NonFiniteError, match=r"non-finite loss=nan at step 7; first NaN/inf appears in unet\.2 \(AdapterLayer\)"):
+        check_finite({"loss": loss.item() if not loss.requires_grad else float(loss.detach())}, step=7, where=lambda: where,
+                     last_checkpoint=None)
+    check_finite({"loss": 1.0}, step=1, where=lambda: "unused", last_checkpoint=None)  # finite: no error
+
+
+def test_inf_in_base_input_names_the_first_module():
+    from mm_subspace.training_utils import locate_nonfinite
+
+    m = adapted()
+    with torch.no_grad():
+        m[0].base_layer.weight[0, 0] = float("inf")
+    assert locate_nonfinite({"model": m}, lambda: m(X_NET)) == "model.0.base_layer (Linear)"

@@ -374,9 +374,9 @@ def _records_665k_like(folder: Path) -> list[dict]:
 def llava15_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LLaVA-1.5-like folder (random tiny ``LlavaForConditionalGeneration``, LLaMA-style SentencePiece tokenizer,
     llava-hf's vicuna chat template, ``<image>`` added after the vocabulary) and a 665K-shaped JSON beside it."""
-    from conftest import build_llama_llava_processor
     from transformers import AutoProcessor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+    from conftest import build_llama_llava_processor
     from mm_subspace.tiny_models.vision import tiny_clip_vision_config
 
     root = tmp_path_factory.mktemp("llava15_like")

@@ -72,6 +72,7 @@ def make_demo_sdxl_adapter(
         finally:
             for component in parts:
                 mms.remove_adapter(getattr(pipe, component), name)
+                getattr(pipe, component).eval()
             sd._apply()
     return adapter_info(out_dir)
 
@@ -89,6 +90,7 @@ def _train_steps(pipe: Any, components: list[str], name: str, steps: int, photos
     modules = [getattr(pipe, c) for c in components]
     for module in modules:
         mms.set_adapter(module, name)
+        module.train()  # adapters record their aux losses (SuLoRA, MPC) in training mode; the caller restores eval
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     pixels = torch.from_numpy(np.stack([np.asarray(p, dtype=np.float32) / 127.5 - 1 for p in photos])).permute(0, 3, 1, 2)

@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
 
     g = parser.add_argument_group("adapter")
-    add_flags(g, "--adapter", "--rank", "--alpha", "--lora_dropout", "--mixer_init", "--num_subspaces")
+    add_flags(g, "--adapter", "--rank", "--alpha", "--lora_dropout", "--mixer_init", "--num_subspaces", "--pairing", "--a_init",
+              "--router_temperature")
     g.add_argument("--target_preset", type=str, default="sdxl_unet",
                    help="UNet modules to adapt: a preset name (mm_subspace.list_presets()) or comma-separated module names/suffixes. "
                    "The digit subject defaults to sdxl_unet_wide (attention + feed-forward + time embeddings): with attention "

@@ -21,8 +21,8 @@ scikit-learn's digits, the fixed train split of ``mm_subspace.eval.digits`` (dig
    prompt accuracy after 500 steps). The EMA of the UNet and text-encoder weights is what ships.
    Latents are the VAE posterior means (``--latents mode``; its posterior std is large, ~0.7).
 3. ``save_pretrained`` (fp32) -> fp16 copy (its text encoders' configs declare float32, so stock
-   ``StableDiffusionXLPipeline.from_pretrained`` loads it without ``torch_dtype``) -> the metric (:func:`mm_subspace.eval.digits.prompt_accuracy`)
-   on the fp16 copy -> ``write_manifest``. ``--ship`` writes the fp16 copy to
+   ``StableDiffusionXLPipeline.from_pretrained`` loads it without ``torch_dtype``) -> the metric
+   (:func:`mm_subspace.eval.digits.prompt_accuracy`) on the fp16 copy -> ``write_manifest``. ``--ship`` writes the fp16 copy to
    ``mm_subspace/weights/tiny-sdxl-digits``.
 
 Deterministic for a given ``--seed`` and thread count: every random draw of step ``k`` of phase

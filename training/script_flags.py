@@ -20,11 +20,21 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
     "--alpha": {"type": float, "default": None, "help": "Scale numerator (ΔW scaled by alpha/rank). Default: = rank."},
     "--lora_dropout": {"type": float, "default": 0.0, "help": "Dropout on the adapter input."},
     "--mixer_init": {"type": str, "default": None,
-                     "help": "MoSLoRA mixer init (kaiming_uniform, orthogonal, identity, normal, zero). Only for methods "
-                     "with a mixer_init field."},
+                     "help": "MoSLoRA mixer init: orthogonal (default), kaiming_uniform (the paper's, a=sqrt(5): "
+                     "~0.58x the step, docs/methods.md), kaiming_unit, identity, normal, normal_unit, zero. Only for "
+                     "methods with a mixer_init field."},
     "--num_subspaces": {"type": int, "default": None,
                         "help": "SuLoRA: number of subspaces N the router picks r of (default 2r). Only for methods with "
                         "a num_subspaces field."},
+    "--pairing": {"type": str, "default": None,
+                  "help": "SuLoRA: paired (default: sub-space i = (a_i, b_i)) or index (Eq. 4 read literally). Only for "
+                  "methods with a pairing field."},
+    "--a_init": {"type": str, "default": None,
+                 "help": "AsyLoRA/SuLoRA frozen A: orthonormal (default, as AsyLoRA's code) or kaiming. Only for methods "
+                 "with an a_init field."},
+    "--router_temperature": {"type": float, "default": None,
+                             "help": "SuLoRA: router softmax temperature (default 1). Only for methods with a "
+                             "router_temperature field."},
     # training
     "--recipe": {"type": str, "default": None,
                  "help": "Paper setting from mm_subspace.recipes (`mm-subspace recipes` lists them). Flags given "

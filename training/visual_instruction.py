@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Truncate longer records (with a warning and a count). Default: the tokenizer's model_max_length.")
 
     g = parser.add_argument_group("adapter")
-    add_flags(g, "--adapter", "--rank", "--alpha", "--lora_dropout", "--mixer_init", "--num_subspaces",
+    add_flags(g, "--adapter", "--rank", "--alpha", "--lora_dropout", "--mixer_init", "--num_subspaces", "--pairing", "--a_init",
+              "--router_temperature",
               rank={"default": 16, "help": "LLM adapter rank r."},
               alpha={"help": "LLM adapter alpha (ΔW scaled by alpha/r). Default: 2·rank."})
     g.add_argument("--vision_rank", type=int, default=None,

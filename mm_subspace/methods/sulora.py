@@ -257,7 +257,7 @@ class SuLoRA(LowRankAdapter):
         h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A).reshape(batch, -1, self.lora_A.shape[0])
         if self.config.pairing == "paired":
             # h holds a_iᵀx for all N sub-spaces: keep the chosen ones (times their gate), zero the others
-            mask = h.new_zeros(batch, self.num_subspaces).scatter(-1, idx, gate)
+            mask = h.new_zeros(batch, self.num_subspaces).scatter(-1, idx, gate.to(h.dtype))
             z = (self.inner(h) * self.total_scale) * mask.unsqueeze(1)
         else:
             h = (self.inner(h) * self.total_scale) * gate.unsqueeze(1)

@@ -45,6 +45,7 @@ class TriLoRA(LowRankAdapter):
     """
 
     config_class = TriLoRAConfig
+    stackable = True  # inner's e is folded into up_weight, so per-row routing may stack it
     formula = "s·B·diag(e)·A, e=0 at init"
     paper = "Feng et al. 2024 (TriLoRA); survey §4.1 ΔW=ADB"
 

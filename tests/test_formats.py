@@ -1,6 +1,9 @@
-"""kohya/A1111 SDXL export and import, official MoSLoRA checkpoints, stand-in conversions, strict loading.
+"""Adapter file formats (mm_subspace.formats): PEFT, DoRA-in-PEFT, diffusers, kohya/A1111 and the official
+MoSLoRA checkpoints; export parity with the stock loaders, import back, conversions without the base model,
+and strict loading.
 
-The official MoSLoRA layout (wutaiqiang/MoSLoRA, a patched PEFT 0.10), written here by hand:
+The official MoSLoRA layout (wutaiqiang/MoSLoRA, a patched PEFT 0.10), written by hand by
+``conftest.write_official``:
 
     adapter_config.json        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_use_mixer": true,
                                 "target_modules": [...], "lora_dropout": 0.0, ...}
@@ -17,14 +20,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import mm_subspace as mms
-from mm_subspace.errors import AdapterFileError, ConfigError
+from conftest import _official_forward, adapted, net, write_official
+from mm_subspace.errors import AdapterFileError, ConfigError, SubspaceError
 from mm_subspace.formats import (
     convert_adapter,
     convert_official_moslora,
@@ -35,25 +38,23 @@ from mm_subspace.formats import (
     sgm_unet_name,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "time_emb_proj",
                 "time_embedding.linear_1", "add_embedding.linear_2"]
 LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+X = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(1))  # input of conftest.net
 
 
-# -- fixtures ---------------------------------------------------------------------------------------
+# -- fixtures ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fresh():
     """The untouched tiny SDXL pipeline, loaded once; tests take deep copies (cheaper than reloading)."""
-    from mm_subspace.tiny_models import tiny_sdxl_pipeline
-
-    pipe = tiny_sdxl_pipeline(pretrained=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _tiny_sdxl()
 
 
 def _latents(pipe) -> torch.Tensor:
-    return pipe("a photo of sks cat", num_inference_steps=2, height=64, width=64, output_type="latent",
-                generator=torch.Generator().manual_seed(0)).images
+    return _sdxl_latents(pipe, steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,146 @@ def _logits(model) -> torch.Tensor:
         return model(input_ids=IDS).logits
 
 
-# -- kohya --------------------------------------------------------------------------------------------
+def _random_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100)
+    return LlamaForCausalLM(cfg).eval()
+
+
+RANDOM_IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def _random_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=RANDOM_IDS).logits
+
+
+def _randomise(model, seed: int = 1) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, adapter in mms.iter_adapters(model):
+            for p in adapter.parameters():
+                p.copy_(torch.randn_like(p) * 0.2)
+
+
+def _sdxl_latents(pipe, size: int = 64, steps: int = 3) -> torch.Tensor:
+    return pipe("a photo of sks cat", num_inference_steps=steps, height=size, width=size, output_type="latent",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def _tiny_sdxl():
+    from mm_subspace.tiny_models import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(pretrained=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# -- formats.peft: parity with PEFT, export with the mixer folded into B, import ---------------------------------
+def test_lora_matches_peft_lora_given_the_same_factors():
+    from peft import LoraConfig, get_peft_model
+
+    ours = _random_llama()
+    mms.inject(ours, mms.LoraConfig(rank=4, alpha=12, targets=LLAMA_TARGETS))
+    _randomise(ours)
+    peft_model = get_peft_model(_random_llama(), LoraConfig(r=4, lora_alpha=12, target_modules=LLAMA_TARGETS)).eval()
+    with torch.no_grad():
+        for name, adapter in mms.iter_adapters(ours):
+            module = peft_model.base_model.model.get_submodule(name)
+            module.lora_A["default"].weight.copy_(adapter.lora_A)
+            module.lora_B["default"].weight.copy_(adapter.lora_B)
+    torch.testing.assert_close(_random_logits(ours), _random_logits(peft_model), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["moslora", "ts_mixing"])
+def test_peft_export_folds_the_mixer_and_loads_in_peftmodel(tmp_path, method):
+    from peft import PeftModel
+
+    ours = _random_llama()
+    mms.inject(ours, mms.config_for(method, rank=4, alpha=8, targets=LLAMA_TARGETS, rank_pattern={"down_proj": 2}))
+    _randomise(ours)
+    expected = _random_logits(ours)
+    mms.export_peft(ours, tmp_path / "peft")
+    loaded = PeftModel.from_pretrained(_random_llama(), tmp_path / "peft").eval()
+    torch.testing.assert_close(_random_logits(loaded), expected, rtol=1e-5, atol=1e-5)
+    # and back: a PEFT LoRA checkpoint imports as our lora with the same outputs
+    back = _random_llama()
+    mms.import_peft(back, tmp_path / "peft")
+    assert mms.list_adapters(back)["default"].method == "lora"
+    torch.testing.assert_close(_random_logits(back), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_import_peft_trained_with_peft(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(_random_llama(), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj"], use_rslora=True))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    expected = _random_logits(peft_model.eval())
+    peft_model.save_pretrained(tmp_path / "p")
+    ours = _random_llama()
+    mms.import_peft(ours, tmp_path / "p")
+    torch.testing.assert_close(_random_logits(ours), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(AdapterFileError, match="not an mm_subspace adapter.*import_peft"):
+        mms.load_adapter(_random_llama(), tmp_path / "p")
+
+
+# -- formats.diffusers: SDXL exports load in stock diffusers -----------------------------------------------------
+def test_sdxl_moslora_export_loads_in_stock_diffusers(tmp_path):
+    """The official MoSLoRA code loses the mixer on the way to diffusers; our folded export keeps it."""
+    latents = _sdxl_latents
+    pipe = _tiny_sdxl()
+    base = latents(pipe)
+    mms.inject(pipe.unet, mms.MoSLoRAConfig(rank=4, alpha=8, mixer_init="orthogonal", targets="sdxl_unet"))
+    mms.inject(pipe.text_encoder, mms.MoSLoRAConfig(rank=4, alpha=4, targets="sdxl_text_encoders"))
+    _randomise(pipe.unet, 1)
+    _randomise(pipe.text_encoder, 2)
+    ours = latents(pipe)
+    assert not torch.allclose(ours, base, atol=1e-3)
+    mms.export_diffusers(tmp_path / "lora", unet=pipe.unet, text_encoder=pipe.text_encoder)
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+    stock = _tiny_sdxl()
+    stock.load_lora_weights(tmp_path / "lora")
+    torch.testing.assert_close(latents(stock), ours, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mixer_init", [None, "orthogonal"])
+def test_sdxl_dora_export_loads_in_stock_diffusers(tmp_path, mixer_init):
+    """DoRA (and DoRA + MoSLoRA mixer, folded into B) through ``pytorch_lora_weights.safetensors``:
+    stock ``load_lora_weights`` reads the ``lora_magnitude_vector`` keys and builds PEFT DoRA layers whose
+    output equals ours (DoRA Eq. 5, norm per output row)."""
+    from safetensors.torch import load_file
+
+    def latents(pipe) -> torch.Tensor:
+        return _sdxl_latents(pipe, size=32, steps=2)
+
+    pipe = _tiny_sdxl()
+    base = latents(pipe)
+    mms.inject(pipe.unet, mms.config_for("dora", rank=4, alpha=8, mixer_init=mixer_init, targets="sdxl_unet"))
+    mms.inject(pipe.text_encoder_2, mms.config_for("dora", rank=2, targets="sdxl_text_encoders"))
+    _randomise(pipe.unet, 1)
+    _randomise(pipe.text_encoder_2, 2)
+    ours = latents(pipe)
+    assert (ours - base).abs().max() > 1e-2  # the adapter matters: parity below is not vacuous
+    mms.export_diffusers(tmp_path / "dora", unet=pipe.unet, text_encoder_2=pipe.text_encoder_2)
+    keys = load_file(str(tmp_path / "dora" / "pytorch_lora_weights.safetensors"))
+    mags = [k for k in keys if k.endswith(".lora_magnitude_vector.weight")]
+    assert any(k.startswith("unet.") for k in mags) and any(k.startswith("text_encoder_2.") for k in mags)
+
+    stock = _tiny_sdxl()
+    stock.load_lora_weights(tmp_path / "dora")
+    assert stock.unet.peft_config["default_0"].use_dora
+    torch.testing.assert_close(latents(stock), ours, rtol=1e-4, atol=1e-4)
+
+
+# -- formats.kohya -----------------------------------------------------------------------------------------------
 def test_sgm_names_are_the_inverse_of_diffusers_block_mapping():
     # SDXL: layers_per_block 2 -> down block b, layer j is input_blocks[1 + 3b + j]; up: output_blocks[3b + j]
     assert sgm_unet_name("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == \
@@ -114,10 +254,7 @@ def test_sgm_names_are_the_inverse_of_diffusers_block_mapping():
 
 def test_kohya_keys_follow_diffusers_conversion_rules(sdxl):
     """diffusers' own kohya converter maps every key we write back to the module it came from."""
-    from diffusers.loaders.lora_conversion_utils import (
-        _convert_non_diffusers_lora_to_diffusers,
-        _maybe_map_sgm_blocks_to_diffusers,
-    )
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers, _maybe_map_sgm_blocks_to_diffusers
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
     pipe, _ = sdxl
@@ -193,43 +330,7 @@ def test_kohya_import_is_strict_about_unknown_keys(sdxl, fresh, tmp_path, caplog
         import_kohya(tmp_path / "bad.safetensors", text_encoder=copy.deepcopy(fresh.text_encoder))
 
 
-# -- official MoSLoRA checkpoints ---------------------------------------------------------------------
-def write_official(folder: Path, model, targets: list[str], r: int = 4, alpha: float = 8.0, fmt: str = "safetensors",
-                   seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Write an official-layout MoSLoRA checkpoint from known random tensors; returns module -> (A, AB, B)."""
-    gen = torch.Generator().manual_seed(seed)
-    factors, state = {}, {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
-            a = torch.randn(r, module.in_features, generator=gen) * 0.2
-            ab = torch.randn(r, r, generator=gen) * 0.5
-            b = torch.randn(module.out_features, r, generator=gen) * 0.2
-            factors[name] = (a, ab, b)
-            for key, value in (("lora_A", a), ("lora_AB", ab), ("lora_B", b)):
-                state[f"base_model.model.{name}.{key}.weight"] = value
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_use_mixer": True, "target_modules": targets,
-              "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
-              "task_type": "CAUSAL_LM", "base_model_name_or_path": "tiny", "init_lora_weights": True}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, str(folder / "adapter_model.safetensors"))
-    else:
-        torch.save(state, folder / "adapter_model.bin")
-    return factors
-
-
-def _official_forward(model, factors, scaling: float):
-    """The official code's forward, by hand: base(x) + lora_B(lora_AB(lora_A(x))) * scaling."""
-    for name, (a, ab, b) in factors.items():
-        def hook(mod, inputs, out, a=a, ab=ab, b=b):
-            return out + F.linear(F.linear(F.linear(inputs[0], a), ab), b) * scaling
-        model.get_submodule(name).register_forward_hook(hook)
-    return model
-
-
+# -- formats.official_moslora ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_official_moslora_import_reproduces_its_outputs(tmp_path, fmt):
     model = _llama()
@@ -353,7 +454,80 @@ def test_official_sdxl_diffusers_layout_imports_and_converts(sdxl, fresh, tmp_pa
         torch.testing.assert_close(te(ids).last_hidden_state, pipe.text_encoder(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
-# -- every format, from the saved folder alone --------------------------------------------------------
+def test_import_moslora_on_our_folder_and_inject_into_peft_model_say_what_to_do(tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    folder = tmp_path / "a"
+    mms.save_adapter(adapted(), folder)
+    with pytest.raises(AdapterFileError, match=r"is an mm_subspace adapter folder.*mm_subspace\.load_adapter"):
+        mms.import_moslora(net(), folder)
+    peft_model = get_peft_model(net(), PeftLoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ConfigError, match=r"wrapped by PEFT.*unload\(\).*import_peft") as info:
+        mms.inject(peft_model, mms.LoraConfig(rank=2, targets=["0"]))
+    assert "base_layer" not in str(info.value)
+    with pytest.raises(ConfigError, match="wrapped by PEFT"):
+        mms.inject(peft_model.base_model.model, mms.LoraConfig(rank=2, targets=["0"]))
+
+
+# -- formats.dora_peft -------------------------------------------------------------------------------------------
+def test_dora_exports_to_peft_layout_and_refuses_other_axes(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from mm_subspace.formats import export_dora_peft, import_dora_peft
+
+    torch.manual_seed(0)
+    model = _llama()
+    mms.inject(model, mms.config_for("dora", rank=4, alpha=8, init_weights=False, targets=LLAMA_TARGETS,
+                                      mixer_init="orthogonal"))
+    with torch.no_grad():
+        for _, adapter in mms.iter_adapters(model):
+            adapter.lora_B.mul_(0.3)
+            adapter.magnitude.mul_(1 + 0.2 * torch.randn_like(adapter.magnitude))
+    expected = _logits(model)
+    export_dora_peft(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    state = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert config["use_dora"] is True
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    magnitude = state["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"]
+    assert magnitude.shape == (q.out_features,)  # one value per output row (DoRA Eq. 5, PEFT's axis)
+    torch.testing.assert_close(magnitude, q.adapters["default"].magnitude.detach())
+
+    peft_model = PeftModel.from_pretrained(_llama(), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(_logits(peft_model), expected, rtol=1e-4, atol=1e-4)
+    back = _llama()
+    import_dora_peft(back, tmp_path / "peft")
+    assert mms.list_adapters(back)["default"].method == "dora"
+    torch.testing.assert_close(_logits(back), expected, rtol=1e-4, atol=1e-4)
+
+    # from the saved folder alone, "peft" picks the DoRA layout; kohya refuses with the reason;
+    # diffusers writes PEFT's magnitude keys (tested against the stock loader above)
+    mms.save_adapter(model, tmp_path / "ours")
+    convert_adapter(tmp_path / "ours", tmp_path / "peft2", "peft")
+    state2 = load_file(str(tmp_path / "peft2" / "adapter_model.safetensors"))
+    assert state2.keys() == state.keys()
+    with pytest.raises(ConfigError, match="dora_scale"):
+        convert_adapter(tmp_path / "ours", tmp_path / "kohya", "kohya", component="text_encoder")
+    with pytest.raises(ConfigError, match="export_dora_peft"):
+        kohya_state_dict(text_encoder=model)
+
+
+@pytest.mark.parametrize("method", mms.list_methods())
+def test_has_magnitude_is_true_exactly_for_methods_that_keep_one(method):
+    """``config_class.has_magnitude`` (what scripts ask instead of comparing method names) matches the
+    adapters: a DoRA-style per-row magnitude, which only the PEFT use_dora layout can hold."""
+    from mm_subspace.formats import dora_magnitudes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    mms.inject(model, mms.config_for(method, targets=["0"]))
+    cls = mms.get_method(method).config_class
+    assert cls.has_magnitude == bool(dora_magnitudes(model)), method
+
+
+# -- conversion from the saved folder alone ----------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["lora", "moslora", "ts_mixing"])
 def test_llama_round_trips_through_every_format(tmp_path, method):
     from peft import PeftModel
@@ -402,58 +576,43 @@ def test_sdxl_standin_conversion_equals_export_from_the_live_pipeline(sdxl, tmp_
     assert all(k.startswith("lora_te2_") for k in load_file(str(one)))
 
 
-# -- DoRA ---------------------------------------------------------------------------------------------
-def test_dora_exports_to_peft_layout_and_refuses_other_axes(tmp_path):
-    from peft import PeftModel
-    from safetensors.torch import load_file
+def test_export_refuses_to_overwrite_its_source(tmp_path, capsys):
+    from mm_subspace.cli import main
 
-    from mm_subspace.formats import export_dora_peft, import_dora_peft
-
-    torch.manual_seed(0)
-    model = _llama()
-    mms.inject(model, mms.config_for("dora", rank=4, alpha=8, init_weights=False, targets=LLAMA_TARGETS,
-                                      mixer_init="orthogonal"))
-    with torch.no_grad():
-        for _, adapter in mms.iter_adapters(model):
-            adapter.lora_B.mul_(0.3)
-            adapter.magnitude.mul_(1 + 0.2 * torch.randn_like(adapter.magnitude))
-    expected = _logits(model)
-    export_dora_peft(model, tmp_path / "peft")
-    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    state = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
-    assert config["use_dora"] is True
-    q = model.get_submodule("model.layers.0.self_attn.q_proj")
-    magnitude = state["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"]
-    assert magnitude.shape == (q.out_features,)  # one value per output row (DoRA Eq. 5, PEFT's axis)
-    torch.testing.assert_close(magnitude, q.adapters["default"].magnitude.detach())
-
-    peft_model = PeftModel.from_pretrained(_llama(), str(tmp_path / "peft")).eval()
-    torch.testing.assert_close(_logits(peft_model), expected, rtol=1e-4, atol=1e-4)
-    back = _llama()
-    import_dora_peft(back, tmp_path / "peft")
-    assert mms.list_adapters(back)["default"].method == "dora"
-    torch.testing.assert_close(_logits(back), expected, rtol=1e-4, atol=1e-4)
-
-    # from the saved folder alone, "peft" picks the DoRA layout; kohya refuses with the reason;
-    # diffusers writes PEFT's magnitude keys (tested against the stock loader in test_export.py)
-    mms.save_adapter(model, tmp_path / "ours")
-    convert_adapter(tmp_path / "ours", tmp_path / "peft2", "peft")
-    state2 = load_file(str(tmp_path / "peft2" / "adapter_model.safetensors"))
-    assert state2.keys() == state.keys()
-    with pytest.raises(ConfigError, match="dora_scale"):
-        convert_adapter(tmp_path / "ours", tmp_path / "kohya", "kohya", component="text_encoder")
-    with pytest.raises(ConfigError, match="export_dora_peft"):
-        kohya_state_dict(text_encoder=model)
+    folder = tmp_path / "a"
+    source = adapted()
+    mms.save_adapter(source, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for out in (folder, folder / "peft", tmp_path):
+        assert main(["export", str(folder), "--to", "peft", str(out)]) == 1
+        assert "would overwrite or shadow" in capsys.readouterr().err
+        assert main(["export", str(folder), "--to", "peft", str(out), "--force"]) == 1  # --force never allows it
+        capsys.readouterr()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    fresh = net()
+    mms.load_adapter(fresh, folder)
+    assert torch.equal(fresh(X), source(X))
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("mine")
+    assert main(["export", str(folder), "--to", "peft", str(elsewhere)]) == 1
+    assert "pass --force" in capsys.readouterr().err
+    assert main(["export", str(folder), "--to", "peft", str(elsewhere), "--force"]) == 0
+    with pytest.raises(ConfigError, match="would overwrite or shadow"):
+        mms.convert_adapter(folder, folder, "peft")
 
 
-@pytest.mark.parametrize("method", mms.list_methods())
-def test_has_magnitude_is_true_exactly_for_methods_that_keep_one(method):
-    """``config_class.has_magnitude`` (what scripts ask instead of comparing method names) matches the
-    adapters: a DoRA-style per-row magnitude, which only the PEFT use_dora layout can hold."""
-    from mm_subspace.formats import dora_magnitudes
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
-    mms.inject(model, mms.config_for(method, targets=["0"]))
-    cls = mms.get_method(method).config_class
-    assert cls.has_magnitude == bool(dora_magnitudes(model)), method
+# -- importers raise only SubspaceErrors -------------------------------------------------------------------------
+def test_directories_and_malformed_tensors_raise_only_subspace_errors(tmp_path):
+    peft = tmp_path / "peft"
+    (peft / "adapter_config.json").mkdir(parents=True)  # a directory where a file belongs
+    with pytest.raises(AdapterFileError, match="cannot be read"):
+        mms.import_peft(net(), peft)
+    with pytest.raises(AdapterFileError):
+        mms.import_moslora(net(), peft)
+    save_file({"lora_te1_0.lora_down.weight": torch.randn(2, 12), "lora_te1_0.lora_up.weight": torch.randn(16)},
+              str(tmp_path / "k.safetensors"))  # a 1-D up matrix
+    model = net()
+    with pytest.raises(SubspaceError):
+        mms.import_kohya(tmp_path / "k.safetensors", text_encoder=model)
+    assert not mms.list_adapters(model)

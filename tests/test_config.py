@@ -1,0 +1,23 @@
+"""Adapter configs (mm_subspace.config): numbers are checked when the config is built."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mm_subspace as mms
+from conftest import FEW
+from mm_subspace.errors import ConfigError
+
+nonfinite = st.sampled_from([float("nan"), float("inf"), float("-inf")])
+
+
+@FEW
+@given(value=nonfinite, where=st.sampled_from(["alpha", "alpha_pattern", "mpc_coef"]), method=st.sampled_from(["lora", "moslora", "dora"]))
+def test_nonfinite_config_numbers_are_refused(value, where, method):
+    kwargs = {"alpha_pattern": {"q": value}} if where == "alpha_pattern" else {where: value}
+    if where == "mpc_coef" and method == "dora":
+        kwargs = {"alpha": value}
+    with pytest.raises(ConfigError, match="finite"):
+        mms.config_for(method, rank=2, **kwargs)
