@@ -41,6 +41,8 @@ from .formats import FORMATS, KOHYA_PREFIX
 logger = logging.getLogger(__name__)
 
 COMPONENTS = tuple(KOHYA_PREFIX)
+#: files of a transformers model folder that ``AutoProcessor`` reads (a processor, or a tokenizer alone)
+PREPROCESSING_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 
 #: ``mm-subspace NAME ARGS...``: module whose command line runs with ARGS untouched, and its one-line help
 SCRIPTS: dict[str, tuple[str, str]] = {
@@ -271,10 +273,15 @@ def _merge(args: argparse.Namespace) -> int:
                            "(%s); shapes match, so it was merged anyway", component or base_dir, recorded)
     out.mkdir(parents=True, exist_ok=True)
     base.save_pretrained(out)
-    if kind == "transformers" and (base_dir / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+    if kind == "transformers" and any((base_dir / n).is_file() for n in PREPROCESSING_FILES):
+        # the full processor (LLaVA: image processor, tokenizer, chat template), or the tokenizer alone
+        from transformers import AutoProcessor
 
-        AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+        AutoProcessor.from_pretrained(base_dir, local_files_only=True).save_pretrained(out)
+    elif kind == "pipeline":
+        from .compat import declare_float32_configs
+
+        declare_float32_configs(out)  # stock from_pretrained(out) without torch_dtype: one dtype throughout
     print(f"merged {', '.join(str(c or 'model') for c in folders)} into {out}")
     return 0
 
