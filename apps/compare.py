@@ -21,16 +21,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mm_subspace.hub import resolve_model
 from mm_subspace.pipelines import (
     BASE_LABEL,
     TABLE_HEADERS,
     AdapterInfo,
     LlavaAdapters,
+    RequestTimeout,
     SDXLAdapters,
     check_llava_request,
     check_sdxl_request,
     find_adapters,
 )
+from mm_subspace.training.script_flags import finite_float
 from mm_subspace.training import dreambooth_sdxl
 from mm_subspace.training.demo_adapters import make_demo_llava_adapter
 
@@ -43,6 +46,12 @@ DEFAULT_QUESTION = "is the digit even? answer yes or no."
 DEMO_METHODS = ("lora", "moslora")
 DETAIL_HEADERS = ["adapter", "method", "rank", "params", "seconds", "run"]
 ANSWER_HEADERS = ["adapter", "answer", "method", "rank", "params", "seconds", "run"]
+#: seconds one SDXL request may take (estimated from the measured speed of this device before it runs)
+DEFAULT_REQUEST_SECONDS = 120.0
+#: a running request is stopped after this many times its budget (the estimate can be short)
+TIMEOUT_FACTOR = 2.0
+#: requests waiting in the queue (one runs at a time); more are refused by Gradio until one finishes
+DEFAULT_MAX_QUEUE = 8
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -60,9 +69,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                         help="training steps of each demo adapter made when the adapters folder is empty "
                         "(default: training/dreambooth_sdxl.py's own default, the headline run)")
     parser.add_argument("--no_llava", action="store_true", help="only the SDXL tab")
+    parser.add_argument("--max_request_seconds", type=finite_float, default=DEFAULT_REQUEST_SECONDS,
+                        help="budget of one SDXL request: refused when images x steps x pixels at this device's measured "
+                        f"speed would take longer; a running request is stopped after {TIMEOUT_FACTOR:g}x this")
+    parser.add_argument("--max_queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help="requests that may wait while one runs (one runs at a time)")
     args = parser.parse_args(input_args)
     if args.demo_steps is not None and args.demo_steps < 1:
         parser.error("--demo_steps must be >= 1")
+    if args.max_request_seconds <= 0 or args.max_queue < 1:
+        parser.error("--max_request_seconds must be > 0 and --max_queue >= 1")
     return args
 
 
@@ -94,6 +110,10 @@ def make_default_llava_adapters(llava: LlavaAdapters, out_dir: Path, steps: int)
 
 def load_all(args: argparse.Namespace) -> tuple[SDXLAdapters, LlavaAdapters | None, list[AdapterInfo]]:
     """Build the pipelines, find the adapters (making demo ones if there are none) and load them."""
+    if args.pretrained_model_name_or_path:  # a hub id that cannot be fetched: one error line, not a traceback
+        resolve_model(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", "model_index.json")
+    if args.llava_model_name_or_path and not args.no_llava:
+        resolve_model(args.llava_model_name_or_path, "--llava_model_name_or_path", "config.json")
     sd = SDXLAdapters.from_pretrained(args.pretrained_model_name_or_path)
     llava = None if args.no_llava else LlavaAdapters.from_pretrained(args.llava_model_name_or_path)
     out_dir = Path(args.adapters[0])
@@ -141,23 +161,32 @@ def _info_cells(info: AdapterInfo | None) -> list[Any]:
 def run_generate(
     sd: SDXLAdapters, prompt: str, negative: str, seed: float, steps: float, guidance: float, width: float,
     height: float, selected: list[str], scale_table: Any, batched: bool, progress: Any = None,
+    max_seconds: float = DEFAULT_REQUEST_SECONDS,
 ) -> tuple[list[tuple[Any, str]], list[list[Any]], str]:
-    """Gallery items ``(image, adapter name)``, details rows and a status line; bad input -> status only."""
+    """Gallery items ``(image, adapter name)``, details rows and a status line; bad input -> status only.
+
+    A request over ``max_seconds`` at this device's measured speed is rejected with the budget; a running one is
+    stopped after ``TIMEOUT_FACTOR`` times it."""
     selected = list(selected or [])
     try:
-        check_sdxl_request(prompt, steps, height, width, guidance, len(selected))
+        check_sdxl_request(prompt, steps, height, width, guidance, len(selected), negative_prompt=negative)
         scales = _scales(scale_table, selected)
         if seed is None or not float(seed).is_integer() or not 0 <= int(seed) < 2**63:
             raise ValueError(f"seed must be a whole number from 0 to 2^63-1, got {seed}")
-    except ValueError as err:
+        sd.check_budget(len(selected), steps, height, width, guidance, max_seconds)
+    except (ValueError, TypeError, OverflowError) as err:  # TypeError: a non-number from the API
         return [], [], f"**Rejected:** {err}"
     callback = None
     if progress is not None:
         callback = lambda i, n: progress((i, n), desc="denoising")  # noqa: E731
     kwargs = dict(seed=int(seed), negative_prompt=negative or None, num_inference_steps=int(steps),
-                  guidance_scale=float(guidance), height=int(height), width=int(width), scales=scales, callback=callback)
+                  guidance_scale=float(guidance), height=int(height), width=int(width), scales=scales, callback=callback,
+                  timeout=TIMEOUT_FACTOR * max_seconds)
     rows = _rows(selected)
-    results = sd.generate_batch(prompt, rows, **kwargs) if batched else sd.generate_sequential(prompt, rows, **kwargs)
+    try:
+        results = sd.generate_batch(prompt, rows, **kwargs) if batched else sd.generate_sequential(prompt, rows, **kwargs)
+    except RequestTimeout as err:
+        return [], [], f"**Stopped:** {err}"
     gallery = [(r.image, r.label) for r in results]
     details = [[r.label, *_info_cells(r.info), round(r.seconds, 3), "batched" if r.batched else "own run"] for r in results]
     total = sum(r.seconds for r in results)
@@ -173,7 +202,7 @@ def run_answer(
     try:
         check_llava_request(question, max_new_tokens, len(selected))
         scales = _scales(scale_table, selected)
-    except ValueError as err:
+    except (ValueError, TypeError, OverflowError) as err:  # TypeError: a non-number from the API
         return [], f"**Rejected:** {err}"
     rows = _rows(selected)
     if batched:
@@ -188,7 +217,7 @@ def run_answer(
 
 # -- UI ---------------------------------------------------------------------------------------------------
 def build_ui(sd: SDXLAdapters, llava: LlavaAdapters | None, infos: list[AdapterInfo],
-             default_prompt: str = DEFAULT_PROMPT) -> Any:
+             default_prompt: str = DEFAULT_PROMPT, max_seconds: float = DEFAULT_REQUEST_SECONDS) -> Any:
     import gradio as gr
 
     table = [info.row() for info in infos]
@@ -203,11 +232,13 @@ def build_ui(sd: SDXLAdapters, llava: LlavaAdapters | None, infos: list[AdapterI
                     prompt = gr.Textbox(label="Prompt", value=default_prompt, elem_id="prompt")
                     negative = gr.Textbox(label="Negative prompt", value="")
                     with gr.Row():
-                        seed = gr.Number(label="Seed", value=0, precision=0, min_width=80)
-                        steps = gr.Number(label="Steps", value=20, precision=0, min_width=80)
+                        # no precision=0: Gradio's int() would turn a NaN from the API into its own generic error;
+                        # run_generate checks whole numbers itself and answers "Rejected: ..."
+                        seed = gr.Number(label="Seed", value=0, step=1, min_width=80)
+                        steps = gr.Number(label="Steps", value=20, step=1, min_width=80)
                         guidance = gr.Number(label="Guidance", value=5.0, min_width=80)
-                        width = gr.Number(label="Width", value=size, precision=0, min_width=80)
-                        height = gr.Number(label="Height", value=size, precision=0, min_width=80)
+                        width = gr.Number(label="Width", value=size, step=8, min_width=80)
+                        height = gr.Number(label="Height", value=size, step=8, min_width=80)
                     adapters = gr.CheckboxGroup(names, value=names, label="Adapters (+ base)", elem_id="sdxl-adapters")
                     batched = gr.Checkbox(value=True, label="Batched: all adapters in one denoising loop")
                 with gr.Column(scale=1):
@@ -221,7 +252,7 @@ def build_ui(sd: SDXLAdapters, llava: LlavaAdapters | None, infos: list[AdapterI
             details = gr.Dataframe(headers=DETAIL_HEADERS, label="Time per adapter and method / rank / params", interactive=False)
 
             def on_generate(p, n, s, st, g, w, h, sel, sc, b, progress=gr.Progress()):
-                return run_generate(sd, p, n, s, st, g, w, h, sel, sc, b, progress)
+                return run_generate(sd, p, n, s, st, g, w, h, sel, sc, b, progress, max_seconds)
 
             inputs = [prompt, negative, seed, steps, guidance, width, height, adapters, scales, batched]
             button.click(on_generate, inputs, [gallery, details, status], api_name="generate")
@@ -235,7 +266,7 @@ def build_ui(sd: SDXLAdapters, llava: LlavaAdapters | None, infos: list[AdapterI
                     image = gr.Image(value=digit_image(digits_split()[1][0], size=128), type="pil", label="Image", height=240)
                     with gr.Column():
                         question = gr.Textbox(label="Question", value=DEFAULT_QUESTION)
-                        max_tokens = gr.Number(label="Max new tokens", value=12, precision=0)
+                        max_tokens = gr.Number(label="Max new tokens", value=12, step=1)
                         ladapters = gr.CheckboxGroup(lnames, value=lnames, label="Adapters (+ base)")
                         lbatched = gr.Checkbox(value=True, label="Batched: all adapters in one generate call")
                         lscales = gr.Dataframe([[n, 1.0] for n in llava.adapters], headers=["adapter", "scale"],
@@ -259,11 +290,16 @@ def main(input_args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(input_args)
     sd, llava, infos = load_all(args)
-    demo = build_ui(sd, llava, infos, DEFAULT_PROMPT if args.pretrained_model_name_or_path is None else REAL_MODEL_PROMPT)
-    demo.queue(default_concurrency_limit=1).launch(
+    rate = sd.calibrate()  # the request budget is in seconds on this device
+    print(f"SDXL on {sd.device.type}: {rate:.3g} s per megapixel-step; requests over {args.max_request_seconds:g} s are refused")
+    demo = build_ui(sd, llava, infos, DEFAULT_PROMPT if args.pretrained_model_name_or_path is None else REAL_MODEL_PROMPT,
+                    args.max_request_seconds)
+    demo.queue(default_concurrency_limit=1, max_size=args.max_queue).launch(
         server_name=args.server_name, server_port=args.server_port, share=args.share, footer_links=["api"],
     )
 
 
 if __name__ == "__main__":
-    main()
+    from mm_subspace.cli import report_errors
+
+    raise SystemExit(report_errors("compare.py", main))

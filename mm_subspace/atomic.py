@@ -14,10 +14,11 @@ import logging
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import AdapterFileError, SubspaceError
 
@@ -56,6 +57,54 @@ def file_errors(func: Callable) -> Callable:
             ) from err
 
     return wrapper
+
+
+#: what a path that is not a regular file is, for messages
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(path: Path, mode: int) -> AdapterFileError:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return AdapterFileError(f"{path} is {kind}, not a regular file, so it cannot be read (reading it could block or "
+                            "never end); put the real file there or remove it")
+
+
+def require_regular_file(path: str | os.PathLike, missing: str) -> None:
+    """Raise :class:`AdapterFileError` with ``missing`` if ``path`` does not exist, or naming what it is if it is
+    not a regular file (symlinks followed): a FIFO would block a reader forever, ``/dev/zero`` never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise AdapterFileError(missing) from None
+    if not stat.S_ISREG(mode):
+        raise _not_regular(Path(path), mode)
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open ``path`` for binary reading if it is a regular file, else :class:`AdapterFileError` naming what it is.
+
+    Opened non-blocking and checked with ``fstat`` on the open descriptor, so a FIFO put in place after a
+    check cannot block the caller. ``FileNotFoundError``/``PermissionError`` propagate.
+    """
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(Path(path), mode)
+        if nonblock:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The UTF-8 text of a regular file (:func:`open_regular`); ``UnicodeDecodeError`` on invalid UTF-8."""
+    with open_regular(path) as fh:
+        return fh.read().decode("utf-8")
 
 
 #: our temporary / backup names: ".<target>.tmp-<pid>-<8 hex>" and the same + ".old"
@@ -130,6 +179,23 @@ def register_repair(names: tuple[str, ...], repair: Callable[[Path], None]) -> N
     _REPAIRS.append((frozenset(names), repair))
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS tells (Linux ``/proc``); else set and restored."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """``0o666 & ~umask``: the mode ``open()`` gives a new file. Every file we write gets it, whatever created
+    the temporary (safetensors writes ``0o600``), so weights are as readable as their config."""
+    return 0o666 & ~current_umask()
+
+
 def fsync_dir(folder: Path) -> None:
     """fsync a directory, so a rename in it survives a power loss (a no-op where impossible)."""
     try:
@@ -148,6 +214,9 @@ def fsync_dir(folder: Path) -> None:
 def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
     """Yield temporary paths beside ``targets``; on success rename each onto its target, in order.
 
+    Each file gets the mode ``0o666 & ~umask`` (:func:`default_file_mode`) before its rename, as a plain
+    ``open()`` would give it, whichever library wrote the temporary.
+
     On any exception the temporaries are deleted and the targets are untouched — also when a rename
     fails after an earlier target was already replaced: that one is put back from a hard link of its
     old content (so weights and config never end up from two different saves). The old content
@@ -164,7 +233,10 @@ def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
     try:
         _fs_step("write")
         yield temps
+        mode = default_file_mode()
         for tmp in temps:
+            if os.name == "posix":
+                os.chmod(tmp, mode)
             _fs_step(f"fsync {tmp.name}")
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -192,6 +264,37 @@ def atomic_paths(*targets: Path) -> Iterator[list[Path]]:
                 tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``target``; on success fsync its files and rename it to ``target``.
+
+    A process killed while filling it leaves no ``target`` (only a ``.<name>.tmp-<pid>-<id>`` folder, deleted by
+    the next call once that process is gone), so a half-written folder is never taken for a whole one. On an
+    exception the temporary folder is deleted. ``target`` must not exist yet.
+    """
+    target = Path(target)
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for path in parent.glob(f".{target.name}.tmp-*"):
+        m = _LEFTOVER.match(path.name)
+        if m and m["target"] == target.name and path.is_dir() and not _pid_alive(int(m["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+    tmp = parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        os.rename(tmp, target)
+        fsync_dir(parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _keep_old(target: Path, old: Path) -> Path | None:
     """Make ``old`` a second name (hard link, else a copy) of ``target``'s current content; None if absent."""
     if not target.exists():
@@ -212,10 +315,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-__all__ = ["atomic_paths", "atomic_write_text", "file_errors", "fsync_dir", "leftovers", "register_repair", "sha256_file"]
+__all__ = ["atomic_dir", "atomic_paths", "atomic_write_text", "current_umask", "default_file_mode", "file_errors", "fsync_dir", "leftovers",
+           "open_regular", "read_text_file", "register_repair", "require_regular_file", "sha256_file"]

@@ -32,7 +32,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .errors import ConfigError, SubspaceError
@@ -41,6 +41,8 @@ from .formats import FORMATS, KOHYA_PREFIX
 logger = logging.getLogger(__name__)
 
 COMPONENTS = tuple(KOHYA_PREFIX)
+#: files of a transformers model folder that ``AutoProcessor`` reads (a processor, or a tokenizer alone)
+PREPROCESSING_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 
 #: ``mm-subspace NAME ARGS...``: module whose command line runs with ARGS untouched, and its one-line help
 SCRIPTS: dict[str, tuple[str, str]] = {
@@ -271,10 +273,15 @@ def _merge(args: argparse.Namespace) -> int:
                            "(%s); shapes match, so it was merged anyway", component or base_dir, recorded)
     out.mkdir(parents=True, exist_ok=True)
     base.save_pretrained(out)
-    if kind == "transformers" and (base_dir / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+    if kind == "transformers" and any((base_dir / n).is_file() for n in PREPROCESSING_FILES):
+        # the full processor (LLaVA: image processor, tokenizer, chat template), or the tokenizer alone
+        from transformers import AutoProcessor
 
-        AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+        AutoProcessor.from_pretrained(base_dir, local_files_only=True).save_pretrained(out)
+    elif kind == "pipeline":
+        from .compat import declare_float32_configs
+
+        declare_float32_configs(out)  # stock from_pretrained(out) without torch_dtype: one dtype throughout
     print(f"merged {', '.join(str(c or 'model') for c in folders)} into {out}")
     return 0
 
@@ -310,6 +317,19 @@ def _script_argv(prog: str, argv: list[str]) -> Iterator[None]:
         sys.argv = saved
 
 
+def report_errors(prog: str, run: Callable[[], Any]) -> int:
+    """Run ``run()``; return its exit status: 0, argparse's for ``SystemExit``, or 1 after printing a
+    :class:`SubspaceError` (bad flags, data, config, an unreachable hub id) as one ``<prog>: error: ...`` line."""
+    try:
+        run()
+    except SystemExit as exit_:  # argparse: 0 after --help, 2 for a usage error
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except SubspaceError as err:  # bad flags / data / config: one line naming the fix
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run_script(name: str, argv: Sequence[str]) -> int:
     """Run the command line of script ``name`` (a key of :data:`SCRIPTS`) with ``argv``; returns the exit status.
 
@@ -318,18 +338,15 @@ def run_script(name: str, argv: Sequence[str]) -> int:
     """
     module = importlib.import_module(SCRIPTS[name][0])
     argv = list(argv)
-    try:
+
+    def run() -> None:
         with _script_argv(f"mm-subspace {name}", argv):
             if hasattr(module, "parse_args") and name != "compare":
                 module.main(module.parse_args(argv))
             else:
                 module.main(argv)
-    except SystemExit as exit_:  # argparse: 0 after --help, 2 for a usage error
-        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    except SubspaceError as err:  # bad flags / data / config: one line naming the fix
-        print(f"mm-subspace {name}: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+
+    return report_errors(f"mm-subspace {name}", run)
 
 
 COMMANDS = {"recipes": _recipes, "inspect": _inspect, "export": _export, "import-moslora": _import_moslora, "merge": _merge}

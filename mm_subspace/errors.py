@@ -48,3 +48,8 @@ class ShippedModelError(SubspaceError, RuntimeError):
 class DataError(SubspaceError, ValueError):
     """Training data is malformed: a data set (missing images, captions, columns) or a record (image/``<image>``
     mismatch, missing file, bad turns, ...)."""
+
+
+class HubError(SubspaceError, OSError):
+    """A name that is no local path could not be fetched as a Hugging Face Hub id (offline, missing, private,
+    gated); the message names the id, ``HF_HUB_OFFLINE``, logging in and passing a local folder."""

@@ -32,7 +32,9 @@ from .atomic import (
     atomic_paths,
     file_errors,
     leftovers,
+    read_text_file,
     register_repair,
+    require_regular_file,
     sha256_file,
 )
 from .bases import find_base
@@ -43,6 +45,7 @@ from .errors import (
     IncompatibleAdapterError,
     SubspaceError,
 )
+from .hub import ADAPTER_FILES, resolve
 from .inject import (
     adapter_state_dict,
     check_adapter_name,
@@ -75,8 +78,8 @@ def _repair_pair(folder: Path) -> None:
     """If ``adapter_config.json`` names weights that only a leftover still holds, put them back in place."""
     weights = folder / WEIGHTS_NAME
     try:
-        expected = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("weights_sha256")
-    except (OSError, ValueError, RecursionError, AttributeError):
+        expected = json.loads(read_text_file(folder / CONFIG_NAME)).get("weights_sha256")
+    except (OSError, ValueError, RecursionError, AttributeError):  # AdapterFileError is a ValueError
         return
     if not isinstance(expected, str) or (weights.is_file() and sha256_file(weights) == expected):
         return
@@ -169,10 +172,9 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     """Parse and check ``adapter_config.json`` of a saved adapter (without reading the weights)."""
     folder = Path(path)
     cfg_path = folder / CONFIG_NAME if folder.is_dir() or not folder.suffix else folder
-    if not cfg_path.is_file():
-        raise AdapterFileError(f"no {CONFIG_NAME} in {folder}: is this an adapter folder saved by mm_subspace.save_adapter?")
+    require_regular_file(cfg_path, f"no {CONFIG_NAME} in {folder}: is this an adapter folder saved by mm_subspace.save_adapter?")
     try:
-        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+        meta = json.loads(read_text_file(cfg_path))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON, or an int too long to parse
         raise AdapterFileError(f"{cfg_path} is not valid JSON ({type(err).__name__}: {str(err)[:200]}); the file is corrupt — re-save the adapter") from None
     if not isinstance(meta, dict):
@@ -210,8 +212,7 @@ def read_tensors(path: Path, expected_sha256: str | None = None) -> dict[str, to
     """Read a safetensors file; any corruption becomes :class:`AdapterFileError`."""
     from safetensors.torch import load_file
 
-    if not path.is_file():
-        raise AdapterFileError(f"missing weights file {path}")
+    require_regular_file(path, f"missing weights file {path}")
     if expected_sha256 is not None and sha256_file(path) != expected_sha256:
         raise AdapterFileError(
             f"{path} does not match the checksum in {CONFIG_NAME}: the weights are truncated, corrupt, or "
@@ -348,6 +349,9 @@ def load_adapter(
 ) -> str:
     """Load an adapter saved by :func:`save_adapter` onto ``model``; returns its adapter name.
 
+    ``path`` is a local folder or, if no such path exists, a Hugging Face Hub id (``"user/my-moslora"``):
+    only the adapter's two files are downloaded (:func:`mm_subspace.hub.resolve`).
+
     Args:
         adapter_name: name on this model (default: the name it was saved under).
         strict: unexpected or missing tensor keys are an error; with ``strict=False`` they are
@@ -360,7 +364,7 @@ def load_adapter(
         AdapterStateError: the model is left exactly as it was (tensors, requires_grad flags,
         module tree, active adapters).
     """
-    folder = Path(path)
+    folder = resolve(path, ADAPTER_FILES)
     meta = read_adapter_config(folder)
     if adapter_name is not None:
         check_adapter_name(adapter_name)

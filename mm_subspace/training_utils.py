@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .checkpoints import HISTORY_KEY, TRAINER_STATE, check_accelerate_files, check_history_rows, read_trainer_state
 from .errors import AdapterFileError, ConfigError, NonFiniteError
 from .inject import adapter_layers, get_state
 from .layer import AdapterLayer
@@ -44,12 +45,13 @@ if TYPE_CHECKING:
     import PIL.Image
     from accelerate import Accelerator
 
+    from .config import AdapterConfig
+
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_DIR = "training_state"
-TRAINER_STATE = "trainer_state.json"
 
 
 #: training-script flags that map to a field of the method's config (passed only when the method has it)
@@ -84,11 +86,12 @@ def is_dora(method: str) -> bool:
 
 
 def check_positive(args: Any, names: list[str], allow_zero: bool = False) -> None:
-    """Each flag in ``names`` that is set must be > 0 (``allow_zero``: >= 0); else a ValueError naming it."""
+    """Each flag in ``names`` that is set must be finite and > 0 (``allow_zero``: >= 0); else a ConfigError (a
+    ValueError) naming it. NaN fails every comparison, so it is refused explicitly."""
     for name in names:
         value = getattr(args, name)
-        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-            raise ValueError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+        if value is not None and (not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero)):
+            raise ConfigError(f"--{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
 
 
 # -- parameters --------------------------------------------------------------------------------------
@@ -251,16 +254,17 @@ def check_finite(values: dict[str, float], step: int, where: Callable[[], str], 
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if not bad:
         return
-    keep = (
-        f"The last good checkpoint {last_checkpoint} is kept: resume from it with "
-        "--resume_from_checkpoint latest and a lower --learning_rate (or --max_grad_norm, or no fp16)."
-        if last_checkpoint is not None
-        else "No checkpoint was written before it (use --checkpointing_steps to keep one)."
-    )
     raise NonFiniteError(
         f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; first NaN/inf appears in "
-        f"{where()}. Training stopped without saving the current weights. {keep}"
+        f"{where()}. Training stopped without saving the current weights. {_keep_message(last_checkpoint)}"
     )
+
+
+def _keep_message(last_checkpoint: Path | None) -> str:
+    if last_checkpoint is None:
+        return "No checkpoint was written before it (use --checkpointing_steps to keep one)."
+    return (f"The last good checkpoint {last_checkpoint} is kept: resume from it with --resume_from_checkpoint latest "
+            "and a lower --learning_rate (or --max_grad_norm, or no fp16).")
 
 
 # -- replicas ---------------------------------------------------------------------------------------
@@ -312,6 +316,23 @@ def check_adapter_folder(folder: Path, method: str, parts: Sequence[str]) -> Non
             )
 
 
+#: config fields a resumed run may change (they do not change what was trained)
+RESUME_FREE_FIELDS = ("init_weights", "dtype")
+#: config field -> the flag that sets it, where the names differ
+FLAG_OF_FIELD = {"dropout": "lora_dropout", "targets": "target_preset"}
+
+
+def check_same_config(folder: Path, saved: dict[str, Any], config: AdapterConfig) -> None:
+    """Before any model loads: the run's adapter config must be the checkpoint's (``--rank 8`` on a rank-4
+    checkpoint would fail only after the models load). Fields the run leaves unset (``None``) are not compared."""
+    ours = json.loads(json.dumps(config.to_dict()))
+    differ = [k for k, v in ours.items() if k not in RESUME_FREE_FIELDS and v is not None and k in saved and saved[k] != v]
+    if differ:
+        flags = ", ".join(f"--{FLAG_OF_FIELD.get(k, k)} {saved[k]!r} (this run: {ours[k]!r})" for k in differ)
+        raise ConfigError(f"checkpoint {folder.parent} was trained with other adapter settings: {flags}. Resume with the "
+                          "original flags, or use another --output_dir for a fresh run")
+
+
 def load_parts(parts: dict[str, nn.Module], folder: str | os.PathLike, method: str | None = None) -> None:
     """Load ``folder/<part>/`` (saved by :func:`save_parts`) into the already-injected parts, exactly."""
     folder = Path(folder)
@@ -330,8 +351,14 @@ class CheckpointManager:
     ``save`` has every rank write into ``.checkpoint-<step>.tmp`` (accelerate writes the per-rank
     RNG states there), then rank 0 renames it into place: a killed run leaves either a whole
     checkpoint or none, and ``latest`` ignores leftovers. Only then are old checkpoints rotated
-    out (``total_limit``), so the last good one always survives a failure. A checkpoint is written only
-    when every trainable parameter is finite, so "the last good checkpoint" always is one.
+    out (``total_limit``), so the last good one always survives a failure. A checkpoint is written
+    only when every trainable parameter is finite.
+
+    Resuming runs no code from the folder (:mod:`mm_subspace.checkpoints`): our state — step, method,
+    loss history — is ``trainer_state.json``, the adapters are safetensors, and accelerate's optimizer,
+    scheduler and RNG files are read with ``torch.load(weights_only=True)`` only. :meth:`find_resumable`
+    checks a checkpoint completely before any model is built; ``latest`` skips broken ones (with a
+    warning) and falls back to the previous complete checkpoint.
 
     Args:
         output_dir: the run's output folder.
@@ -346,7 +373,10 @@ class CheckpointManager:
     total_limit: int | None = None
     num_processes: int | None = None
     last_saved: Path | None = field(default=None, init=False)
-    parts: dict[str, nn.Module] = field(default_factory=dict, init=False, repr=False)
+    #: the loss history saved in (and restored from) ``trainer_state.json``
+    history: LossHistory | None = field(default=None, init=False)
+    #: the trained parts (set by :meth:`register_hooks`): checked finite before every save
+    parts: dict[str, nn.Module] = field(default_factory=dict, init=False)
 
     @property
     def root(self) -> Path:
@@ -371,7 +401,7 @@ class CheckpointManager:
             found = self.checkpoints()
             return found[-1] if found else None
         for candidate in (Path(spec), self.root / spec, self.root / Path(spec).name):
-            if candidate.is_dir() and (candidate / TRAINER_STATE).is_file():
+            if candidate.is_dir() and os.path.lexists(candidate / TRAINER_STATE):  # find_resumable checks the file
                 return candidate
         have = ", ".join(p.name for p in self.checkpoints()) or "none"
         raise FileNotFoundError(
@@ -379,18 +409,28 @@ class CheckpointManager:
             f"{self.root}: {have}. Pass 'latest', one of those names, or a checkpoint path."
         )
 
-    def check_resumable(self, path: Path, parts: Sequence[str]) -> int:
-        """Validate a checkpoint before any model is built; returns its step."""
-        try:
-            state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise AdapterFileError(f"{path / TRAINER_STATE} is unreadable ({err}); pick another checkpoint") from None
-        if state.get("method") != self.method:
+    def validate(self, path: Path, parts: Sequence[str], configs: dict[str, AdapterConfig] | None = None
+                 ) -> dict[str, Any]:
+        """Check checkpoint ``path`` completely before any model is built; returns its ``trainer_state.json``.
+
+        Raises:
+            AdapterFileError: a file of the checkpoint is broken (missing, truncated, not UTF-8, wrong shape).
+            ConfigError: the checkpoint is fine but belongs to another run (method, parts, adapter config).
+        """
+        state = read_trainer_state(path)
+        pickled = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+        if pickled:  # accelerate would unpickle them in full (and refuses to load the folder without them)
             raise ConfigError(
-                f"checkpoint {path} belongs to a --adapter {state.get('method')} run, not {self.method}: resume with "
-                f"--adapter {state.get('method')}, or use another --output_dir for a fresh {self.method} run"
+                f"checkpoint {path} holds {', '.join(pickled)}: pickled state (written by an older mm_subspace, or put "
+                "there) that resuming would have to unpickle, which can run any code. Delete the file(s) to resume "
+                "(the loss history before this run is then not restored)"
             )
-        missing = [p for p in parts if not (path / p / CONFIG_NAME).is_file()]
+        if state["method"] != self.method:
+            raise ConfigError(
+                f"checkpoint {path} belongs to a --adapter {state['method']} run, not {self.method}: resume with "
+                f"--adapter {state['method']}, or use another --output_dir for a fresh {self.method} run"
+            )
+        missing = [p for p in parts if not os.path.lexists(path / p / CONFIG_NAME)]
         if missing:
             raise ConfigError(
                 f"checkpoint {path} has no adapter for {missing} (was it trained without --train_text_encoder?); "
@@ -404,7 +444,65 @@ class CheckpointManager:
                 f"--num_processes {saved_world} (accelerate launch), or start a fresh run in another --output_dir"
             )
         check_adapter_folder(path, self.method, parts)
-        return int(state["step"])
+        for part in parts:
+            meta = read_adapter_config(path / part)
+            read_adapter_weights(path / part, meta)  # the checksum: truncated weights are found now
+            if configs and part in configs:
+                check_same_config(path / part, meta["config"], configs[part])
+        check_accelerate_files(path)
+        return state
+
+    def check_resumable(self, path: Path, parts: Sequence[str], configs: dict[str, AdapterConfig] | None = None) -> int:
+        """:meth:`validate` and return the checkpoint's step."""
+        return int(self.validate(path, parts, configs)["step"])
+
+    def find_resumable(self, spec: str | None, parts: Sequence[str], configs: dict[str, AdapterConfig] | None = None
+                       ) -> tuple[Path | None, dict[str, Any] | None]:
+        """The checkpoint ``--resume_from_checkpoint spec`` names, checked (:meth:`validate`): ``(path, trainer state)``,
+        or ``(None, None)`` for no spec or ``latest`` with no checkpoint yet.
+
+        ``latest`` takes the newest checkpoint that passes the check, warning about each broken one it skips. A
+        named checkpoint that is broken is an :class:`AdapterFileError` naming it, the problem and the previous
+        complete checkpoint to resume from instead.
+        """
+        if spec is None:
+            return None, None
+        if spec == "latest":
+            found, problems = self.checkpoints(), []
+            for path in reversed(found):
+                try:
+                    return path, self.validate(path, parts, configs)
+                except AdapterFileError as err:
+                    logger.warning("--resume_from_checkpoint latest: skipping %s, it is broken (%s); trying the "
+                                   "previous checkpoint", path.name, err)
+                    problems.append(f"{path.name}: {err}")
+            if found:
+                raise AdapterFileError(f"--resume_from_checkpoint latest: no complete checkpoint in {self.root}; "
+                                       f"{'; '.join(problems[:3])}. Start a fresh run (another --output_dir, or "
+                                       "delete training_state/)")
+            return None, None
+        path = self.resolve(spec)
+        try:
+            return path, self.validate(path, parts, configs)
+        except AdapterFileError as err:
+            earlier = [p for p in self.checkpoints() if p.resolve() != path.resolve()
+                       and (not re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", path.name) or checkpoint_step(p) < checkpoint_step(path))]
+            previous = None
+            for candidate in reversed(earlier):
+                try:
+                    self.validate(candidate, parts, configs)
+                    previous = candidate
+                    break
+                except AdapterFileError:
+                    continue
+            offer = (f"The previous complete checkpoint is {previous}: --resume_from_checkpoint {previous.name}"
+                     if previous is not None else "No earlier complete checkpoint is left; start a fresh run")
+            raise AdapterFileError(f"checkpoint {path} cannot be resumed: {err}. {offer}") from None
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """After ``accelerator.load_state``: the loss history of ``state`` (a checked ``trainer_state.json``)."""
+        if self.history is not None:
+            self.history.rows = [dict(row) for row in state.get(HISTORY_KEY, [])]
 
     def register_hooks(self, accelerator: Accelerator, parts: dict[str, nn.Module], base_model: str | None = None,
                        export: Callable[[dict[str, nn.Module], Path], None] | None = None) -> None:
@@ -413,6 +511,7 @@ class CheckpointManager:
         The hooks pop the models accelerate would otherwise pickle whole (the frozen base too).
         ``export(parts, folder)`` (rank 0) adds files to each checkpoint, e.g. a diffusers LoRA file.
         """
+        self.parts = parts
         def find(model: nn.Module) -> str:
             inner = unwrap(accelerator, model)
             for name, part in parts.items():
@@ -435,27 +534,29 @@ class CheckpointManager:
 
         accelerator.register_save_state_pre_hook(save_hook)
         accelerator.register_load_state_pre_hook(load_hook)
-        self.parts = parts
 
     def load(self, accelerator: Accelerator, path: Path) -> None:
-        """``accelerator.load_state(path)`` (the DDP path under FSDP2: adapters are replicated, see distributed)."""
+        """``accelerator.load_state(path)`` with ``weights_only`` (runs no code from the folder); under FSDP2 its DDP
+        path, as the adapters are replicated (:func:`mm_subspace.distributed.data_parallel_state`)."""
         from .distributed import data_parallel_state
 
         with data_parallel_state(accelerator):
-            accelerator.load_state(str(path))
+            accelerator.load_state(str(path), load_kwargs={"weights_only": True})
         self.last_saved = path
 
     def save(self, accelerator: Accelerator, step: int, extra: dict[str, Any] | None = None) -> Path:
         """``accelerator.save_state`` into ``checkpoint-<step>`` atomically; then rotate. Call on every rank.
 
         Raises:
-            NonFiniteError: a trainable parameter holds NaN/inf (nothing is written; the last good checkpoint stays).
+            NonFiniteError: a trainable parameter holds NaN/inf: nothing is written, so the last checkpoint on
+                disk stays the last good one.
         """
         bad = nonfinite_parameters(self.parts)
         if bad:
-            kept = f"the last good checkpoint {self.last_saved} is kept" if self.last_saved else "no checkpoint was written"
-            raise NonFiniteError(f"step {step}: trainable parameters {bad[:3]} hold NaN/inf, so no checkpoint is written "
-                                 f"({kept}); lower --learning_rate or set --max_grad_norm")
+            raise NonFiniteError(
+                f"non-finite parameters at step {step}; first NaN/inf appears in adapter parameters {bad[:3]}. Training "
+                f"stopped without saving checkpoint-{step}. {_keep_message(self.last_saved)}"
+            )
         from .distributed import data_parallel_state
 
         final = self.root / f"{CHECKPOINT_PREFIX}{step}"
@@ -471,6 +572,8 @@ class CheckpointManager:
             state = {"step": step, "method": self.method, **(extra or {})}
             if self.num_processes is not None:
                 state["num_processes"] = self.num_processes
+            if self.history is not None:
+                state[HISTORY_KEY] = self.history.rows
             atomic_write_text(tmp / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
             fsync_dir(tmp)
             if final.exists():  # a re-run of the same step: replace it
@@ -499,7 +602,8 @@ def checkpoint_step(path: Path) -> int:
 
 # -- loss history and plots -------------------------------------------------------------------------
 class LossHistory:
-    """Per-step scalars (loss, aux loss, lr). Checkpointed with ``accelerator.register_for_checkpointing``."""
+    """Per-step scalars (loss, aux loss, lr). Checkpointed as JSON in ``trainer_state.json``
+    (``CheckpointManager.history``), never pickled."""
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
@@ -517,7 +621,7 @@ class LossHistory:
         return {"rows": list(self.rows)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rows = list(state["rows"])
+        self.rows = list(check_history_rows(state.get("rows") if isinstance(state, dict) else state, "loss history"))
 
 
 def save_loss_curve(history: LossHistory, path: str | os.PathLike, title: str = "training loss") -> Path:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from .adapters import TABLE_HEADERS, AdapterInfo, AdapterSet, adapter_info, find_adapters
 from .llava import Answer, LlavaAdapters, check_llava_request, save_merged_llava
-from .sdxl import BASE_LABEL, Generation, SDXLAdapters, check_sdxl_request
+from .sdxl import BASE_LABEL, Generation, RequestTimeout, SDXLAdapters, check_sdxl_request
 
 __all__ = [
     "BASE_LABEL",
@@ -32,6 +32,7 @@ __all__ = [
     "adapter_info",
     "check_llava_request",
     "check_sdxl_request",
+    "RequestTimeout",
     "find_adapters",
     "save_merged_llava",
 ]

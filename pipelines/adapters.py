@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mm_subspace.errors import SubspaceError
+from mm_subspace.errors import HubError, SubspaceError
 from mm_subspace.formats import describe_adapter
+from mm_subspace.hub import PIPELINE_ADAPTER_FILES, is_repo_id, resolve
 from mm_subspace.io import CONFIG_NAME
 
 logger = logging.getLogger(__name__)
@@ -106,13 +107,16 @@ def adapter_info(root: Path, name: str | None = None) -> AdapterInfo | None:
     ``None`` if ``root`` holds no adapter.
 
     A folder that looks like an adapter but cannot be read is returned with ``compatible=False``
-    and the reason, so a UI can list it instead of crashing.
+    and the reason, so a UI can list it instead of crashing: truncated or garbage weights, and a FIFO,
+    device or folder where ``adapter_config.json`` or ``adapter_model.safetensors`` belongs (never opened
+    for reading, so a FIFO cannot block).
     """
     root = Path(root)
-    if (root / CONFIG_NAME).is_file():
+    # lexists: a config that is a FIFO, a folder or a dangling link is listed with that reason, not skipped
+    if os.path.lexists(root / CONFIG_NAME):
         parts = {"": root}
     else:
-        parts = {c: root / c for c in SDXL_COMPONENTS if (root / c / CONFIG_NAME).is_file()}
+        parts = {c: root / c for c in SDXL_COMPONENTS if os.path.lexists(root / c / CONFIG_NAME)}
     if not parts:
         return None
     info = AdapterInfo(name=name or adapter_name_for(root), path=root, parts={}, family="sdxl")
@@ -141,26 +145,43 @@ def adapter_info(root: Path, name: str | None = None) -> AdapterInfo | None:
 def find_adapters(dirs: Iterable[str | os.PathLike[str]], max_depth: int = 3) -> list[AdapterInfo]:
     """Every adapter under ``dirs`` (each a folder of adapters, or an adapter folder itself).
 
+    One broken folder never stops the search: an adapter that cannot be read is in the list with
+    ``compatible=False`` and the reason (see :func:`adapter_info`); a folder that cannot be listed is
+    skipped with a warning.
+
     Names are unique within a family: a repeated name gets ``-2``, ``-3``... Sorted by family, then path.
     """
     found: list[AdapterInfo] = []
     seen: set[Path] = set()
 
     def visit(folder: Path, depth: int) -> None:
-        if folder.resolve() in seen or not folder.is_dir():
+        try:
+            resolved = folder.resolve()
+            if resolved in seen or not folder.is_dir():
+                return
+            info = adapter_info(folder)
+            if info is not None:
+                seen.add(resolved)
+                found.append(info)
+                return
+            if depth >= max_depth:
+                return
+            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SKIP_DIRS)
+        except (OSError, RuntimeError) as err:  # unreadable folder, symlink loop (RuntimeError before Python 3.13)
+            logger.warning("skipping %s: %s", folder, err)
             return
-        info = adapter_info(folder)
-        if info is not None:
-            seen.add(folder.resolve())
-            found.append(info)
-            return
-        if depth >= max_depth:
-            return
-        for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SKIP_DIRS):
+        for child in children:
             visit(child, depth + 1)
 
     for d in dirs:
-        visit(Path(d).expanduser(), 0)
+        folder = Path(d).expanduser()
+        if isinstance(d, str) and "/" in d.strip("/") and not os.path.lexists(folder) and is_repo_id(d):
+            try:  # owner/name that is no local folder: a Hub repository of adapters
+                folder = resolve(d, PIPELINE_ADAPTER_FILES)
+            except HubError as err:
+                logger.warning("skipping %s: %s", d, err)
+                continue
+        visit(folder, 0)
     found.sort(key=lambda i: (i.family, str(i.path)))
     used: dict[tuple[str, str], int] = {}
     for info in found:  # unique per family: the two families load into different pipelines
@@ -223,7 +244,7 @@ class AdapterSet:
         return info
 
     def load_adapter(self, path: str | os.PathLike[str] | AdapterInfo, name: str | None = None) -> AdapterInfo:
-        """Load one adapter (a flat adapter folder or a DreamBooth output folder) under ``name``.
+        """Load one adapter (a flat adapter folder, a DreamBooth output folder, or a Hub id of either) under ``name``.
 
         Raises :class:`mm_subspace.IncompatibleAdapterError` (or ``AdapterFileError``) with the reason
         if it does not fit; the pipeline is then unchanged. Use :meth:`load_adapters` to collect
@@ -233,6 +254,11 @@ class AdapterSet:
         from mm_subspace.inject import remove_adapter
         from mm_subspace.io import load_adapter
 
+        if isinstance(path, str) and not os.path.lexists(Path(path).expanduser()):
+            local = resolve(path, PIPELINE_ADAPTER_FILES)  # a hub id: only the adapter files are fetched
+            if local != Path(path).expanduser():
+                name = name or adapter_name_for(Path(path))  # named after the repository, not the cache folder
+            path = local
         info = path if isinstance(path, AdapterInfo) else adapter_info(Path(path), name)
         if info is None:
             raise AdapterFileError(

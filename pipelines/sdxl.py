@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -37,13 +38,25 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BASE_LABEL", "Generation", "SDXLAdapters", "check_sdxl_request"]
+__all__ = ["BASE_LABEL", "Generation", "RequestTimeout", "SDXLAdapters", "check_sdxl_request", "megapixel_steps"]
 
 BASE_LABEL = "base"
 #: limits of a generation request (the app rejects anything outside them with this message)
 MAX_STEPS = 150
 MIN_SIZE, MAX_SIZE = 32, 2048
 MAX_ROWS = 16
+#: prompt and negative prompt, in characters (the CLIP tokenizers keep 77 tokens; an 8 MB prompt took minutes to tokenize)
+MAX_PROMPT_CHARS = 2000
+
+
+class RequestTimeout(TimeoutError):
+    """A generation ran past its ``timeout`` and was stopped between two denoising steps."""
+
+
+def megapixel_steps(rows: int, steps: int, height: int, width: int, guidance: float) -> float:
+    """The work of a request: UNet evaluations × megapixels (classifier-free guidance doubles the batch)."""
+    cfg = 2 if float(guidance) > 1.0 else 1
+    return rows * cfg * int(steps) * int(height) * int(width) / 1e6
 
 
 @dataclass
@@ -70,10 +83,24 @@ class Generation:
         return f"{self.label} — {what} — {self.seconds:.2f} s ({how})"
 
 
-def check_sdxl_request(prompt: str, steps: int, height: int, width: int, guidance: float, rows: int) -> None:
-    """Raise ``ValueError`` naming the problem for an empty prompt, absurd sizes/steps or no adapter."""
+def check_prompt_length(prompt: str | None, what: str = "prompt") -> None:
+    """Raise ``ValueError`` for a prompt (or negative prompt) over :data:`MAX_PROMPT_CHARS` characters."""
+    if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the {what} is {len(prompt):,d} characters long; at most {MAX_PROMPT_CHARS:,d} (the text encoders "
+                         "read only the first 77 tokens)")
+
+
+def check_sdxl_request(prompt: str, steps: int, height: int, width: int, guidance: float, rows: int,
+                       negative_prompt: str | None = None) -> None:
+    """Raise ``ValueError`` naming the problem for an empty or over-long prompt, absurd sizes/steps or no adapter.
+    NaN and inf are refused like any other value out of range."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt is empty: type what the image should show")
+    check_prompt_length(prompt)
+    check_prompt_length(negative_prompt, "negative prompt")
+    for what, value in (("steps", steps), ("height", height), ("width", width), ("guidance", guidance)):
+        if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{what} must be a finite number, got {value}")
     if not (isinstance(steps, int) or float(steps).is_integer()) or not 1 <= int(steps) <= MAX_STEPS:
         raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {steps}")
     for what, value in (("height", height), ("width", width)):
@@ -101,6 +128,8 @@ class SDXLAdapters(AdapterSet):
         super().__init__(components)
         self.pipe = pipe
         pipe.set_progress_bar_config(disable=True)
+        #: measured cost of generation on this pipeline's device (seconds per megapixel-step), for :meth:`check_budget`
+        self.seconds_per_megapixel_step: float | None = None
 
     @classmethod
     def from_pretrained(
@@ -127,22 +156,60 @@ class SDXLAdapters(AdapterSet):
 
         return torch.Generator(device=self.device).manual_seed(int(seed))
 
-    def _call(self, prompt: str, k: int, seed: int, callback: Callable[[int, int], None] | None, **kwargs: Any) -> Any:
+    def calibrate(self, size: int | None = None, steps: int = 2) -> float:
+        """Measure this pipeline's cost on its device: one base image of ``size`` px (default: a quarter of the
+        native size, at least 64) and ``steps`` steps. Returns and keeps seconds per megapixel-step."""
+        size = size or max(64, self.pipe.default_sample_size * self.pipe.vae_scale_factor // 4)
+        self.generate("calibration", None, num_inference_steps=steps, height=size, width=size, output_type="np")
+        return self.seconds_per_megapixel_step or 0.0
+
+    def estimate_seconds(self, rows: int, steps: int, height: int, width: int, guidance: float) -> float | None:
+        """Seconds a request would take at the measured rate (``None`` before any generation or :meth:`calibrate`)."""
+        if self.seconds_per_megapixel_step is None:
+            return None
+        return megapixel_steps(rows, steps, height, width, guidance) * self.seconds_per_megapixel_step
+
+    def check_budget(self, rows: int, steps: int, height: int, width: int, guidance: float, max_seconds: float) -> None:
+        """Raise ``ValueError`` with the budget when a request would take longer than ``max_seconds`` on this device
+        (rows × steps × pixels at the measured rate; the rate is the slowest one seen, so estimates err long)."""
+        estimate = self.estimate_seconds(rows, steps, height, width, guidance)
+        if estimate is not None and estimate > max_seconds:
+            work = megapixel_steps(rows, steps, height, width, guidance)
+            raise ValueError(
+                f"this request is {rows} image(s) x {int(steps)} steps x {int(width)}x{int(height)} px = {work:,.1f} "
+                f"megapixel-steps, about {estimate:,.0f} s on this {self.device.type} "
+                f"({self.seconds_per_megapixel_step:.3g} s per megapixel-step); the budget is {max_seconds:,.0f} s per "
+                "request: use fewer steps, a smaller size or fewer adapters"
+            )
+
+    def _call(self, prompt: str, k: int, seed: int, callback: Callable[[int, int], None] | None,
+              timeout: float | None = None, **kwargs: Any) -> Any:
         steps = kwargs["num_inference_steps"]
+        start = time.perf_counter()
 
         def on_step(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             if callback is not None:
                 callback(i + 1, steps)
+            if timeout is not None and time.perf_counter() - start > timeout:
+                raise RequestTimeout(f"stopped after step {i + 1} of {steps}: the request ran past its timeout of "
+                                     f"{timeout:,.0f} s; use fewer steps, a smaller size or fewer adapters")
             return tensors
 
+        check_prompt_length(prompt)
         negative = kwargs.pop("negative_prompt", None) or None
+        check_prompt_length(negative, "negative prompt")
         out = self.pipe(
             prompt=[prompt] * k if k > 1 else prompt,
             negative_prompt=([negative] * k if k > 1 else negative) if negative else None,
             generator=[self._generator(seed) for _ in range(k)] if k > 1 else self._generator(seed),
-            callback_on_step_end=on_step if callback is not None else None,
+            callback_on_step_end=on_step if callback is not None or timeout is not None else None,
             **kwargs,
         )
+        height = kwargs.get("height") or self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        width = kwargs.get("width") or self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        work = megapixel_steps(k, steps, height, width, kwargs.get("guidance_scale", 5.0))
+        rate = (time.perf_counter() - start) / max(work, 1e-9)
+        self.seconds_per_megapixel_step = max(rate, self.seconds_per_megapixel_step or 0.0)
         return out.images
 
     def generate(
@@ -157,12 +224,15 @@ class SDXLAdapters(AdapterSet):
         width: int | None = None,
         output_type: str = "pil",
         callback: Callable[[int, int], None] | None = None,
+        timeout: float | None = None,
     ) -> Generation:
-        """One image with only ``adapter`` active (``None`` = the base): the stock pipeline call."""
+        """One image with only ``adapter`` active (``None`` = the base): the stock pipeline call.
+
+        ``timeout`` (seconds) stops the loop between two steps with :class:`RequestTimeout`."""
         with self.using(adapter):
             start = time.perf_counter()
             images = self._call(
-                prompt, 1, seed, callback, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                prompt, 1, seed, callback, timeout, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale, height=height, width=width, output_type=output_type,
             )
             seconds = time.perf_counter() - start
@@ -181,6 +251,7 @@ class SDXLAdapters(AdapterSet):
         output_type: str = "pil",
         scales: dict[str, float] | None = None,
         callback: Callable[[int, int], None] | None = None,
+        timeout: float | None = None,
     ) -> list[Generation]:
         """Images for K adapters (``None`` = base) from one prompt and seed, in one denoising loop.
 
@@ -191,12 +262,13 @@ class SDXLAdapters(AdapterSet):
 
         Args:
             scales: per-adapter scale (``set_scale``) applied before the call and kept.
+            timeout: seconds; the loop stops between two steps with :class:`RequestTimeout` after it.
         """
         adapters = self.batch_rows(adapters, scales, "generate_batch")
         with self.routed(adapters):
             start = time.perf_counter()
             images = self._call(
-                prompt, len(adapters), seed, callback, negative_prompt=negative_prompt,
+                prompt, len(adapters), seed, callback, timeout, negative_prompt=negative_prompt,
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
                 output_type=output_type,
             )
@@ -207,8 +279,13 @@ class SDXLAdapters(AdapterSet):
         ]
 
     def generate_sequential(self, prompt: str, adapters: Sequence[str | None], **kwargs: Any) -> list[Generation]:
-        """The reference for :meth:`generate_batch`: K separate :meth:`generate` calls."""
+        """The reference for :meth:`generate_batch`: K separate :meth:`generate` calls (``timeout`` covers all K)."""
         scales = kwargs.pop("scales", None) or {}
+        timeout = kwargs.pop("timeout", None)
         for name, scale in scales.items():
             self.set_scale(name, scale)
-        return [self.generate(prompt, name, **kwargs) for name in adapters]
+        start, out = time.perf_counter(), []
+        for name in adapters:
+            left = None if timeout is None else max(0.0, timeout - (time.perf_counter() - start))
+            out.append(self.generate(prompt, name, timeout=left, **kwargs))
+        return out

@@ -90,6 +90,77 @@ def run_two_cpu_processes(script: Path, args: list[str], env: dict | None = None
     return log, digests["0"]
 
 
+# --------------------------------------------------------------------------- a LLaMA-style LLaVA tokenizer
+#: llava-hf's LLaVA-1.5 chat template (written from its format: ``USER: <image>\nq ASSISTANT: a ``, no ``</s>``)
+LLAVA_HF_VICUNA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def _llama_corpus() -> list[str]:
+    from mm_subspace.data import llava as data
+
+    lines = [data.digit_caption(d) for d in range(10)] + data.digit_facts() + [data.VICUNA_SYSTEM]
+    lines += ["a white square.", "a black circle on a white background.", "what is in the image?", "describe the image."]
+    for question, answer in data.DIGIT_TASKS.values():
+        for d in range(10):
+            # conversations as LLaVA writes them: a turn after </s> starts with USER, never after a space
+            lines.append(f"{question} ASSISTANT: {answer(d)}</s>USER: {question} ASSISTANT: {answer(d)}</s>")
+    return lines
+
+
+def build_llama_llava_processor(folder: Path) -> Path:
+    """A LLaVA-1.5-like processor folder with a real LLaMA-style tokenizer, written into ``folder``.
+
+    The tokenizer is a SentencePiece BPE model with byte fallback and LLaMA's ``▁`` prefix (``<unk>``
+    0, ``<s>`` 1, ``</s>`` 2), trained here (0.02 s) on our own digits captions, number facts and
+    conversations, loaded as transformers' ``LlamaTokenizer`` (``legacy: false``), with ``<image>`` and
+    ``<pad>`` added after the vocabulary as llava-hf does; llava-hf's vicuna chat template. As in
+    LLaMA's vocabulary, ``USER`` is one piece and ``▁USER`` is not, so a turn that follows ``</s>`` is
+    one token shorter than the same turn on its own: the case LLaVA's ``preprocess_v1`` corrects for.
+    Returns ``folder / "llava"`` (``AutoProcessor.from_pretrained`` loads it; ``tokenizer.model`` beside).
+    """
+    import json
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, LlavaProcessor
+
+    from mm_subspace.tiny_models.vision import clip_image_processor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_llama_corpus()), model_prefix=str(folder / "sp"), model_type="bpe", vocab_size=600,
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, num_threads=1, minloglevel=2)
+    spm_dir = folder / "sentencepiece"
+    spm_dir.mkdir(exist_ok=True)
+    shutil.move(folder / "sp.model", spm_dir / "tokenizer.model")
+    (folder / "sp.vocab").unlink()
+    (spm_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "legacy": False, "add_bos_token": True, "add_eos_token": False, "model_max_length": 512}))
+    tok = AutoTokenizer.from_pretrained(spm_dir)
+    tok.add_tokens(["<image>"], special_tokens=True)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    processor = LlavaProcessor(image_processor=clip_image_processor(32), tokenizer=tok, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_HF_VICUNA_TEMPLATE, image_token="<image>")
+    out = folder / "llava"
+    processor.save_pretrained(out)
+    shutil.copy(spm_dir / "tokenizer.model", out / "tokenizer.model")
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_llava_processor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of :func:`build_llama_llava_processor` (built once per session)."""
+    return build_llama_llava_processor(tmp_path_factory.mktemp("llama_tokenizer"))
+
+
 def single_adapter_runs(model: torch.nn.Module, x: torch.Tensor, rows: list, batch_dim: int = 0) -> torch.Tensor:
     """What per-row routing must give: row i of ``x`` through adapter ``rows[i]`` alone (``None``: the base).
 

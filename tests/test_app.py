@@ -57,3 +57,51 @@ def test_llava_tab_answers_per_adapter(client, tmp_path):
                                    {"headers": ["adapter", "scale"], "data": [["lora", 1.0]]}, True, api_name="/answer")
     assert [row[0] for row in table["data"]] == ["base", "lora"] and status.startswith("**Done:** 2 answer(s)")
     assert table["data"][1][2:5] == ["lora", 4, table["data"][1][4]] and table["data"][1][4] > 0
+
+
+def _raw_generate(data: list) -> str:
+    """POST to the app's HTTP API with a JSON body that may hold NaN (gradio_client refuses to send it); the status."""
+    import json
+
+    import httpx
+
+    url = app_url().rstrip("/")
+    body = json.dumps({"data": data}, allow_nan=True)
+    event = httpx.post(f"{url}/gradio_api/call/generate", content=body, headers={"Content-Type": "application/json"},
+                       timeout=60).json()["event_id"]
+    stream = httpx.get(f"{url}/gradio_api/call/generate/{event}", timeout=120).text
+    lines = [line[len("data: "):] for line in stream.splitlines() if line.startswith("data: ")]
+    assert "event: complete" in stream, stream[-2000:]
+    return json.loads(lines[-1])[2]
+
+
+def test_nan_and_oversized_requests_get_our_rejected_message(client):
+    """NaN in an integer field reaches our checks (not Gradio's generic error); an over-long prompt is capped;
+    a request over the time budget is refused with its numbers before it runs."""
+    for kwargs, message in (({"prompt": "cat " * 1000}, "characters long; at most 2,000"),
+                            ({"steps": 150, "size": 2048}, "the budget is")):
+        gallery, _, status = generate(client, **kwargs)
+        assert gallery == [] and status.startswith("**Rejected:**") and message in status, status
+    nan = float("nan")
+    for position, message in ((2, "seed must be a whole number"), (3, "steps must be a finite number"),
+                              (5, "width must be a finite number")):
+        data = ["a photo of sks cat", "", 3, 2, 5.0, 32, 32, list(SDXL_NAMES), SCALES, True]
+        data[position] = nan
+        status = _raw_generate(data)
+        assert status.startswith("**Rejected:** " + message), status
+
+
+def test_integer_fields_pass_nan_through_to_our_checks():
+    import gradio as gr
+
+    from mm_subspace.apps import compare
+    from mm_subspace.pipelines import SDXLAdapters
+    from mm_subspace.tiny_models import tiny_sdxl_path
+
+    sd = SDXLAdapters.from_pretrained(tiny_sdxl_path(pretrained=False))
+    demo = compare.build_ui(sd, None, [])
+    numbers = [block for block in demo.blocks.values() if isinstance(block, gr.Number)]
+    assert len(numbers) == 5 and all(block.precision is None for block in numbers)  # no int() of a NaN in Gradio
+    assert numbers[0].preprocess(float("nan")) != numbers[0].preprocess(float("nan"))  # NaN arrives as NaN
+    gallery, _, status = compare.run_generate(sd, "cat", "", 0, float("nan"), 5.0, 32, 32, ["base"], [], True)
+    assert gallery == [] and status == "**Rejected:** steps must be a finite number, got nan"

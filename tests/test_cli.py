@@ -250,6 +250,51 @@ def test_dreambooth_command_trains_from_any_directory_like_the_script(tmp_path):
     assert (tmp_path / "cli_out" / "README.md").is_file()
 
 
+def test_merge_llava_writes_the_processor_stock_tools_load(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mm_subspace.data.llava import digit_image
+    from mm_subspace.tiny_models import tiny_llava_path
+
+    base = tiny_llava_path()
+    model = LlavaForConditionalGeneration.from_pretrained(base)
+    torch.manual_seed(0)
+    mms.inject(model, mms.MoSLoRAConfig(rank=2, alpha=4, init_weights=False, targets=r".*language_model\..*\.q_proj"))
+    mms.save_adapter(model, tmp_path / "adapter")
+    assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    processor = AutoProcessor.from_pretrained(tmp_path / "merged")  # the stock call that failed without the processor
+    reference = AutoProcessor.from_pretrained(base)
+    assert type(processor) is type(reference) and processor.chat_template == reference.chat_template
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "is the digit even?"}]}]
+    text = processor.apply_chat_template(chat, add_generation_prompt=True)
+    ours = processor(images=digit_image(4), text=text, return_tensors="pt", add_special_tokens=False)
+    ref = reference(images=digit_image(4), text=text, return_tensors="pt", add_special_tokens=False)
+    assert torch.equal(ours["input_ids"], ref["input_ids"]) and torch.equal(ours["pixel_values"], ref["pixel_values"])
+
+
+def test_merged_sdxl_pipeline_loads_in_stock_diffusers_without_torch_dtype(tmp_path):
+    """A pipeline whose text encoders are stored in fp16 (as stabilityai's SDXL): the merged folder declares float32
+    in the transformers configs, so stock diffusers loads one dtype throughout."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from mm_subspace.tiny_models import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(pretrained=False)
+    pipe.to(dtype=torch.float16)
+    pipe.save_pretrained(tmp_path / "base")
+    assert json.loads((tmp_path / "base" / "text_encoder" / "config.json").read_text())["dtype"] == "float16"
+    unet = tiny_sdxl_pipeline(pretrained=False).unet
+    torch.manual_seed(0)
+    mms.inject(unet, mms.MoSLoRAConfig(rank=2, alpha=4, init_weights=False, targets=["attn1.to_q"]))
+    mms.save_adapter(unet, tmp_path / "adapter" / "unet")
+    assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    merged = StableDiffusionXLPipeline.from_pretrained(tmp_path / "merged", local_files_only=True)
+    merged.set_progress_bar_config(disable=True)
+    assert {m.dtype for m in (merged.unet, merged.vae, merged.text_encoder, merged.text_encoder_2)} == {torch.float32}
+    image = merged("a photo", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+
+
 # -- the CLI's merge command on a broken base -------------------------------------------
 def test_cli_merge_with_broken_base_prints_one_error_line(tmp_path, capsys):
     folder = tmp_path / "a"

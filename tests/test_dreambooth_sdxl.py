@@ -276,7 +276,7 @@ def test_parse_args_errors_and_recipe() -> None:
 
 
 def test_bad_instance_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ConfigError, match="missing: no such folder"):  # at parse time: one error line from the CLI
         run(tmp_path / "o1", instance=tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="is empty"):
@@ -294,7 +294,7 @@ def test_bad_instance_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
 
 
 def test_bad_resolution_rank_and_resume(tmp_path: Path, instance_dir: Path, trained: Runs) -> None:
-    with pytest.raises(ValueError, match="not divisible by the VAE factor 4"):
+    with pytest.raises(ValueError, match=r"--resolution 33 is not divisible by 8 .*use 32 or 40"):
         run(tmp_path / "r", "--resolution", "33", "--max_train_steps", "1", instance=instance_dir)
     with pytest.raises(TargetError, match="rank 65 is larger than"):
         run(tmp_path / "k", "--rank", "65", "--max_train_steps", "1", instance=instance_dir)
@@ -304,6 +304,118 @@ def test_bad_resolution_rank_and_resume(tmp_path: Path, instance_dir: Path, trai
     with pytest.raises(ConfigError, match="belongs to a --adapter lora run"):
         db.main(db.parse_args([*FAST, "--adapter", "moslora", "--output_dir", lora_out,
                                "--instance_data_dir", str(instance_dir), "--resume_from_checkpoint", "latest"]))
+
+
+def test_resume_with_other_settings_or_a_broken_checkpoint_fails_before_any_model_loads(
+        tmp_path: Path, instance_dir: Path, trained: Runs, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import UNet2DConditionModel
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the checkpoint was checked")
+
+    lora_out = Path(trained["lora"]["output_dir"])  # trained (once per module) before models are forbidden
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_model)
+    resume = ["--adapter", "lora", "--output_dir", str(lora_out), "--instance_data_dir", str(instance_dir),
+              "--resume_from_checkpoint", "latest"]
+    with pytest.raises(ConfigError, match=r"other adapter settings: --rank 2 \(this run: 4\)"):
+        db.main(db.parse_args([*FAST, *resume, "--rank", "4"]))
+    checkpoint = lora_out / "training_state" / "checkpoint-2"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert [row["step"] for row in state["loss_history"]] == [1, 2]  # the history is JSON, not a pickle
+    assert not list(checkpoint.glob("*custom_checkpoint*"))
+    copy = tmp_path / "copy"
+    (copy / "training_state").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(checkpoint, copy / "training_state" / "checkpoint-2")
+    (copy / "training_state" / "checkpoint-2" / "trainer_state.json").write_text("[2]")
+    with pytest.raises(mms.AdapterFileError, match=r"checkpoint-2 cannot be resumed: .*must hold a JSON object, found list.*"
+                       "No earlier complete checkpoint is left"):
+        db.main(db.parse_args([*FAST, *resume[:2], "--output_dir", str(copy), "--instance_data_dir", str(instance_dir),
+                               "--resume_from_checkpoint", "checkpoint-2"]))
+
+
+def test_float_flags_must_be_finite_and_in_range(capsys: pytest.CaptureFixture) -> None:
+    for flag in ("--learning_rate", "--max_grad_norm", "--adam_beta1", "--adam_weight_decay", "--prior_loss_weight",
+                 "--snr_gamma", "--noise_offset", "--text_encoder_lr", "--alpha"):
+        for value in ("nan", "inf", "-inf"):
+            with pytest.raises(SystemExit) as exit_:
+                db.parse_args([f"{flag}={value}"])
+            assert exit_.value.code == 2
+            assert f"argument {flag}: must be a finite number, got '{value}'" in capsys.readouterr().err
+    for argv, says in ((["--adam_beta1", "1"], "--adam_beta1 must be in [0, 1)"),
+                       (["--adam_beta2", "-0.1"], "--adam_beta2 must be in [0, 1)"),
+                       (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1)"),
+                       (["--adam_epsilon", "0"], "--adam_epsilon must be > 0"),
+                       (["--adam_weight_decay", "-1"], "--adam_weight_decay must be >= 0"),
+                       (["--resolution", "4"], "--resolution 4 is not divisible by 8"),
+                       (["--instance_data_dir", "cat/"], "--instance_data_dir cat/: no such folder")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            db.parse_args(argv)
+    db.check_resolution(8, vae_factor=4, unet_factor=2)  # the embedded model's smallest size
+    with pytest.raises(ConfigError, match="too small for this model: its VAE \\(factor 8\\) and UNet \\(4x downsampling\\) need at least 32 px"):
+        db.check_resolution(16, vae_factor=8, unet_factor=4)  # SDXL
+    with pytest.raises(ConfigError, match="not divisible by the VAE factor 16 of x and 8 .*: use 16 or 32"):
+        db.check_resolution(24, vae_factor=16, vae_path="x")
+
+
+def test_interrupted_default_subject_leaves_no_partial_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mm_subspace.training import dreambooth_data
+
+    real = dreambooth_data.digits_eval.subject_images
+
+    def killed_after_two(n: int, size: int):
+        for i, image in enumerate(real(n, size=size)):
+            if i == 2:
+                raise KeyboardInterrupt  # the run is stopped while the images are written
+            yield image
+
+    folder = tmp_path / "out" / "instance_images"
+    monkeypatch.setattr(dreambooth_data.digits_eval, "subject_images", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        dreambooth_data.embedded_instance_folder(folder, 32, "digit")
+    assert not folder.exists() and not list(folder.parent.iterdir())
+    monkeypatch.setattr(dreambooth_data.digits_eval, "subject_images", real)
+    dreambooth_data.embedded_instance_folder(folder, 32, "digit")
+    assert len(list(folder.glob("*.png"))) == dreambooth_data.DIGIT_SUBJECT_IMAGES
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["instance_images"]
+
+
+def test_allow_outside_data_reaches_the_folder_reader(tmp_path: Path, instance_dir: Path) -> None:
+    from types import SimpleNamespace
+
+    from mm_subspace.training import dreambooth_data
+
+    data = tmp_path / "data"
+    tiny_models.write_cat_photos(data, n=1, size=40)
+    inside = next(data.glob("*.png")).name
+    outside = next(instance_dir.glob("*.png"))
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": inside, "text": "inside"}) + "\n"
+                                         + json.dumps({"file_name": str(outside), "text": "a photo of sks cat"}) + "\n")
+    solo = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    args = db.parse_args(["--instance_data_dir", str(data)])
+    assert args.allow_outside_data is False
+    with pytest.raises(mms.errors.DataError, match="outside"):
+        dreambooth_data.instance_records(args, tmp_path, 32, solo)
+    args = db.parse_args(["--instance_data_dir", str(data), "--allow_outside_data"])
+    records = dreambooth_data.instance_records(args, tmp_path, 32, solo)
+    assert sorted(r.caption for r in records) == ["a photo of sks cat", "inside"]
+
+
+def test_new_user_mistakes_end_in_one_error_line(tmp_path: Path) -> None:
+    """Run as a new user would (the script itself, offline): a hub id that cannot be fetched and a missing folder
+    each end in one `error:` line saying what to do, no traceback, no network retries."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    for argv, says in ((["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0"],
+                        ["'stabilityai/stable-diffusion-xl-base-1.0'", "HF_HUB_OFFLINE", "Pass a local folder", "hf auth login"]),
+                       (["--instance_data_dir", "cat/"], ["--instance_data_dir cat/: no such folder"]),
+                       (["--pretrained_model_name_or_path", str(tmp_path)], ["has no model_index.json"])):
+        proc = subprocess.run([sys.executable, str(SCRIPT), *argv, "--output_dir", str(tmp_path / "o"), "--report_to", "none"],
+                              capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path, check=False)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("dreambooth_sdxl.py: error: ") and all(s in last for s in says), last
 
 
 def test_nonfinite_loss_stops_naming_the_module_and_keeps_checkpoint(tmp_path: Path, instance_dir: Path) -> None:

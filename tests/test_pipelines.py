@@ -210,3 +210,73 @@ def test_visual_instruction_loop_fits_the_answers(llava):
     finally:
         mms.remove_adapter(llava.model, "fit")
         llava._apply()
+
+
+# -- requests: prompt length, budget, timeout, NaN --------------------------------------------------
+def test_prompts_are_capped_and_nan_is_refused(sdxl):
+    from mm_subspace.pipelines.sdxl import MAX_PROMPT_CHARS
+
+    long = "a " * MAX_PROMPT_CHARS
+    with pytest.raises(ValueError, match=f"the prompt is {len(long):,d} characters long; at most {MAX_PROMPT_CHARS:,d}"):
+        check_sdxl_request(long, 4, 64, 64, 5.0, 1)
+    with pytest.raises(ValueError, match="the negative prompt is .* characters long"):
+        check_sdxl_request("cat", 4, 64, 64, 5.0, 1, negative_prompt=long)
+    with pytest.raises(ValueError, match="the prompt is .* characters long"):  # the library call checks too
+        sdxl[0].generate(long, None, **GEN)
+    for field, args in (("steps", (float("nan"), 64, 64, 5.0)), ("height", (4, float("inf"), 64, 5.0)),
+                        ("guidance", (4, 64, 64, float("nan")))):
+        with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+            check_sdxl_request("cat", *args, 1)
+
+
+def test_budget_refuses_with_the_numbers_and_timeout_stops_the_loop(sdxl):
+    from mm_subspace.pipelines import RequestTimeout
+    from mm_subspace.pipelines.sdxl import megapixel_steps
+
+    sd = sdxl[0]
+    rate = sd.calibrate(size=32, steps=2)
+    assert rate > 0 and sd.seconds_per_megapixel_step == rate
+    assert megapixel_steps(2, 150, 1024, 1024, 5.0) == 2 * 2 * 150 * 1024 * 1024 / 1e6
+    estimate = sd.estimate_seconds(2, 150, 1024, 1024, 5.0)
+    assert estimate == pytest.approx(megapixel_steps(2, 150, 1024, 1024, 5.0) * rate)
+    with pytest.raises(ValueError, match=r"2 image\(s\) x 150 steps x 1024x1024 px = 629.1 megapixel-steps, about .* s on "
+                       r"this cpu .*the budget is 1 s per request: use fewer steps, a smaller size or fewer adapters"):
+        sd.check_budget(2, 150, 1024, 1024, 5.0, max_seconds=1)
+    sd.check_budget(1, 2, 32, 32, 5.0, max_seconds=estimate)  # within budget: no error
+    calls = []
+    with pytest.raises(RequestTimeout, match="stopped after step 1 of 5: the request ran past its timeout of 0 s"):
+        sd.generate_batch(PROMPT, ["lora", None], seed=0, timeout=0.0, callback=lambda i, n: calls.append(i),
+                          **{**GEN, "num_inference_steps": 5})
+    assert calls == [1]  # stopped between the first and the second step
+    out = sd.generate_batch(PROMPT, ["lora", None], seed=0, timeout=600.0, **GEN)
+    assert len(out) == 2
+
+
+def test_pipeline_loads_an_adapter_by_hub_id(sdxl, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+
+    sd, _, root = sdxl
+    calls = []
+
+    def snapshot_download(repo_id, *, allow_patterns=None, **kwargs):
+        calls.append((repo_id, list(allow_patterns)))
+        target = tmp_path / "cache" / repo_id.replace("/", "--")
+        shutil.copytree(root / "dreambooth-sdxl-moslora", target)
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    info = sd.load_adapter("someone/sdxl-moslora")
+    try:
+        assert info.name == "sdxl-moslora" and set(info.parts) == {"unet", "text_encoder", "text_encoder_2"}
+        assert calls[0][0] == "someone/sdxl-moslora" and "unet/adapter_model.safetensors" in calls[0][1]
+        one = sd.generate_batch(PROMPT, ["sdxl-moslora"], seed=3, **GEN)[0].image
+        two = sd.generate_batch(PROMPT, ["moslora"], seed=3, **GEN)[0].image
+        np.testing.assert_allclose(one, two, atol=ATOL)
+    finally:
+        for component in info.parts:
+            mms.remove_adapter(sd.components[component], info.name)
+        sd.adapters.pop(info.name, None)
+        sd.scales.pop(info.name, None)

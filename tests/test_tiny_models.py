@@ -338,3 +338,38 @@ def test_sample_photo_offline_and_error_names_fix() -> None:
     assert tm.sample_photo("camera", size=32).size == (32, 32)  # grayscale -> RGB
     with pytest.raises(ValueError, match="did you mean 'astronaut'"):
         tm.sample_photo("astronout")
+
+
+def _stock_sdxl_image(folder: Path) -> np.ndarray:
+    """An image from stock ``StableDiffusionXLPipeline.from_pretrained(folder)``: no ``torch_dtype`` argument."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a handwritten digit seven", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="np")
+    return out.images
+
+
+def test_shipped_tiny_sdxl_loads_in_stock_diffusers_without_torch_dtype() -> None:
+    image = _stock_sdxl_image(tm.tiny_sdxl_path())
+    ours = tm.tiny_sdxl_pipeline()  # float32 explicitly: the same model
+    ours.set_progress_bar_config(disable=True)
+    ref = ours("a handwritten digit seven", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    np.testing.assert_array_equal(image, ref)
+
+
+def test_declare_float32_configs_makes_an_fp16_pipeline_load_in_stock_diffusers(tmp_path: Path) -> None:
+    from mm_subspace.compat import declare_float32_configs
+
+    pipe = tm.tiny_sdxl_pipeline(pretrained=False)
+    pipe.to(dtype=torch.float16)
+    pipe.save_pretrained(tmp_path / "fp16")
+    with pytest.raises(RuntimeError, match="must have the same dtype"):  # what stock diffusers does with it
+        _stock_sdxl_image(tmp_path / "fp16")
+    assert declare_float32_configs(tmp_path / "fp16") == ["text_encoder", "text_encoder_2"]
+    assert declare_float32_configs(tmp_path / "fp16") == []  # idempotent
+    assert np.isfinite(_stock_sdxl_image(tmp_path / "fp16")).all()
+    with pytest.raises(ValueError, match="no model_index.json"):
+        declare_float32_configs(tmp_path)

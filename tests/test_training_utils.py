@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import mm_subspace as mms
-from mm_subspace.errors import ConfigError, NonFiniteError
+from mm_subspace.errors import AdapterFileError, ConfigError, NonFiniteError
 from mm_subspace.training_utils import (
     CheckpointManager,
     LossHistory,
@@ -41,7 +41,7 @@ def test_checkpoints_are_atomic_rotated_and_restore_adapters_exactly(tmp_path: P
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     manager = CheckpointManager(tmp_path, "moslora", total_limit=2)
     manager.register_hooks(accelerator, {"net": model})
-    accelerator.register_for_checkpointing(history)
+    manager.history = history  # JSON in trainer_state.json, never pickled
     model, optimizer = accelerator.prepare(model, optimizer)
     digests = {}
     for step in (1, 2, 3):
@@ -64,7 +64,9 @@ def test_checkpoints_are_atomic_rotated_and_restore_adapters_exactly(tmp_path: P
             p.add_(1.0)
     history.rows.clear()
     assert manager.check_resumable(manager.resolve("checkpoint-2"), ["net"]) == 2
-    accelerator.load_state(str(manager.resolve("checkpoint-2")))
+    path, state = manager.find_resumable("checkpoint-2", ["net"])
+    accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+    manager.restore(state)
     assert adapters_digest({"net": model}) == digests[2]
     assert [r["step"] for r in history.rows] == [1, 2]
 
@@ -207,3 +209,115 @@ def test_inf_in_base_input_names_the_first_module():
     with torch.no_grad():
         m[0].base_layer.weight[0, 0] = float("inf")
     assert locate_nonfinite({"model": m}, lambda: m(X_NET)) == "model.0.base_layer (Linear)"
+
+
+# -- resuming runs no code and names the broken checkpoint --------------------------------------------
+class _RunsCode:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _three_checkpoints(root: Path, method: str = "moslora"):
+    """A 3-step run on the CPU with a checkpoint per step: (accelerator, manager, model, optimizer, history)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny(method)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    manager = CheckpointManager(root, method)
+    manager.register_hooks(accelerator, {"net": model})
+    manager.history = LossHistory()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    inputs = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    for step in (1, 2, 3):
+        model(inputs).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        manager.history.append(step, loss=0.5 / step)
+        manager.save(accelerator, step)
+    return accelerator, manager, model, optimizer
+
+
+def test_resume_never_unpickles_accelerate_custom_state(tmp_path: Path) -> None:
+    accelerator, manager, _, _ = _three_checkpoints(tmp_path)
+    latest = manager.root / "checkpoint-3"
+    assert not list(latest.glob("custom_checkpoint_*")), "nothing may be registered for a pickled custom state"
+    state = json.loads((latest / "trainer_state.json").read_text())
+    assert state["loss_history"] == [{"step": s, "loss": 0.5 / s} for s in (1, 2, 3)]
+    marker = tmp_path / "code-ran"
+    torch.save({"rows": [], "payload": _RunsCode(str(marker))}, latest / "custom_checkpoint_0.pkl")
+    with pytest.raises(ConfigError, match=r"holds custom_checkpoint_0.pkl: pickled state .* Delete the file"):
+        manager.find_resumable("latest", ["net"])
+    assert not marker.exists()
+    (latest / "custom_checkpoint_0.pkl").unlink()
+    manager.history.rows.clear()
+    path, state = manager.find_resumable("latest", ["net"])
+    accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+    manager.restore(state)
+    assert not marker.exists()
+    assert [r["step"] for r in manager.history.rows] == [1, 2, 3]
+    torch.save({"state": {}, "payload": _RunsCode(str(marker))}, latest / "optimizer.bin")
+    with pytest.raises(AdapterFileError, match=r"checkpoint-3/optimizer.bin cannot be read as tensors"):
+        manager.find_resumable("checkpoint-3", ["net"])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(("breakage", "says"), [
+    ("state_list", "must hold a JSON object, found list"),
+    ("state_no_step", "'step' is missing"),
+    ("state_not_utf8", "is not UTF-8"),
+    ("optimizer_truncated", "optimizer.bin cannot be read as tensors"),
+    ("weights_truncated", "adapter_model.safetensors does not match the checksum"),
+])
+def test_broken_checkpoint_is_named_and_latest_falls_back(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                          breakage: str, says: str) -> None:
+    _, manager, _, _ = _three_checkpoints(tmp_path)
+    broken = manager.root / "checkpoint-3"
+    state = broken / "trainer_state.json"
+    if breakage == "state_list":
+        state.write_text("[3]")
+    elif breakage == "state_no_step":
+        state.write_text('{"method": "moslora"}')
+    elif breakage == "state_not_utf8":
+        state.write_bytes(b'{"step": 3, "method": "mos\xfflora"}')
+    else:
+        target = broken / ("optimizer.bin" if breakage == "optimizer_truncated" else "net/adapter_model.safetensors")
+        data = target.read_bytes()
+        target.write_bytes(data[: len(data) // 2])
+    with caplog.at_level("WARNING"):
+        path, resumed = manager.find_resumable("latest", ["net"])
+    assert path.name == "checkpoint-2" and resumed["step"] == 2
+    assert "skipping checkpoint-3, it is broken" in caplog.text and says in caplog.text
+    with pytest.raises(AdapterFileError) as err:
+        manager.find_resumable("checkpoint-3", ["net"])
+    message = str(err.value)
+    assert f"checkpoint {broken} cannot be resumed" in message and says in message
+    assert "previous complete checkpoint is" in message and "--resume_from_checkpoint checkpoint-2" in message
+    for name in ("checkpoint-1", "checkpoint-2"):
+        (manager.root / name / "trainer_state.json").write_text("{}")
+    with pytest.raises(AdapterFileError, match="no complete checkpoint in"):
+        manager.find_resumable("latest", ["net"])
+
+
+def test_other_adapter_settings_are_refused_before_any_model_loads(tmp_path: Path) -> None:
+    _, manager, _, _ = _three_checkpoints(tmp_path)
+    same = mms.config_for("moslora", rank=2, targets=["0", "2"])
+    assert manager.find_resumable("latest", ["net"], {"net": same})[1]["step"] == 3
+    with pytest.raises(ConfigError, match=r"other adapter settings: --rank 2 \(this run: 4\)"):
+        manager.find_resumable("latest", ["net"], {"net": same.replace(rank=4)})
+    with pytest.raises(ConfigError, match=r"--target_preset \['0', '2'\] \(this run: \['0'\]\)"):
+        manager.find_resumable("latest", ["net"], {"net": same.replace(targets=["0"])})
+
+
+def test_no_checkpoint_of_nonfinite_parameters(tmp_path: Path) -> None:
+    accelerator, manager, model, _ = _three_checkpoints(tmp_path)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match=r"non-finite parameters at step 4; first NaN/inf appears in adapter parameters "
+                       r"\['net\..*without saving checkpoint-4\. The last good checkpoint .*checkpoint-3 is kept"):
+        manager.save(accelerator, 4)
+    assert [p.name for p in manager.checkpoints()] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert not list(manager.root.glob(".checkpoint-4*"))

@@ -338,5 +338,152 @@ def test_shipped_tiny_llava_is_pretrained_and_verified() -> None:
     for pretrained in (True, False):
         model, processor = tiny_models.tiny_llava(pretrained=pretrained)
         encoder = data.ConversationEncoder(processor)
-        accuracy[pretrained] = vi.evaluate(model, encoder, caption, 32, 6, vi.PixelCache(processor.image_processor))
+        accuracy[pretrained] = vi.evaluate(model, encoder, caption, 32, 6, vi.pixel_values(processor.image_processor))
     assert accuracy[True]["mean_accuracy"] >= 0.8 and accuracy[False]["mean_accuracy"] == 0.0
+
+
+def test_float_flags_finite_and_data_paths_checked(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    for flag in ("--learning_rate", "--max_grad_norm", "--adam_beta2", "--lora_dropout", "--vision_alpha"):
+        with pytest.raises(SystemExit):
+            vi.parse_args([f"{flag}=nan"])
+        assert f"argument {flag}: must be a finite number, got 'nan'" in capsys.readouterr().err
+    for argv, says in ((["--adam_beta1", "1"], "--adam_beta1 must be in [0, 1)"),
+                       (["--lr_warmup_ratio", "1.5"], "--lr_warmup_ratio must be in [0, 1)"),
+                       (["--adam_epsilon", "0"], "--adam_epsilon must be > 0"),
+                       (["--data_path", str(tmp_path / "none.json")], "none.json: no such file"),
+                       (["--data_path", str(tmp_path), "--image_folder", str(tmp_path / "imgs")], "--data_path")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            vi.parse_args(argv)
+
+
+def test_allow_outside_data_reaches_the_llava_reader(tmp_path: Path) -> None:
+    from mm_subspace.tiny_models import write_cat_photos
+
+    images, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    write_cat_photos(elsewhere, n=1, size=32)
+    images.mkdir()
+    record = {"id": "0", "image": str(next(elsewhere.glob("*.png"))),
+              "conversations": [{"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": "a cat"}]}
+    data_path = tmp_path / "data.json"
+    data_path.write_text(json.dumps([record]))
+    flags = ["--data_path", str(data_path), "--eval_data_path", str(data_path), "--image_folder", str(images)]
+    args = vi.parse_args(flags)
+    with pytest.raises(mms.errors.DataError, match="outside"):  # the lazy training set
+        vi.training_set(args, None, None)
+    assert isinstance(vi.load_records(args)[0], mms.errors.DataError)  # the evaluation records
+    args = vi.parse_args([*flags, "--allow_outside_data"])
+    assert len(vi.training_set(args, None, None)) == 1
+    assert not isinstance(vi.load_records(args)[0], mms.errors.DataError)
+
+
+# --------------------------------------------------------------------------- a LLaVA-1.5-like folder
+def _records_665k_like(folder: Path) -> list[dict]:
+    """llava_v1_5_mix665k-shaped records: single- and multi-turn image conversations (``<image>`` first or last
+    in the question), and ShareGPT-style text-only conversations."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "coco" / "train2017").mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "coco" / "train2017" / f"{k:012d}.jpg")
+    image = {"image": "coco/train2017/000000000000.jpg"}
+    return [
+        {"id": "000000000000", **image, "conversations": [
+            {"from": "human", "value": "<image>\nwhat is in the image?"}, {"from": "gpt", "value": "a white square."}]},
+        {"id": "000000000001", "image": "coco/train2017/000000000001.jpg", "conversations": [
+            {"from": "human", "value": "describe the image.\n<image>"}, {"from": "gpt", "value": "a black circle."},
+            {"from": "human", "value": "is seven even?"}, {"from": "gpt", "value": "no, seven is odd."}]},
+        {"id": "000000000002", "image": "coco/train2017/000000000002.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nwhat is the digit plus one?"}, {"from": "gpt", "value": "eight"}]},
+        {"id": "sharegpt-0", "conversations": [
+            {"from": "human", "value": "what comes after three?"}, {"from": "gpt", "value": "four"},
+            {"from": "human", "value": "and after nine?"}, {"from": "gpt", "value": "ten"}]},
+        {"id": "sharegpt-1", "conversations": [
+            {"from": "human", "value": "is eight even?"}, {"from": "gpt", "value": "yes, eight is even."}]},
+    ]
+
+
+@pytest.fixture(scope="module")
+def llava15_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LLaVA-1.5-like folder (random tiny ``LlavaForConditionalGeneration``, LLaMA-style SentencePiece tokenizer,
+    llava-hf's vicuna chat template, ``<image>`` added after the vocabulary) and a 665K-shaped JSON beside it."""
+    from transformers import AutoProcessor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from conftest import build_llama_llava_processor
+    from mm_subspace.tiny_models.vision import tiny_clip_vision_config
+
+    root = tmp_path_factory.mktemp("llava15_like")
+    processor = AutoProcessor.from_pretrained(build_llama_llava_processor(root / "tokenizer"))
+    tok = processor.tokenizer
+    text = LlamaConfig(vocab_size=64 * -(-len(tok) // 64), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+                       initializer_range=0.3)  # a frozen random head of std 0.02 caps the logits near 1: nothing to memorise with
+    config = LlavaConfig(vision_config=tiny_clip_vision_config(), text_config=text,
+                         image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=16, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(root / "llava-1.5-like")
+    processor.save_pretrained(root / "llava-1.5-like")
+    (root / "data.json").write_text(json.dumps(_records_665k_like(root)))
+    return root
+
+
+def test_real_model_defaults_are_the_recipe_and_logged() -> None:
+    real = vi.parse_args(["--model_name_or_path", "some/llava", "--data_path", "d.json"])
+    assert (real.learning_rate, real.train_batch_size, real.gradient_accumulation_steps) == (2e-5, 8, 2)
+    assert real.gradient_checkpointing is True
+    assert real.bnb_4bit_compute_dtype == ("bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+                                           else "float32")
+    assert any("--learning_rate 2e-05 (recipe moslora_vi_llama3" in n for n in real.default_notes)
+    assert any("--gradient_checkpointing" in n for n in real.default_notes)
+    explicit = vi.parse_args(["--model_name_or_path", "m", "--data_path", "d.json", "--learning_rate", "1e-3",
+                              "--train_batch_size", "2", "--no-gradient_checkpointing"])
+    assert (explicit.learning_rate, explicit.train_batch_size, explicit.gradient_accumulation_steps) == (1e-3, 2, 2)
+    assert explicit.gradient_checkpointing is False
+    embedded = vi.parse_args([])
+    assert (embedded.learning_rate, embedded.train_batch_size, embedded.gradient_checkpointing) == (2e-3, 16, False)
+    assert embedded.default_notes == [] and embedded.bnb_4bit_compute_dtype == "float32"
+
+
+def test_llava15_like_folder_trains_and_greedy_answers_end_at_eos(llava15_like: Path, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The LLaVA user's path: a LLaVA-1.5-like folder with a LLaMA SentencePiece tokenizer and the vicuna template, a
+    665K-shaped JSON (multi-turn, text-only). A short memorisation run; every greedy answer is the trained answer
+    followed by ``</s>``, so the model learned to stop."""
+    import logging
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model_dir, data_path = llava15_like / "llava-1.5-like", llava15_like / "data.json"
+    argv = ["--model_name_or_path", str(model_dir), "--data_path", str(data_path), "--image_folder", str(llava15_like),
+            "--report_to", "none", "--threads", "1", "--adapter", "lora", "--rank", "16", "--learning_rate", "1e-2",
+            "--train_batch_size", "5", "--gradient_accumulation_steps", "1", "--max_train_steps", "60",
+            "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--tune_projector", "full", "--skip_eval",
+            "--group_by_modality_length", "--dataloader_num_workers", "1", "--checkpointing_steps", "1000"]
+    with caplog.at_level(logging.INFO):
+        result = run(tmp_path / "out", *argv, fast=[])
+    assert "conversation template: vicuna_v1" in caplog.text
+    assert "real-model default: --gradient_checkpointing" in caplog.text
+    assert result["final_loss"] < 0.05, result["final_loss"]
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    mms.load_adapter(model, tmp_path / "out", "default")
+    encoder = data.ConversationEncoder(processor)
+    tok = processor.tokenizer
+    records = data.load_llava_json(data_path, llava15_like)
+    for rec in records:
+        for k in range(1, len(rec.messages), 2):  # every answer of every turn, given the conversation before it
+            prompt = torch.tensor([encoder.prompt_ids(rec.messages[:k])])
+            kwargs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
+            if rec.image is not None:
+                kwargs["pixel_values"] = processor.image_processor([rec.image], return_tensors="pt")["pixel_values"]
+            with torch.no_grad():
+                out = model.generate(**kwargs, max_new_tokens=24, do_sample=False, eos_token_id=encoder.stop_token_ids,
+                                     pad_token_id=tok.pad_token_id)[0, prompt.shape[1]:].tolist()
+            expected = tok(" " + rec.messages[k]["content"] + "</s>", add_special_tokens=False).input_ids
+            assert out == expected, (rec.id, k, tok.convert_ids_to_tokens(out))
+            assert out[-1] == tok.eos_token_id

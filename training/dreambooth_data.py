@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from mm_subspace import tiny_models
+from mm_subspace.atomic import atomic_dir
 from mm_subspace.caption_data import ImageRecord, dataset_records, folder_records
 from mm_subspace.eval import digits as digits_eval
 from mm_subspace.training_utils import sample_epoch_indices, step_seed
@@ -33,17 +34,19 @@ def embedded_instance_folder(folder: Path, resolution: int, subject: str = "digi
 
     ``digit``: real scans of the digit 9 from the digits test split (held out of the embedded model's
     pretraining, see :mod:`mm_subspace.eval.digits`); ``cat``: real cat photos (scikit-image's chelsea, CC0).
+    The images are written to a temporary folder renamed into place when complete (:func:`atomic_dir`): a run
+    killed meanwhile leaves no partial folder for the next run to train on.
     """
     if folder.is_dir():
         return folder
-    if subject == "digit":
-        folder.mkdir(parents=True)
-        for i, image in enumerate(digits_eval.subject_images(DIGIT_SUBJECT_IMAGES, size=resolution)):
-            image.save(folder / f"digit9_{i:02d}.png")
-        logger.info("wrote %d test-split scans of the digit 9 to %s", DIGIT_SUBJECT_IMAGES, folder)
-    else:
-        tiny_models.write_cat_photos(folder, n=EMBEDDED_INSTANCE_IMAGES, size=max(resolution, 64))
-        logger.info("wrote %d cat photos to %s", EMBEDDED_INSTANCE_IMAGES, folder)
+    with atomic_dir(folder) as tmp:
+        if subject == "digit":
+            for i, image in enumerate(digits_eval.subject_images(DIGIT_SUBJECT_IMAGES, size=resolution)):
+                image.save(tmp / f"digit9_{i:02d}.png")
+        else:
+            tiny_models.write_cat_photos(tmp, n=EMBEDDED_INSTANCE_IMAGES, size=max(resolution, 64))
+    count = DIGIT_SUBJECT_IMAGES if subject == "digit" else EMBEDDED_INSTANCE_IMAGES
+    logger.info("wrote %d %s to %s", count, "test-split scans of the digit 9" if subject == "digit" else "cat photos", folder)
     return folder
 
 
@@ -58,7 +61,7 @@ def instance_records(args: argparse.Namespace, output_dir: Path, resolution: int
     if args.instance_data_dir is None and accelerator.is_main_process:
         embedded_instance_folder(folder, resolution, args.default_subject)
     accelerator.wait_for_everyone()
-    return folder_records(folder, args.caption_column)
+    return folder_records(folder, args.caption_column, allow_outside=args.allow_outside_data)
 
 
 def resize_short_side(images: list[Any], resolution: int, interpolation: str) -> list[Any]:

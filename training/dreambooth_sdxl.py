@@ -40,6 +40,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -54,13 +55,14 @@ from mm_subspace.caption_data import list_images
 from mm_subspace.distributed import (SkippedSteps, apply_test_overrides, check_setup, log_sharding,
                                      process_group_kwargs, replicate_trainable, sync_replicated_grads)
 from mm_subspace.errors import ConfigError, MergeError
+from mm_subspace.hub import resolve_model
 from mm_subspace.eval import digits as digits_eval
 from mm_subspace.atomic import atomic_write_text
 from mm_subspace.compat import enable_activation_checkpointing, require
 from mm_subspace.training.dreambooth_data import DIGIT_SUBJECT_IMAGES, MicroBatches, instance_records, schedule
 from mm_subspace.training.dreambooth_report import (digit_quality, log_images, model_card, public_flags, push_to_hub,
                                                     stack_grids)
-from mm_subspace.training.script_flags import add_flags, str_to_bool
+from mm_subspace.training.script_flags import add_flags, check_unit_interval, finite_float, str_to_bool
 from mm_subspace.training.sdxl_diffusion import (diffusion_loss, draw_noise, edm_denoised, edm_inputs, encode_prompt,
                                                  generate_class_images, tokenize, validation_images)
 from mm_subspace.training_utils import (
@@ -149,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset_name", type=str, default=None,
                    help="Instead of --instance_data_dir: a datasets data set (a folder saved with save_to_disk, a local "
                    "data folder, or a hub id). Needs the `datasets` library (extra: train).")
+    g.add_argument("--allow_outside_data", action="store_true",
+                   help="Accept images named by metadata.jsonl/metadata.csv (and symlinks) that resolve outside "
+                   "--instance_data_dir / --class_data_dir (data kept elsewhere on purpose). Default: refused.")
     g.add_argument("--dataset_config_name", type=str, default=None, help="Config of --dataset_name, if it has several.")
     g.add_argument("--cache_dir", type=str, default=None, help="Cache folder of downloaded data sets.")
     g.add_argument("--repeats", type=int, default=1, help="How many times each instance image is repeated per epoch.")
@@ -175,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "Default: <output_dir>/class_images.")
     g.add_argument("--class_prompt", type=str, default=None, help="Prompt of the class, e.g. 'a photo of a cat'.")
     g.add_argument("--num_class_images", type=int, default=100, help="Number of class images to use (and generate if missing).")
-    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
+    g.add_argument("--prior_loss_weight", type=finite_float, default=1.0, help="Weight of the prior-preservation loss.")
     g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
     g.add_argument("--class_inference_steps", type=int, default=25, help="Denoising steps per generated class image.")
     g.add_argument("--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
@@ -193,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
               learning_rate={"default": None, "help": f'Learning rate of the adapter parameters. Default: {EMBEDDED_LEARNING_RATE:g} on the embedded model, 1e-4 otherwise.'},
               adam_weight_decay={"default": 0.0001, "help": 'AdamW weight decay of the UNet adapters.'},
               gradient_checkpointing={"help": 'Trade compute for memory in the UNet (and text encoders).'})
-    g.add_argument("--text_encoder_lr", type=float, default=5e-6,
+    g.add_argument("--text_encoder_lr", type=finite_float, default=5e-6,
                    help="Learning rate of text-encoder adapters (as diffusers; with --optimizer prodigy it is --learning_rate).")
     g.add_argument("--scale_lr", action="store_true",
                    help="Multiply --learning_rate (not --text_encoder_lr, as diffusers) by accumulation × batch size × processes.")
@@ -202,17 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "use --learning_rate 1.0).")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit (extra: quant). AdamW only.")
     g.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
-    g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
-    g.add_argument("--adam_weight_decay_text_encoder", type=float, default=1e-3, help="AdamW weight decay of text-encoder adapters.")
-    g.add_argument("--prodigy_beta3", type=float, default=None,
+    g.add_argument("--lr_power", type=finite_float, default=1.0, help="Power of the polynomial scheduler.")
+    g.add_argument("--adam_weight_decay_text_encoder", type=finite_float, default=1e-3, help="AdamW weight decay of text-encoder adapters.")
+    g.add_argument("--prodigy_beta3", type=finite_float, default=None,
                    help="Prodigy's step-size running-average coefficient. Default: sqrt(beta2).")
     g.add_argument("--prodigy_decouple", type=str_to_bool, default=True, help="Prodigy: AdamW-style decoupled weight decay (true/false).")
     g.add_argument("--prodigy_use_bias_correction", type=str_to_bool, default=True, help="Prodigy: Adam's bias correction (true/false).")
     g.add_argument("--prodigy_safeguard_warmup", type=str_to_bool, default=True,
                    help="Prodigy: leave lr out of the D estimate's denominator during warm-up (true/false).")
-    g.add_argument("--snr_gamma", type=float, default=None,
+    g.add_argument("--snr_gamma", type=finite_float, default=None,
                    help="Min-SNR weighting gamma (Hang et al. 2023, §3.4); 5.0 is recommended. Default: plain MSE.")
-    g.add_argument("--noise_offset", type=float, default=0.0, help="Noise offset (per-channel constant added to the noise).")
+    g.add_argument("--noise_offset", type=finite_float, default=0.0, help="Noise offset (per-channel constant added to the noise).")
     g.add_argument("--do_edm_style_training", action="store_true",
                    help="EDM-style training (Karras et al. 2022): sigmas from an Euler scheduler, preconditioned inputs and "
                    "outputs, x0 target. Switched on automatically for a model whose scheduler is an EDM one "
@@ -299,7 +304,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                      "max_skipped_steps", "class_inference_steps",
                      "text_encoder_lr", "repeats", "num_train_epochs", "validation_epochs"])
     check_positive(args, ["num_validation_images", "prior_loss_weight", "lr_warmup_steps", "max_grad_norm", "noise_offset",
-                     "dataloader_num_workers"], allow_zero=True)
+                     "dataloader_num_workers", "adam_weight_decay", "adam_weight_decay_text_encoder", "alpha",
+                     "lora_dropout", "lr_power"], allow_zero=True)
+    check_positive(args, ["adam_epsilon"])
+    check_unit_interval(args)
+    if args.resolution is not None:
+        check_resolution(args.resolution)  # the VAE and UNet factors are checked once the model's config is read
     if args.train_text_encoder_ti:
         raise ConfigError(
             "--train_text_encoder_ti (pivotal tuning: new token embeddings, diffusers' advanced script) is not supported: "
@@ -307,6 +317,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         )
     if args.dataset_name and args.instance_data_dir:
         raise ValueError("pass one of --dataset_name and --instance_data_dir, not both")
+    if args.instance_data_dir is not None and not Path(args.instance_data_dir).expanduser().is_dir():
+        raise ConfigError(f"--instance_data_dir {args.instance_data_dir}: no such folder; pass the folder of the "
+                          "subject's images (or leave the flag out for the embedded default subject)")
     if args.validation_steps and args.validation_epochs:
         raise ValueError("pass one of --validation_steps and --validation_epochs, not both")
     if args.do_edm_style_training and args.snr_gamma is not None:
@@ -365,6 +378,31 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.validation_prompt is None:
         args.validation_prompt = args.instance_prompt
     return args
+
+
+#: SDXL pipelines generate only sizes divisible by 8 (their own check), whatever the VAE
+PIPELINE_SIZE_FACTOR = 8
+
+
+def _multiple_hint(value: int, factor: int) -> str:
+    below = max(factor, value - value % factor)
+    return f"use {below}" + (f" or {below + factor}" if below < value else "")
+
+
+def check_resolution(resolution: int, vae_factor: int = 1, unet_factor: int = 1, vae_path: str = "") -> None:
+    """``--resolution`` must be a multiple of the VAE factor and of 8 (the SDXL pipeline's validation and class
+    images), and give a latent at least as large as the UNet's downsampling (``2**(down blocks - 1)``): checked
+    before training (the parse-time part without a model), so a bad size never trains and then fails in the final
+    validation or evaluation."""
+    factor = math.lcm(vae_factor, PIPELINE_SIZE_FACTOR)
+    if resolution % factor:
+        of = f"the VAE factor {vae_factor} of {vae_path} and " if factor != PIPELINE_SIZE_FACTOR else ""
+        raise ConfigError(f"--resolution {resolution} is not divisible by {of}{PIPELINE_SIZE_FACTOR} (SDXL pipelines "
+                          f"generate sizes divisible by {PIPELINE_SIZE_FACTOR}): {_multiple_hint(resolution, factor)}")
+    smallest = math.lcm(factor, vae_factor * unet_factor)
+    if resolution < smallest:
+        raise ConfigError(f"--resolution {resolution} is too small for this model: its VAE (factor {vae_factor}) and "
+                          f"UNet ({unet_factor}x downsampling) need at least {smallest} px")
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -460,6 +498,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                           "PyTorch's SDPA attention runs, already memory-efficient: drop the flag")
 
     # -- 1. everything that can be wrong with the input is checked before any model loads ----------
+    # a local folder must hold the model, a hub id must be fetchable: one HubError, no retries and tracebacks
+    if args.pretrained_model_name_or_path:
+        resolve_model(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", "model_index.json")
+    if args.pretrained_vae_model_name_or_path:
+        resolve_model(args.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path", "config.json")
     model_path = args.pretrained_model_name_or_path or str(tiny_models.tiny_sdxl_path())
     vae_path = args.pretrained_vae_model_name_or_path or model_path
     vae_sub = None if args.pretrained_vae_model_name_or_path else "vae"
@@ -467,11 +510,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     vae_cfg = AutoencoderKL.load_config(vae_path, subfolder=vae_sub, revision=args.revision)
     vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     resolution = args.resolution or int(unet_cfg["sample_size"]) * vae_factor
-    if resolution % vae_factor:
-        raise ValueError(
-            f"--resolution {resolution} is not divisible by the VAE factor {vae_factor} of {vae_path}: use "
-            f"{resolution - resolution % vae_factor or vae_factor} or {resolution - resolution % vae_factor + vae_factor}"
-        )
+    check_resolution(resolution, vae_factor, 2 ** (len(unet_cfg["down_block_types"]) - 1), vae_path)
     scheduler_class = DDPMScheduler.load_config(model_path, subfolder="scheduler", revision=args.revision)["_class_name"]
     edm_scheduler = "EDM" in scheduler_class
     if edm_scheduler and not args.do_edm_style_training:
@@ -487,10 +526,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     sharded = check_setup(accelerator, len(part_names)) == "fsdp2"
 
     manager = CheckpointManager(output_dir, args.adapter, args.checkpoints_total_limit, num_processes=world)
-    resume_path = manager.resolve(args.resume_from_checkpoint)
+    # the whole checkpoint is checked now (files, method, adapter settings); a broken "latest" falls back
+    resume_path, resume_state = manager.find_resumable(
+        args.resume_from_checkpoint, part_names, {p: config_unet if p == "unet" else config_text for p in part_names})
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run", manager.root)
-    resume_step = manager.check_resumable(resume_path, part_names) if resume_path else 0
+    resume_step = resume_state["step"] if resume_state else 0
 
     instance = instance_records(args, output_dir, resolution, accelerator)
     logger.info("%d instance images, %d with their own caption", len(instance), sum(r.caption is not None for r in instance))
@@ -498,7 +539,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.with_prior_preservation:
         class_dir = Path(args.class_data_dir)
         generate_class_images(args, model_path, class_dir, resolution, accelerator)  # split across the ranks
-        classes = list_images(class_dir, "class", "--class_data_dir")[: args.num_class_images]
+        classes = list_images(class_dir, "class", "--class_data_dir",
+                              allow_outside=args.allow_outside_data)[: args.num_class_images]
     steps = schedule(args, len(instance), len(classes) if args.with_prior_preservation else 0, world)
 
     # -- 2. frozen models ----------------------------------------------------------------------------
@@ -590,7 +632,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     manager.register_hooks(accelerator, parts, base_model=args.pretrained_model_name_or_path or "mm_subspace.tiny_sdxl",
                            export=checkpoint_export)
-    accelerator.register_for_checkpointing(history)
+    manager.history = history  # saved as JSON in trainer_state.json (never pickled)
     trained = list(parts)
     replicate_trainable(accelerator, [parts[n] for n in trained])  # FSDP2: the frozen base is sharded, adapters whole
     prepared = accelerator.prepare(*[parts[n] for n in trained], optimizer, lr_scheduler)
@@ -613,7 +655,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     global_step = 0
     if resume_path is not None:
         logger.info("resuming from %s (step %d)", resume_path, resume_step)
-        manager.load(accelerator, resume_path)
+        manager.load(accelerator, resume_path)  # runs no code from the folder
+        manager.restore(resume_state)
         global_step = resume_step
 
     total_batch = args.train_batch_size * world * args.gradient_accumulation_steps
@@ -816,4 +859,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    from mm_subspace.cli import report_errors
+
+    raise SystemExit(report_errors("dreambooth_sdxl.py", lambda: main(parse_args())))

@@ -20,8 +20,9 @@ scikit-learn's digits, the fixed train split of ``mm_subspace.eval.digits`` (dig
    their random init the prompts' embeddings are nearly identical and the UNet ignores them: 18 %
    prompt accuracy after 500 steps). The EMA of the UNet and text-encoder weights is what ships.
    Latents are the VAE posterior means (``--latents mode``; its posterior std is large, ~0.7).
-3. ``save_pretrained`` (fp32) -> fp16 copy -> the metric (:func:`mm_subspace.eval.digits.prompt_accuracy`)
-   on the fp16 copy -> ``write_manifest``. ``--ship`` writes the fp16 copy to
+3. ``save_pretrained`` (fp32) -> fp16 copy (its text encoders' configs declare float32, so stock
+   ``StableDiffusionXLPipeline.from_pretrained`` loads it without ``torch_dtype``) -> the metric
+   (:func:`mm_subspace.eval.digits.prompt_accuracy`) on the fp16 copy -> ``write_manifest``. ``--ship`` writes the fp16 copy to
    ``mm_subspace/weights/tiny-sdxl-digits``.
 
 Deterministic for a given ``--seed`` and thread count: every random draw of step ``k`` of phase
@@ -49,6 +50,7 @@ from mm_subspace import tiny_models
 from mm_subspace.eval import digits as D
 from mm_subspace.shipped import WEIGHTS_DIR, write_manifest
 from mm_subspace.atomic import atomic_paths
+from mm_subspace.compat import declare_float32_configs
 from mm_subspace.training_utils import LossHistory, save_image_grid, save_loss_curve, step_generator
 
 logger = logging.getLogger("pretrain_tiny_sdxl")
@@ -318,6 +320,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(fp16_dir)
     pipe.to(dtype=torch.float16)
     pipe.save_pretrained(fp16_dir, safe_serialization=True)
+    declare_float32_configs(fp16_dir)  # stock from_pretrained without torch_dtype: float32 throughout, not fp16 text encoders
 
     shipped = StableDiffusionXLPipeline.from_pretrained(fp16_dir, dtype=torch.float32, local_files_only=True)
     shipped.set_progress_bar_config(disable=True)

@@ -9,9 +9,24 @@ Names follow diffusers' DreamBooth script (``--train_batch_size``, ``--checkpoin
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Sequence
 from typing import Any
 
 from mm_subspace.distributed import DEFAULT_DDP_TIMEOUT, DEFAULT_MAX_SKIPPED_STEPS
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every float flag: ``nan``/``inf`` are refused at parse time (``--learning_rate nan`` would
+    train a NaN adapter and save it as a checkpoint; ``--max_grad_norm nan`` would silently disable clipping)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
 
 #: flag -> ``add_argument`` keyword arguments
 SHARED_FLAGS: dict[str, dict[str, Any]] = {
@@ -19,8 +34,8 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
     "--adapter": {"type": str, "default": "moslora",
                   "help": "Adapter method: any of mm_subspace.list_methods() (lora, moslora, sulora, ts_mixing, ...)."},
     "--rank": {"type": int, "default": 4, "help": "Rank r of the adapter's low-rank factors."},
-    "--alpha": {"type": float, "default": None, "help": "Scale numerator (ΔW scaled by alpha/rank). Default: = rank."},
-    "--lora_dropout": {"type": float, "default": 0.0, "help": "Dropout on the adapter input."},
+    "--alpha": {"type": finite_float, "default": None, "help": "Scale numerator (ΔW scaled by alpha/rank). Default: = rank."},
+    "--lora_dropout": {"type": finite_float, "default": 0.0, "help": "Dropout on the adapter input."},
     "--mixer_init": {"type": str, "default": None,
                      "help": "MoSLoRA mixer init: orthogonal (default), kaiming_uniform (the paper's, a=sqrt(5): "
                      "~0.58x the step, docs/methods.md), kaiming_unit, identity, normal, normal_unit, zero. Only for "
@@ -45,16 +60,16 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
     "--gradient_accumulation_steps": {"type": int, "default": 1, "help": "Micro-batches per optimizer step."},
     "--max_train_steps": {"type": int, "default": None, "help": "Optimizer steps; wins over --num_train_epochs."},
     "--num_train_epochs": {"type": int, "default": None, "help": "Passes over the data when --max_train_steps is not given."},
-    "--learning_rate": {"type": float, "default": 1e-4, "help": "Learning rate of the adapter parameters."},
+    "--learning_rate": {"type": finite_float, "default": 1e-4, "help": "Learning rate of the adapter parameters."},
     "--lr_scheduler": {"type": str, "default": "constant",
                        "help": 'Scheduler: "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
                        '"constant_with_warmup".'},
     "--lr_warmup_steps": {"type": int, "default": 0, "help": "Warm-up steps of the scheduler."},
-    "--adam_beta1": {"type": float, "default": 0.9, "help": "AdamW beta1."},
-    "--adam_beta2": {"type": float, "default": 0.999, "help": "AdamW beta2."},
-    "--adam_weight_decay": {"type": float, "default": 0.0, "help": "AdamW weight decay of the adapters."},
-    "--adam_epsilon": {"type": float, "default": 1e-8, "help": "AdamW epsilon."},
-    "--max_grad_norm": {"type": float, "default": 1.0, "help": "Gradient clipping norm (0 disables)."},
+    "--adam_beta1": {"type": finite_float, "default": 0.9, "help": "AdamW beta1."},
+    "--adam_beta2": {"type": finite_float, "default": 0.999, "help": "AdamW beta2."},
+    "--adam_weight_decay": {"type": finite_float, "default": 0.0, "help": "AdamW weight decay of the adapters."},
+    "--adam_epsilon": {"type": finite_float, "default": 1e-8, "help": "AdamW epsilon."},
+    "--max_grad_norm": {"type": finite_float, "default": 1.0, "help": "Gradient clipping norm (0 disables)."},
     "--mixed_precision": {"type": str, "default": None, "choices": ["no", "fp16", "bf16"],
                           "help": "Mixed precision; frozen weights are cast to it, adapters stay fp32. Default: "
                           "accelerate config."},
@@ -105,3 +120,17 @@ def str_to_bool(value: str) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+#: flags whose value must lie in [0, 1): probabilities and Adam's averaging coefficients
+UNIT_INTERVAL_FLAGS = ("lora_dropout", "adam_beta1", "adam_beta2", "prodigy_beta3", "lr_warmup_ratio")
+
+
+def check_unit_interval(args: argparse.Namespace, names: Sequence[str] = UNIT_INTERVAL_FLAGS) -> None:
+    """Each flag of ``names`` the parser has and that is set must be in [0, 1); else a ConfigError naming it."""
+    from mm_subspace.errors import ConfigError
+
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"--{name} must be in [0, 1), got {value}")

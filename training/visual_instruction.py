@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -49,7 +50,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from mm_subspace.training.script_flags import add_flags
+from mm_subspace.training.script_flags import add_flags, check_unit_interval, finite_float
 
 import mm_subspace
 from mm_subspace import presets, tiny_models
@@ -57,6 +58,7 @@ from mm_subspace.data import llava as data
 from mm_subspace.distributed import (SkippedSteps, apply_test_overrides, check_setup, log_sharding,
                                      process_group_kwargs, replicate_trainable, sync_replicated_grads)
 from mm_subspace.errors import ConfigError, DataError, MergeError
+from mm_subspace.hub import resolve_model
 from mm_subspace.atomic import atomic_write_text
 from mm_subspace.compat import enable_activation_checkpointing
 from mm_subspace.inject import routing
@@ -111,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QLoRA/QMoSLoRA: the language model in 4-bit (bitsandbytes NF4, double quantisation); the vision "
                    "tower, projector and lm_head stay in full precision.")
     g.add_argument("--bnb_4bit_quant_type", type=str, default="nf4", choices=["nf4", "fp4"], help="4-bit data type.")
-    g.add_argument("--bnb_4bit_compute_dtype", type=str, default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="Compute dtype of the 4-bit matmuls (bfloat16 on GPUs; float32 on CPU).")
+    g.add_argument("--bnb_4bit_compute_dtype", type=str, default=None, choices=["float32", "bfloat16", "float16"],
+                   help="Compute dtype of the 4-bit matmuls. Default: bfloat16 where the GPU supports it for a real "
+                   "--model_name_or_path, else float32 (CPU, the embedded model).")
     g.add_argument("--model_max_length", type=int, default=None,
                    help="Truncate longer records (with a warning and a count). Default: the tokenizer's model_max_length.")
 
@@ -124,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vision_rank", type=int, default=None,
                    help="Also adapt every linear of the vision tower with this rank (paper Table 8: 64). Default: "
                    f"{EMBEDDED_VISION_RANK} on the embedded default (digits data and model), else no vision adapters.")
-    g.add_argument("--vision_alpha", type=float, default=None, help="Vision adapter alpha (Table 8: 16). Default: = vision rank.")
+    g.add_argument("--vision_alpha", type=finite_float, default=None, help="Vision adapter alpha (Table 8: 16). Default: = vision rank.")
     g.add_argument("--freeze_vision_tower", action="store_true",
                    help="Keep the vision tower exactly as pretrained (no vision adapters even with --vision_rank).")
     g.add_argument("--tune_projector", type=str, default="frozen",
@@ -138,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LLaVA JSON (a list) or JSONL of {'id', 'image', 'conversations': [{'from': 'human'|'gpt', "
                    "'value'}]}. Default: the digits instruction tasks (train split).")
     g.add_argument("--image_folder", type=str, default=None, help="Folder the records' 'image' paths are relative to.")
+    g.add_argument("--allow_outside_data", action="store_true",
+                   help="Accept records whose 'image' resolves outside --image_folder (data kept elsewhere on purpose). "
+                   "Default: refused, naming the record.")
     g.add_argument("--eval_data_path", type=str, default=None,
                    help="Evaluation records (same format; the last gpt turn is the reference answer, an optional 'task' "
                    "field groups the accuracy). Default: the digits test split when --data_path is not given.")
@@ -147,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_limit", type=int, default=None, help="Evaluate on the first N test images / records only.")
     g.add_argument("--skip_bad_records", action="store_true",
                    help="Skip malformed records with a warning and a count, instead of stopping before training.")
+    g.add_argument("--conversation_template", type=str, default="auto", choices=data.TEMPLATE_CHOICES,
+                   help="How conversations are written and supervised: vicuna_v1 (LLaVA-1.5: 'USER: … ASSISTANT: "
+                   "answer</s>', every answer with its </s>), llama3_chat (XTuner's LLaMA3 template, the MoSLoRA paper's), "
+                   "plain (LLaVA pretraining: <image>caption), auto (the processor's chat template decides; the log says "
+                   "which).")
+    g.add_argument("--system_prompt", type=str, default=None,
+                   help="System prompt of the conversation template (default: the template's; vicuna_v1: LLaVA's "
+                   "'A chat between a curious user …'). \"\" for none.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="Processes that decode images and tokenize records ahead of the training step (0: in the "
+                   "training process). Records are read lazily either way: memory does not grow with the data set.")
+    g.add_argument("--group_by_modality_length", action="store_true",
+                   help="As LLaVA: batches of one modality (image or text-only records) and similar lengths, shuffled "
+                   "by mega-batch (less padding, no mixed batches).")
 
     g = parser.add_argument_group("training")
     add_flags(g, "--recipe", "--train_batch_size", "--gradient_accumulation_steps", "--max_train_steps",
@@ -155,13 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
               "--max_grad_norm", "--mixed_precision", "--gradient_checkpointing", "--seed", "--max_skipped_steps",
               "--ddp_timeout",
               recipe={"help": 'From mm_subspace.recipes: moslora_vi_llama3 = MoSLoRA Table 8 (LLaMA3+ViT): LLM r 64 α 128, ViT r 64 α 16, batch 8 × accumulation 2, lr 2e-5, 1 epoch, projector frozen; moslora_vi_llama3_official = the same as the official XTuner config runs it (projector trained). Flags given explicitly win.'},
-              train_batch_size={"default": 16},
+              train_batch_size={"default": 16, "help": "Batch size per process. Default: 16 on the embedded "
+                                "model; a real --model_name_or_path takes the MoSLoRA recipe's (8, with accumulation 2)."},
               max_train_steps={"help": f'Optimizer steps; overrides --num_train_epochs. Default: {EMBEDDED_MAX_STEPS} on the embedded default, else from --num_train_epochs.'},
-              num_train_epochs={"type": float, "default": 1.0, "help": 'Epochs when --max_train_steps is not given.'},
-              learning_rate={"default": 0.002, "help": 'Learning rate of the adapters (and projector).'},
+              num_train_epochs={"type": finite_float, "default": 1.0, "help": 'Epochs when --max_train_steps is not given.'},
+              learning_rate={"default": 0.002, "help": 'Learning rate of the adapters (and projector). Default: 2e-3 on '
+                             'the embedded model; a real --model_name_or_path takes the MoSLoRA recipe\'s 2e-5.'},
               lr_scheduler={"default": "cosine"},
-              lr_warmup_steps={"default": None, "help": 'Warm-up steps. Default: --lr_warmup_ratio of the steps.'})
-    g.add_argument("--lr_warmup_ratio", type=float, default=0.03, help="Warm-up as a fraction of the steps (LLaVA-1.5: 0.03).")
+              lr_warmup_steps={"default": None, "help": 'Warm-up steps. Default: --lr_warmup_ratio of the steps.'},
+              gradient_checkpointing={"action": argparse.BooleanOptionalAction, "default": None,
+                                      "help": "Trade compute for memory in the LM. Default: on for a real "
+                                      "--model_name_or_path, off for the embedded tiny model."})
+    g.add_argument("--lr_warmup_ratio", type=finite_float, default=0.03, help="Warm-up as a fraction of the steps (LLaVA-1.5: 0.03).")
 
     g = parser.add_argument_group("checkpoints")
     add_flags(g, "--output_dir", "--checkpointing_steps", "--checkpoints_total_limit",
@@ -211,11 +236,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.recipe:
         apply_recipe(args, parser, input_args)
     check_method_flags(args)
+    args.default_notes = real_model_defaults(args, mm_subspace.recipes.explicit_dests(parser, input_args))
     check_positive(args, ["rank", "vision_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                      "num_train_epochs", "learning_rate", "checkpointing_steps", "checkpoints_total_limit",
                      "eval_batch_size", "max_new_tokens", "model_max_length", "train_limit", "eval_limit", "threads",
                      "max_skipped_steps", "ddp_timeout"])
-    check_positive(args, ["lr_warmup_steps", "lr_warmup_ratio", "max_grad_norm", "lora_dropout"], allow_zero=True)
+    check_positive(args, ["lr_warmup_steps", "lr_warmup_ratio", "max_grad_norm", "lora_dropout", "adam_weight_decay",
+                          "alpha", "vision_alpha", "dataloader_num_workers"], allow_zero=True)
+    check_positive(args, ["adam_epsilon"])
+    check_unit_interval(args)
     if args.alpha is None:
         args.alpha = 2.0 * args.rank
     if (args.data_path is None and args.model_name_or_path is None and not args.recipe and args.vision_rank is None
@@ -232,11 +261,57 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ConfigError("--tasks/--train_limit select the built-in digits data; drop them with --data_path")
     if args.data_path is None and args.image_folder is not None:
         raise ConfigError("--image_folder needs --data_path (the records whose images it holds)")
+    for flag, value, kind in (("data_path", args.data_path, "file"), ("eval_data_path", args.eval_data_path, "file"),
+                              ("image_folder", args.image_folder, "folder")):
+        path = Path(value).expanduser() if value is not None else None
+        if path is not None and not (path.is_file() if kind == "file" else path.is_dir()):
+            raise ConfigError(f"--{flag} {value}: no such {kind}")
     args.embedded_model = args.model_name_or_path is None
     args.embedded_data = args.data_path is None
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"llava-{args.adapter}")
     return args
+
+
+#: a real model's training values when neither a flag nor --recipe sets them: MoSLoRA Table 8 (LLaMA3+ViT)
+REAL_MODEL_RECIPE = "moslora_vi_llama3"
+
+
+def real_model_defaults(args: argparse.Namespace, explicit: set[str]) -> list[str]:
+    """Defaults for a real ``--model_name_or_path`` (a 7B/8B LLaVA), where the embedded tiny model's would hurt.
+
+    Sets, where no flag (and no ``--recipe``) chose them: learning rate, batch and accumulation of the MoSLoRA
+    recipe (Table 8: lr 2e-5, 8 × 2), gradient checkpointing on, 4-bit compute in bfloat16 when the GPU
+    supports it (float32 otherwise: bitsandbytes on CPU), and ``--mixed_precision bf16`` on such a GPU when
+    neither the flag nor ``accelerate launch`` set it (the model is then loaded directly in bf16, half of
+    fp32's memory). Returns one note per value chosen, with the reason (the script logs them).
+    """
+    notes: list[str] = []
+    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if args.model_name_or_path is None:
+        if args.gradient_checkpointing is None:
+            args.gradient_checkpointing = False
+        if args.bnb_4bit_compute_dtype is None:
+            args.bnb_4bit_compute_dtype = "float32"
+        return notes
+    if not args.recipe:
+        recipe = mm_subspace.recipes.get_recipe(REAL_MODEL_RECIPE)
+        for key in ("learning_rate", "train_batch_size", "gradient_accumulation_steps"):
+            if key not in explicit:
+                setattr(args, key, recipe.training[key])
+                notes.append(f"--{key} {recipe.training[key]} (recipe {REAL_MODEL_RECIPE}: {recipe.cite.split(';')[0]})")
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = True
+        notes.append("--gradient_checkpointing (a real model: activations of a 7B LM do not fit otherwise)")
+    if args.bnb_4bit_compute_dtype is None:
+        args.bnb_4bit_compute_dtype = "bfloat16" if cuda_bf16 else "float32"
+        if args.load_in_4bit:
+            notes.append(f"--bnb_4bit_compute_dtype {args.bnb_4bit_compute_dtype} ("
+                         f"{'the GPU supports bf16' if cuda_bf16 else 'no bf16 GPU: float32'})")
+    if args.mixed_precision is None and not os.environ.get("ACCELERATE_MIXED_PRECISION") and cuda_bf16:
+        args.mixed_precision = "bf16"
+        notes.append("--mixed_precision bf16 (the GPU supports it; the frozen model is loaded directly in bf16)")
+    return notes
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -263,8 +338,13 @@ def adapter_config(args: argparse.Namespace) -> mm_subspace.AdapterConfig:
     return mm_subspace.config_for(args.adapter, **kwargs)
 
 
-def load_model(args: argparse.Namespace, model_path: str, device: torch.device) -> tuple[Any, Any]:
-    """``(LlavaForConditionalGeneration, processor)``, in 4-bit with ``--load_in_4bit``."""
+def load_model(args: argparse.Namespace, model_path: str, device: torch.device,
+               dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """``(LlavaForConditionalGeneration, processor)``, in 4-bit with ``--load_in_4bit``.
+
+    The weights are loaded directly in ``dtype`` (the training dtype: bf16 under ``--mixed_precision bf16``),
+    never in float32 first: a 7B LLaVA in bf16 takes 14 GB of host memory, not 28 GB.
+    """
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
     config = AutoConfig.from_pretrained(model_path)
@@ -278,9 +358,9 @@ def load_model(args: argparse.Namespace, model_path: str, device: torch.device) 
         dtype = getattr(torch, args.bnb_4bit_compute_dtype)
         model = load_4bit(model_path, LlavaForConditionalGeneration, quant_type=args.bnb_4bit_quant_type,
                           double_quant=True, compute_dtype=dtype, skip_modules=FOUR_BIT_SKIP,
-                          device_map={"": str(device)}, gradient_checkpointing=args.gradient_checkpointing, dtype=torch.float32)
+                          device_map={"": str(device)}, gradient_checkpointing=args.gradient_checkpointing, dtype=dtype)
     else:
-        model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32).to(device)
+        model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=dtype).to(device)
     model.requires_grad_(False)
     return model, processor
 
@@ -314,14 +394,12 @@ def probe_forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- data
-def load_records(args: argparse.Namespace, split: str) -> list[data.Record | DataError]:
-    """The training (``split="train"``) or evaluation records the flags name."""
-    if split == "train":
-        if args.data_path is None:
-            return list(data.digits_instruction_records("train", args.tasks, limit=args.train_limit))
-        return data.load_llava_json(args.data_path, args.image_folder)
+def load_records(args: argparse.Namespace, split: str = "test") -> list[data.Record | DataError]:
+    """The evaluation records the flags name, images decoded (training reads lazily: :func:`training_set`)."""
+    if split != "test":
+        raise ValueError(f"load_records reads the evaluation records (split 'test'), not {split!r}; see training_set")
     if args.eval_data_path is not None:
-        records = data.load_llava_json(args.eval_data_path, args.image_folder)
+        records = data.load_llava_json(args.eval_data_path, args.image_folder, allow_outside=args.allow_outside_data)
     elif args.data_path is None:
         records = list(data.digits_instruction_records("test", args.tasks, limit=args.eval_limit))
     else:
@@ -329,26 +407,46 @@ def load_records(args: argparse.Namespace, split: str) -> list[data.Record | Dat
     return records[: args.eval_limit] if args.eval_limit and args.eval_data_path else records
 
 
-class PixelCache:
-    """``images -> pixel_values`` through the processor, each distinct image object processed once."""
+def training_set(args: argparse.Namespace, encoder: data.ConversationEncoder, image_processor: Any) -> data.LlavaDataset:
+    """The lazy training set: the digits tasks, or ``--data_path`` read as :class:`~mm_subspace.data.llava.CompactRecords`.
 
-    def __init__(self, image_processor: Any, limit: int = 8192) -> None:
-        self.image_processor, self.limit = image_processor, limit
-        self.cache: dict[int, torch.Tensor] = {}
-        self.keep: list[Any] = []  # keeps ids valid
+    Malformed records (structure, ``<image>`` placement, image paths and files) are all reported here, before a
+    model loads (or skipped with ``--skip_bad_records``); images are decoded and records tokenized per batch.
+    """
+    if args.data_path is None:
+        records: Any = data.digits_instruction_records("train", args.tasks, limit=args.train_limit)
+    else:
+        records = data.CompactRecords(args.data_path, args.image_folder, allow_outside=args.allow_outside_data)
+        data.report_bad_records(records.bad, args.skip_bad_records)
+    return data.LlavaDataset(records, encoder, image_processor, args.skip_bad_records)
 
-    def __call__(self, images: list[Any]) -> torch.Tensor:
-        missing = [im for im in images if id(im) not in self.cache]
-        if missing:
-            values = self.image_processor(missing, return_tensors="pt")["pixel_values"]
-            if len(self.cache) + len(missing) <= self.limit:
-                for im, px in zip(missing, values):
-                    self.cache[id(im)] = px
-                    self.keep.append(im)
+
+class MicroBatchIndices:
+    """The record indices of micro steps ``start .. stop - 1`` on ``rank``, in order: a ``batch_sampler`` for
+    ``DataLoader`` (workers decode ahead). A function of the step only (bit-exact resume): seeded epoch
+    permutations (:func:`~mm_subspace.training_utils.sample_indices`), or with ``group_by_modality_length``
+    LLaVA's modality- and length-grouped order (:func:`~mm_subspace.data.llava.modality_grouped_indices`)."""
+
+    def __init__(self, dataset: data.LlavaDataset, args: argparse.Namespace, start: int, stop: int, rank: int,
+                 world: int) -> None:
+        self.n, self.start, self.stop, self.rank, self.world = len(dataset), start, stop, rank, world
+        self.batch, self.seed = args.train_batch_size, args.seed
+        self.lengths = dataset.modality_lengths() if args.group_by_modality_length else None
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self):
+        for micro_step in range(self.start, self.stop):
+            if self.lengths is None:
+                yield sample_indices(self.n, self.batch, micro_step, self.rank, self.world, self.seed)
             else:
-                fresh = dict(zip(map(id, missing), values))
-                return torch.stack([self.cache.get(id(im), fresh.get(id(im))) for im in images])
-        return torch.stack([self.cache[id(im)] for im in images])
+                yield data.modality_grouped_indices(self.lengths, self.batch, micro_step, self.rank, self.world, self.seed)
+
+
+def pixel_values(image_processor: Any) -> Any:
+    """``images -> pixel_values [n, 3, H, W]`` through ``image_processor`` (evaluation batches)."""
+    return lambda images: image_processor(images, return_tensors="pt")["pixel_values"]
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -362,7 +460,7 @@ def generation_routing(model: Any, route_mask: torch.Tensor, cache: bool = True)
 
 
 def evaluate(model: Any, encoder: data.ConversationEncoder, records: list[data.Record], batch_size: int,
-             max_new_tokens: int, pixels: PixelCache, desc: str = "eval") -> dict[str, Any]:
+             max_new_tokens: int, pixels: Any, desc: str = "eval") -> dict[str, Any]:
     """Greedy answers to every record's last question; exact match per task, the mean over tasks.
 
     Prompts are grouped by length (no padding within a ``generate`` call). Returns
@@ -395,7 +493,7 @@ def evaluate(model: Any, encoder: data.ConversationEncoder, records: list[data.R
                 kwargs["pixel_values"] = pixels([c[1].image for c in chunk]).to(device)
             with generation_routing(model, mask):
                 out = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                                     pad_token_id=tok.pad_token_id, eos_token_id=encoder.stop_token_ids)
             texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
             for (_, rec), text in zip(chunk, texts):
                 reference = rec.messages[-1]["content"]
@@ -424,7 +522,7 @@ def eval_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_eval(args: argparse.Namespace, model: Any, encoder: data.ConversationEncoder, pixels: PixelCache,
+def run_eval(args: argparse.Namespace, model: Any, encoder: data.ConversationEncoder, pixels: Any,
              with_adapter: bool, write: bool = True) -> dict[str, dict[str, Any]]:
     """Evaluate the adapter (and with ``--eval_base`` the base); write ``<output_dir>/eval.json`` (``write``)."""
     raw = load_records(args, "test")
@@ -480,11 +578,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     apply_test_overrides(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info("%s", accelerator.state)
+    for note in args.default_notes:
+        logger.info("real-model default: %s", note)
     rank, world = accelerator.process_index, accelerator.num_processes
     # DeepSpeed, FSDP1, FSDP2 with a 4-bit base: refused here. Sharded (FSDP2): generate() needs every rank
     sharded = check_setup(accelerator, 1, quantized=args.load_in_4bit) == "fsdp2"
     evaluating = accelerator.is_main_process or sharded
     set_seed(args.seed)
+    if args.model_name_or_path:  # a local folder must hold the model, a hub id must be fetchable: one HubError
+        resolve_model(args.model_name_or_path, "--model_name_or_path", "config.json")
     model_path = args.model_name_or_path or str(tiny_models.tiny_llava_path())
     base_name = args.model_name_or_path or "mm_subspace.tiny_llava (tiny-llava-digits)"
 
@@ -492,8 +594,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_path)
-    encoder = data.ConversationEncoder(processor, args.model_max_length)
-    pixels = PixelCache(processor.image_processor)
+    encoder = data.ConversationEncoder(processor, args.model_max_length, args.conversation_template, args.system_prompt)
+    pixels = pixel_values(processor.image_processor)
     if args.eval_only:
         model, processor = load_model(args, model_path, accelerator.device)
         adapter_dir = Path(args.adapter_path) if args.adapter_path else output_dir
@@ -506,9 +608,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             _append_eval_to_card(adapter_dir / "README.md", results)
         return {"output_dir": output_dir, "eval": results, "global_step": 0}
 
-    train = data.encode_records(encoder, load_records(args, "train"), args.skip_bad_records)
-    logger.info("%d training records (%d supervised tokens)", len(train),
-                sum(sum(1 for t in e.labels if t != data.IGNORE_INDEX) for e in train))
+    train = training_set(args, encoder, processor.image_processor)
+    logger.info("%d training records (%s), read lazily with %d data-loader worker(s)", len(train),
+                args.data_path or "digits tasks", args.dataloader_num_workers)
     steps_per_epoch = math.ceil(len(train) / (args.train_batch_size * world * args.gradient_accumulation_steps))
     if args.max_train_steps is None:
         args.max_train_steps = EMBEDDED_MAX_STEPS if args.embedded_data and args.embedded_model and not args.recipe \
@@ -520,16 +622,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     config = adapter_config(args)  # ConfigError on bad values
 
     manager = CheckpointManager(output_dir, args.adapter, args.checkpoints_total_limit, num_processes=world)
-    resume_path = manager.resolve(args.resume_from_checkpoint)
+    # the whole checkpoint is checked now (files, method, adapter settings); a broken "latest" falls back
+    resume_path, resume_state = manager.find_resumable(args.resume_from_checkpoint, ["model"], {"model": config})
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run", manager.root)
-    resume_step = manager.check_resumable(resume_path, ["model"]) if resume_path else 0
+    resume_step = resume_state["step"] if resume_state else 0
 
     # -- 2. model and adapters --------------------------------------------------------------------------
-    model, processor = load_model(args, model_path, accelerator.device)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if weight_dtype != torch.float32 and not args.load_in_4bit:
-        model.to(dtype=weight_dtype)
+    model, processor = load_model(args, model_path, accelerator.device, weight_dtype)
     mm_subspace.inject(model, config, ADAPTER_NAME)  # TargetError on bad targets, before training
     if args.gradient_checkpointing and not args.load_in_4bit:  # load_4bit already enabled it
         enable_activation_checkpointing(model)
@@ -545,7 +646,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     history = LossHistory()
     manager.register_hooks(accelerator, parts, base_model=base_name)
-    accelerator.register_for_checkpointing(history)
+    manager.history = history  # saved as JSON in trainer_state.json (never pickled)
     replicate_trainable(accelerator, [model])  # FSDP2: the frozen base is sharded, adapters whole
     model_w, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -556,7 +657,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     global_step = 0
     if resume_path is not None:
         logger.info("resuming from %s (step %d)", resume_path, resume_step)
-        manager.load(accelerator, resume_path)
+        manager.load(accelerator, resume_path)  # runs no code from the folder
+        manager.restore(resume_state)
         global_step = resume_step
     total_batch = args.train_batch_size * world * args.gradient_accumulation_steps
     logger.info("***** training: %d records, %d steps (%.2f epochs), batch %d per process x %d processes x %d "
@@ -567,10 +669,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if pad_id is None:
         pad_id = encoder.tokenizer.eos_token_id
 
-    def micro_batch(micro_step: int) -> dict[str, torch.Tensor]:
-        idx = sample_indices(len(train), args.train_batch_size, micro_step, rank, world, args.seed)
-        batch = data.collate([train[i] for i in idx], pad_id, pixels)
-        return {k: v.to(accelerator.device) for k, v in batch.items()}
+    loader = iter(torch.utils.data.DataLoader(
+        train, batch_sampler=MicroBatchIndices(train, args, global_step * args.gradient_accumulation_steps,
+                                               args.max_train_steps * args.gradient_accumulation_steps, rank, world),
+        collate_fn=functools.partial(data.collate, pad_token_id=pad_id), num_workers=args.dataloader_num_workers))
+
+    def micro_batch(micro_step: int) -> dict[str, torch.Tensor]:  # the loader yields micro steps in this order
+        return {k: v.to(accelerator.device) for k, v in next(loader).items()}
 
     def forward(batch: dict[str, torch.Tensor], net: Any) -> torch.Tensor:
         route = sulora.prompt_route_mask(batch["attention_mask"], batch["labels"])
@@ -638,7 +743,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     logger.info("rank %d adapter digest %s", rank, digest)
     if world > 1 and accelerator.is_main_process:
         logger.info("adapters identical on all %d ranks (digest %s)", world, digest)
-    probe = {k: v.to(accelerator.device) for k, v in data.collate(train[:4], pad_id, pixels).items()}
+    probe_rows = [train[i] for i in range(min(4, len(train)))]
+    probe = {k: v.to(accelerator.device) for k, v in data.collate(probe_rows, pad_id).items()}
     probe_logits = probe_forward(final, probe)
     results: dict[str, Any] = {}
     peft_note = ""
@@ -658,7 +764,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         results = run_eval(args, final, encoder, pixels, with_adapter=True, write=accelerator.is_main_process)
     if accelerator.is_main_process:
         curve = save_loss_curve(history, output_dir / "loss_curve.png", f"visual instruction, {args.adapter}")
-        flags = {k: v for k, v in vars(args).items() if k not in ("embedded_model", "embedded_data")}
+        flags = {k: v for k, v in vars(args).items() if k not in ("embedded_model", "embedded_data", "default_notes")}
         atomic_write_text(output_dir / "training_args.json", json.dumps(flags, indent=2, default=str) + "\n")
         sec_per_step = sorted(step_times)[len(step_times) // 2] if step_times else float("nan")
         _model_card(args, output_dir, history, global_step, total_batch, world, peft_note, curve, final, results,
@@ -715,10 +821,12 @@ def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory
     )
     write_model_card(output_dir, title=f"Visual-instruction tuning — {args.adapter}", base_model=base_name,
                      method=args.adapter, summary=summary,
-                     flags={k: v for k, v in vars(args).items() if k not in ("embedded_model", "embedded_data")},
+                     flags={k: v for k, v in vars(args).items() if k not in ("embedded_model", "embedded_data", "default_notes")},
                      images={"Loss curve": curve.relative_to(output_dir).as_posix()}, sections=sections,
                      tags=("llava", "visual-instruction-tuning"))
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    from mm_subspace.cli import report_errors
+
+    raise SystemExit(report_errors("visual_instruction.py", lambda: main(parse_args())))

@@ -23,6 +23,7 @@ from torch import nn
 from ..atomic import atomic_write_text, file_errors
 from ..config import AdapterConfig
 from ..errors import AdapterFileError, ConfigError
+from ..hub import ADAPTER_FILES, PIPELINE_ADAPTER_FILES, resolve
 from ..io import CONFIG_NAME, read_adapter_config, save_adapter
 from .common import CLASS_OF_COMPONENT, COMPONENT_OF_CLASS, load_standin, standin_model
 from .diffusers import DIFFUSERS_WEIGHTS, diffusers_state_dict, export_diffusers
@@ -66,17 +67,17 @@ def adapter_components(path: str | os.PathLike, component: str | None = None) ->
     A pipeline adapter folder holds ``unet/``, ``text_encoder/``, ``text_encoder_2/`` sub-folders
     (each saved with :func:`mm_subspace.save_adapter`, as diffusers lays out a pipeline); a single
     adapter folder maps to ``component`` or, when not given, to the SDXL component its recorded base
-    class names (``None`` for other models).
+    class names (``None`` for other models). ``path`` may be a Hub id (only the adapter files are fetched).
     """
-    folder = Path(path)
-    if (folder / CONFIG_NAME).is_file():
+    folder = resolve(path, PIPELINE_ADAPTER_FILES)
+    if os.path.lexists(folder / CONFIG_NAME):  # read_adapter_config names a FIFO/folder in its place
         if component is None:
             meta = read_adapter_config(folder)
             component = COMPONENT_OF_CLASS.get((meta.get("base_model") or {}).get("class"))
         elif component not in KOHYA_PREFIX:
             raise ConfigError(f"unknown SDXL component {component!r}; one of {sorted(KOHYA_PREFIX)}")
         return {component: folder}
-    found = {c: folder / c for c in KOHYA_PREFIX if (folder / c / CONFIG_NAME).is_file()}
+    found = {c: folder / c for c in KOHYA_PREFIX if os.path.lexists(folder / c / CONFIG_NAME)}
     if not found:
         raise AdapterFileError(
             f"{folder} is neither an adapter folder ({CONFIG_NAME}) nor a pipeline adapter folder with "
@@ -203,8 +204,8 @@ class AdapterDescription:
 
 @file_errors
 def describe_adapter(path: str | os.PathLike) -> AdapterDescription:
-    """Describe the adapter saved in folder ``path`` (method, ranks, alphas, targets, parameters, base model)."""
-    folder = Path(path)
+    """Describe the adapter saved in folder ``path`` (or a Hub id) (method, ranks, alphas, targets, parameters, base model)."""
+    folder = resolve(path, ADAPTER_FILES)
     meta = read_adapter_config(folder)
     config: AdapterConfig = meta["config_obj"]
     model, _ = load_standin(folder)

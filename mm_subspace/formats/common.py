@@ -20,6 +20,7 @@ from torch import nn
 from ..atomic import file_errors
 from ..config import AdapterConfig
 from ..errors import AdapterFileError
+from ..hub import ADAPTER_FILES, resolve
 from ..inject import inject, rollback, set_adapter
 from ..io import load_adapter, load_tensors_into, module_tree, read_adapter_config
 
@@ -106,7 +107,8 @@ def standin_model(modules: dict[str, dict[str, Any]], dtype: torch.dtype = torch
 
 @file_errors
 def load_standin(path: str | os.PathLike, strict: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a saved adapter folder onto a stand-in of its recorded module shapes: (model, adapter_config.json)."""
+    """Load a saved adapter folder (or Hub id) onto a stand-in of its recorded module shapes: (model, adapter_config.json)."""
+    path = resolve(path, ADAPTER_FILES)
     meta = read_adapter_config(path)
     dtype = meta.get("dtype")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype) else torch.float32

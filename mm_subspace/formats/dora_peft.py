@@ -13,6 +13,7 @@ from torch import nn
 
 from ..atomic import file_errors
 from ..errors import AdapterFileError, ConfigError
+from ..hub import PEFT_FILES, resolve
 from ..inject import iter_adapters
 from .common import inject_and_load, modules_of, peft_tensors
 from .peft import export_peft, peft_lora_fields, read_peft_config, read_peft_weights
@@ -97,10 +98,10 @@ _PEFT_DORA_KEY = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)(?:\.[A-Za-
 
 @file_errors
 def import_dora_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", strict: bool = True) -> str:
-    """Load a PEFT ``use_dora=True`` LoRA checkpoint onto ``model`` as our ``dora`` (magnitude per output row)."""
+    """Load a PEFT ``use_dora=True`` LoRA checkpoint (folder or Hub id) onto ``model`` as our ``dora`` (magnitude per output row)."""
     from ..methods.dora import DoRAConfig
 
-    folder = Path(path)
+    folder = resolve(path, PEFT_FILES)
     cfg = read_peft_config(folder)
     if cfg.get("peft_type") != "LORA" or not cfg.get("use_dora"):
         raise AdapterFileError(f"{folder} is not a PEFT DoRA checkpoint (peft_type LORA with use_dora=true); "

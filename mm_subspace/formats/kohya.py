@@ -26,6 +26,7 @@ from torch import nn
 
 from ..atomic import atomic_paths, file_errors
 from ..errors import AdapterFileError, ConfigError
+from ..hub import resolve_file
 from ..inject import get_state, rollback
 from ..io import read_tensors, save_tensors
 from .common import inject_and_load, key_listing, report_ignored
@@ -220,11 +221,12 @@ def import_kohya(
 
     Returns component -> adapted module names. Keys that are not plain LoRA (``dora_scale``,
     LoCon's ``lora_mid``, LoHa's ``hada_*``), keys of components not passed, and modules the models
-    do not have are errors listed in full; ``strict=False`` skips and logs them.
+    do not have are errors listed in full; ``strict=False`` skips and logs them. ``path`` is a file, or a Hub
+    id: ``owner/name/<file>.safetensors``, or ``owner/name`` holding one ``.safetensors`` file.
     """
     from ..methods.lora import LoraConfig
 
-    source = Path(path)
+    source = resolve_file(path, ".safetensors", "kohya LoRA file")
     tensors = read_tensors(source)
     parts = {c: m for c, m in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)) if m is not None}
     if not parts:

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..atomic import file_errors
 from ..errors import AdapterFileError, ConfigError
+from ..hub import PEFT_FILES, resolve
 from ..io import read_tensors
 from .common import (
     CLASS_OF_COMPONENT,
@@ -60,9 +61,10 @@ def read_official_moslora(
       applies and the script's ``lora_alpha=rank``. ``text_encoder`` names lose ``text_model.``
       (transformers 5's ``CLIPTextModel``).
 
-    ``.bin`` weights are read with ``torch.load(weights_only=True)`` only (never unpickled).
+    ``.bin`` weights are read with ``torch.load(weights_only=True)`` only (never unpickled). ``path`` may be a
+    Hub id (only these files are downloaded).
     """
-    folder = Path(path)
+    folder = resolve(path, (*PEFT_FILES, DIFFUSERS_WEIGHTS))
     if (folder / DIFFUSERS_WEIGHTS).is_file() and not (folder / "adapter_config.json").is_file():
         parts = _read_official_diffusers(folder, strict)
     else:

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..atomic import atomic_paths, file_errors
+from ..atomic import atomic_paths, file_errors, read_text_file, require_regular_file
 from ..errors import AdapterFileError, ConfigError
+from ..hub import PEFT_FILES, resolve
 from ..inject import (
     TRAINABLE_PREFIX,
     get_state,
@@ -112,9 +113,10 @@ def export_peft(
 
 def read_peft_weights(folder: Path) -> dict[str, torch.Tensor]:
     st, binary = folder / PEFT_WEIGHTS, folder / "adapter_model.bin"
-    if st.is_file():
+    if os.path.lexists(st):  # read_tensors names a FIFO/folder in its place
         return read_tensors(st)
-    if binary.is_file():
+    if os.path.lexists(binary):
+        require_regular_file(binary, f"{binary} is a dangling link")
         try:  # never unpickle arbitrary objects
             state = torch.load(binary, map_location="cpu", weights_only=True)
         except Exception as err:
@@ -130,7 +132,9 @@ def read_peft_config(folder: str | os.PathLike) -> dict[str, Any]:
 
     path = Path(folder) / "adapter_config.json"
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = json.loads(read_text_file(path))
+    except AdapterFileError:  # a FIFO or folder in its place: the message says which
+        raise
     except FileNotFoundError:
         raise AdapterFileError(f"no adapter_config.json in {folder}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON or a huge int
@@ -178,11 +182,11 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "
     """Load a PEFT LoRA checkpoint (``adapter_config.json`` + weights) onto ``model`` as our ``lora``.
 
     ``use_rslora`` is converted exactly (alpha' = alpha·√r). DoRA and other PEFT variants are refused
-    with the reason. Returns the adapter name.
+    with the reason. ``path`` is a folder or a Hub id (as PEFT's ``from_pretrained``). Returns the adapter name.
     """
     from ..methods.lora import LoraConfig
 
-    folder = Path(path)
+    folder = resolve(path, PEFT_FILES)
     cfg = read_peft_config(folder)
     if cfg.get("peft_type") != "LORA":
         raise AdapterFileError(f"{folder} is a {cfg.get('peft_type')!r} PEFT adapter; only LORA can be imported")
