@@ -1,4 +1,4 @@
-"""The GPU path of both training scripts, simulated on CPU (docs/gpu.md, /work/shared ENVIRONMENT facts):
+"""mm_subspace.distributed and the GPU path of both training scripts, simulated on CPU (docs/gpu.md):
 
 * fp16 dynamic loss scaling: a ``GradScaler`` forced on CPU with init scale 2**24 overflows on the first
   steps, as a GPU run does while the scaler calibrates; the skipped steps are counted and logged, the run
