@@ -240,13 +240,15 @@ def bench_sdxl(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
         f"{args.k} sequential runs": lambda: sd.generate_sequential(prompt, names, **kw),
         f"{args.k} batched (one loop)": lambda: sd.generate_batch(prompt, names, **kw),
     }
-    return summarise(f"SDXL tiny, {args.size}x{args.size}, {args.steps} steps, CFG", C.interleaved(cases, args.repeats, args.warmup), args.k)
+    timings = C.interleaved(cases, args.repeats, args.warmup)
+    return summarise(f"SDXL tiny, {args.size}x{args.size}, {args.steps} steps, CFG", timings, args.k)
 
 
 def bench_llava(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
-    from mm_subspace.tiny_models import sample_photo
     from mm_subspace.pipelines import LlavaAdapters
     from mm_subspace.training.demo_adapters import make_demo_llava_adapter
+
+    from mm_subspace.tiny_models import sample_photo
 
     llava = LlavaAdapters.from_pretrained()
     names = []

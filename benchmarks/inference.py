@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import _common as C
 import torch

@@ -14,7 +14,8 @@ AsyLoRA at the same r; its bank of N columns and its router are not counted ther
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import _common as C
 import torch

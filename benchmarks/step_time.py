@@ -12,7 +12,8 @@ moslora ≤ 1.05×, sulora (N=2r) ≤ 1.15×.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import _common as C
 import torch

@@ -12,7 +12,6 @@ Quick start::
 from __future__ import annotations
 
 from ._version import __version__
-
 from .config import AdapterConfig, LowRankConfig
 from .errors import (
     AdapterFileError,
@@ -26,11 +25,26 @@ from .errors import (
     SubspaceError,
     TargetError,
 )
+from .formats import (
+    convert_adapter,
+    convert_official_moslora,
+    describe_adapter,
+    export_diffusers,
+    export_dora_peft,
+    export_kohya,
+    export_peft,
+    import_dora_peft,
+    import_kohya,
+    import_moslora,
+    import_peft,
+    lora_factors,
+    lora_state_dict,
+)
 from .inject import (
     ParameterCounts,
     active_adapters,
-    adapter_state_dict,
     adapter_layers,
+    adapter_state_dict,
     aux_loss,
     disable_adapters,
     enable_adapters,
@@ -49,21 +63,6 @@ from .inject import (
     trainable_parameters,
     unload,
     unmerge,
-)
-from .formats import (
-    convert_adapter,
-    convert_official_moslora,
-    describe_adapter,
-    export_diffusers,
-    export_dora_peft,
-    export_kohya,
-    export_peft,
-    import_dora_peft,
-    import_kohya,
-    import_moslora,
-    import_peft,
-    lora_factors,
-    lora_state_dict,
 )
 from .io import base_fingerprint, load_adapter, read_adapter_config, save_adapter
 from .layer import Adapter, AdapterLayer, LowRankAdapter

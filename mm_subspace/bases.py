@@ -19,7 +19,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .layer import AdapterLayer, ModelState
 
-_KINDS: list["BaseKind"] = []
+_KINDS: list[BaseKind] = []
 
 
 class BaseKind(ABC):
@@ -58,7 +58,7 @@ class BaseKind(ABC):
     def has_bias(self, module: nn.Module) -> bool:
         return getattr(module, "bias", None) is not None
 
-    def wrap(self, module: nn.Module, state: "ModelState", module_name: str) -> "AdapterLayer":
+    def wrap(self, module: nn.Module, state: ModelState, module_name: str) -> AdapterLayer:
         """The layer that replaces ``module`` on injection; kinds needing their own forward override it."""
         from .layer import AdapterLayer
 

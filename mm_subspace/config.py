@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import ConfigError
@@ -179,7 +179,7 @@ class AdapterConfig:
         return {f.name for f in dataclasses.fields(cls)}
 
     @staticmethod
-    def from_dict(data: dict[str, Any]) -> "AdapterConfig":
+    def from_dict(data: dict[str, Any]) -> AdapterConfig:
         """Build the right config subclass from :meth:`to_dict` output; unknown fields are an error."""
         from .registry import get_method
 
@@ -198,7 +198,7 @@ class AdapterConfig:
         except TypeError as err:  # wrong value types that __post_init__ did not catch
             raise ConfigError(f"invalid config for method {cls.method!r}: {err}") from None
 
-    def replace(self, **changes: Any) -> "AdapterConfig":
+    def replace(self, **changes: Any) -> AdapterConfig:
         """A copy with ``changes`` applied (re-validated)."""
         return dataclasses.replace(self, **changes)
 

@@ -176,7 +176,8 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     try:
         meta = json.loads(read_text_file(cfg_path))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON, or an int too long to parse
-        raise AdapterFileError(f"{cfg_path} is not valid JSON ({type(err).__name__}: {str(err)[:200]}); the file is corrupt — re-save the adapter") from None
+        raise AdapterFileError(f"{cfg_path} is not valid JSON ({type(err).__name__}: {str(err)[:200]}); the file is corrupt — "
+                               "re-save the adapter") from None
     if not isinstance(meta, dict):
         raise AdapterFileError(f"{cfg_path} must hold a JSON object, found {type(meta).__name__}")
     if meta.get("format") != FORMAT:
@@ -380,7 +381,8 @@ def load_adapter(
     tensors = read_adapter_weights(folder, meta)
     saved_dtypes = meta.get("dtype")
     saved_dtypes = {saved_dtypes} if isinstance(saved_dtypes, str) else set(saved_dtypes if isinstance(saved_dtypes, list) else [])
-    bad_dtype = [k for k, t in tensors.items() if t.is_floating_point() and saved_dtypes and str(t.dtype).replace("torch.", "") not in saved_dtypes]
+    bad_dtype = [k for k, t in tensors.items()
+                 if t.is_floating_point() and saved_dtypes and str(t.dtype).replace("torch.", "") not in saved_dtypes]
     if bad_dtype:
         raise AdapterFileError(
             f"tensor(s) {bad_dtype[:3]} in {folder / WEIGHTS_NAME} have dtype "
@@ -424,7 +426,8 @@ def load_tensors_into(
         raise AdapterFileError(
             f"{source} does not match adapter {adapter_name!r}: "
             + (f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all); " if missing else "")
-            + (f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all); " if unexpected else "")
+            + (f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all); "
+               if unexpected else "")
             + "pass strict=False to load the rest and skip these"
         )
     if missing or unexpected:

@@ -136,7 +136,7 @@ class Adapter(nn.Module):
         }
 
     # -- access to the wrapped layer (set by AdapterLayer; a plain attribute, not a submodule) --------
-    def attach(self, layer: "AdapterLayer") -> None:
+    def attach(self, layer: AdapterLayer) -> None:
         object.__setattr__(self, "_layer", layer)
 
     def base_weight(self) -> torch.Tensor:

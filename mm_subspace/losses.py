@@ -17,7 +17,8 @@ FLoRA, TriLoRA) is not constrained: the survey's penalties act on the outer fact
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -107,4 +108,5 @@ def load_balance_loss(probs: torch.Tensor) -> torch.Tensor:
     return (p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum()
 
 
-__all__ = ["ACTIVATIONS", "MPC_PENALTIES", "activation", "load_balance_loss", "mpc_diagonal", "mpc_orthogonal", "record_once", "training_forward"]
+__all__ = ["ACTIVATIONS", "MPC_PENALTIES", "activation", "load_balance_loss", "mpc_diagonal", "mpc_orthogonal", "record_once",
+           "training_forward"]

@@ -18,11 +18,11 @@ from .errors import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from .layer import Adapter
 
-METHODS: dict[str, type["Adapter"]] = {}
+METHODS: dict[str, type[Adapter]] = {}
 _LOADED = False
 
 
-def register_method(cls: type["Adapter"]) -> type["Adapter"]:
+def register_method(cls: type[Adapter]) -> type[Adapter]:
     """Class decorator: register an :class:`~mm_subspace.layer.Adapter` subclass under ``cls.config_class.method``."""
     name = cls.config_class.method
     if not name:
@@ -46,7 +46,7 @@ def _load_all() -> None:
             importlib.import_module(f"mm_subspace.methods.{info.name}")
 
 
-def get_method(name: str) -> type["Adapter"]:
+def get_method(name: str) -> type[Adapter]:
     """Return the adapter class registered as ``name``; unknown names get a "did you mean" error."""
     _load_all()
     try:

@@ -33,9 +33,9 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import ShippedModelError
 from .atomic import atomic_write_text
 from .atomic import sha256_file as _sha256
+from .errors import ShippedModelError
 
 __all__ = ["MANIFEST_NAME", "WEIGHTS_DIR", "list_shipped", "read_manifest", "shipped_path", "write_manifest"]
 

@@ -2,7 +2,8 @@
 
 The app runs in a subprocess on 127.0.0.1 with a free port and pre-made adapters (random non-zero
 factors, saved in a temporary folder): two SDXL adapters in the DreamBooth layout and one LLaVA
-adapter, so it trains nothing at start-up; plus one unreadable adapter folder, which it must survive. Stopped (by its pid) when the session ends.
+adapter, so it trains nothing at start-up; plus one unreadable adapter folder, which it must survive. Stopped (by
+its pid) when the session ends.
 
 ``COMPARE_ADAPTERS=runs`` uses the real DreamBooth outputs ``runs/dreambooth-sdxl-{lora,moslora}`` (the headline
 command's) instead of random SDXL adapters: that is how docs/compare.png is taken.
@@ -67,7 +68,7 @@ def make_adapters(root: Path) -> None:
     (root / "broken" / "adapter_config.json").write_text("{not json")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def app_url() -> str:
     """URL of the running app (started on first call); raises with the app's log if it does not come up."""
     root = Path(tempfile.mkdtemp(prefix="compare-app-"))

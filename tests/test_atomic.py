@@ -4,8 +4,8 @@ leaves the last complete save loadable bit-exact, and the next save removes ever
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import stat
+from pathlib import Path
 
 import pytest
 import torch

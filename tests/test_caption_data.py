@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from mm_subspace.caption_data import dataset_records, folder_records
-from mm_subspace.errors import DataError
 from mm_subspace.compat import MissingExtraError
+from mm_subspace.errors import DataError
 
 CAPTIONED = Path(__file__).parent / "data" / "captioned"
 EXPECTED = {

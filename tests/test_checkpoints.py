@@ -75,7 +75,8 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "code-ran"
     path = tmp_path / "optimizer.bin"
     torch.save({"state": {}, "param_groups": [], "payload": _RunsCode(str(marker))}, path)
-    with pytest.raises(AdapterFileError, match=r"optimizer.bin cannot be read as tensors \(UnpicklingError: Weights only load failed\).*\(never unpickled\)$"):
+    says = r"optimizer.bin cannot be read as tensors \(UnpicklingError: Weights only load failed\).*\(never unpickled\)$"
+    with pytest.raises(AdapterFileError, match=says):
         load_torch_state(path)
     assert not marker.exists()
     plain = tmp_path / "plain.pkl"

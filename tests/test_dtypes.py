@@ -19,10 +19,10 @@ import copy
 
 import pytest
 import torch
-from conftest import single_adapter_runs
 from torch import nn
 
 import mm_subspace as mms
+from conftest import single_adapter_runs
 from mm_subspace.training_utils import cast_trainable_params
 
 #: max |out − ref| / max |ref| allowed: a few ulp of the half type over two adapted layers

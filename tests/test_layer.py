@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import single_adapter_runs
 from torch import nn
 
 import mm_subspace as mms
+from conftest import single_adapter_runs
 from mm_subspace.errors import ConfigError
 
 

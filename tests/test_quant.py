@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 import pytest
-from conftest import checkpointing_on
 import torch
 from torch import nn
 
 import mm_subspace as mms
+from conftest import checkpointing_on
 from mm_subspace import quant
 from mm_subspace.tiny_models import tiny_llama, tiny_llama_path
 

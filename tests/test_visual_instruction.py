@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -367,12 +368,13 @@ def test_allow_outside_data_reaches_the_llava_reader(tmp_path: Path) -> None:
     data_path = tmp_path / "data.json"
     data_path.write_text(json.dumps([record]))
     flags = ["--data_path", str(data_path), "--eval_data_path", str(data_path), "--image_folder", str(images)]
+    encoder = types.SimpleNamespace(processor=None)  # training_set only keeps it (records are encoded per batch)
     args = vi.parse_args(flags)
     with pytest.raises(mms.errors.DataError, match="outside"):  # the lazy training set
-        vi.training_set(args, None, None)
+        vi.training_set(args, encoder, None)
     assert isinstance(vi.load_records(args)[0], mms.errors.DataError)  # the evaluation records
     args = vi.parse_args([*flags, "--allow_outside_data"])
-    assert len(vi.training_set(args, None, None)) == 1
+    assert len(vi.training_set(args, encoder, None)) == 1
     assert not isinstance(vi.load_records(args)[0], mms.errors.DataError)
 
 
@@ -432,15 +434,17 @@ def llava15_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_real_model_defaults_are_the_recipe_and_logged() -> None:
-    real = vi.parse_args(["--model_name_or_path", "some/llava", "--data_path", "d.json"])
+def test_real_model_defaults_are_the_recipe_and_logged(tmp_path: Path) -> None:
+    data_json = tmp_path / "d.json"  # --data_path must exist at parse time
+    data_json.write_text("[]")
+    real = vi.parse_args(["--model_name_or_path", "some/llava", "--data_path", str(data_json)])
     assert (real.learning_rate, real.train_batch_size, real.gradient_accumulation_steps) == (2e-5, 8, 2)
     assert real.gradient_checkpointing is True
     assert real.bnb_4bit_compute_dtype == ("bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
                                            else "float32")
     assert any("--learning_rate 2e-05 (recipe moslora_vi_llama3" in n for n in real.default_notes)
     assert any("--gradient_checkpointing" in n for n in real.default_notes)
-    explicit = vi.parse_args(["--model_name_or_path", "m", "--data_path", "d.json", "--learning_rate", "1e-3",
+    explicit = vi.parse_args(["--model_name_or_path", "m", "--data_path", str(data_json), "--learning_rate", "1e-3",
                               "--train_batch_size", "2", "--no-gradient_checkpointing"])
     assert (explicit.learning_rate, explicit.train_batch_size, explicit.gradient_accumulation_steps) == (1e-3, 2, 2)
     assert explicit.gradient_checkpointing is False

@@ -273,7 +273,7 @@ def prompt_accuracy(pipe: StableDiffusionXLPipeline, digits: Iterable[int] = PRE
     images = generate_images(pipe, [digit_prompt(d, template) for d in labels], seed, **sampler)
     read = [int(p) for p in digit_classifier().predict(images)]
     hits = [int(r == d) for r, d in zip(read, labels)]
-    per_digit = {d: sum(h for h, l in zip(hits, labels) if l == d) / n_per_digit for d in dict.fromkeys(digits)}
+    per_digit = {d: sum(h for h, label in zip(hits, labels) if label == d) / n_per_digit for d in dict.fromkeys(digits)}
     return QualityResult(value=sum(hits) / len(hits), n=len(hits), per_digit=per_digit, predictions=read,
                          images=images)
 

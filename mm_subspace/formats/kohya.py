@@ -250,7 +250,8 @@ def import_kohya(
             if lacking:
                 wrong.append(f"{component}:{module} lacks {lacking}")
             elif entry[".lora_down.weight"].dim() != 2 or entry[".lora_up.weight"].shape[1] != entry[".lora_down.weight"].shape[0]:
-                wrong.append(f"{component}:{module} has down {tuple(entry['.lora_down.weight'].shape)}, up {tuple(entry['.lora_up.weight'].shape)}")
+                down, up = tuple(entry[".lora_down.weight"].shape), tuple(entry[".lora_up.weight"].shape)
+                wrong.append(f"{component}:{module} has down {down}, up {up}")
     if wrong:
         raise AdapterFileError(f"{source}: {len(wrong)} module(s) are not a valid LoRA pair: {wrong[:5]}")
     if unknown and strict:

@@ -48,7 +48,8 @@ def prompt_route_mask(attention_mask: torch.Tensor, labels: torch.Tensor | None 
     mask = attention_mask.bool()
     if labels is not None:
         supervised = labels != ignore_index
-        first = torch.where(supervised.any(1), supervised.float().argmax(1), torch.full_like(supervised[:, 0], labels.shape[1], dtype=torch.long))
+        none = torch.full_like(supervised[:, 0], labels.shape[1], dtype=torch.long)  # no supervised token: the whole row
+        first = torch.where(supervised.any(1), supervised.float().argmax(1), none)
         positions = torch.arange(labels.shape[1], device=labels.device).unsqueeze(0)
         prompt = mask & (positions < first.unsqueeze(1))
         mask = torch.where(prompt.any(1, keepdim=True), prompt, mask)
@@ -135,7 +136,8 @@ class SuLoRAConfig(LowRankConfig):
 
 @register_method
 class SuLoRA(LowRankAdapter):
-    """``ΔW x = s · Σ_{i∈S} b_i a_iᵀ · x`` (``pairing="paired"``) or ``s · [b_{i_1} … b_{i_r}] · A · x`` (``"index"``, Eq. 4 literally), ``S = {i_j} = top_r softmax(W_q · mean(x) / T)`` — SuLoRA Eq. (4)-(5).
+    """``ΔW x = s · Σ_{i∈S} b_i a_iᵀ · x`` (``pairing="paired"``) or ``s · [b_{i_1} … b_{i_r}] · A · x``
+    (``"index"``, Eq. 4 literally), ``S = {i_j} = top_r softmax(W_q · mean(x) / T)`` — SuLoRA Eq. (4)-(5).
 
     ``s = alpha/r``, or ``alpha`` with ``scaling_mode="alpha"`` as in Eq. 2/4.
 
