@@ -263,3 +263,15 @@ def _official_forward(model, factors, scaling: float):
             return out + F.linear(F.linear(F.linear(inputs[0], a), ab), b) * scaling
         model.get_submodule(name).register_forward_hook(hook)
     return model
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps its state (mixed precision included) once per process: an earlier in-process run's precision
+    makes ``Accelerator(mixed_precision="fp16")`` raise, and a later run would silently inherit this test's. Reset
+    it before and after the test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

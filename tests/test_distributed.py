@@ -35,20 +35,8 @@ DB_FAST = ["--resolution", "32", "--rank", "2", "--report_to", "none", "--valida
            "--learning_rate", "1e-3", "--default_subject", "cat", "--num_validation_images", "0"]
 VI_FAST = ["--report_to", "none", "--threads", "1", "--train_limit", "8", "--eval_limit", "4", "--train_batch_size", "4",
            "--rank", "4", "--eval_batch_size", "32", "--max_new_tokens", "3"]
-SCALER = {distributed.TEST_GRADSCALER_ENV: str(2.0**24)}
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps its state (mixed precision included) per process: a later in-process run would inherit
-    this module's fp16 silently, and an earlier one's precision makes fp16 raise. Reset it around each test."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier run's precision would refuse fp16
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture

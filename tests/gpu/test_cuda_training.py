@@ -11,6 +11,9 @@ Run: ``python -m pytest -q tests/gpu`` (README, "GPU tests").
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,34 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("fresh_accelerate_state")]
+
+
+def report_path() -> Path:
+    return Path(os.environ.get("MM_SUBSPACE_GPU_REPORT", "runs/gpu_report.json"))
+
+
+@pytest.fixture
+def peak_memory(request: pytest.FixtureRequest):
+    """Reset CUDA's peak-memory counters; after the test, add ``{test: {peak MiB, seconds, device}}`` to the report."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    extra: dict = {}
+    yield extra
+    path = report_path()
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    report[request.node.name] = {
+        "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+        "peak_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        **extra,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def assert_trained_and_finite(weights: Path) -> None:
