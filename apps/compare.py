@@ -7,8 +7,8 @@
 UI only: every computation is in ``pipelines/`` (``SDXLAdapters.generate_batch`` renders all selected
 adapters in one denoising loop; ``LlavaAdapters.answer_batch`` answers with all of them in one batched
 ``generate``). When the adapters folder holds no SDXL adapter, two small ones (lora, moslora) are
-trained for a few steps first (``training/dreambooth_sdxl.py`` when present); when it holds no LLaVA
-adapter, two tiny ones are made with ``pipelines.llava.train_visual_instruction`` on digits scans
+trained for a few steps first (``training/dreambooth_sdxl.py``); when it holds no LLaVA
+adapter, two tiny ones are made with ``mm_subspace.training.demo_adapters.train_visual_instruction`` on digits scans
 (the LLaVA tab uses the shipped pretrained tiny LLaVA, ``tiny-llava-digits``).
 Adapters made for another base model are listed with the reason instead of loaded.
 """
@@ -16,18 +16,12 @@ Adapters made for another base model are listed with the reason instead of loade
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python apps/compare.py` from a checkout
-    sys.path.insert(0, str(REPO))
-
-from pipelines import (  # noqa: E402
+from mm_subspace.pipelines import (
     BASE_LABEL,
     TABLE_HEADERS,
     AdapterInfo,
@@ -36,9 +30,9 @@ from pipelines import (  # noqa: E402
     check_llava_request,
     check_sdxl_request,
     find_adapters,
-    make_demo_llava_adapter,
-    make_demo_sdxl_adapter,
 )
+from mm_subspace.training import dreambooth_sdxl
+from mm_subspace.training.demo_adapters import make_demo_llava_adapter
 
 logger = logging.getLogger("compare")
 
@@ -73,35 +67,18 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- start-up: find or make adapters ------------------------------------------------------------------
-def _dreambooth_script() -> Any | None:
-    """``training/dreambooth_sdxl.py`` as a module, or None when this checkout has no such script."""
-    path = REPO / "training" / "dreambooth_sdxl.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("dreambooth_sdxl", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def make_default_sdxl_adapters(sd: SDXLAdapters, out_dir: Path, steps: int, pretrained: str | None) -> None:
-    """Train two small SDXL adapters (lora, moslora) for ``steps`` steps into ``out_dir``, with a progress bar."""
-    from tqdm.auto import tqdm
-
-    script = _dreambooth_script()
+def make_default_sdxl_adapters(out_dir: Path, steps: int | None, pretrained: str | None) -> None:
+    """Train two small SDXL adapters (lora, moslora) into ``out_dir`` with the DreamBooth script (``steps`` steps,
+    default: the script's own headline run)."""
     for method in DEMO_METHODS:
         target = out_dir / f"dreambooth-sdxl-{method}"
         print(f"no SDXL adapter in {out_dir}: training a small {method} adapter ({steps or 'default'} steps) into {target}")
-        if script is not None:
-            argv = ["--adapter", method, "--rank", "4", "--output_dir", str(target), "--report_to", "none"]
-            if steps:
-                argv += ["--max_train_steps", str(steps), "--checkpointing_steps", str(10 * steps)]
-            if pretrained:
-                argv += ["--pretrained_model_name_or_path", pretrained]
-            script.main(script.parse_args(argv))
-            continue
-        with tqdm(total=steps or 5, desc=f"training {method}") as bar:
-            make_demo_sdxl_adapter(sd, target, method, rank=4, steps=steps or 5, progress=lambda i, n: bar.update(1))
+        argv = ["--adapter", method, "--rank", "4", "--output_dir", str(target), "--report_to", "none"]
+        if steps:
+            argv += ["--max_train_steps", str(steps), "--checkpointing_steps", str(10 * steps)]
+        if pretrained:
+            argv += ["--pretrained_model_name_or_path", pretrained]
+        dreambooth_sdxl.main(dreambooth_sdxl.parse_args(argv))
 
 
 def make_default_llava_adapters(llava: LlavaAdapters, out_dir: Path, steps: int) -> None:
@@ -122,7 +99,7 @@ def load_all(args: argparse.Namespace) -> tuple[SDXLAdapters, LlavaAdapters | No
     out_dir = Path(args.adapters[0])
     found = find_adapters(args.adapters)
     if not any(i.family == "sdxl" for i in found):
-        make_default_sdxl_adapters(sd, out_dir, args.demo_steps, args.pretrained_model_name_or_path)
+        make_default_sdxl_adapters(out_dir, args.demo_steps, args.pretrained_model_name_or_path)
     if llava is not None and not any(i.family == "llava" for i in found):
         make_default_llava_adapters(llava, out_dir, args.demo_steps or 5)
     found = find_adapters(args.adapters)

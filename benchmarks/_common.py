@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,9 +29,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
-sys.path.insert(0, str(ROOT.parent))
 
-import mm_subspace as mms  # noqa: E402
+import mm_subspace as mms
 
 RANK = 16
 ALPHA = 32.0

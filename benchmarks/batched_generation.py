@@ -53,7 +53,8 @@ def summarise(label: str, times: dict[str, list[float]], k: int) -> list[dict[st
 
 
 def bench_sdxl(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
-    from pipelines import SDXLAdapters, make_demo_sdxl_adapter
+    from mm_subspace.pipelines import SDXLAdapters
+    from mm_subspace.training.demo_adapters import make_demo_sdxl_adapter
 
     sd = SDXLAdapters.from_pretrained()
     names = []
@@ -73,7 +74,8 @@ def bench_sdxl(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
 
 def bench_llava(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     from mm_subspace.tiny_models import sample_photo
-    from pipelines import LlavaAdapters, make_demo_llava_adapter
+    from mm_subspace.pipelines import LlavaAdapters
+    from mm_subspace.training.demo_adapters import make_demo_llava_adapter
 
     llava = LlavaAdapters.from_pretrained()
     names = []

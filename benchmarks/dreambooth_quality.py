@@ -5,7 +5,8 @@ defaults: the embedded tiny SDXL pretrained on the digits 0-8, five test-split s
 digit 9, "a handwritten digit sks", prior preservation on "a handwritten digit") at the same rank,
 for every seed. Reported: subject fidelity (share of instance-prompt images a digit classifier reads
 as 9) and prior preservation (prompt accuracy on 0-8 with the adapter on), mean ± std over seeds;
-trainable parameters; seconds per optimizer step (median over seeds; depends on the machine's load).
+trainable parameters (what the equal-rank comparison is about) and stored ones (everything the adapter
+files hold: the trainable ones plus frozen tensors such as AsyLoRA's and SuLoRA's frozen A); seconds per optimizer step (median over seeds; depends on the machine's load).
 The class images are generated once and shared by every run (same base, prompt and seed).
 
     python benchmarks/dreambooth_quality.py [--seeds 0 1 2] [--threads 1] [--max_train_steps N]
@@ -17,7 +18,6 @@ error bars) and ``results/dreambooth_quality_grid.png`` (a row per method: insta
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import tempfile
@@ -52,28 +52,26 @@ def parse_args() -> argparse.Namespace:
 
 
 def _script() -> Any:
-    path = C.ROOT.parent / "training" / "dreambooth_sdxl.py"
-    spec = importlib.util.spec_from_file_location("dreambooth_sdxl", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from mm_subspace.training import dreambooth_sdxl
+
+    return dreambooth_sdxl
 
 
-def _params(out: Path) -> int:
-    from safetensors import safe_open
+def _params(out: Path) -> dict[str, int]:
+    """Trainable and stored (frozen tensors included) adapter parameters of a run, summed over its saved parts."""
+    import mm_subspace as mms
+    from mm_subspace.tiny_models import tiny_sdxl_pipeline
 
-    total = 0
-    for file in out.glob("*/adapter_model.safetensors"):
-        with safe_open(str(file), "pt") as f:
-            total += sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-    return total
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    pipe = tiny_sdxl_pipeline()
+    counts = {"trainable": 0, "stored": 0}
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        if (out / part).is_dir():
+            model = getattr(pipe, part)
+            mms.load_adapter(model, out / part)
+            part_counts = mms.parameter_counts(model)
+            counts["trainable"] += part_counts.trainable
+            counts["stored"] += part_counts.stored
+    return counts
 
 
 def _grid_row(out: Path, prompt: str, n: int) -> list[Any]:
@@ -115,6 +113,9 @@ def main() -> None:
             done = out / "benchmark_run.json"  # a finished run in --work_dir is reused (rerun with more seeds)
             if done.is_file():
                 row = json.loads(done.read_text())
+                if "trainable" not in row:  # a run saved before trainable/stored were counted apart
+                    row.pop("params", None)
+                    row.update(_params(out))
                 q = json.loads((out / "quality.json").read_text())
             else:
                 result = db.main(db.parse_args(argv))
@@ -123,7 +124,7 @@ def main() -> None:
                     "seed": seed, "fidelity": q["adapter_subject_fidelity"], "prior": q["adapter_prior_preservation"],
                     "base_fidelity": q["base_subject_fidelity"], "base_prior": q["base_prior_preservation"],
                     "seconds_per_step": result["seconds_per_step"], "steps": result["global_step"],
-                    "params": _params(out), "wall_s": time.time() - t0, "reads": q["adapter_reads_for_instance_prompt"],
+                    **_params(out), "wall_s": time.time() - t0, "reads": q["adapter_reads_for_instance_prompt"],
                 }
                 done.write_text(json.dumps(row))
             runs.setdefault(label, []).append(row)
@@ -139,8 +140,9 @@ def main() -> None:
         pri, pri_sd = _mean_std([r["prior"] for r in results])
         sps = statistics.median(r["seconds_per_step"] for r in results)
         summary[label] = {"fidelity_mean": fid, "fidelity_std": fid_sd, "prior_mean": pri, "prior_std": pri_sd,
-                          "params": results[0]["params"], "seconds_per_step": sps}
-        rows.append([label, f"{fid:.0%} ± {fid_sd:.0%}", f"{pri:.0%} ± {pri_sd:.0%}", results[0]["params"], sps])
+                          "trainable": results[0]["trainable"], "stored": results[0]["stored"], "seconds_per_step": sps}
+        rows.append([label, f"{fid:.0%} ± {fid_sd:.0%}", f"{pri:.0%} ± {pri_sd:.0%}", results[0]["trainable"],
+                     results[0]["stored"], sps])
     steps = next(iter(runs.values()))[0]["steps"]
     wall = time.time() - started
     n_seeds = len(args.seeds)
@@ -150,8 +152,8 @@ def main() -> None:
           f"defaults ({steps} steps, prior preservation on), {seeds_note}; mean ± std. "
           f"Base (no adapter): subject fidelity {base['fidelity']:.0%}, prior preservation {base['prior']:.0%}. "
           f"Wall time {wall / 60:.1f} min.", "",
-          C.markdown_table(["method", "subject fidelity (9 for 'sks')", "prior preservation (0-8)", "adapter params (saved)",
-                            "s / step"], rows)]
+          C.markdown_table(["method", "subject fidelity (9 for 'sks')", "prior preservation (0-8)", "trainable params",
+                            "stored params (incl. frozen)", "s / step"], rows)]
     C.write_results("dreambooth_quality", {"seeds": args.seeds, "rank": args.rank, "steps": steps, "base": base,
                                            "summary": summary, "runs": runs, "wall_s": wall}, "\n".join(md))
     _plot(summary, base, C.RESULTS / "dreambooth_quality.png", seeds_note)

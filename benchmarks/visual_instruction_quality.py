@@ -10,7 +10,7 @@ and the five held-out digits tasks, and scores greedy exact match on the test sp
    the rank whose trainable-parameter count is closest to LoRA's at ``--budget_rank`` (counted on the
    model, per method): per-task accuracy mean ± std over seeds, parameters, median s/step;
 2. **MoSLoRA mixer init** (MoSLoRA Table 3: kaiming/orthogonal > identity/normal, zero fails to learn):
-   kaiming_uniform, orthogonal, identity, normal, zero;
+   kaiming_uniform (the paper's, a = √5), kaiming_unit (a = 1), orthogonal, identity, normal, zero;
 3. **SuLoRA N sweep** (SuLoRA Table 7: best at N = 2r): N = r, 2r, 4r, with the step cost.
 
 Runs are independent processes (``--jobs`` at a time, ``--threads`` torch threads each; the default 2 x 1
@@ -22,7 +22,6 @@ Writes ``benchmarks/results/visual_instruction_quality.{json,md,png}``. The base
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import multiprocessing
 import statistics
 import sys
@@ -31,42 +30,51 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, ROOT, machine, markdown_table, write_results
+from _common import RESULTS, machine, markdown_table, write_results
 
 import mm_subspace as mms
+from mm_subspace.training import visual_instruction as vi
 
-SCRIPT = ROOT.parent / "training" / "visual_instruction.py"
-_spec = importlib.util.spec_from_file_location("visual_instruction", SCRIPT)
-vi = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(vi)
 
 METHODS = ("lora", "moslora", "ts_mixing", "asylora", "sulora", "dora")
-INITS = ("kaiming_uniform", "orthogonal", "identity", "normal", "zero")
+INITS = ("kaiming_uniform", "kaiming_unit", "orthogonal", "identity", "normal", "zero")
 
 
-def count_trainable(model: Any, method: str, rank: int, **extra: Any) -> int:
+def count_params(model: Any, method: str, rank: int, **extra: Any) -> mms.ParameterCounts:
+    """Trainable and stored (frozen tensors included) parameters of ``method`` at ``rank`` on the LM targets."""
     config = mms.config_for(method, rank=rank, alpha=2 * rank, targets=vi.LLM_TARGETS, **extra)
     mms.inject(model, config, "_count")
     try:
         mms.set_adapter(model, "_count")
-        return mms.trainable_parameters(model)[0]
+        return mms.parameter_counts(model, "_count")
     finally:
         mms.remove_adapter(model, "_count")
 
 
-def budget_ranks(methods: list[str], budget_rank: int) -> dict[str, tuple[int, int]]:
-    """method -> (rank, trainable params) closest to LoRA's count at ``budget_rank``."""
+def budget_ranks(methods: list[str], budget_rank: int) -> dict[str, tuple[int, int, int]]:
+    """method -> (rank, trainable params, stored params) with the trainable count closest to LoRA's at ``budget_rank``
+    (equal budgets compare trainable parameters; stored ones add frozen tensors such as SuLoRA's and AsyLoRA's A)."""
     from mm_subspace.tiny_models import tiny_llava
 
     model, _ = tiny_llava()
     model.requires_grad_(False)
-    budget = count_trainable(model, "lora", budget_rank)
+    budget = count_params(model, "lora", budget_rank).trainable
     out = {}
     for method in methods:
         candidates = range(2, 4 * budget_rank + 1, 2) if method == "ts_mixing" else range(1, 4 * budget_rank + 1)
-        best = min((abs(count_trainable(model, method, r) - budget), r) for r in candidates)
-        out[method] = (best[1], count_trainable(model, method, best[1]))
+        best = min((abs(count_params(model, method, r).trainable - budget), r) for r in candidates)
+        counts = count_params(model, method, best[1])
+        out[method] = (best[1], counts.trainable, counts.stored)
     return out
+
+
+def sweep_stored(rank: int, mults: tuple[int, ...]) -> dict[int, int]:
+    """N multiple -> stored parameters of SuLoRA at ``rank`` with N = mult·rank (its trainable count is in the run)."""
+    from mm_subspace.tiny_models import tiny_llava
+
+    model, _ = tiny_llava()
+    model.requires_grad_(False)
+    return {m: count_params(model, "sulora", rank, num_subspaces=m * rank).stored for m in mults}
 
 
 def run(args: argparse.Namespace, method: str, rank: int, seed: int, *extra: str, eval_base: bool = False) -> dict[str, Any]:
@@ -167,11 +175,11 @@ def main() -> None:
             per_method[method] = summarize(results, method)
             print(method, rank, per_method[method]["mean"], f"{time.perf_counter() - started:.0f} s", flush=True)
         tasks = sorted(base["tasks"])
-        headers = ["method", "rank", "trainable params", "mean acc %", *[f"{t} %" for t in tasks], "s/step"]
-        rows.append(["base (no adapter)", "–", 0, f"{100 * base['mean_accuracy']:.1f}",
+        headers = ["method", "rank", "trainable params", "stored params", "mean acc %", *[f"{t} %" for t in tasks], "s/step"]
+        rows.append(["base (no adapter)", "–", 0, 0, f"{100 * base['mean_accuracy']:.1f}",
                      *[f"{100 * base['tasks'][t]['accuracy']:.1f}" for t in tasks], "–"])
         for method, s in per_method.items():
-            rows.append([method, ranks[method][0], s["params"], pm(s["mean"]), *[pm(s["tasks"][t]) for t in tasks],
+            rows.append([method, ranks[method][0], s["params"], ranks[method][2], pm(s["mean"]), *[pm(s["tasks"][t]) for t in tasks],
                          f"{s['s_per_step']:.3f}"])
             plot[method] = s["mean"]
         payload["methods"] = per_method
@@ -190,14 +198,16 @@ def main() -> None:
     if "sweep" in parts:
         sweep_rows, sweep = [], {}
         rank = args.budget_rank
+        stored = sweep_stored(rank, tuple(sweep_runs))
         for mult, pending in sweep_runs.items():
             sweep[f"N={mult}r"] = summarize([f.result() for f in pending], "sulora")
             s = sweep[f"N={mult}r"]
-            sweep_rows.append([f"N = {mult}r = {mult * rank}", s["params"], pm(s["mean"]), f"{s['s_per_step']:.3f}"])
+            s["stored"] = stored[mult]
+            sweep_rows.append([f"N = {mult}r = {mult * rank}", s["params"], stored[mult], pm(s["mean"]), f"{s['s_per_step']:.3f}"])
             print("sweep", mult, s["mean"], flush=True)
         payload["sulora_sweep"] = sweep
         md += [f"## SuLoRA N sweep (r = {rank}, {args.ablation_seeds} seed(s); paper Table 7)\n",
-               markdown_table(["N", "trainable params", "mean acc %", "s/step"], sweep_rows), ""]
+               markdown_table(["N", "trainable params", "stored params", "mean acc %", "s/step"], sweep_rows), ""]
     runner.pool.shutdown()
     total = time.perf_counter() - started
     payload["wall_seconds"] = total

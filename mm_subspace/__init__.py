@@ -26,7 +26,9 @@ from .errors import (
     TargetError,
 )
 from .inject import (
+    ParameterCounts,
     active_adapters,
+    adapter_state_dict,
     adapter_layers,
     aux_loss,
     disable_adapters,
@@ -37,6 +39,7 @@ from .inject import (
     list_adapters,
     merge,
     merge_and_unload,
+    parameter_counts,
     print_trainable_parameters,
     remove_adapter,
     routing,
@@ -61,7 +64,7 @@ from .formats import (
     lora_factors,
     lora_state_dict,
 )
-from .io import adapter_state_dict, base_fingerprint, load_adapter, read_adapter_config, save_adapter
+from .io import base_fingerprint, load_adapter, read_adapter_config, save_adapter
 from .layer import Adapter, AdapterLayer, LowRankAdapter
 from .methods.asylora import AsyLoRAConfig
 from .methods.bitfit import BitFitConfig
@@ -114,6 +117,7 @@ __all__ = [
     "MoSLoRAConfig",
     "NonFiniteError",
     "ParallelAdapterConfig",
+    "ParameterCounts",
     "SAMParserConfig",
     "SSBConfig",
     "SSLConfig",
@@ -160,6 +164,7 @@ __all__ = [
     "lora_state_dict",
     "merge",
     "merge_and_unload",
+    "parameter_counts",
     "prepare_for_kbit_training",
     "print_trainable_parameters",
     "quantize_model_4bit",

@@ -1,6 +1,10 @@
-"""The ``mm-subspace`` command line: inspect, convert, import and merge adapters.
+"""The ``mm-subspace`` command line: train, compare, inspect, convert, import and merge adapters.
 
 ::
+
+    mm-subspace dreambooth --adapter moslora                 # training/dreambooth_sdxl.py, from any directory
+    mm-subspace visual-instruction --adapter moslora         # training/visual_instruction.py
+    mm-subspace compare --adapters runs/                     # apps/compare.py (Gradio)
 
     mm-subspace inspect out/adapter
     mm-subspace export out/adapter --to kohya out/my_lora.safetensors
@@ -8,7 +12,13 @@
     mm-subspace merge --base path/to/model --adapter out/adapter out/merged
     mm-subspace recipes [NAME] [--family llava]
 
-Every subcommand works from folders on disk (``export`` and ``import-moslora`` do not even need
+``dreambooth``, ``visual-instruction`` and ``compare`` run the installed scripts
+(:mod:`mm_subspace.training.dreambooth_sdxl`, :mod:`mm_subspace.training.visual_instruction`,
+:mod:`mm_subspace.apps.compare`): every argument after the command goes to the script untouched, and
+``-h`` prints the script's own help. On several processes: ``accelerate launch -m mm_subspace.cli dreambooth ...``
+(or ``-m mm_subspace.training.dreambooth_sdxl ...``).
+
+The other subcommands work from folders on disk (``export`` and ``import-moslora`` do not even need
 the base model: the adapters are rebuilt on stand-ins of the recorded shapes). Bad input prints one
 ``error: ...`` line naming the fix and exits with status 2 (usage) or 1 (anything else).
 """
@@ -16,11 +26,14 @@ the base model: the adapters are rebuilt on stand-ins of the recorded shapes). B
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from .errors import ConfigError, SubspaceError
 from .formats import FORMATS, KOHYA_PREFIX
@@ -28,6 +41,15 @@ from .formats import FORMATS, KOHYA_PREFIX
 logger = logging.getLogger(__name__)
 
 COMPONENTS = tuple(KOHYA_PREFIX)
+
+#: ``mm-subspace NAME ARGS...``: module whose command line runs with ARGS untouched, and its one-line help
+SCRIPTS: dict[str, tuple[str, str]] = {
+    "dreambooth": ("mm_subspace.training.dreambooth_sdxl",
+                   "train an SDXL adapter with DreamBooth (training/dreambooth_sdxl.py; -h: its flags)"),
+    "visual-instruction": ("mm_subspace.training.visual_instruction",
+                           "visual-instruction tuning of a LLaVA (training/visual_instruction.py; -h: its flags)"),
+    "compare": ("mm_subspace.apps.compare", "side-by-side comparison app, Gradio (apps/compare.py; -h: its flags)"),
+}
 
 
 def _add_layout_args(parser: argparse.ArgumentParser) -> None:
@@ -52,10 +74,12 @@ def _add_layout_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mm-subspace",
-        description="Inspect, convert, import and merge mm_subspace adapters (LoRA, MoSLoRA, TS-Mixing, ...).",
+        description="Train, compare, inspect, convert, import and merge mm_subspace adapters (LoRA, MoSLoRA, TS-Mixing, ...).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_) in SCRIPTS.items():  # listed in --help; main() hands their arguments over untouched
+        sub.add_parser(name, help=help_, add_help=False).add_argument("script_args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("inspect", help="print method, rank, targets, trainable parameters, base fingerprint",
                        description="Describe a saved adapter folder (or a pipeline adapter folder with unet/, "
@@ -275,11 +299,50 @@ def _recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _script_argv(prog: str, argv: list[str]) -> Iterator[None]:
+    """``sys.argv`` as the script would see it when run directly (its help then says ``usage: mm-subspace NAME``)."""
+    saved = sys.argv
+    sys.argv = [prog, *argv]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def run_script(name: str, argv: Sequence[str]) -> int:
+    """Run the command line of script ``name`` (a key of :data:`SCRIPTS`) with ``argv``; returns the exit status.
+
+    The training scripts run ``main(parse_args(argv))``, the app ``main(argv)``: the same code as
+    ``accelerate launch training/dreambooth_sdxl.py ARGS`` or ``python apps/compare.py ARGS``.
+    """
+    module = importlib.import_module(SCRIPTS[name][0])
+    argv = list(argv)
+    try:
+        with _script_argv(f"mm-subspace {name}", argv):
+            if hasattr(module, "parse_args") and name != "compare":
+                module.main(module.parse_args(argv))
+            else:
+                module.main(argv)
+    except SystemExit as exit_:  # argparse: 0 after --help, 2 for a usage error
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except SubspaceError as err:  # bad flags / data / config: one line naming the fix
+        print(f"mm-subspace {name}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 COMMANDS = {"recipes": _recipes, "inspect": _inspect, "export": _export, "import-moslora": _import_moslora, "merge": _merge}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``mm-subspace``; returns the exit status (0 ok, 1 bad input/file, 2 usage)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is not None and argv[first] in SCRIPTS:  # everything after the name belongs to the script
+        if any(a in ("-v", "--verbose") for a in argv[:first]):
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+        return run_script(argv[first], argv[first + 1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

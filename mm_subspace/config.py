@@ -60,6 +60,9 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
+    #: values of fields a saved config may lack because it was written before the field existed, when
+    #: they differ from today's default (so an old adapter keeps its meaning); see :meth:`from_dict`
+    absent_field_values: ClassVar[dict[str, Any]] = {}
     #: methods whose layers hold an A·B pair; MPC constraints and plain-LoRA export need it
     low_rank: ClassVar[bool] = True
     #: methods that keep a per-row weight magnitude (DoRA Eq. 5): PEFT's ``use_dora`` layout carries it,
@@ -191,7 +194,7 @@ class AdapterConfig:
                 f"valid fields: {sorted(cls.field_names())}. Was it written by a newer mm_subspace?"
             )
         try:
-            return cls(**data)
+            return cls(**{**cls.absent_field_values, **data})
         except TypeError as err:  # wrong value types that __post_init__ did not catch
             raise ConfigError(f"invalid config for method {cls.method!r}: {err}") from None
 

@@ -12,7 +12,7 @@ import contextlib
 import difflib
 import logging
 import re
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -597,9 +597,53 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def print_trainable_parameters(model: nn.Module) -> str:
-    """Print and return ``trainable params: X || all params: Y || trainable%: Z`` (PEFT's format)."""
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """``"<module>.<tensor>" -> tensor`` for one adapter (parameters and persistent buffers)."""
+    state = {}
+    for module_name, adapter in iter_adapters(model, adapter_name):
+        for key, value in adapter.state_dict().items():
+            state[f"{module_name}.{key}"] = value
+    config = get_state(model).configs.get(adapter_name)
+    if config is not None:  # fully trained modules (config.trainable_modules), under "trainable_modules."
+        state.update({k: v.detach() for k, v in trainable_module_state(model, config).items()})
+    return state
+
+
+class ParameterCounts(NamedTuple):
+    """What :func:`parameter_counts` returns."""
+
+    #: parameters that train now (``requires_grad``): the ones equal-budget comparisons count
+    trainable: int
+    #: elements the adapter file(s) hold: the trainable adapter tensors plus the frozen ones (AsyLoRA's and
+    #: SuLoRA's frozen A, SVD buffers, ...) and fully trained modules (``trainable_modules``)
+    stored: int
+    #: all parameters of the model (base + adapters), 4-bit weights counted by their logical size
+    total: int
+
+
+def parameter_counts(model: nn.Module, adapter_name: str | None = None) -> ParameterCounts:
+    """Trainable, stored and total parameter counts of ``model``.
+
+    ``stored`` is what :func:`mm_subspace.save_adapter` writes for ``adapter_name`` (default: for every
+    adapter on the model, summed); ``stored − trainable`` is what an adapter keeps frozen. ``trainable``
+    and ``total`` are model-wide, as in :func:`trainable_parameters`.
+    """
     trainable, total = trainable_parameters(model)
-    line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    state = get_state(model, required=False)
+    names = [] if state is None else list(state.configs) if adapter_name is None else [adapter_name]
+    if state is not None:
+        _check_names(state, names)
+    stored = sum(t.numel() for name in names for t in adapter_state_dict(model, name).values())
+    return ParameterCounts(trainable, stored, total)
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    """Print and return ``trainable params: X || stored adapter params: S || all params: Y || trainable%: Z``.
+
+    PEFT's format plus the adapter's stored count (:func:`parameter_counts`: trainable + frozen adapter tensors).
+    """
+    counts = parameter_counts(model)
+    line = (f"trainable params: {counts.trainable:,d} || stored adapter params: {counts.stored:,d} || "
+            f"all params: {counts.total:,d} || trainable%: {100 * counts.trainable / max(counts.total, 1):.4f}")
     print(line)
     return line

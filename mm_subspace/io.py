@@ -44,6 +44,7 @@ from .errors import (
     SubspaceError,
 )
 from .inject import (
+    adapter_state_dict,
     check_adapter_name,
     get_state,
     inject,
@@ -112,18 +113,6 @@ def module_signature(model: nn.Module, names: list[str]) -> dict[str, dict[str, 
 
 
 # -- save ---------------------------------------------------------------------------------------------
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """``"<module>.<tensor>" -> tensor`` for one adapter (parameters and persistent buffers)."""
-    state = {}
-    for module_name, adapter in iter_adapters(model, adapter_name):
-        for key, value in adapter.state_dict().items():
-            state[f"{module_name}.{key}"] = value
-    config = get_state(model).configs.get(adapter_name)
-    if config is not None:  # fully trained modules (config.trainable_modules), under "trainable_modules."
-        state.update({k: v.detach() for k, v in trainable_module_state(model, config).items()})
-    return state
-
-
 def save_adapter(
     model: nn.Module,
     save_directory: str | os.PathLike,

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .config import check_choice
 from .errors import ConfigError, TargetError
 from .targets import candidate_modules
 
@@ -145,6 +144,10 @@ register_preset(Preset(
 LLAVA_LM = r"language_model\.(.*\.)?(q|k|v|o|gate|up|down)_proj"
 LLAVA_VISION = r"vision_tower\.(.*\.)?(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
 LLAVA_PROJECTOR = r"multi_modal_projector\.linear_[12]"
+#: the same module sets as full-match ``targets`` regexes (configs built piece by piece: the training script, demos)
+LLAVA_LM_TARGETS = rf".*{LLAVA_LM}"
+LLAVA_VISION_TARGETS = rf".*{LLAVA_VISION}"
+LLAVA_PROJECTOR_TARGETS = rf".*{LLAVA_PROJECTOR}"
 VIT_LINEARS = ("out_proj", "fc1", "fc2")
 LLAVA_SUFFIXES = LLAMA_ATTN + LLAMA_MLP + VIT_LINEARS
 
@@ -170,6 +173,16 @@ register_preset(Preset(
 ))
 
 PROJECTOR_MODES = ("adapt", "train", "freeze")
+#: the visual-instruction script's ``--tune_projector`` words for the same modes (documented, kept working)
+PROJECTOR_MODE_WORDS = {"adapter": "adapt", "full": "train", "frozen": "freeze"}
+
+
+def projector_mode(word: str) -> str:
+    """The projector mode (one of :data:`PROJECTOR_MODES`) that ``word`` names; the script's words are synonyms."""
+    mode = PROJECTOR_MODE_WORDS.get(word, word)
+    if mode not in PROJECTOR_MODES:
+        raise ConfigError(f"projector must be one of {PROJECTOR_MODES} (or {tuple(PROJECTOR_MODE_WORDS)}), got {word!r}")
+    return mode
 
 
 def llava_config(
@@ -198,7 +211,7 @@ def llava_config(
     """
     from .registry import get_method
 
-    check_choice("projector", projector, PROJECTOR_MODES)
+    projector = projector_mode(projector)
     rank_pattern = {r"vision_tower\..*": vision_rank, **kwargs.pop("rank_pattern", {})}
     alpha_pattern = {r"vision_tower\..*": vision_alpha, **kwargs.pop("alpha_pattern", {})}
     trainable = list(kwargs.pop("trainable_modules", []))

@@ -36,7 +36,8 @@ from .errors import AdapterFileError, ConfigError, NonFiniteError
 from .inject import adapter_layers, get_state
 from .layer import AdapterLayer
 from .atomic import atomic_paths, atomic_write_text, fsync_dir
-from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, load_tensors_into
+from .inject import adapter_state_dict
+from .io import CONFIG_NAME, WEIGHTS_NAME, load_tensors_into
 from .io import read_adapter_config, read_adapter_weights, save_adapter
 
 if TYPE_CHECKING:
@@ -64,6 +65,22 @@ def check_method_flags(args: Any, flags: tuple[str, ...] = METHOD_FLAGS) -> None
         if getattr(args, flag) is not None and flag not in fields:
             have = [m for m in list_methods() if flag in get_method(m).config_class.field_names()]
             raise ConfigError(f"--{flag} does not apply to --adapter {args.adapter}; it is a flag of {', '.join(have) or 'no method'}")
+
+
+def method_flag_values(args: Any, flags: tuple[str, ...] = METHOD_FLAGS) -> dict[str, Any]:
+    """``{field: value}`` of the method flags given (not None) that ``args.adapter``'s config has."""
+    from .registry import get_method
+
+    fields = get_method(args.adapter).config_class.field_names()
+    return {f: getattr(args, f) for f in flags if f in fields and getattr(args, f) is not None}
+
+
+def is_dora(method: str) -> bool:
+    """Whether ``method`` is DoRA (or built on it): a trained per-row magnitude, so no plain-LoRA ΔW = B·A —
+    no kohya file, PEFT's DoRA layout in ``pytorch_lora_weights.safetensors``. The scripts' one check for it."""
+    from .registry import get_method
+
+    return get_method(method).config_class.has_magnitude
 
 
 def check_positive(args: Any, names: list[str], allow_zero: bool = False) -> None:

@@ -8,7 +8,7 @@ Two layouts are recognised, both written by :func:`mm_subspace.save_adapter`:
   one adapter folder per adapted pipeline component, ``unet/``, and optionally ``text_encoder/`` and
   ``text_encoder_2/``.
 
-Nothing here touches a model; :mod:`pipelines.sdxl` and :mod:`pipelines.llava` load what this finds.
+Nothing here touches a model; :mod:`mm_subspace.pipelines.sdxl` and :mod:`mm_subspace.pipelines.llava` load what this finds.
 """
 
 from __future__ import annotations

@@ -9,8 +9,7 @@
   ``i`` via ``mm_subspace.forward_context(model, adapter_rows=...)``, prefill and every decoding step.
   Greedy decoding is deterministic, so row ``i`` equals ``answer(adapter_i)``.
 
-:func:`train_visual_instruction` is a minimal visual-instruction loop (LLaVA stage 2, Liu et al. 2023,
-§4.2: the loss is the answer tokens' cross-entropy only) used to make small demo adapters on a real photo.
+Training lives in :mod:`mm_subspace.training` (the demo loops in :mod:`mm_subspace.training.demo_adapters`).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,10 +32,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "Answer", "LlavaAdapters", "check_llava_request", "make_demo_llava_adapter", "save_merged_llava",
-    "train_visual_instruction",
-]
+__all__ = ["Answer", "LlavaAdapters", "check_llava_request", "save_merged_llava"]
 
 BASE_LABEL = "base"
 MAX_NEW_TOKENS = 256
@@ -175,8 +171,7 @@ class LlavaAdapters(AdapterSet):
 
 def _prompt_routing(model: nn.Module, attention_mask: torch.Tensor) -> contextlib.AbstractContextManager:
     """SuLoRA's routing rule for ``generate``: route once on the prompt, reuse it in the decode steps."""
-    from mm_subspace.inject import get_state
-    from mm_subspace.inject import routing
+    from mm_subspace.inject import get_state, routing
 
     if get_state(model, required=False) is None:
         return contextlib.nullcontext()
@@ -205,127 +200,3 @@ def save_merged_llava(
     merged.save_pretrained(out)
     AutoProcessor.from_pretrained(model_name_or_path).save_pretrained(out)
     return out
-
-
-def train_visual_instruction(
-    llava: LlavaAdapters,
-    name: str,
-    examples: Sequence[tuple[PIL.Image.Image | None, str, str]],
-    steps: int = 20,
-    lr: float = 1e-2,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[float]:
-    """A minimal visual-instruction loop: fit adapter ``name`` to (image, question, answer) triples.
-
-    Loss = cross-entropy of the answer tokens only (prompt and image positions are masked with
-    -100, as in LLaVA's stage-2 instruction tuning). Plain AdamW on the adapter's trainable
-    parameters, one full batch per step. Returns the loss per step. The adapter must already be
-    injected (``mm_subspace.inject(llava.model, config, name)``).
-    """
-    import torch
-
-    import mm_subspace as mms
-
-    model = llava.model
-    mms.set_adapter(model, name)
-    batch: dict[str, list[torch.Tensor]] = {"input_ids": [], "attention_mask": [], "labels": [], "pixel_values": []}
-    for image, question, answer in examples:
-        prompt_len = llava.inputs(question, image)["input_ids"].shape[1]
-        full = llava.inputs(question, image, answer=answer)
-        labels = full["input_ids"].clone()
-        labels[:, :prompt_len] = -100
-        batch["labels"].append(labels)
-        for key in ("input_ids", "attention_mask", "pixel_values"):
-            if key in full:
-                batch[key].append(full[key])
-    width = max(t.shape[1] for t in batch["input_ids"])
-    pad = llava.tokenizer.pad_token_id
-
-    def right_pad(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
-        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
-
-    tensors = {"input_ids": right_pad(batch["input_ids"], pad), "attention_mask": right_pad(batch["attention_mask"], 0),
-               "labels": right_pad(batch["labels"], -100)}
-    if batch["pixel_values"]:
-        tensors["pixel_values"] = torch.cat(batch["pixel_values"])
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    model.train()
-    losses = []
-    from mm_subspace.inject import routing
-    from mm_subspace.methods.sulora import prompt_route_mask
-
-    route = prompt_route_mask(tensors["attention_mask"], tensors["labels"])
-    try:
-        for step in range(steps):
-            with routing(model, route, cache=False):  # SuLoRA: route on the prompt, as generate() does
-                loss = model(**tensors).loss + mms.aux_loss(model)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if progress is not None:
-                progress(step + 1, steps)
-    finally:
-        model.eval()
-        llava._apply()
-    return losses
-
-
-#: the language model's projections of a LLaVA (the ``llama`` preset alone would also match CLIP's q/k/v)
-LANGUAGE_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-#: the demo's instruction data: (digits scan index, question, answer) — held-out tasks of the shipped tiny LLaVA
-DEMO_EXAMPLES = (
-    (0, "is the digit even? answer yes or no.", "yes"),
-    (1, "is the digit even? answer yes or no.", "no"),
-    (2, "what is the digit plus one? answer with a word.", "three"),
-    (3, "what is the digit plus one? answer with a word.", "four"),
-    (5, "is the digit even? answer yes or no.", "no"),
-    (6, "what is the digit plus one? answer with a word.", "seven"),
-)
-
-
-def demo_examples() -> list[tuple[PIL.Image.Image, str, str]]:
-    """:data:`DEMO_EXAMPLES` with their images (real scikit-learn digits scans, 32 px)."""
-    from mm_subspace.data.llava import digit_image, digit_label
-
-    assert all(digit_label(i) == i for i, _, _ in DEMO_EXAMPLES)  # scans 0-9 are the digits 0-9
-    return [(digit_image(i), q, a) for i, q, a in DEMO_EXAMPLES]
-
-
-def make_demo_llava_adapter(
-    llava: LlavaAdapters,
-    out_dir: str | os.PathLike[str],
-    method: str = "moslora",
-    rank: int = 4,
-    steps: int = 20,
-    seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-    **config: Any,
-) -> AdapterInfo:
-    """Train a tiny LLaVA adapter with :func:`train_visual_instruction` on :data:`DEMO_EXAMPLES` and save it.
-
-    The adapter targets the language model's projections (``llama`` preset); it is removed from
-    ``llava`` after saving (load it back with ``llava.load_adapter(out_dir)``).
-    """
-    import torch
-
-    import mm_subspace as mms
-
-    from .adapters import adapter_info
-
-    name = f"_demo_{method}"
-    examples = demo_examples()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        targets = LANGUAGE_TARGETS if llava.has_vision else "llama"
-        mms.inject(llava.model, mms.config_for(method, rank=rank, alpha=2 * rank, targets=targets, **config), name)
-        try:
-            if steps > 0:
-                losses = train_visual_instruction(llava, name, examples, steps=steps, progress=progress)
-                logger.info("demo %s adapter: loss %.3f -> %.3f", method, losses[0], losses[-1])
-            mms.save_adapter(llava.model, out_dir, name)
-        finally:
-            mms.remove_adapter(llava.model, name)
-            llava._apply()
-    return adapter_info(out_dir)

@@ -13,7 +13,7 @@ and unmerges them, and generates:
 
 Example::
 
-    from pipelines.sdxl import SDXLAdapters
+    from mm_subspace.pipelines.sdxl import SDXLAdapters
     sd = SDXLAdapters.from_pretrained()                     # tiny offline default; or an SDXL folder / hub id
     sd.load_adapters(["runs/dreambooth-sdxl-lora", "runs/dreambooth-sdxl-moslora"])
     results = sd.generate_batch("a handwritten digit sks", ["lora", "moslora", None], seed=0)
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BASE_LABEL", "Generation", "SDXLAdapters", "check_sdxl_request", "make_demo_sdxl_adapter"]
+__all__ = ["BASE_LABEL", "Generation", "SDXLAdapters", "check_sdxl_request"]
 
 BASE_LABEL = "base"
 #: limits of a generation request (the app rejects anything outside them with this message)
@@ -212,86 +212,3 @@ class SDXLAdapters(AdapterSet):
         for name, scale in scales.items():
             self.set_scale(name, scale)
         return [self.generate(prompt, name, **kwargs) for name in adapters]
-
-
-def make_demo_sdxl_adapter(
-    sd: SDXLAdapters,
-    out_dir: str | os.PathLike[str],
-    method: str = "moslora",
-    rank: int = 4,
-    steps: int = 3,
-    seed: int = 0,
-    train_text_encoder: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-    **config: Any,
-) -> AdapterInfo:
-    """A small DreamBooth-style SDXL adapter, saved in the DreamBooth output layout (``unet/`` ...).
-
-    ``steps=0`` saves the adapter as injected (with ``init_weights=False``: random non-zero factors,
-    for tests). Injects ``method`` into the UNet (``sdxl_unet`` preset; text encoders with ``sdxl_text_encoders``
-    when asked), takes ``steps`` AdamW steps of the epsilon-prediction loss on real cat photos
-    (scikit-image's ``chelsea``, "a photo of sks cat"), saves, and removes the adapter again. Used
-    for tests and as the app's fallback when ``training/dreambooth_sdxl.py`` is not available.
-    """
-    import torch
-
-    import mm_subspace as mms
-    from mm_subspace.tiny_models import cat_photos
-
-    from .adapters import adapter_info
-
-    pipe, name = sd.pipe, f"_demo_{method}"
-    parts = {"unet": "sdxl_unet"}
-    if train_text_encoder:
-        parts.update({"text_encoder": "sdxl_text_encoders", "text_encoder_2": "sdxl_text_encoders"})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for component, preset in parts.items():
-            mms.inject(getattr(pipe, component), mms.config_for(method, rank=rank, alpha=rank, targets=preset, **config), name)
-        try:
-            if steps > 0:
-                photos = cat_photos(2, size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
-                _train_steps(pipe, list(parts), name, steps, photos, progress)
-            for component in parts:
-                mms.save_adapter(getattr(pipe, component), os.path.join(out_dir, component), name)
-        finally:
-            for component in parts:
-                mms.remove_adapter(getattr(pipe, component), name)
-            sd._apply()
-    return adapter_info(out_dir)
-
-
-def _train_steps(pipe: Any, components: list[str], name: str, steps: int, photos: list[Any], progress: Callable[[int, int], None] | None) -> None:
-    """A few DreamBooth steps: noise the photos' latents, predict the noise, MSE (Ruiz et al. 2023, Eq. 1)."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    from diffusers import DDPMScheduler
-
-    import mm_subspace as mms
-
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    modules = [getattr(pipe, c) for c in components]
-    for module in modules:
-        mms.set_adapter(module, name)
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    pixels = torch.from_numpy(np.stack([np.asarray(p, dtype=np.float32) / 127.5 - 1 for p in photos])).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        latents = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.sample() * pipe.vae.config.scaling_factor
-    size = pixels.shape[-1]
-    for step in range(steps):
-        with torch.set_grad_enabled("text_encoder" in components):
-            embeds, _, pooled, _ = pipe.encode_prompt(["a photo of sks cat"] * len(photos), do_classifier_free_guidance=False)
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(photos),))
-        noisy = scheduler.add_noise(latents, noise, t)
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.dtype).repeat(len(photos), 1)
-        pred = pipe.unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        loss = F.mse_loss(pred.float(), noise.float()) + mms.aux_loss(pipe.unet)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if progress is not None:
-            progress(step + 1, steps)

@@ -53,13 +53,14 @@ def make_adapters(root: Path) -> None:
             root.mkdir(parents=True, exist_ok=True)
             shutil.copytree(source, root / source.name, ignore=shutil.ignore_patterns("training_state", "class_images"))
     code = (
-        "import sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path; root = Path(sys.argv[1])\n"
-        "from pipelines import SDXLAdapters, LlavaAdapters, make_demo_sdxl_adapter, make_demo_llava_adapter\n"
+        "import sys; from pathlib import Path; root = Path(sys.argv[1])\n"
+        "from mm_subspace.pipelines import SDXLAdapters, LlavaAdapters\n"
+        "from mm_subspace.training.demo_adapters import make_demo_sdxl_adapter, make_demo_llava_adapter\n"
         + sdxl_code +
         "ll = LlavaAdapters.from_pretrained()\n"
         "make_demo_llava_adapter(ll, root / 'llava-lora', 'lora', steps=0, init_weights=False)\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(root), str(REPO)], check=True, cwd=REPO, timeout=START_TIMEOUT,
+    subprocess.run([sys.executable, "-c", code, str(root)], check=True, cwd=REPO, timeout=START_TIMEOUT,
                    env=dict(os.environ, OMP_NUM_THREADS="1"))
     # an unreadable adapter: the app must list it with the reason and start anyway
     (root / "broken").mkdir()

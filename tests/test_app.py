@@ -5,13 +5,10 @@ The app runs in a subprocess on 127.0.0.1 (free port) with pre-made adapters; se
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_app_server import SDXL_NAMES, app_url  # noqa: E402
+from compare_app_server import SDXL_NAMES, app_url  # tests/ is on sys.path (pytest's rootdir insertion)
 
 gradio_client = pytest.importorskip("gradio_client")
 

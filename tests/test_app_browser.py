@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_app_server import SDXL_NAMES, app_url  # noqa: E402
+from compare_app_server import SDXL_NAMES, app_url  # tests/ is on sys.path (pytest's rootdir insertion)
 
 CHROMIUM = "/usr/bin/chromium"
 # loopback only: no background traffic to Google's hosts (refused by this network anyway)

@@ -151,3 +151,99 @@ def test_bad_input_gives_clear_errors_and_nonzero_status(adapter, tmp_path, caps
     (tmp_path / "adapter_config.json").write_text("{not json")
     assert main(["export", str(tmp_path), "--to", "peft", str(tmp_path / "p")]) == 1
     assert "not valid JSON" in capsys.readouterr().err
+
+
+# -- installed layout and the script commands ---------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT_FLAGS = {"dreambooth": "--instance_data_dir", "visual-instruction": "--tune_projector", "compare": "--adapters"}
+
+
+def run_outside(cwd: Path, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m mm_subspace.cli ARGS`` (or ``python -c CODE``) from ``cwd`` with no PYTHONPATH: the installed package only."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-c", code] if code is not None else [sys.executable, "-m", "mm_subspace.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def test_folders_install_inside_the_mm_subspace_namespace(tmp_path):
+    """pipelines/, training/, apps/ import as mm_subspace.pipelines/.training/.apps from this checkout's folders;
+    nothing named pipelines, training or apps is importable at the top level outside the checkout."""
+    code = (
+        "import importlib, json\n"
+        "out = {m: importlib.import_module(m).__file__ for m in ('mm_subspace', 'mm_subspace.pipelines', "
+        "'mm_subspace.training.dreambooth_sdxl', 'mm_subspace.training.visual_instruction', 'mm_subspace.apps.compare')}\n"
+        "for top in ('pipelines', 'training', 'apps'):\n"
+        "    try:\n        importlib.import_module(top); out[top] = 'importable'\n"
+        "    except ModuleNotFoundError:\n        out[top] = None\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = run_outside(tmp_path, code=code)
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)
+    assert Path(found["mm_subspace"]).parent == REPO / "mm_subspace", (
+        f"the installed mm_subspace is {found['mm_subspace']}, not this checkout: `pip install -e {REPO}`")
+    assert Path(found["mm_subspace.pipelines"]) == REPO / "pipelines" / "__init__.py"
+    assert Path(found["mm_subspace.training.dreambooth_sdxl"]) == REPO / "training" / "dreambooth_sdxl.py"
+    assert Path(found["mm_subspace.training.visual_instruction"]) == REPO / "training" / "visual_instruction.py"
+    assert Path(found["mm_subspace.apps.compare"]) == REPO / "apps" / "compare.py"
+    assert (found["pipelines"], found["training"], found["apps"]) == (None, None, None)
+
+
+def test_pyproject_lists_every_package_folder():
+    """The explicit package list of pyproject.toml holds every package folder (a missing one is left out of wheels)."""
+    import tomllib
+
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapping = {"mm_subspace": "mm_subspace", **tool["package-dir"]}
+    on_disk = set()
+    for package, folder in mapping.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder).parts
+            if "__pycache__" not in rel and "weights" not in rel:
+                on_disk.add(".".join((package, *rel)))
+    assert set(tool["packages"]) == on_disk
+    assert not any(p.split(".")[0] != "mm_subspace" for p in tool["packages"])
+
+
+@pytest.mark.parametrize("command", list(SCRIPT_FLAGS))
+def test_script_command_shows_the_scripts_own_help_from_any_directory(command, tmp_path):
+    proc = run_outside(tmp_path, command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: mm-subspace {command} ") and SCRIPT_FLAGS[command] in proc.stdout
+    bad = run_outside(tmp_path, command, "--no_such_flag")
+    assert bad.returncode == 2 and f"mm-subspace {command}: error: unrecognized arguments: --no_such_flag" in bad.stderr
+    listed = run_outside(tmp_path, "--help")
+    assert listed.returncode == 0 and command in listed.stdout
+
+
+def test_visual_instruction_command_refuses_the_sdxl_recipe_alias(tmp_path):
+    proc = run_outside(tmp_path, "visual-instruction", "--recipe", "moslora_paper")
+    assert proc.returncode == 1
+    assert "moslora_paper is the SDXL recipe moslora_sdxl" in proc.stderr and "moslora_vi_llama3" in proc.stderr
+
+
+def test_dreambooth_command_trains_from_any_directory_like_the_script(tmp_path):
+    """`mm-subspace dreambooth ARGS` from a folder outside the checkout (relative paths) writes the same adapter
+    as ``main(parse_args(ARGS))`` of training/dreambooth_sdxl.py in this process."""
+    from safetensors.torch import load_file
+
+    from mm_subspace.tiny_models import write_cat_photos
+    from mm_subspace.training import dreambooth_sdxl
+
+    write_cat_photos(tmp_path / "cat", n=2, size=40)
+    argv = ["--resolution", "32", "--rank", "2", "--report_to", "none", "--max_train_steps", "2",
+            "--num_validation_images", "0", "--instance_data_dir", "cat", "--adapter", "moslora"]
+    proc = run_outside(tmp_path, "dreambooth", *argv, "--output_dir", "cli_out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    here = Path.cwd()
+    try:
+        os.chdir(tmp_path)
+        dreambooth_sdxl.main(dreambooth_sdxl.parse_args([*argv, "--output_dir", "direct_out"]))
+    finally:
+        os.chdir(here)
+    cli_weights = load_file(tmp_path / "cli_out" / "unet" / "adapter_model.safetensors")
+    direct = load_file(tmp_path / "direct_out" / "unet" / "adapter_model.safetensors")
+    assert cli_weights.keys() == direct.keys() and len(direct) > 0
+    assert all(torch.equal(cli_weights[k], direct[k]) for k in direct)
+    assert (tmp_path / "cli_out" / "README.md").is_file()

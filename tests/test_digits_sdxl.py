@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from mm_subspace import shipped
 from mm_subspace import tiny_models as tm

@@ -23,13 +23,11 @@ from safetensors.torch import load_file
 import mm_subspace as mms
 from mm_subspace import tiny_models
 from mm_subspace.errors import ConfigError, NonFiniteError, TargetError
+from mm_subspace.training import dreambooth_sdxl as db
 from mm_subspace.training_utils import CheckpointManager, sample_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "dreambooth_sdxl.py"
-_spec = importlib.util.spec_from_file_location("dreambooth_sdxl", SCRIPT)
-db = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(db)
 
 RES = "32"  # the embedded model's native size: latents 8x8
 FAST = ["--resolution", RES, "--rank", "2", "--report_to", "none", "--validation_inference_steps", "2",
@@ -544,3 +542,19 @@ def test_default_digit_subject_learns_the_nine(tmp_path: Path) -> None:
     assert grid.name in card and Image.open(grid).size == (64, 64)  # 2 images x (step 0 row, final row)
     cat = db.parse_args(["--default_subject", "cat"])  # the cat photos stay one flag away
     assert cat.instance_prompt == "a photo of sks cat" and not cat.with_prior_preservation
+
+
+def test_contradictory_or_disagreeing_compat_flags_are_refused(tmp_path: Path) -> None:
+    """Flags that used to be accepted and ignored: --use_8bit_adam with Prodigy is an error; --local_rank must
+    agree with the rank accelerate runs (checked before any model loads)."""
+    with pytest.raises(ConfigError, match="--use_8bit_adam .* does not apply to --optimizer prodigy"):
+        db.parse_args(["--optimizer", "prodigy", "--use_8bit_adam"])
+    with pytest.raises(ConfigError, match="--local_rank 3 but accelerate runs this process as local rank 0"):
+        db.main(db.parse_args([*FAST, "--local_rank", "3", "--output_dir", str(tmp_path / "out")]))
+    assert not (tmp_path / "out" / "unet").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed: the flag runs")
+def test_xformers_flag_without_xformers_is_refused_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs xformers .*drop the flag"):
+        db.main(db.parse_args([*FAST, "--enable_xformers_memory_efficient_attention", "--output_dir", str(tmp_path)]))

@@ -5,6 +5,8 @@ Expected numbers are derived by hand from the published shapes, independently of
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -98,3 +100,52 @@ def test_clip_vit_l14_counts(rank):
     assert _counts(model, mms.LoraConfig(rank=rank, targets="clip_vit")) == (6 * layers, rank * layers * per_layer)
     assert _counts(model, mms.MoSLoRAConfig(rank=rank, targets="clip_vit")) == (
         6 * layers, rank * layers * per_layer + rank * rank * 6 * layers)
+
+
+# -- trainable vs stored ----------------------------------------------------------------------------------------
+IN, OUT, R = 16, 12, 4
+#: method -> (extra config, frozen elements the adapter file holds besides the trainable ones), by hand
+FROZEN = {
+    "lora": ({}, 0),
+    "moslora": ({}, 0),
+    "asylora": ({}, R * IN),  # frozen A (r, in)
+    "sulora": ({}, 2 * R * IN),  # paired: frozen A (N, in), N = 2r; bank and router train
+    "sulora_index": ({"pairing": "index"}, R * IN),  # Eq. 4 literal: frozen A (r, in)
+    "sam_parser": ({}, OUT * min(IN, OUT) + min(IN, OUT) + min(IN, OUT) * IN),  # frozen U, Σ, Vᵀ (buffers)
+}
+
+
+@pytest.mark.parametrize("case", sorted(FROZEN))
+def test_stored_counts_what_the_adapter_file_holds(tmp_path, case):
+    """``parameter_counts``: trainable = what trains, stored = every element of adapter_model.safetensors
+    (read back from disk), stored − trainable = the method's frozen tensors (hand-derived above)."""
+    from safetensors import safe_open
+
+    method = case.split("_index")[0]
+    extra, frozen = FROZEN[case]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, OUT))
+    mms.inject(model, mms.config_for(method, rank=R, targets=["0"], **extra))
+    counts = mms.parameter_counts(model)
+    assert counts.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    mms.save_adapter(model, tmp_path)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        on_disk = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
+    assert counts.stored == on_disk
+    assert counts.stored - counts.trainable == frozen
+    line = mms.print_trainable_parameters(model)
+    assert f"trainable params: {counts.trainable:,d} || stored adapter params: {counts.stored:,d} || " in line
+
+
+def test_stored_counts_one_adapter_or_all():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, OUT))
+    mms.inject(model, mms.config_for("asylora", rank=R, targets=["0"]))
+    mms.inject(model, mms.config_for("lora", rank=2, targets=["0"]), "other")
+    asy, lora = R * (IN + OUT), 2 * (IN + OUT)
+    assert mms.parameter_counts(model, "default").stored == asy
+    assert mms.parameter_counts(model, "other").stored == lora
+    assert mms.parameter_counts(model).stored == asy + lora
+    assert mms.parameter_counts(model).trainable == R * OUT  # only the active adapter trains: AsyLoRA's B
+    assert mms.parameter_counts(nn.Linear(3, 2)).stored == 0  # no adapter: nothing stored

@@ -470,13 +470,8 @@ def test_cli_recipes(capsys):
 
 def test_dreambooth_recipe_flag_uses_the_recipes():
     """training/dreambooth_sdxl.py --recipe: moslora_sdxl = §4.3 / official script; lora_sdxl; explicit flags win."""
-    import importlib.util
-    from pathlib import Path
+    from mm_subspace.training import dreambooth_sdxl as db
 
-    spec = importlib.util.spec_from_file_location(
-        "dreambooth_sdxl_recipes", Path(__file__).resolve().parents[1] / "training" / "dreambooth_sdxl.py")
-    db = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(db)
     args = db.parse_args(["--recipe", "moslora_sdxl"])
     assert (args.adapter, args.rank, args.alpha, args.mixer_init, args.target_preset, args.learning_rate,
             args.lr_scheduler, args.train_batch_size * args.gradient_accumulation_steps, args.max_train_steps,

@@ -143,3 +143,28 @@ def test_activation_checkpointing_is_on_without_the_deprecated_alias() -> None:
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_is_dora_and_method_flag_values_follow_the_registry():
+    import argparse
+
+    from mm_subspace.training_utils import is_dora, method_flag_values
+
+    assert is_dora("dora") and not is_dora("lora") and not is_dora("moslora")
+    args = argparse.Namespace(adapter="moslora", mixer_init="orthogonal", num_subspaces=None)
+    assert method_flag_values(args) == {"mixer_init": "orthogonal"}
+    args.adapter = "lora"  # lora has no mixer: the flag is not passed on
+    assert method_flag_values(args) == {}
+
+
+def test_shared_script_flags_are_defined_once_and_overridable():
+    import argparse
+
+    from mm_subspace.training.script_flags import SHARED_FLAGS, add_flags
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, "--rank", "--seed", rank={"default": 16})
+    args = parser.parse_args([])
+    assert (args.rank, args.seed) == (16, SHARED_FLAGS["--seed"]["default"])
+    with pytest.raises(KeyError, match="overrides for flags not added"):
+        add_flags(argparse.ArgumentParser(), "--rank", seed={"default": 1})

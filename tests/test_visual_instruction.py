@@ -24,12 +24,10 @@ import mm_subspace as mms
 from mm_subspace import tiny_models
 from mm_subspace.data import llava as data
 from mm_subspace.errors import ConfigError, DataError
+from mm_subspace.training import visual_instruction as vi
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "visual_instruction.py"
-_spec = importlib.util.spec_from_file_location("visual_instruction", SCRIPT)
-vi = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(vi)
 
 FAST = ["--report_to", "none", "--threads", "1", "--train_limit", "8", "--eval_limit", "4", "--train_batch_size", "4",
         "--rank", "4", "--eval_batch_size", "32", "--max_new_tokens", "3"]
@@ -242,7 +240,7 @@ def test_real_path_folder_model_json_data_and_bad_records(tmp_path: Path) -> Non
 
 
 def test_parse_args_errors_and_recipe() -> None:
-    args = vi.parse_args(["--recipe", "moslora_paper", "--learning_rate", "1e-3"])
+    args = vi.parse_args(["--recipe", "moslora_vi_llama3", "--learning_rate", "1e-3"])
     assert (args.adapter, args.rank, args.alpha, args.vision_rank, args.vision_alpha) == ("moslora", 64, 128.0, 64, 16.0)
     assert (args.train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (8, 2, 1)
     assert args.tune_projector == "frozen" and not args.load_in_4bit
@@ -251,7 +249,13 @@ def test_parse_args_errors_and_recipe() -> None:
     assert config.rank_for("model.vision_tower.encoder.layers.0.mlp.fc1") == 64
     assert config.alpha_for("model.vision_tower.encoder.layers.0.mlp.fc1") == 16.0
     assert config.alpha_for("model.language_model.layers.0.mlp.gate_proj") == 128.0
-    assert vi.parse_args(["--recipe", "moslora_paper"]).learning_rate == 2e-5
+    assert vi.parse_args(["--recipe", "moslora_vi_llama3"]).learning_rate == 2e-5
+    # recipes' alias moslora_paper is the SDXL recipe: refused here, naming the LLaVA one
+    with pytest.raises(ConfigError, match="moslora_paper is the SDXL recipe moslora_sdxl.*moslora_vi_llama3"):
+        vi.parse_args(["--recipe", "moslora_paper"])
+    # the official recipe's max_length reaches --model_max_length (the old applier dropped it)
+    assert vi.parse_args(["--recipe", "moslora_vi_llama3_official"]).model_max_length == 1472
+    assert vi.parse_args(["--recipe", "moslora_vi_llama3_official"]).lora_dropout == 0.05
     with pytest.raises(ConfigError, match="--num_subspaces does not apply to --adapter lora"):
         vi.parse_args(["--adapter", "lora", "--num_subspaces", "8"])
     with pytest.raises(ConfigError, match="unknown digits task"):

@@ -38,12 +38,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
-import math
 import os
-import random
-import shlex
 import time
 import warnings
 from pathlib import Path
@@ -53,46 +51,47 @@ import torch
 
 import mm_subspace
 from mm_subspace import tiny_models
-from mm_subspace.caption_data import IMAGE_SUFFIXES, ImageRecord, dataset_records, folder_records, list_images
-from mm_subspace.eval import digits as digits_eval
+from mm_subspace.caption_data import list_images
 from mm_subspace.errors import ConfigError, MergeError
+from mm_subspace.eval import digits as digits_eval
 from mm_subspace.atomic import atomic_write_text
 from mm_subspace.compat import enable_activation_checkpointing, require
+from mm_subspace.training.dreambooth_data import DIGIT_SUBJECT_IMAGES, MicroBatches, instance_records, schedule
+from mm_subspace.training.dreambooth_report import (digit_quality, log_images, model_card, public_flags, push_to_hub,
+                                                    stack_grids)
+from mm_subspace.training.script_flags import add_flags, str_to_bool
+from mm_subspace.training.sdxl_diffusion import (diffusion_loss, draw_noise, edm_denoised, edm_inputs, encode_prompt,
+                                                 generate_class_images, tokenize)
 from mm_subspace.training_utils import (
-    METHOD_FLAGS,
     CheckpointManager,
-    check_method_flags,
-    check_positive,
     LossHistory,
     adapter_summary,
     assert_replicas_in_sync,
     cast_trainable_params,
     check_finite,
+    check_method_flags,
+    check_positive,
+    is_dora,
     locate_nonfinite,
+    method_flag_values,
     nonfinite_parameters,
     param_groups,
-    sample_epoch_indices,
     save_image_grid,
     save_loss_curve,
     save_parts,
     step_generator,
-    step_seed,
     unwrap,
-    write_model_card,
 )
 
 logger = logging.getLogger("dreambooth_sdxl")
 
 DEFAULT_INSTANCE_PROMPT = "a photo of sks cat"  # --default_subject cat, or an --instance_data_dir
 EMBEDDED_MAX_STEPS = 250  # embedded default: about a minute on 2 free CPU cores (32 px, batch 2 + 2 class images)
-# --default_subject digit (the embedded model's default): the held-out digit 9, see mm_subspace.eval.digits
-DIGIT_SUBJECT_IMAGES = 5
 EMBEDDED_LEARNING_RATE = 2e-3  # the tiny model learns the new digit in a few hundred steps (1e-4 does not move it)
 #: defaults of the digit subject (flags given explicitly win); chosen so the headline run stays about a minute
 DIGIT_DEFAULTS: dict[str, Any] = {"train_batch_size": 2, "num_class_images": 50, "sample_batch_size": 25,
                                   "class_inference_steps": 20, "target_preset": "sdxl_unet_wide"}
 REAL_MAX_STEPS = 500  # the MoSLoRA paper's step count
-EMBEDDED_INSTANCE_IMAGES = 4
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
 TEXT_ENCODER_PARTS = ("text_encoder", "text_encoder_2")
 
@@ -118,15 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
 
     g = parser.add_argument_group("adapter")
-    g.add_argument("--adapter", type=str, default="moslora",
-                   help="Adapter method: any of mm_subspace.list_methods() (lora, moslora, sulora, ts_mixing, ...).")
-    g.add_argument("--rank", type=int, default=4, help="Rank r of the adapter's low-rank factors.")
-    g.add_argument("--alpha", type=float, default=None, help="Scale numerator (ΔW scaled by alpha/rank). Default: = rank.")
-    g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the adapter input.")
-    g.add_argument("--mixer_init", type=str, default=None,
-                   help="MoSLoRA mixer init (kaiming_uniform, orthogonal, identity, normal, zero). Only for methods with a mixer_init field.")
-    g.add_argument("--num_subspaces", type=int, default=None,
-                   help="SuLoRA: number of subspaces the router picks from. Only for methods with a num_subspaces field.")
+    add_flags(g, "--adapter", "--rank", "--alpha", "--lora_dropout", "--mixer_init", "--num_subspaces")
     g.add_argument("--target_preset", type=str, default="sdxl_unet",
                    help="UNet modules to adapt: a preset name (mm_subspace.list_presets()) or comma-separated module names/suffixes. "
                    "The digit subject defaults to sdxl_unet_wide (attention + feed-forward + time embeddings): with attention "
@@ -189,21 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Precision of the pipeline that generates class images. Default: fp16 on a GPU, fp32 otherwise.")
 
     g = parser.add_argument_group("training")
-    g.add_argument("--recipe", type=str, default=None, choices=RECIPES,
-                   help="Paper setting from mm_subspace.recipes: moslora_sdxl (alias moslora_paper) = MoSLoRA §4.3 / the "
-                   "official script: rank 4, orthogonal mixer, lr 1e-4 constant, batch 1 x accumulation 4, 500 steps, "
-                   "50 validation inference steps, no prior preservation, no text-encoder training; lora_sdxl = the "
-                   "same with LoRA. Flags given explicitly win.")
-    g.add_argument("--train_batch_size", type=int, default=1, help="Batch size per process.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    g.add_argument("--max_train_steps", type=int, default=None,
-                   help=f"Optimizer steps; wins over --num_train_epochs. Default: from --num_train_epochs when given, else "
-                   f"{EMBEDDED_MAX_STEPS} on the embedded model, {REAL_MAX_STEPS} otherwise.")
-    g.add_argument("--num_train_epochs", type=int, default=None,
-                   help="Passes over the data (instance images × --repeats; with prior preservation, at least the class "
-                   "images), converted to steps as diffusers does; the arithmetic is logged.")
-    g.add_argument("--learning_rate", type=float, default=None,
-                   help=f"Learning rate of the adapter parameters. Default: {EMBEDDED_LEARNING_RATE:g} on the embedded model, 1e-4 otherwise.")
+    add_flags(g, "--recipe", "--train_batch_size", "--gradient_accumulation_steps", "--max_train_steps",
+              "--num_train_epochs", "--learning_rate", "--lr_scheduler", "--lr_warmup_steps",
+              "--adam_beta1", "--adam_beta2", "--adam_weight_decay", "--adam_epsilon",
+              "--max_grad_norm", "--mixed_precision", "--gradient_checkpointing", "--seed",
+              recipe={"choices": RECIPES, "help": 'Paper setting from mm_subspace.recipes: moslora_sdxl (alias moslora_paper) = MoSLoRA §4.3 / the official script: rank 4, orthogonal mixer, lr 1e-4 constant, batch 1 x accumulation 4, 500 steps, 50 validation inference steps, no prior preservation, no text-encoder training; lora_sdxl = the same with LoRA. Flags given explicitly win.'},
+              max_train_steps={"help": f'Optimizer steps; wins over --num_train_epochs. Default: from --num_train_epochs when given, else {EMBEDDED_MAX_STEPS} on the embedded model, {REAL_MAX_STEPS} otherwise.'},
+              num_train_epochs={"help": 'Passes over the data (instance images × --repeats; with prior preservation, at least the class images), converted to steps as diffusers does; the arithmetic is logged.'},
+              learning_rate={"default": None, "help": f'Learning rate of the adapter parameters. Default: {EMBEDDED_LEARNING_RATE:g} on the embedded model, 1e-4 otherwise.'},
+              adam_weight_decay={"default": 0.0001, "help": 'AdamW weight decay of the UNet adapters.'},
+              gradient_checkpointing={"help": 'Trade compute for memory in the UNet (and text encoders).'})
     g.add_argument("--text_encoder_lr", type=float, default=5e-6,
                    help="Learning rate of text-encoder adapters (as diffusers; with --optimizer prodigy it is --learning_rate).")
     g.add_argument("--scale_lr", action="store_true",
@@ -212,23 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW (torch, or bitsandbytes' 8-bit with --use_8bit_adam) or Prodigy (prodigyopt, extra: train; "
                    "use --learning_rate 1.0).")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit (extra: quant). AdamW only.")
-    g.add_argument("--lr_scheduler", type=str, default="constant",
-                   help='Scheduler: "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the scheduler.")
     g.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
     g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    g.add_argument("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay of the UNet adapters.")
     g.add_argument("--adam_weight_decay_text_encoder", type=float, default=1e-3, help="AdamW weight decay of text-encoder adapters.")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW / Prodigy epsilon.")
     g.add_argument("--prodigy_beta3", type=float, default=None,
                    help="Prodigy's step-size running-average coefficient. Default: sqrt(beta2).")
-    g.add_argument("--prodigy_decouple", type=_bool, default=True, help="Prodigy: AdamW-style decoupled weight decay (true/false).")
-    g.add_argument("--prodigy_use_bias_correction", type=_bool, default=True, help="Prodigy: Adam's bias correction (true/false).")
-    g.add_argument("--prodigy_safeguard_warmup", type=_bool, default=True,
+    g.add_argument("--prodigy_decouple", type=str_to_bool, default=True, help="Prodigy: AdamW-style decoupled weight decay (true/false).")
+    g.add_argument("--prodigy_use_bias_correction", type=str_to_bool, default=True, help="Prodigy: Adam's bias correction (true/false).")
+    g.add_argument("--prodigy_safeguard_warmup", type=str_to_bool, default=True,
                    help="Prodigy: leave lr out of the D estimate's denominator during warm-up (true/false).")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="Min-SNR weighting gamma (Hang et al. 2023, §3.4); 5.0 is recommended. Default: plain MSE.")
     g.add_argument("--noise_offset", type=float, default=0.0, help="Noise offset (per-channel constant added to the noise).")
@@ -236,21 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EDM-style training (Karras et al. 2022): sigmas from an Euler scheduler, preconditioned inputs and "
                    "outputs, x0 target. Switched on automatically for a model whose scheduler is an EDM one "
                    "(e.g. Playground v2.5).")
-    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                   help="Mixed precision; frozen weights are cast to it, adapters stay fp32. Default: accelerate config.")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet (and text encoders).")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs (no effect on CPU).")
-    g.add_argument("--seed", type=int, default=0, help="Seed of every random draw (models, data order, noise, validation).")
 
     g = parser.add_argument_group("checkpoints")
-    g.add_argument("--output_dir", type=str, default=None,
-                   help="Output folder. Default: runs/dreambooth-sdxl-<adapter> (the comparison app scans runs/).")
-    g.add_argument("--checkpointing_steps", type=int, default=None,
-                   help="Save a resumable checkpoint (training_state/checkpoint-<step>) every N optimizer steps. "
-                   "Default: 500, or half of --max_train_steps when that is less (the embedded default saves at 125 and 250).")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    g.add_argument("--resume_from_checkpoint", type=str, default=None,
-                   help='"latest", a checkpoint name (checkpoint-10) or path. "latest" with none starts fresh.')
+    add_flags(g, "--output_dir", "--checkpointing_steps", "--checkpoints_total_limit",
+              "--resume_from_checkpoint",
+              output_dir={"help": "Output folder. Default: runs/dreambooth-sdxl-<adapter> (the comparison app scans runs/)."},
+              checkpointing_steps={"help": 'Save a resumable checkpoint (training_state/checkpoint-<step>) every N optimizer steps. Default: 500, or half of --max_train_steps when that is less (the embedded default saves at 125 and 250).'})
     g.add_argument("--output_kohya_format", action="store_true",
                    help="Also write pytorch_lora_weights_kohya.safetensors (kohya / A1111 / ComfyUI keys, mixer folded, true alpha).")
 
@@ -278,31 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "digit subject, off otherwise.")
     g.add_argument("--num_fidelity_images", type=int, default=20, help="Instance-prompt images of the subject-fidelity metric.")
     g.add_argument("--prior_images_per_digit", type=int, default=5, help="Images per digit of the prior-preservation metric.")
-    g.add_argument("--report_to", type=str, default="tensorboard",
-                   help='Tracker: "tensorboard" (offline, <output_dir>/logs), "wandb", "comet_ml", ..., "all" or "none". '
-                   "Losses and validation images go to every one that is installed; missing ones are named and skipped.")
-    g.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    add_flags(g, "--report_to", "--logging_dir")
 
     g = parser.add_argument_group("diffusers compatibility")
     g.add_argument("--use_dora", action="store_true",
                    help="diffusers' spelling of DoRA: --adapter lora becomes dora, --adapter moslora becomes dora with a mixer.")
-    g.add_argument("--local_rank", type=int, default=-1, help="Accepted for torch.distributed.launch; accelerate sets the rank.")
+    g.add_argument("--local_rank", type=int, default=-1,
+                   help="torch.distributed.launch's flag: accepted when it agrees with the local rank accelerate runs.")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                   help="Accepted and ignored: diffusers already uses PyTorch's memory-efficient SDPA attention.")
+                   help="xformers attention in the UNet, as diffusers (needs xformers; without the flag PyTorch's "
+                   "memory-efficient SDPA attention runs).")
     g.add_argument("--train_text_encoder_ti", action="store_true",
                    help="NOT SUPPORTED (pivotal tuning / textual inversion of diffusers' advanced script): refused with an "
                    "error. Use --train_text_encoder.")
     return parser
-
-
-def _bool(value: str) -> bool:
-    """argparse type for true/false flags (diffusers' ``type=bool`` makes "False" true)."""
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -350,11 +309,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("--hub_token with --report_to wandb would expose the token in the run's config (as diffusers "
                          "refuses); log in once with `hf auth login` instead")
     if args.output_kohya_format:
-        if not adapter_cls.mergeable or args.adapter == "dora":
-            why = "DoRA's magnitude has no kohya slot" if args.adapter == "dora" else adapter_cls.merge_refusal
+        if not adapter_cls.mergeable or is_dora(args.adapter):
+            why = "DoRA's magnitude has no kohya slot" if is_dora(args.adapter) else adapter_cls.merge_refusal
             raise ConfigError(f"--output_kohya_format needs an adapter that folds to plain LoRA, not {args.adapter}: {why}")
     if args.use_8bit_adam and args.optimizer != "adamw":
-        warnings.warn(f"--use_8bit_adam is ignored with --optimizer {args.optimizer}")
+        raise ConfigError(f"--use_8bit_adam is bitsandbytes' 8-bit AdamW; it does not apply to --optimizer {args.optimizer}: "
+                          "drop one of them")
     if args.alpha is None:
         args.alpha = float(args.rank)
 
@@ -414,248 +374,9 @@ def _targets(spec: str) -> str | list[str]:
 
 def adapter_config(args: argparse.Namespace, targets: str | list[str]) -> mm_subspace.AdapterConfig:
     """``config_for(args.adapter, ...)`` with the method-specific flags its config has."""
-    fields = mm_subspace.get_method(args.adapter).config_class.field_names()
     kwargs: dict[str, Any] = dict(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=targets)
-    kwargs.update({f: getattr(args, f) for f in METHOD_FLAGS if f in fields and getattr(args, f) is not None})
+    kwargs.update(method_flag_values(args))
     return mm_subspace.config_for(args.adapter, **kwargs)
-
-
-def embedded_instance_folder(folder: Path, resolution: int, subject: str = "digit") -> Path:
-    """The embedded default subject, written to ``folder`` once (``--default_subject``).
-
-    ``digit``: real scans of the digit 9 from the digits test split (held out of the embedded model's
-    pretraining, see :mod:`mm_subspace.eval.digits`); ``cat``: real cat photos (scikit-image's chelsea, CC0).
-    """
-    if folder.is_dir():
-        return folder
-    if subject == "digit":
-        folder.mkdir(parents=True)
-        for i, image in enumerate(digits_eval.subject_images(DIGIT_SUBJECT_IMAGES, size=resolution)):
-            image.save(folder / f"digit9_{i:02d}.png")
-        logger.info("wrote %d test-split scans of the digit 9 to %s", DIGIT_SUBJECT_IMAGES, folder)
-    else:
-        tiny_models.write_cat_photos(folder, n=EMBEDDED_INSTANCE_IMAGES, size=max(resolution, 64))
-        logger.info("wrote %d cat photos to %s", EMBEDDED_INSTANCE_IMAGES, folder)
-    return folder
-
-
-def instance_records(args: argparse.Namespace, output_dir: Path, resolution: int, accelerator: Any) -> list[ImageRecord]:
-    """The subject's ``(image, caption, source)`` records: ``--dataset_name``, ``--instance_data_dir`` (with
-    metadata.jsonl / metadata.csv / .txt captions), or the embedded default. Captions ``None`` mean
-    ``--instance_prompt``."""
-    if args.dataset_name:
-        return dataset_records(args.dataset_name, args.image_column, args.caption_column, args.dataset_config_name,
-                               args.cache_dir)
-    folder = Path(args.instance_data_dir) if args.instance_data_dir else output_dir / "instance_images"
-    if args.instance_data_dir is None and accelerator.is_main_process:
-        embedded_instance_folder(folder, resolution, args.default_subject)
-    accelerator.wait_for_everyone()
-    return folder_records(folder, args.caption_column)
-
-
-def resize_short_side(images: list[Any], resolution: int, interpolation: str) -> list[Any]:
-    """Resize each PIL image so its short side is ``resolution`` (done once; crops and flips are per epoch)."""
-    from torchvision import transforms
-    from torchvision.transforms import functional as TF
-
-    mode = getattr(transforms.InterpolationMode, interpolation.upper())
-    return [TF.resize(image, resolution, interpolation=mode) for image in images]
-
-
-def augment(image: Any, resolution: int, center_crop: bool, random_flip: bool,
-            rng: random.Random) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Flip (p = 0.5), crop to ``resolution``², normalise to [-1, 1] (diffusers' DreamBooth order).
-
-    Returns the pixels (3, res, res) and SDXL's ``crop_top_left`` (y, x) micro-conditioning.
-    """
-    from torchvision.transforms import functional as TF
-
-    if random_flip and rng.random() < 0.5:
-        image = TF.hflip(image)
-    if center_crop:
-        y = max(0, int(round((image.height - resolution) / 2.0)))
-        x = max(0, int(round((image.width - resolution) / 2.0)))
-    else:
-        y = rng.randint(0, image.height - resolution)
-        x = rng.randint(0, image.width - resolution)
-    image = TF.crop(image, y, x, resolution, resolution)
-    return TF.normalize(TF.to_tensor(image), [0.5], [0.5]), (y, x)
-
-
-def preprocess(images: list[Any], resolution: int, center_crop: bool, random_flip: bool, interpolation: str,
-               seed: int) -> tuple[torch.Tensor, list[tuple[int, int]], list[tuple[int, int]]]:
-    """Resize, flip, crop, normalise every image once (epoch 0's draw): pixels (n, 3, res, res), original
-    sizes (h, w) and crops (y, x). Used for cached latents; training draws crops per epoch with :func:`augment`."""
-    sizes = [(image.height, image.width) for image in images]
-    out = [augment(image, resolution, center_crop, random_flip, aug_rng(seed, 0, i))
-           for i, image in enumerate(resize_short_side(images, resolution, interpolation))]
-    return torch.stack([x for x, _ in out]), sizes, [c for _, c in out]
-
-
-def aug_rng(seed: int, epoch: int, index: int) -> random.Random:
-    """The crop/flip randomness of dataset entry ``index`` in ``epoch``: new every epoch, same after a resume."""
-    return random.Random(step_seed(seed, 0xA06, epoch, index))
-
-
-def schedule(args: argparse.Namespace, n_instance: int, n_class: int, world: int) -> dict[str, int]:
-    """Epochs <-> steps as diffusers converts them; fills ``args.max_train_steps``, ``num_train_epochs``,
-    ``checkpointing_steps`` and (from ``--validation_epochs``) ``validation_steps``.
-
-    One epoch is ``max(instances × repeats, class images)`` samples (diffusers' DreamBooth data set length),
-    i.e. ``ceil(samples / (batch × processes))`` micro-batches, i.e. ``ceil(micro-batches / accumulation)``
-    optimizer steps. ``--max_train_steps`` wins over ``--num_train_epochs``.
-    """
-    samples = max(n_instance * args.repeats, n_class if args.with_prior_preservation else 0)
-    micro = math.ceil(samples / (args.train_batch_size * world))
-    per_epoch = math.ceil(micro / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * per_epoch
-    args.num_train_epochs = math.ceil(args.max_train_steps / per_epoch)
-    if args.checkpointing_steps is None:
-        args.checkpointing_steps = min(500, max(1, args.max_train_steps // 2))
-    if args.validation_epochs:
-        args.validation_steps = args.validation_epochs * per_epoch
-    logger.info(
-        "steps: %d samples per epoch (%d instance images x %d repeats%s) / (batch %d x %d processes) = %d micro-batches "
-        "/ accumulation %d = %d steps per epoch; %d steps = %d epochs%s", samples, n_instance, args.repeats,
-        f", {n_class} class images" if args.with_prior_preservation else "", args.train_batch_size, world, micro,
-        args.gradient_accumulation_steps, per_epoch, args.max_train_steps, args.num_train_epochs,
-        f"; validation every {args.validation_epochs} epochs = {args.validation_steps} steps" if args.validation_epochs else "")
-    return {"samples_per_epoch": samples, "steps_per_epoch": per_epoch, "max_train_steps": args.max_train_steps,
-            "num_train_epochs": args.num_train_epochs}
-
-
-def tokenize(tokenizer: Any, prompt: str | list[str]) -> torch.Tensor:
-    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
-def encode_prompt(text_encoders: list[torch.nn.Module], input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL conditioning (``StableDiffusionXLPipeline.encode_prompt``): penultimate hidden states of both
-    encoders concatenated (b, 77, d1 + d2), and the pooled projection of the second (b, d_proj)."""
-    embeds = []
-    for encoder, ids in zip(text_encoders, input_ids):
-        out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True, return_dict=False)
-        pooled = out[0]
-        embeds.append(out[-1][-2])
-    return torch.cat(embeds, dim=-1), pooled.reshape(pooled.shape[0], -1)
-
-
-def generate_class_images(args: argparse.Namespace, model_path: str, class_dir: Path, resolution: int,
-                          accelerator: Any) -> None:
-    """Fill ``class_dir`` up to ``--num_class_images`` with base-pipeline samples of ``--class_prompt`` (rank 0)."""
-    from diffusers import StableDiffusionXLPipeline
-
-    class_dir.mkdir(parents=True, exist_ok=True)
-    have = len([p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES])
-    missing = args.num_class_images - have
-    if missing <= 0:
-        return
-    logger.info("generating %d class images of %r in %s", missing, args.class_prompt, class_dir)
-    precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_path, revision=args.revision, variant=args.variant, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(accelerator.device)
-    for start in range(have, args.num_class_images, args.sample_batch_size):
-        idx = list(range(start, min(start + args.sample_batch_size, args.num_class_images)))
-        gens = [torch.Generator().manual_seed(args.seed * 100_003 + i) for i in idx]
-        images = pipe([args.class_prompt] * len(idx), generator=gens, height=resolution, width=resolution,
-                      num_inference_steps=args.class_inference_steps).images
-        for i, image in zip(idx, images):
-            image.save(class_dir / f"class_{i:05d}.png")
-    del pipe
-
-
-class MicroBatches(torch.utils.data.Dataset):
-    """Item ``k`` = the CPU side of micro step ``k`` on this rank: cropped/flipped pixels (or the entries of
-    cached latents), SDXL ``add_time_ids`` and prompt rows. A pure function of ``(seed, k, rank)``, so a
-    ``DataLoader`` with workers, or a resumed run, yields exactly the same batches.
-
-    Entry ``e`` of an epoch is instance image ``e % n`` (``--repeats`` entries per image); its crop and
-    flip are drawn from :func:`aug_rng` ``(seed, epoch, e)``: new every epoch. Class images are cropped
-    (never flipped, as diffusers) from their own seeded stream.
-    """
-
-    def __init__(self, args: argparse.Namespace, resolution: int, images: list[Any], rows: list[int],
-                 class_images: list[Any], class_row: int, rank: int, world: int) -> None:
-        self.args, self.resolution, self.rank, self.world = args, resolution, rank, world
-        self.sizes = [(im.height, im.width) for im in images]
-        self.images = resize_short_side(images, resolution, args.image_interpolation_mode)
-        self.rows, self.class_row = rows, class_row
-        self.class_sizes = [(im.height, im.width) for im in class_images]
-        self.class_images = resize_short_side(class_images, resolution, args.image_interpolation_mode)
-        self.entries = len(images) * args.repeats
-        self.crops: dict[str, list[tuple[int, int]]] = {}  # epoch-0 crops of cached latents
-
-    def __len__(self) -> int:
-        return self.args.max_train_steps * self.args.gradient_accumulation_steps
-
-    def _draw(self, kind: str, entry: int, epoch: int) -> tuple[torch.Tensor | None, list[int]]:
-        a = self.args
-        images, sizes, flip, seed = ((self.images, self.sizes, a.random_flip, a.seed) if kind == "instance" else
-                                     (self.class_images, self.class_sizes, False, a.seed + 1))
-        i = entry % len(images)
-        if a.cache_latents:
-            pixels, crop = None, self.crops[kind][entry]
-        else:
-            pixels, crop = augment(images[i], self.resolution, a.center_crop, flip, aug_rng(seed, epoch, entry))
-        return pixels, [*sizes[i], *crop, self.resolution, self.resolution]  # add_time_ids (Podell et al. 2023, §2.2)
-
-    def cache_pixels(self) -> dict[str, torch.Tensor]:
-        """Epoch-0 pixels of every entry, for ``--cache_latents`` (records the crops they used)."""
-        out = {}
-        kinds = [("instance", self.images, self.entries, self.args.random_flip, self.args.seed)]
-        if self.args.with_prior_preservation:
-            kinds.append(("class", self.class_images, len(self.class_images), False, self.args.seed + 1))
-        for kind, images, n, flip, seed in kinds:
-            drawn = [augment(images[e % len(images)], self.resolution, self.args.center_crop, flip, aug_rng(seed, 0, e))
-                     for e in range(n)]
-            self.crops[kind] = [c for _, c in drawn]
-            out[kind] = torch.stack([x for x, _ in drawn])
-        return out
-
-    def __getitem__(self, micro_step: int) -> dict[str, torch.Tensor]:
-        a = self.args
-        draws = [("instance", e, ep) for ep, e in
-                 sample_epoch_indices(self.entries, a.train_batch_size, micro_step, self.rank, self.world, a.seed)]
-        if a.with_prior_preservation:
-            draws += [("class", e, ep) for ep, e in sample_epoch_indices(
-                len(self.class_images), a.train_batch_size, micro_step, self.rank, self.world, a.seed + 1)]
-        drawn = [self._draw(kind, e, ep) for kind, e, ep in draws]
-        item = {"time_ids": torch.tensor([t for _, t in drawn], dtype=torch.float32),
-                "rows": torch.tensor([self.rows[e % len(self.rows)] if kind == "instance" else self.class_row
-                                      for kind, e, _ in draws]),
-                "entries": torch.tensor([e for kind, e, _ in draws if kind == "instance"]),
-                "class_entries": torch.tensor([e for kind, e, _ in draws if kind == "class"], dtype=torch.long)}
-        if not a.cache_latents:
-            item["pixels"] = torch.stack([x for x, _ in drawn])
-        return item
-
-
-def edm_inputs(scheduler: Any, noisy: torch.Tensor, sigmas: torch.Tensor, edm_scheduler: bool) -> torch.Tensor:
-    """EDM input preconditioning (Karras et al. 2022, Table 1, c_in): the scheduler's own for an EDM scheduler,
-    else ``x / sqrt(σ² + 1)`` (σ_data = 1, Euler's variance-exploding parametrisation), as diffusers does."""
-    if edm_scheduler:
-        return scheduler.precondition_inputs(noisy, sigmas)
-    return noisy / ((sigmas**2 + 1) ** 0.5)
-
-
-def edm_denoised(scheduler: Any, noisy: torch.Tensor, output: torch.Tensor, sigmas: torch.Tensor,
-                 edm_scheduler: bool) -> torch.Tensor:
-    """The x0 estimate from the raw UNet output (Karras et al. 2022, Eq. 7: c_skip·x + c_out·F).
-
-    Euler path (``noisy = x0 + σ·ε``): ε-prediction gives ``x − σ·F``; v-prediction
-    ``x/(σ²+1) − σ/sqrt(σ²+1)·F``. An EDM scheduler uses its own ``precondition_outputs``.
-    """
-    if edm_scheduler:
-        return scheduler.precondition_outputs(noisy, output, sigmas)
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return output * (-sigmas) + noisy
-    if prediction_type == "v_prediction":
-        return output * (-sigmas / (sigmas**2 + 1) ** 0.5) + noisy / (sigmas**2 + 1)
-    raise ValueError(f"EDM-style training: unsupported prediction type {prediction_type!r} (epsilon or v_prediction)")
 
 
 def make_optimizer(args: argparse.Namespace, parts: dict[str, torch.nn.Module], world: int) -> torch.optim.Optimizer:
@@ -687,35 +408,25 @@ def make_optimizer(args: argparse.Namespace, parts: dict[str, torch.nn.Module], 
     return torch.optim.AdamW(groups, betas=betas, eps=args.adam_epsilon)
 
 
-def log_images(accelerator: Any, images: list[Any], step: int, caption: str) -> None:
-    """Validation images to every active tracker (TensorBoard, W&B, Comet, ...); a failing tracker only warns."""
-    import numpy as np
-
-    for tracker in accelerator.trackers:
-        try:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
-            elif tracker.name == "wandb":
-                import wandb
-
-                tracker.log({"validation": [wandb.Image(im, caption=f"{i}: {caption}") for i, im in enumerate(images)]},
-                            step=step)
-            elif hasattr(tracker, "log_images"):
-                tracker.log_images({"validation": [np.asarray(i) for i in images]}, step=step)
-        except Exception as err:  # noqa: BLE001 - a tracker's failure must not stop training
-            logger.warning("could not log validation images to %s: %s", tracker.name, err)
-
-
 # --------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train; returns ``{"output_dir", "global_step", "final_loss", "final_aux_loss", "digest", "exported",
     "resumed_from"}``."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-    from diffusers import (AutoencoderKL, DDPMScheduler, EDMEulerScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from accelerate.utils import (
+        DistributedDataParallelKwargs,
+        ProjectConfiguration,
+        set_seed,
+    )
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        EDMEulerScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import compute_snr
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -730,11 +441,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info("%s", accelerator.state)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if args.local_rank not in (-1, accelerator.local_process_index):  # torch.distributed.launch's flag: must agree
+        raise ConfigError(f"--local_rank {args.local_rank} but accelerate runs this process as local rank "
+                          f"{accelerator.local_process_index}; drop --local_rank (accelerate launch sets the rank)")
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    if args.enable_xformers_memory_efficient_attention:
-        logger.info("--enable_xformers_memory_efficient_attention ignored: PyTorch's SDPA attention is used (memory-efficient)")
+    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        raise ConfigError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); without it "
+                          "PyTorch's SDPA attention runs, already memory-efficient: drop the flag")
 
     # -- 1. everything that can be wrong with the input is checked before any model loads ----------
     model_path = args.pretrained_model_name_or_path or str(tiny_models.tiny_sdxl_path())
@@ -787,6 +502,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                                                  dtype=torch.float32, **load)
     vae = AutoencoderKL.from_pretrained(vae_path, subfolder=vae_sub, **load)
     unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **load)
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
     scheduler_cls = EDMEulerScheduler if edm_scheduler else EulerDiscreteScheduler if edm else DDPMScheduler
     noise_scheduler = scheduler_cls.from_pretrained(model_path, subfolder="scheduler", revision=args.revision)
     for model in (vae, text_encoder, text_encoder_2, unet):
@@ -905,18 +622,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             latents = latents.to(device, dtype=weight_dtype)
         else:
             latents = encode_images(item["pixels"], gen)
-        noise = torch.randn(latents.shape, generator=gen, dtype=latents.dtype).to(device)
-        if args.noise_offset:
-            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen, dtype=latents.dtype)
-            noise = noise + args.noise_offset * offset.to(device)
-        index = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-        batch = dict(latents=latents, noise=noise, rows=item["rows"], time_ids=item["time_ids"].to(device, dtype=weight_dtype))
-        if edm:  # Karras et al. 2022: a sigma per sample, the matching (continuous) timestep
-            batch["timesteps"] = noise_scheduler.timesteps[index].to(device)
-            batch["sigmas"] = noise_scheduler.sigmas[index].to(device, dtype=latents.dtype).view(-1, 1, 1, 1)
-        else:
-            batch["timesteps"] = index.to(device)
-        return batch
+        return {"latents": latents, "rows": item["rows"], "time_ids": item["time_ids"].to(device, dtype=weight_dtype),
+                **draw_noise(noise_scheduler, latents, gen, args.noise_offset, edm)}
 
     def predict(batch: dict[str, Any], models: list[torch.nn.Module]) -> torch.Tensor:
         rows = batch["rows"]
@@ -929,33 +636,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         cond = {"time_ids": batch["time_ids"], "text_embeds": pooled.to(weight_dtype)}
         out = models[0](inputs, batch["timesteps"], embeds.to(weight_dtype), added_cond_kwargs=cond, return_dict=False)[0]
         return edm_denoised(noise_scheduler, noisy, out, batch["sigmas"], edm_scheduler) if edm else out
-
-    def diffusion_loss(batch: dict[str, Any], pred: torch.Tensor) -> torch.Tensor:
-        prediction_type = noise_scheduler.config.prediction_type
-        if edm:  # the preconditioned output estimates x0
-            target = batch["latents"]
-        elif prediction_type == "epsilon":
-            target = batch["noise"]
-        elif prediction_type == "v_prediction":
-            target = noise_scheduler.get_velocity(batch["latents"], batch["noise"], batch["timesteps"])
-        else:
-            raise ValueError(f"unknown prediction type {prediction_type}")
-        squared = (pred.float() - target.float()) ** 2
-        if edm and not edm_scheduler:  # diffusers: weight 1/sigma^2 on the Euler-scheduler path
-            squared = squared * batch["sigmas"].float() ** -2
-        per_sample = squared.mean(dim=(1, 2, 3))
-        n = per_sample.shape[0] // 2 if args.with_prior_preservation else per_sample.shape[0]
-        per_sample, prior = per_sample[:n], per_sample[n:]  # instance rows first, class rows second (DreamBooth Eq. 2)
-        if args.snr_gamma is not None:  # Min-SNR weighting, Hang et al. 2023 Eq. (8), for ε-prediction
-            snr = compute_snr(noise_scheduler, batch["timesteps"][:n])
-            weight = torch.clamp(snr, max=args.snr_gamma) / snr
-            if prediction_type == "v_prediction":
-                weight = weight + 1
-            per_sample = per_sample * weight
-        loss = per_sample.mean()
-        if args.with_prior_preservation:
-            loss = loss + args.prior_loss_weight * prior.mean()
-        return loss
 
     def where_nonfinite(batch: dict[str, Any]) -> str:
         bad = nonfinite_parameters(parts)
@@ -1020,7 +700,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             batch = micro_batch(micro_step, next(items))
             with accelerator.accumulate(*wrapped.values()):
                 pred = predict(batch, models)
-                loss = diffusion_loss(batch, pred)
+                loss = diffusion_loss(noise_scheduler, batch, pred, edm=edm, edm_scheduler=edm_scheduler,
+                                      snr_gamma=args.snr_gamma, prior_loss_weight=args.prior_loss_weight
+                                      if args.with_prior_preservation else None)
                 aux = sum((mm_subspace.aux_loss(parts[n]) for n in trained), torch.zeros((), device=device))
                 terms = accelerator.gather(torch.stack([loss.detach(), aux.detach().float()]).reshape(1, 2)).mean(0)
                 check_finite({"loss": terms[0].item(), "aux_loss": terms[1].item()}, global_step + 1,
@@ -1067,7 +749,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             mm_subspace.export_diffusers(output_dir, **final)
             exported = True
             export_note = ("`pytorch_lora_weights.safetensors`: " + ("PEFT DoRA layout (lora_magnitude_vector), mixer and "
-                           "scale folded into B (exact)." if args.adapter == "dora" else
+                           "scale folded into B (exact)." if is_dora(args.adapter) else
                            "plain LoRA, mixer and scale folded into B (exact)."))
         except MergeError as err:
             (output_dir / "pytorch_lora_weights.safetensors").unlink(missing_ok=True)
@@ -1084,17 +766,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             last_grid = log_validation(global_step)
         start_grid = first_grid or output_dir / "validation" / f"step-{0:06d}.png"
         if last_grid is not None and start_grid.is_file() and start_grid != last_grid:
-            last_grid = _stack_grids([start_grid, last_grid], output_dir / "validation" / f"step-0-vs-{global_step}.png")
+            last_grid = stack_grids([start_grid, last_grid], output_dir / "validation" / f"step-0-vs-{global_step}.png")
         quality = None
         if args.eval_subject_digit is not None:
-            quality = _digit_quality(args, current_pipeline()[0], resolution)
+            quality = digit_quality(args, current_pipeline()[0], resolution)
             for name, m in zip(("unet", "text_encoder", "text_encoder_2"), (unet, text_encoder, text_encoder_2)):
                 m.train(name in parts)
             accelerator.log({f"quality/{k}": v for k, v in quality.items() if isinstance(v, float)}, step=global_step)
             atomic_write_text(output_dir / "quality.json", json.dumps(quality, indent=2) + "\n")
         curve = save_loss_curve(history, output_dir / "loss_curve.png", f"DreamBooth SDXL, {args.adapter}")
         atomic_write_text(output_dir / "training_args.json", json.dumps(public_flags(args), indent=2, default=str) + "\n")
-        _model_card(args, output_dir, history, global_step, total_batch, world, export_note, last_grid, curve, final,
+        model_card(args, output_dir, history, global_step, total_batch, world, export_note, last_grid, curve, final,
                     quality)
         logger.info("saved %s adapter to %s", args.adapter, output_dir)
     accelerator.wait_for_everyone()
@@ -1105,171 +787,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "final_aux_loss": history.last("aux_loss"), "digest": digest, "exported": exported, "resumed_from": resume_path,
             "edm": edm, "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__, "hub": hub,
             "prompts": prompts, **steps}
-
-
-#: files of the output folder that are not uploaded (resumable state, the user's photos)
-HUB_EXCLUDE = ("training_state/*", "instance_images/*", "class_images/*")
-
-
-def hub_repo_id(args: argparse.Namespace) -> str:
-    return args.hub_model_id or Path(args.output_dir).resolve().name
-
-
-def push_to_hub(args: argparse.Namespace, output_dir: Path) -> str:
-    """Upload ``output_dir`` to the Hub; on any failure (offline, no token) log the exact command and return it.
-
-    Never raises: training is done and saved, so a failed upload must not lose or hide it.
-    """
-    repo_id = hub_repo_id(args)
-    excludes = " ".join(f"--exclude {shlex.quote(e)}" for e in HUB_EXCLUDE)
-    command = f"hf upload {shlex.quote(repo_id)} {shlex.quote(str(output_dir))} . {excludes}"
-    try:
-        from huggingface_hub import create_repo, upload_folder
-
-        repo = create_repo(repo_id, exist_ok=True, token=args.hub_token)
-        upload_folder(repo_id=repo.repo_id, folder_path=str(output_dir), token=args.hub_token,
-                      commit_message="End of training", ignore_patterns=list(HUB_EXCLUDE))
-    except Exception as err:  # noqa: BLE001 - network, auth, offline mode: all end in the same advice
-        message = (f"--push_to_hub: upload to {repo_id} failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
-                   f"Training finished and {output_dir} is complete and hub-ready; upload it when online with:\n    {command}")
-        logger.error("%s", message)
-        return message
-    message = f"--push_to_hub: uploaded {output_dir} to https://huggingface.co/{repo.repo_id}"
-    logger.info("%s", message)
-    return message
-
-
-def _public(value: Any) -> Any:
-    """A flag value for files that may be published: absolute local paths become their last component."""
-    if isinstance(value, str) and os.path.isabs(value):
-        return Path(value).name
-    return value
-
-
-def public_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """Every flag except secrets and internals, with local absolute paths shortened (model card, training_args.json)."""
-    return {k: _public(v) for k, v in vars(args).items() if k not in ("embedded_model", "hub_token")}
-
-
-def _stack_grids(paths: list[Path], out: Path) -> Path:
-    """The validation grids of ``paths`` one above the other (step 0 on top), saved as ``out``."""
-    from PIL import Image
-
-    grids = [Image.open(p).convert("RGB") for p in paths]
-    canvas = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white")
-    y = 0
-    for g in grids:
-        canvas.paste(g, (0, y))
-        y += g.height
-    return save_image_grid([canvas], out, cols=1)
-
-
-def _digit_quality(args: argparse.Namespace, pipe: Any, resolution: int) -> dict[str, Any]:
-    """Subject fidelity and prior preservation (``mm_subspace.eval.digits``) with the adapters on, and for the base.
-
-    Fidelity: share of ``--num_fidelity_images`` instance-prompt images read as ``--eval_subject_digit``.
-    Prior preservation: prompt accuracy on the digits 0-8 other than it (``--prior_images_per_digit`` each).
-    """
-    started = time.time()
-    target = args.eval_subject_digit
-    others = [d for d in digits_eval.PRETRAIN_DIGITS if d != target]
-    sampler = dict(height=resolution, width=resolution)
-    result: dict[str, Any] = {"subject_digit": target, "instance_prompt": args.instance_prompt, "seed": args.seed,
-                              "sampler": {**digits_eval.SAMPLER, **sampler}, "fidelity_images": args.num_fidelity_images,
-                              "prior_images": len(others) * args.prior_images_per_digit,
-                              "classifier_test_accuracy": round(digits_eval.digit_classifier().test_accuracy, 4)}
-    models = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2]
-    for label in ("adapter", "base"):
-        with contextlib.ExitStack() as stack:
-            if label == "base":
-                for m in models:
-                    if mm_subspace.list_adapters(m):
-                        stack.enter_context(mm_subspace.disable_adapters(m))
-            fid = digits_eval.subject_fidelity(pipe, args.instance_prompt, target, args.num_fidelity_images, args.seed,
-                                               **sampler)
-            prior = digits_eval.prompt_accuracy(pipe, others, args.prior_images_per_digit, args.seed, **sampler)
-        result[f"{label}_subject_fidelity"] = fid.value
-        result[f"{label}_reads_for_instance_prompt"] = {str(k): v for k, v in fid.per_digit.items()}
-        result[f"{label}_prior_preservation"] = prior.value
-    result["seconds"] = round(time.time() - started, 1)
-    logger.info("subject fidelity %.2f (base %.2f), prior preservation %.2f (base %.2f) [%s]",
-                result["adapter_subject_fidelity"], result["base_subject_fidelity"], result["adapter_prior_preservation"],
-                result["base_prior_preservation"], "mm_subspace.eval.digits")
-    return result
-
-
-def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory, steps: int, total_batch: int,
-                world: int, export_note: str, grid: Path | None, curve: Path, parts: dict[str, torch.nn.Module],
-                quality: dict[str, Any] | None = None) -> None:
-    name = args.pretrained_model_name_or_path
-    local = name is not None and (os.path.isabs(name) or os.path.exists(name))
-    hub_base = None if name is None or local else name  # front-matter base_model: hub ids only
-    base = (f"local folder `{Path(name).name}`" if local else name) if name else \
-        "embedded tiny SDXL (mm_subspace.tiny_models.tiny_sdxl_path())"
-    loss = history.last("loss")
-    summary = {
-        "base model": base,
-        "instance prompt": f"`{args.instance_prompt}`",
-        "steps": steps,
-        "batch (per process × processes × accumulation)": f"{args.train_batch_size} × {world} × "
-                                                          f"{args.gradient_accumulation_steps} = {total_batch}",
-        "final loss": f"{loss:.5f}" if loss is not None else "n/a (no step run)",
-        "final aux loss": f"{history.last('aux_loss'):.5g}" if history.rows else "n/a",
-        "recipe": args.recipe or "none",
-        "diffusers export": export_note,
-        **{f"adapter on {k}": v for k, v in adapter_summary(parts).items()},
-    }
-    if quality is not None:
-        summary["subject fidelity"] = (f"{quality['adapter_subject_fidelity']:.0%} (base {quality['base_subject_fidelity']:.0%})")
-        summary["prior preservation"] = (f"{quality['adapter_prior_preservation']:.0%} "
-                                         f"(base {quality['base_prior_preservation']:.0%})")
-    images = {}
-    if grid is not None:
-        top = " (top: step 0 = base, bottom: final step)" if grid.name.startswith("step-0-vs") else ""
-        images[f"Validation: `{args.validation_prompt}`{top}"] = grid.relative_to(output_dir).as_posix()
-    images["Loss curve"] = curve.relative_to(output_dir).as_posix()
-    repo = hub_repo_id(args)
-    folder = (f'from huggingface_hub import snapshot_download\n\nfolder = snapshot_download("{repo}")  # or the local '
-              f'output folder\n')
-    load_ours = "\n".join(f'mms.load_adapter(pipe.{p}, f"{{folder}}/{p}")' for p in parts)
-    if args.pretrained_model_name_or_path:
-        make_pipe = ("from diffusers import StableDiffusionXLPipeline\n\n"
-                     f'pipe = StableDiffusionXLPipeline.from_pretrained("{_public(args.pretrained_model_name_or_path)}")\n')
-    else:
-        make_pipe = "from mm_subspace.tiny_models import tiny_sdxl_pipeline\n\npipe = tiny_sdxl_pipeline()\n"
-    usage = (f"```python\nimport mm_subspace as mms\n{folder}{make_pipe}{load_ours}\n"
-             f"image = pipe({args.validation_prompt!r}).images[0]\n```\n")
-    if export_note.startswith("`pytorch"):
-        usage += (f"\nStock diffusers, no mm_subspace needed:\n\n```python\npipe.load_lora_weights("
-                  f'"{repo}")\n```\n')
-    usage += f"\nTrigger: use `{args.instance_prompt}` in the prompt.\n"
-    final_grid = output_dir / "validation" / f"step-{steps:06d}.png"  # the last step alone (grid may stack step 0 above it)
-    shown = final_grid if final_grid.is_file() else grid
-    widget = [{"text": args.validation_prompt, "output": {"url": shown.relative_to(output_dir).as_posix()}}] if shown else None
-    write_model_card(
-        output_dir, title=f"DreamBooth SDXL — {args.adapter}", base_model=hub_base, method=args.adapter, summary=summary,
-        flags=public_flags(args), images=images, sections={"Use it": usage, **({"Quality": _quality_section(quality)} if quality else {})},
-        tags=("dreambooth", "sdxl", "text-to-image", "diffusers", "diffusers-training", "dora" if args.adapter == "dora"
-              else "lora", "template:sd-lora", "stable-diffusion-xl", "stable-diffusion-xl-diffusers"),
-        front_matter={"license": "apache-2.0" if name is None else "openrail++", "instance_prompt": args.instance_prompt,
-                      "widget": widget},
-    )
-
-
-def _quality_section(q: dict[str, Any]) -> str:
-    reads = ", ".join(f"{k}: {v:.0%}" for k, v in q["adapter_reads_for_instance_prompt"].items())
-    return (
-        "Measured after training with `mm_subspace.eval.digits` (a digit classifier, test accuracy "
-        f"{q['classifier_test_accuracy']:.1%}, reads each generated image downsampled to 8x8).\n\n"
-        "| metric | this adapter | base |\n|---|---|---|\n"
-        f"| subject fidelity: `{q['instance_prompt']}` read as {q['subject_digit']} ({q['fidelity_images']} images) | "
-        f"{q['adapter_subject_fidelity']:.0%} | {q['base_subject_fidelity']:.0%} |\n"
-        f"| prior preservation: prompt accuracy on the other digits 0-8 ({q['prior_images']} images) | "
-        f"{q['adapter_prior_preservation']:.0%} | {q['base_prior_preservation']:.0%} |\n\n"
-        f"Digits read for the instance prompt with the adapter: {reads}. Sampler: "
-        f"{q['sampler']['num_inference_steps']} Euler steps, guidance {q['sampler']['guidance_scale']}, "
-        f"{q['sampler']['height']} px, seed {q.get('seed', 'as --seed')}.\n"
-    )
 
 
 if __name__ == "__main__":

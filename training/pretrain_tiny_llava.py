@@ -38,12 +38,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from mm_subspace import shipped, tiny_models  # noqa: E402
-from mm_subspace.data import llava as data  # noqa: E402
-from mm_subspace.training_utils import LossHistory, save_loss_curve, step_generator  # noqa: E402
+from mm_subspace import shipped, tiny_models
+from mm_subspace.data import llava as data
+from mm_subspace.training_utils import LossHistory, save_loss_curve, step_generator
 
 logger = logging.getLogger("pretrain_tiny_llava")
 NAME = "tiny-llava-digits"
@@ -51,7 +48,7 @@ NAME = "tiny-llava-digits"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default=str(ROOT / "mm_subspace" / "weights" / NAME))
+    p.add_argument("--output_dir", default=str(shipped.WEIGHTS_DIR / NAME))
     p.add_argument("--max_steps", type=int, default=1500)
     p.add_argument("--batch_size", type=int, default=24)
     p.add_argument("--learning_rate", type=float, default=2e-3)
@@ -64,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="1 is much faster than 2 on a shared CPU")
     p.add_argument("--log_every", type=int, default=50)
-    p.add_argument("--curve", default=str(ROOT / "docs" / "tiny_llava_pretrain_loss.png"))
+    p.add_argument("--curve", default="docs/tiny_llava_pretrain_loss.png")
     return p.parse_args(argv)
 
 

@@ -24,46 +24,42 @@ beyond them:
   ``--output_dir`` carry the LLM (and vision) adapters and, with ``--tune_projector full``, the
   projector weights (no separate ``non_lora_trainables.bin``; LLaVA#1592, #1416). ``peft/`` is the
   same adapter for stock PEFT when the method folds into LoRA; ``--save_merged`` writes
-  ``merged/``, a full ``save_pretrained`` model (``pipelines.llava.save_merged_llava``).
+  ``merged/``, a full ``save_pretrained`` model (``mm_subspace.pipelines.llava.save_merged_llava``).
 * A record whose label mask does not line up with its tokens is an error naming the record, never a
   silently skipped sample or a zero loss (LLaVA#1166); bad records stop the run before training
   unless ``--skip_bad_records``.
 * SuLoRA routes once per sequence on its prompt, in training and in ``generate`` alike
   (``mm_subspace.inject.routing``).
-* ``--recipe moslora_vi_llama3`` (alias ``moslora_paper``): MoSLoRA Table 8 (LLaMA3+ViT), from
-  :mod:`mm_subspace.recipes`. Flags given explicitly win.
+* ``--recipe moslora_vi_llama3``: MoSLoRA Table 8 (LLaMA3+ViT), from :mod:`mm_subspace.recipes`
+  (applied by ``recipes.apply_recipe_to_args``, as in the DreamBooth script). Flags given explicitly win.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from mm_subspace.training.script_flags import add_flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import mm_subspace  # noqa: E402
-from mm_subspace import tiny_models  # noqa: E402
-from mm_subspace.data import llava as data  # noqa: E402
-from mm_subspace.errors import ConfigError, DataError, MergeError  # noqa: E402
-from mm_subspace.atomic import atomic_write_text  # noqa: E402
-from mm_subspace.compat import enable_activation_checkpointing  # noqa: E402
-from mm_subspace.inject import routing  # noqa: E402
-from mm_subspace.methods import sulora  # noqa: E402
-from mm_subspace.training_utils import (  # noqa: E402
-    METHOD_FLAGS,
-    check_method_flags,
-    check_positive,
+import mm_subspace
+from mm_subspace import presets, tiny_models
+from mm_subspace.data import llava as data
+from mm_subspace.errors import ConfigError, DataError, MergeError
+from mm_subspace.atomic import atomic_write_text
+from mm_subspace.compat import enable_activation_checkpointing
+from mm_subspace.inject import routing
+from mm_subspace.methods import sulora
+from mm_subspace.training_utils import (
     ADAPTER_NAME,
     CheckpointManager,
     LossHistory,
@@ -71,7 +67,10 @@ from mm_subspace.training_utils import (  # noqa: E402
     assert_replicas_in_sync,
     cast_trainable_params,
     check_finite,
+    check_method_flags,
+    check_positive,
     locate_nonfinite,
+    method_flag_values,
     nonfinite_parameters,
     param_groups,
     sample_indices,
@@ -86,16 +85,13 @@ logger = logging.getLogger("visual_instruction")
 EMBEDDED_MAX_STEPS = 800
 #: on the embedded default, vision adapters of this rank unless --vision_rank / --freeze_vision_tower is given
 EMBEDDED_VISION_RANK = 8
-LLM_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-#: every linear layer of the CLIP vision tower (attention q, k, v, out and MLP fc1, fc2)
-VISION_TARGETS = r".*vision_tower\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
-PROJECTOR_TARGETS = r".*multi_modal_projector\.linear_[12]"
-PROJECTOR_MODES = ("frozen", "full", "adapter")
+#: the LM's q,k,v,o,gate,up,down projections; every linear of the CLIP vision tower; the projector's linear_1/2
+LLM_TARGETS, VISION_TARGETS, PROJECTOR_TARGETS = (presets.LLAVA_LM_TARGETS, presets.LLAVA_VISION_TARGETS,
+                                                  presets.LLAVA_PROJECTOR_TARGETS)
 FOUR_BIT_SKIP = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]  # QLoRA: quantise the LM only
 
-#: ``--recipe`` names (from :mod:`mm_subspace.recipes`); ``moslora_paper`` is an alias of ``moslora_vi_llama3``
-RECIPES: dict[str, str] = {"moslora_paper": "moslora_vi_llama3", "moslora_vi_llama3": "moslora_vi_llama3",
-                           "moslora_vi_llama3_official": "moslora_vi_llama3_official"}
+#: ``--recipe`` names: the LLaVA recipes of :mod:`mm_subspace.recipes` this script runs
+RECIPES = ("moslora_vi_llama3", "moslora_vi_llama3_official")
 
 
 # --------------------------------------------------------------------------------------------- args
@@ -119,22 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Truncate longer records (with a warning and a count). Default: the tokenizer's model_max_length.")
 
     g = parser.add_argument_group("adapter")
-    g.add_argument("--adapter", type=str, default="moslora", help="Adapter method: any of mm_subspace.list_methods().")
-    g.add_argument("--rank", type=int, default=16, help="LLM adapter rank r.")
-    g.add_argument("--alpha", type=float, default=None, help="LLM adapter alpha (ΔW scaled by alpha/r). Default: 2·rank.")
-    g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the adapter input.")
+    add_flags(g, "--adapter", "--rank", "--alpha", "--lora_dropout", "--mixer_init", "--num_subspaces",
+              rank={"default": 16, "help": "LLM adapter rank r."},
+              alpha={"help": "LLM adapter alpha (ΔW scaled by alpha/r). Default: 2·rank."})
     g.add_argument("--vision_rank", type=int, default=None,
                    help="Also adapt every linear of the vision tower with this rank (paper Table 8: 64). Default: "
                    f"{EMBEDDED_VISION_RANK} on the embedded default (digits data and model), else no vision adapters.")
     g.add_argument("--vision_alpha", type=float, default=None, help="Vision adapter alpha (Table 8: 16). Default: = vision rank.")
     g.add_argument("--freeze_vision_tower", action="store_true",
                    help="Keep the vision tower exactly as pretrained (no vision adapters even with --vision_rank).")
-    g.add_argument("--tune_projector", type=str, default="frozen", choices=PROJECTOR_MODES,
+    g.add_argument("--tune_projector", type=str, default="frozen",
+                   choices=[*presets.PROJECTOR_MODE_WORDS, *presets.PROJECTOR_MODES],
                    help="Multimodal projector: frozen (the pretrained one, as the paper), full (trained fully, saved in "
-                   "the same adapter file), adapter (adapters on linear_1/linear_2 with the vision rank/alpha, or the LLM's).")
-    g.add_argument("--mixer_init", type=str, default=None,
-                   help="MoSLoRA mixer init (kaiming_uniform, orthogonal, identity, normal, zero).")
-    g.add_argument("--num_subspaces", type=int, default=None, help="SuLoRA: N sub-spaces the router picks r of (default 2r).")
+                   "the same adapter file), adapter (adapters on linear_1/linear_2 with the vision rank/alpha, or the LLM's). "
+                   "presets.llava_config's words freeze / train / adapt mean the same.")
 
     g = parser.add_argument_group("data")
     g.add_argument("--data_path", type=str, default=None,
@@ -152,40 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Skip malformed records with a warning and a count, instead of stopping before training.")
 
     g = parser.add_argument_group("training")
-    g.add_argument("--recipe", type=str, default=None, choices=sorted(RECIPES),
-                   help="From mm_subspace.recipes: moslora_vi_llama3 (alias moslora_paper) = MoSLoRA Table 8 (LLaMA3+ViT): LLM "
-                   "r 64 α 128, ViT r 64 α 16, batch 8 × accumulation 2, lr 2e-5, 1 epoch, projector frozen; "
-                   "moslora_vi_llama3_official = the same as the official XTuner config runs it (projector trained). "
-                   "Flags given explicitly win.")
-    g.add_argument("--train_batch_size", type=int, default=16, help="Batch size per process.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    g.add_argument("--max_train_steps", type=int, default=None,
-                   help=f"Optimizer steps; overrides --num_train_epochs. Default: {EMBEDDED_MAX_STEPS} on the embedded "
-                   "default, else from --num_train_epochs.")
-    g.add_argument("--num_train_epochs", type=float, default=1.0, help="Epochs when --max_train_steps is not given.")
-    g.add_argument("--learning_rate", type=float, default=2e-3, help="Learning rate of the adapters (and projector).")
-    g.add_argument("--lr_scheduler", type=str, default="cosine",
-                   help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
-    g.add_argument("--lr_warmup_steps", type=int, default=None, help="Warm-up steps. Default: --lr_warmup_ratio of the steps.")
+    add_flags(g, "--recipe", "--train_batch_size", "--gradient_accumulation_steps", "--max_train_steps",
+              "--num_train_epochs", "--learning_rate", "--lr_scheduler", "--lr_warmup_steps",
+              "--adam_beta1", "--adam_beta2", "--adam_weight_decay", "--adam_epsilon",
+              "--max_grad_norm", "--mixed_precision", "--gradient_checkpointing", "--seed",
+              recipe={"help": 'From mm_subspace.recipes: moslora_vi_llama3 = MoSLoRA Table 8 (LLaMA3+ViT): LLM r 64 α 128, ViT r 64 α 16, batch 8 × accumulation 2, lr 2e-5, 1 epoch, projector frozen; moslora_vi_llama3_official = the same as the official XTuner config runs it (projector trained). Flags given explicitly win.'},
+              train_batch_size={"default": 16},
+              max_train_steps={"help": f'Optimizer steps; overrides --num_train_epochs. Default: {EMBEDDED_MAX_STEPS} on the embedded default, else from --num_train_epochs.'},
+              num_train_epochs={"type": float, "default": 1.0, "help": 'Epochs when --max_train_steps is not given.'},
+              learning_rate={"default": 0.002, "help": 'Learning rate of the adapters (and projector).'},
+              lr_scheduler={"default": "cosine"},
+              lr_warmup_steps={"default": None, "help": 'Warm-up steps. Default: --lr_warmup_ratio of the steps.'})
     g.add_argument("--lr_warmup_ratio", type=float, default=0.03, help="Warm-up as a fraction of the steps (LLaVA-1.5: 0.03).")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=0.0)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
-    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                   help="Mixed precision (frozen weights cast, adapters fp32). Default: accelerate config.")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the LM.")
-    g.add_argument("--seed", type=int, default=0, help="Seed of every random draw (adapter init, data order, dropout).")
 
     g = parser.add_argument_group("checkpoints")
-    g.add_argument("--output_dir", type=str, default=None,
-                   help="Output folder. Default: runs/llava-<adapter> (the comparison app scans runs/).")
-    g.add_argument("--checkpointing_steps", type=int, default=None,
-                   help="Resumable checkpoint every N optimizer steps. Default: half of the steps (at most 500).")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    g.add_argument("--resume_from_checkpoint", type=str, default=None,
-                   help='"latest", a checkpoint name (checkpoint-10) or path. "latest" with none starts fresh.')
+    add_flags(g, "--output_dir", "--checkpointing_steps", "--checkpoints_total_limit",
+              "--resume_from_checkpoint",
+              output_dir={"help": "Output folder. Default: runs/llava-<adapter> (the comparison app scans runs/)."})
     g.add_argument("--save_merged", action="store_true",
                    help="Also write merged/: the adapter folded into a full-precision copy of the base (save_pretrained).")
 
@@ -199,33 +176,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_new_tokens", type=int, default=6, help="Greedy answer length limit.")
     g.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads per process (1 is fastest on a shared CPU). Default: torch's.")
-    g.add_argument("--report_to", type=str, default="tensorboard",
-                   help='Tracker: "tensorboard" (<output_dir>/logs), "wandb", "all" or "none".')
-    g.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    add_flags(g, "--report_to", "--logging_dir")
     return parser
 
 
-def apply_recipe(args: argparse.Namespace, name: str, explicit: set[str]) -> None:
-    """Set the recipe's values (method, LLM rank/alpha, training, script options) on every flag the user did not pass.
+def apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser, input_args: list[str] | None) -> None:
+    """``--recipe``: the recipe's values on every flag the user did not pass (``recipes.apply_recipe_to_args``).
 
-    The recipe's ``vision_targets`` is what this script adapts anyway (every vision-tower linear).
+    The recipe's ``vision_targets`` (``clip_vit``: every linear of the vision tower) is what this script adapts
+    with ``--vision_rank``; it is checked, not set.
     """
-    recipe = mm_subspace.recipes.get_recipe(RECIPES[name])
-    values = {"adapter": recipe.method, "rank": recipe.config["rank"], "alpha": float(recipe.config["alpha"]),
-              **recipe.training, **{k: v for k, v in recipe.extra.items() if k != "vision_targets"}}
-    for key, value in values.items():
-        if hasattr(args, key) and key not in explicit:
-            setattr(args, key, value)
-    logger.info("recipe %s (%s): %s", recipe.name, recipe.cite, values)
+    if args.recipe not in RECIPES:
+        hint = (" (in mm_subspace.recipes moslora_paper is the SDXL recipe moslora_sdxl; the MoSLoRA paper's "
+                "LLaVA setting is moslora_vi_llama3)") if args.recipe == "moslora_paper" else ""
+        raise ConfigError(f"--recipe {args.recipe!r} is not a visual-instruction recipe{hint}; choose one of "
+                          f"{', '.join(RECIPES)} (`mm-subspace recipes --family llava` lists them)")
+    recipe = mm_subspace.recipes.get_recipe(args.recipe)
+    extra = dict(recipe.extra)
+    if extra.pop("vision_targets", "clip_vit") != "clip_vit":
+        raise ConfigError(f"recipe {recipe.name}: vision_targets {recipe.extra['vision_targets']!r} is not what this "
+                          "script adapts (every linear of the vision tower, clip_vit)")
+    applied = mm_subspace.recipes.apply_recipe_to_args(dataclasses.replace(recipe, extra=extra), args, parser, input_args)
+    logger.info("recipe %s (%s): %s", recipe.name, recipe.cite, applied)
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     """Parse and cross-check the flags (bad combinations raise here, before anything loads)."""
     parser = build_parser()
     args = parser.parse_args(input_args)
-    explicit = mm_subspace.recipes.explicit_dests(parser, input_args)
     if args.recipe:
-        apply_recipe(args, args.recipe, explicit)
+        apply_recipe(args, parser, input_args)
     check_method_flags(args)
     check_positive(args, ["rank", "vision_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                      "num_train_epochs", "learning_rate", "checkpointing_steps", "checkpoints_total_limit",
@@ -257,7 +237,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------- model
 def adapter_config(args: argparse.Namespace) -> mm_subspace.AdapterConfig:
     """``config_for(args.adapter, ...)``: LLM targets, optional vision/projector adapters, projector training."""
-    fields = mm_subspace.get_method(args.adapter).config_class.field_names()
     targets = [LLM_TARGETS]
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
@@ -265,7 +244,8 @@ def adapter_config(args: argparse.Namespace) -> mm_subspace.AdapterConfig:
         targets.append(VISION_TARGETS)
         rank_pattern[r"vision_tower\..*"] = args.vision_rank
         alpha_pattern[r"vision_tower\..*"] = args.vision_alpha
-    if args.tune_projector == "adapter":
+    projector = presets.projector_mode(args.tune_projector)
+    if projector == "adapt":
         targets.append(PROJECTOR_TARGETS)
         if args.vision_rank is not None:
             rank_pattern[r"multi_modal_projector\..*"] = args.vision_rank
@@ -273,8 +253,8 @@ def adapter_config(args: argparse.Namespace) -> mm_subspace.AdapterConfig:
     kwargs: dict[str, Any] = dict(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout,
                                   targets="|".join(f"(?:{t})" for t in targets), rank_pattern=rank_pattern,
                                   alpha_pattern=alpha_pattern,
-                                  trainable_modules=["multi_modal_projector"] if args.tune_projector == "full" else [])
-    kwargs.update({f: getattr(args, f) for f in METHOD_FLAGS if f in fields and getattr(args, f) is not None})
+                                  trainable_modules=["multi_modal_projector"] if projector == "train" else [])
+    kwargs.update(method_flag_values(args))
     return mm_subspace.config_for(args.adapter, **kwargs)
 
 
@@ -472,7 +452,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or with ``--eval_only`` evaluate). Returns ``{"output_dir", "global_step", "final_loss",
     "final_aux_loss", "digest", "eval", "peft_exported", "resumed_from", "trainable_parameters"}``."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from accelerate.utils import (
+        DistributedDataParallelKwargs,
+        ProjectConfiguration,
+        set_seed,
+    )
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -646,7 +630,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             peft_note = f"no PEFT export: {err}"
             logger.info("%s", peft_note)
         if args.save_merged:
-            from pipelines.llava import save_merged_llava
+            from mm_subspace.pipelines.llava import save_merged_llava
 
             save_merged_llava(model_path, output_dir, output_dir / "merged")
         if not args.skip_eval:
@@ -701,11 +685,11 @@ def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory
     if results:
         sections["Evaluation"] = eval_table(results)
     sections["Use it"] = (
-        "```python\nimport mm_subspace as mms\nfrom pipelines.llava import LlavaAdapters\n\n"
+        "```python\nimport mm_subspace as mms\nfrom mm_subspace.pipelines.llava import LlavaAdapters\n\n"
         f"llava = LlavaAdapters.from_pretrained({args.model_name_or_path!r})\n"
         f'llava.load_adapter("{output_dir.as_posix()}", name="{args.adapter}")\n'
         f'print(llava.answer(image, "is the digit even? answer yes or no.", adapter="{args.adapter}").text)\n```\n\n'
-        "Merged into a full model: `pipelines.llava.save_merged_llava(base, adapter_dir, out)` or `--save_merged`."
+        "Merged into a full model: `mm_subspace.pipelines.llava.save_merged_llava(base, adapter_dir, out)` or `--save_merged`."
     )
     write_model_card(output_dir, title=f"Visual-instruction tuning — {args.adapter}", base_model=base_name,
                      method=args.adapter, summary=summary,

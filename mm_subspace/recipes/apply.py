@@ -28,7 +28,7 @@ CONFIG_FLAGS: dict[str, tuple[str, ...]] = {
 #: recipe key -> dest names used for it by the scripts (new names first)
 FLAG_ALIASES: dict[str, tuple[str, ...]] = {
     "num_validation_inference_steps": ("num_validation_inference_steps", "validation_inference_steps"),
-    "max_length": ("max_length", "max_seq_length", "cutoff_len"),
+    "max_length": ("max_length", "max_seq_length", "cutoff_len", "model_max_length"),
 }
 METHOD_DESTS = ("adapter", "method")
 

@@ -56,3 +56,58 @@ def test_merge_and_export_equal_forward(freeze):
 def test_bad_freeze_is_a_config_error():
     with pytest.raises(ConfigError, match="freeze"):
         mms.config_for("asylora", freeze="AB")
+
+
+def test_default_a_is_orthonormal_and_frozen():
+    """AsyLoRA's code freezes a random orthonormal A (first right singular vectors of a random matrix): A·Aᵀ = I."""
+    _, ad = build("A")
+    assert ad.config.a_init == "orthonormal"
+    torch.testing.assert_close(ad.lora_A @ ad.lora_A.T, torch.eye(3), atol=1e-5, rtol=0)
+    assert not ad.lora_A.requires_grad
+
+
+def test_orthonormal_a_with_more_rows_than_inputs_comes_in_orthonormal_blocks():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8))
+    mms.inject(net, mms.config_for("asylora", rank=4, targets=["0"]))
+    a = net[0].adapters["default"].lora_A.detach()
+    torch.testing.assert_close(a @ a.T, torch.eye(4), atol=1e-5, rtol=0)  # rank = in: one full orthonormal block
+    from mm_subspace.methods.asylora import orthonormal_rows_
+
+    torch.manual_seed(1)
+    rows = orthonormal_rows_(torch.empty(10, 4))
+    torch.testing.assert_close(rows.norm(dim=1), torch.ones(10))
+    for block in (rows[:4], rows[4:8], rows[8:]):
+        torch.testing.assert_close(block @ block.T, torch.eye(block.shape[0]), atol=1e-5, rtol=0)
+
+
+def test_kaiming_a_is_the_previous_init_bit_for_bit():
+    """a_init='kaiming' draws A exactly as before the option existed: LoRA's kaiming_uniform_(a=√5) after the base."""
+    _, ad = build("A")
+    torch.manual_seed(0)
+    nn.Linear(10, 7)
+    expect = nn.init.kaiming_uniform_(torch.empty(3, 10), a=5 ** 0.5)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 7))
+    mms.inject(net, mms.config_for("asylora", rank=3, alpha=6.0, targets=["0"], a_init="kaiming"))
+    kai = net[0].adapters["default"]
+    assert torch.equal(kai.lora_A, expect)
+    assert 0.4 < kai.lora_A.norm(dim=1).mean() < 0.75  # U(−1/√in, 1/√in): row norm ≈ √(in · 1/(3·in)) = 0.58, not 1
+    assert not torch.equal(ad.lora_A, expect)
+
+
+def test_configs_saved_without_a_init_load_as_kaiming():
+    cfg = mms.config_for("asylora", rank=3, targets=["0"]).to_dict()
+    del cfg["a_init"]
+    assert mms.AdapterConfig.from_dict(cfg).a_init == "kaiming"
+    with pytest.raises(ConfigError, match="a_init"):
+        mms.config_for("asylora", a_init="uniform")
+
+
+def test_stored_minus_trainable_is_the_frozen_factor():
+    for freeze in ("A", "B"):
+        net, ad = build(freeze)
+        counts = mms.parameter_counts(net)
+        frozen, trained = (ad.lora_A, ad.lora_B) if freeze == "A" else (ad.lora_B, ad.lora_A)
+        assert counts.trainable == trained.numel()
+        assert counts.stored - counts.trainable == frozen.numel()

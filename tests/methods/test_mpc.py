@@ -110,11 +110,13 @@ def test_nonlinear_inserts_sigma_and_refuses_merge(method):
         mms.lora_factors(net)
 
 
-def test_sulora_nonlinear_formula():
-    net, ad = build("sulora", mpc="nonlinear")
+@pytest.mark.parametrize("pairing", ["paired", "index"])
+def test_sulora_nonlinear_formula(pairing):
+    net, ad = build("sulora", mpc="nonlinear", pairing=pairing)
     x = torch.randn(3, IN)
     idx = ad.route(x)[1]
-    ref = torch.stack([ad.scaling * ad.lora_B[:, idx[b]] @ torch.relu(ad.lora_A @ x[b]) for b in range(3)])
+    a = [ad.lora_A[idx[b]] if pairing == "paired" else ad.lora_A for b in range(3)]  # paired: sub-space i's own row
+    ref = torch.stack([ad.scaling * ad.lora_B[:, idx[b]] @ torch.relu(a[b] @ x[b]) for b in range(3)])
     torch.testing.assert_close(net(x), net[0].base_layer(x) + ref, rtol=1e-5, atol=1e-6)
 
 

@@ -1,0 +1,89 @@
+"""Flags both training scripts share: one definition each (type, default, help); a script overrides only what differs.
+
+    g = parser.add_argument_group("adapter")
+    add_flags(g, "--adapter", "--rank", "--alpha", rank={"default": 16, "help": "LLM adapter rank r."})
+
+Names follow diffusers' DreamBooth script (``--train_batch_size``, ``--checkpointing_steps``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+#: flag -> ``add_argument`` keyword arguments
+SHARED_FLAGS: dict[str, dict[str, Any]] = {
+    # adapter
+    "--adapter": {"type": str, "default": "moslora",
+                  "help": "Adapter method: any of mm_subspace.list_methods() (lora, moslora, sulora, ts_mixing, ...)."},
+    "--rank": {"type": int, "default": 4, "help": "Rank r of the adapter's low-rank factors."},
+    "--alpha": {"type": float, "default": None, "help": "Scale numerator (ΔW scaled by alpha/rank). Default: = rank."},
+    "--lora_dropout": {"type": float, "default": 0.0, "help": "Dropout on the adapter input."},
+    "--mixer_init": {"type": str, "default": None,
+                     "help": "MoSLoRA mixer init (kaiming_uniform, orthogonal, identity, normal, zero). Only for methods "
+                     "with a mixer_init field."},
+    "--num_subspaces": {"type": int, "default": None,
+                        "help": "SuLoRA: number of subspaces N the router picks r of (default 2r). Only for methods with "
+                        "a num_subspaces field."},
+    # training
+    "--recipe": {"type": str, "default": None,
+                 "help": "Paper setting from mm_subspace.recipes (`mm-subspace recipes` lists them). Flags given "
+                 "explicitly win."},
+    "--train_batch_size": {"type": int, "default": 1, "help": "Batch size per process."},
+    "--gradient_accumulation_steps": {"type": int, "default": 1, "help": "Micro-batches per optimizer step."},
+    "--max_train_steps": {"type": int, "default": None, "help": "Optimizer steps; wins over --num_train_epochs."},
+    "--num_train_epochs": {"type": int, "default": None, "help": "Passes over the data when --max_train_steps is not given."},
+    "--learning_rate": {"type": float, "default": 1e-4, "help": "Learning rate of the adapter parameters."},
+    "--lr_scheduler": {"type": str, "default": "constant",
+                       "help": 'Scheduler: "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
+                       '"constant_with_warmup".'},
+    "--lr_warmup_steps": {"type": int, "default": 0, "help": "Warm-up steps of the scheduler."},
+    "--adam_beta1": {"type": float, "default": 0.9, "help": "AdamW beta1."},
+    "--adam_beta2": {"type": float, "default": 0.999, "help": "AdamW beta2."},
+    "--adam_weight_decay": {"type": float, "default": 0.0, "help": "AdamW weight decay of the adapters."},
+    "--adam_epsilon": {"type": float, "default": 1e-8, "help": "AdamW epsilon."},
+    "--max_grad_norm": {"type": float, "default": 1.0, "help": "Gradient clipping norm (0 disables)."},
+    "--mixed_precision": {"type": str, "default": None, "choices": ["no", "fp16", "bf16"],
+                          "help": "Mixed precision; frozen weights are cast to it, adapters stay fp32. Default: "
+                          "accelerate config."},
+    "--gradient_checkpointing": {"action": "store_true", "help": "Trade compute for memory."},
+    "--seed": {"type": int, "default": 0, "help": "Seed of every random draw (adapter init, data order, dropout, noise)."},
+    # checkpoints
+    "--output_dir": {"type": str, "default": None,
+                     "help": "Output folder (the comparison app scans runs/)."},
+    "--checkpointing_steps": {"type": int, "default": None,
+                              "help": "Save a resumable checkpoint (training_state/checkpoint-<step>) every N optimizer "
+                              "steps. Default: 500, or half of --max_train_steps when that is less."},
+    "--checkpoints_total_limit": {"type": int, "default": None, "help": "Keep at most this many checkpoints."},
+    "--resume_from_checkpoint": {"type": str, "default": None,
+                                 "help": '"latest", a checkpoint name (checkpoint-10) or path. "latest" with none starts '
+                                 'fresh.'},
+    # logging
+    "--report_to": {"type": str, "default": "tensorboard",
+                    "help": 'Tracker: "tensorboard" (offline, <output_dir>/logs), "wandb", "comet_ml", ..., "all" or '
+                    '"none". Logs go to every one that is installed; missing ones are named and skipped.'},
+    "--logging_dir": {"type": str, "default": "logs", "help": "Tracker folder, relative to --output_dir."},
+}
+
+
+def add_flags(group: argparse._ActionsContainer, *names: str, **overrides: dict[str, Any]) -> None:
+    """Add the shared flags ``names`` to ``group``; ``overrides[dest]`` replaces keyword arguments of one flag.
+
+    Raises:
+        KeyError: a name that is not in :data:`SHARED_FLAGS`, or an override for a flag not added.
+    """
+    unknown = set(overrides) - {n.lstrip("-") for n in names}
+    if unknown:
+        raise KeyError(f"overrides for flags not added: {sorted(unknown)}")
+    for name in names:
+        group.add_argument(name, **{**SHARED_FLAGS[name], **overrides.get(name.lstrip("-"), {})})
+
+
+def str_to_bool(value: str) -> bool:
+    """argparse type for true/false flags (diffusers' ``type=bool`` makes "False" true)."""
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
