@@ -5,8 +5,8 @@ Everything here is model-family agnostic: it works on "parts", a ``{name: model}
 mm_subspace adapter called ``"default"``.
 
 * :func:`param_groups`, :func:`cast_trainable_params`: optimizer groups per part, fp32 trainables.
-* :class:`CheckpointManager`: atomic ``accelerate.save_state`` checkpoints under
-  ``<output_dir>/training_state/checkpoint-<step>``, rotation, ``latest`` resolution, and
+* :class:`CheckpointManager`: atomic ``accelerate.save_state`` checkpoints in
+  ``<output_dir>/checkpoint-<step>`` (diffusers' layout), rotation, ``latest`` resolution, and
   save/load hooks that write the adapters in our own format (``<checkpoint>/<part>/``).
 * :func:`step_generator`, :func:`sample_indices`: randomness that is a pure function of
   ``(seed, rank, micro step)``, so a resumed run draws exactly what the uninterrupted one drew.
@@ -48,7 +48,9 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
 CHECKPOINT_PREFIX = "checkpoint-"
-STATE_DIR = "training_state"
+#: where checkpoints lived before they moved to diffusers' ``<output_dir>/checkpoint-<step>``: still found (``latest``,
+#: a name, rotation), so an older run resumes
+LEGACY_STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -325,7 +327,8 @@ def load_parts(parts: dict[str, nn.Module], folder: str | os.PathLike, method: s
 
 @dataclass
 class CheckpointManager:
-    """Atomic, rotated ``accelerate`` checkpoints in ``<output_dir>/training_state/checkpoint-<step>``.
+    """Atomic, rotated ``accelerate`` checkpoints in ``<output_dir>/checkpoint-<step>``, as diffusers' scripts
+    write them (checkpoints of the older ``<output_dir>/training_state/`` layout are found and resumed too).
 
     ``save`` has every rank write into ``.checkpoint-<step>.tmp`` (accelerate writes the per-rank
     RNG states there), then rank 0 renames it into place: a killed run leaves either a whole
@@ -345,13 +348,15 @@ class CheckpointManager:
 
     @property
     def root(self) -> Path:
-        return Path(self.output_dir) / STATE_DIR
+        """The folder new checkpoints go to: the output folder itself."""
+        return Path(self.output_dir)
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+        """Complete checkpoints (in the output folder and the legacy ``training_state/``), oldest first."""
+        found = []
+        for folder in (self.root, self.root / LEGACY_STATE_DIR):
+            if folder.is_dir():
+                found += [p for p in folder.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
         return sorted(found, key=checkpoint_step)
 
     def resolve(self, spec: str | None) -> Path | None:
@@ -365,7 +370,7 @@ class CheckpointManager:
         if spec == "latest":
             found = self.checkpoints()
             return found[-1] if found else None
-        for candidate in (Path(spec), self.root / spec, self.root / Path(spec).name):
+        for candidate in (Path(spec), self.root / spec, self.root / Path(spec).name, self.root / LEGACY_STATE_DIR / spec):
             if candidate.is_dir() and (candidate / TRAINER_STATE).is_file():
                 return candidate
         have = ", ".join(p.name for p in self.checkpoints()) or "none"

@@ -51,7 +51,7 @@ def make_adapters(root: Path) -> None:
                 raise FileNotFoundError(f"COMPARE_ADAPTERS={real}: {source} has no unet adapter; run "
                                         f"`accelerate launch training/dreambooth_sdxl.py --adapter {name}` first")
             root.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(source, root / source.name, ignore=shutil.ignore_patterns("training_state", "class_images"))
+            shutil.copytree(source, root / source.name, ignore=shutil.ignore_patterns("checkpoint-*", "training_state", "class_images"))
     code = (
         "import sys; from pathlib import Path; root = Path(sys.argv[1])\n"
         "from mm_subspace.pipelines import SDXLAdapters, LlavaAdapters\n"

@@ -52,10 +52,10 @@ def checkpointing_on(model: torch.nn.Module) -> bool:
 
 
 def kill_at_first_checkpoint(cmd: list[str], output_dir: Path, timeout: float = 300, env: dict | None = None) -> None:
-    """Run a training command until it has written ``training_state/checkpoint-1``, SIGKILL it, and keep only
-    that checkpoint (as if the process died right after it): the start of the bit-exact resume tests."""
+    """Run a training command until it has written ``checkpoint-1``, SIGKILL it, and keep only that checkpoint
+    (as if the process died right after it): the start of the bit-exact resume tests."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    ckpt = output_dir / "training_state" / "checkpoint-1"
+    ckpt = output_dir / "checkpoint-1"
     deadline = time.time() + timeout
     while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -63,8 +63,8 @@ def kill_at_first_checkpoint(cmd: list[str], output_dir: Path, timeout: float = 
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    for path in (output_dir / "training_state").iterdir():
-        if path.name != "checkpoint-1":
+    for path in output_dir.iterdir():  # later checkpoints, or one half-written (.checkpoint-2.tmp)
+        if re.fullmatch(r"\.?checkpoint-\d+(\.tmp)?", path.name) and path.name != "checkpoint-1":
             shutil.rmtree(path)
 
 

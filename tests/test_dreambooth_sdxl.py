@@ -91,8 +91,8 @@ def test_writes_every_output(trained: Runs, method: str) -> None:
         meta = json.loads((out / part / "adapter_config.json").read_text())
         assert meta["config"]["method"] == method and (out / part / "adapter_model.safetensors").is_file()
     assert not (out / "text_encoder").exists() or method == "moslora"
-    assert (out / "training_state" / "checkpoint-2" / "trainer_state.json").is_file()
-    assert not [p for p in (out / "training_state").iterdir() if p.name.startswith(".")]  # no tmp leftovers
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint")]  # no tmp leftovers
     for png in (out / "loss_curve.png", out / "validation" / "step-000003.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
@@ -164,8 +164,8 @@ def test_kohya_output_loads_in_stock_diffusers(trained: Runs, pipes: Pipes) -> N
 
 
 def test_every_checkpoint_loads_in_stock_diffusers(trained: Runs, pipes: Pipes) -> None:
-    """training_state/checkpoint-2 holds pytorch_lora_weights.safetensors of step 2 (diffusers#6366)."""
-    ckpt = Path(trained["lora"]["output_dir"]) / "training_state" / "checkpoint-2"
+    """checkpoint-2 holds pytorch_lora_weights.safetensors of step 2 (diffusers#6366)."""
+    ckpt = Path(trained["lora"]["output_dir"]) / "checkpoint-2"
     assert (ckpt / "pytorch_lora_weights.safetensors").is_file()
     pipes.parity(ckpt, ckpt)
     final = load_file(Path(trained["lora"]["output_dir"]) / "pytorch_lora_weights.safetensors")
@@ -195,7 +195,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, instance_dir: Path) -
 
     resumed = db.main(db.parse_args([*RESUME, "--instance_data_dir", str(instance_dir), "--output_dir", str(killed),
                                      "--max_train_steps", "2", "--resume_from_checkpoint", "latest"]))
-    assert resumed["resumed_from"] == killed / "training_state" / "checkpoint-1" and resumed["global_step"] == 2
+    assert resumed["resumed_from"] == killed / "checkpoint-1" and resumed["global_step"] == 2
     straight = db.main(db.parse_args([*RESUME, "--instance_data_dir", str(instance_dir),
                                       "--output_dir", str(tmp_path / "straight"), "--max_train_steps", "2"]))
     a = load_file(killed / "unet" / "adapter_model.safetensors")
@@ -241,8 +241,8 @@ def test_two_process_cpu_run_ends_with_identical_adapters(tmp_path: Path, instan
     from mm_subspace.training_utils import adapters_digest
 
     assert adapters_digest(parts) == digest
-    assert sorted(p.name for p in (out / "training_state").iterdir()) == ["checkpoint-1", "checkpoint-2"]
-    assert (out / "training_state" / "checkpoint-2" / "random_states_1.pkl").is_file()  # both ranks' RNG
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert (out / "checkpoint-2" / "random_states_1.pkl").is_file()  # both ranks' RNG
 
 
 def test_sample_indices_shard_each_epoch_once() -> None:

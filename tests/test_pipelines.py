@@ -66,6 +66,10 @@ def test_find_adapters_layouts(sdxl, tmp_path):
     # a flat folder is found too, and the training state of a run is not taken for an adapter
     (root / "dreambooth-sdxl-lora" / "training_state" / "checkpoint-1").mkdir(parents=True, exist_ok=True)
     assert len(find_adapters([root])) == 3
+    # nor the checkpoints of a run that has no final adapter yet (diffusers' <output_dir>/checkpoint-<step>)
+    import shutil
+    shutil.copytree(infos["lora"].path / "unet", root / "killed-run" / "checkpoint-1" / "unet")
+    assert len(find_adapters([root])) == 3 and not find_adapters([root / "killed-run"])
 
 
 def test_base_row_equals_the_pipeline_alone(sdxl):

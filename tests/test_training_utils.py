@@ -77,6 +77,38 @@ def test_checkpoints_are_atomic_rotated_and_restore_adapters_exactly(tmp_path: P
     assert CheckpointManager(tmp_path / "fresh", "moslora").resolve("latest") is None
 
 
+def test_checkpoints_go_to_output_dir_like_diffusers_and_the_old_layout_still_resumes(tmp_path: Path) -> None:
+    """New checkpoints: <output_dir>/checkpoint-N (diffusers' layout); <output_dir>/training_state/checkpoint-N of an
+    older run are still listed, resolved by name and by ``latest``, resumed exactly and rotated."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    manager = CheckpointManager(tmp_path, "moslora", total_limit=2)
+    manager.register_hooks(accelerator, {"net": model})
+    model, optimizer = accelerator.prepare(model, optimizer)
+    digests = {}
+    for step in (1, 2):
+        model(torch.randn(3, 8)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert manager.save(accelerator, step) == tmp_path / f"checkpoint-{step}"
+        digests[step] = adapters_digest({"net": model})
+    (tmp_path / "training_state").mkdir()
+    (tmp_path / "checkpoint-1").rename(tmp_path / "training_state" / "checkpoint-1")  # as an older run left it
+    assert manager.checkpoints() == [tmp_path / "training_state" / "checkpoint-1", tmp_path / "checkpoint-2"]
+    old = manager.resolve("checkpoint-1")
+    assert old == tmp_path / "training_state" / "checkpoint-1" and manager.check_resumable(old, ["net"]) == 1
+    accelerator.load_state(str(old))
+    assert adapters_digest({"net": model}) == digests[1]
+    (tmp_path / "checkpoint-2").rename(tmp_path / "training_state" / "checkpoint-2")
+    assert manager.resolve("latest") == tmp_path / "training_state" / "checkpoint-2"
+    manager.save(accelerator, 3)  # rotation (limit 2) removes the oldest, wherever it is
+    assert [p.relative_to(tmp_path).as_posix() for p in manager.checkpoints()] == ["training_state/checkpoint-2",
+                                                                                   "checkpoint-3"]
+
+
 def test_locate_nonfinite_names_the_first_bad_module() -> None:
     model = tiny("lora")
     with torch.no_grad():

@@ -48,7 +48,7 @@ def log_images(accelerator: Any, images: list[Any], step: int, caption: str) -> 
             logger.warning("could not log validation images to %s: %s", tracker.name, err)
 
 
-HUB_EXCLUDE = ("training_state/*", "instance_images/*", "class_images/*")
+HUB_EXCLUDE = ("checkpoint-*/*", "training_state/*", "instance_images/*", "class_images/*")
 
 
 

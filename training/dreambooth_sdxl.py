@@ -20,7 +20,7 @@ loop under ``accumulate``, checkpoints on ``sync_gradients``, validation, save),
   ``mm_subspace.load_adapter(pipe.unet, out / "unet")``); ``pytorch_lora_weights.safetensors``
   (stock ``StableDiffusionXLPipeline.load_lora_weights``) when the method folds to plain LoRA;
   ``README.md`` model card; ``loss_curve.png``; ``validation/step-<N>.png`` grids;
-  ``training_state/checkpoint-<N>/`` written atomically.
+  ``checkpoint-<N>/`` written atomically (diffusers' layout).
 * Every random draw of a step (data order, VAE sample, noise, timesteps) comes from a generator
   seeded by ``(seed, rank, micro step)``, so ``--resume_from_checkpoint latest`` after a kill
   reproduces the uninterrupted run bit for bit on CPU.
@@ -220,13 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(g, "--output_dir", "--checkpointing_steps", "--checkpoints_total_limit",
               "--resume_from_checkpoint",
               output_dir={"help": "Output folder. Default: runs/dreambooth-sdxl-<adapter> (the comparison app scans runs/)."},
-              checkpointing_steps={"help": 'Save a resumable checkpoint (training_state/checkpoint-<step>) every N optimizer steps. Default: 500, or half of --max_train_steps when that is less (the embedded default saves at 125 and 250).'})
+              checkpointing_steps={"help": 'Save a resumable checkpoint (<output_dir>/checkpoint-<step>, as diffusers) every N optimizer steps. Default: 500, or half of --max_train_steps when that is less (the embedded default saves at 125 and 250).'})
     g.add_argument("--output_kohya_format", action="store_true",
                    help="Also write pytorch_lora_weights_kohya.safetensors (kohya / A1111 / ComfyUI keys, mixer folded, true alpha).")
 
     g = parser.add_argument_group("hub")
     g.add_argument("--push_to_hub", action="store_true",
-                   help="Upload the output folder (without training_state/ and the photos) to the Hub at the end. Offline, "
+                   help="Upload the output folder (without checkpoints and the photos) to the Hub at the end. Offline, "
                    "the run ends normally and prints the exact upload command.")
     g.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (user/name). Default: the output folder's name.")
     g.add_argument("--hub_token", type=str, default=None, help="Hub token. Default: the one saved by `hf auth login`.")

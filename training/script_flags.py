@@ -52,7 +52,7 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
     "--output_dir": {"type": str, "default": None,
                      "help": "Output folder (the comparison app scans runs/)."},
     "--checkpointing_steps": {"type": int, "default": None,
-                              "help": "Save a resumable checkpoint (training_state/checkpoint-<step>) every N optimizer "
+                              "help": "Save a resumable checkpoint (<output_dir>/checkpoint-<step>, as diffusers) every N optimizer "
                               "steps. Default: 500, or half of --max_train_steps when that is less."},
     "--checkpoints_total_limit": {"type": int, "default": None, "help": "Keep at most this many checkpoints."},
     "--resume_from_checkpoint": {"type": str, "default": None,
