@@ -440,7 +440,7 @@ class CheckpointManager:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            state = {"step": step, "method": self.method, **(extra or {})}
+            state = {"step": step, "method": self.method, "mixed_precision": accelerator.mixed_precision, **(extra or {})}
             atomic_write_text(tmp / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
             fsync_dir(tmp)
             if final.exists():  # a re-run of the same step: replace it
@@ -464,6 +464,29 @@ class CheckpointManager:
 
 def checkpoint_step(path: Path) -> int:
     return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def resume_mixed_precision(path: Path | None, requested: str | None) -> str | None:
+    """The ``--mixed_precision`` to resume checkpoint ``path`` with (call before creating the Accelerator).
+
+    Not given (``None``): the checkpoint's own, restored with a log line, so an fp16 run does not silently go on in
+    fp32. Given and different: kept, with a warning naming both. Checkpoints that recorded none: ``requested``.
+    """
+    if path is None:
+        return requested
+    try:
+        recorded = json.loads((Path(path) / TRAINER_STATE).read_text(encoding="utf-8")).get("mixed_precision")
+    except (OSError, ValueError, AttributeError):
+        return requested  # check_resumable names an unreadable state file
+    if recorded is None or requested == recorded:
+        return requested
+    if requested is None:
+        logger.info("resuming %s: --mixed_precision %s restored from the checkpoint", path, recorded)
+        return recorded
+    logger.warning("resuming %s, trained with --mixed_precision %s, with --mixed_precision %s: the rest of the run "
+                   "trains in another precision; pass --mixed_precision %s to continue as it was", path, recorded,
+                   requested, recorded)
+    return requested
 
 
 

@@ -59,7 +59,7 @@ from mm_subspace.compat import enable_activation_checkpointing, require
 from mm_subspace.training.dreambooth_data import DIGIT_SUBJECT_IMAGES, MicroBatches, instance_records, schedule
 from mm_subspace.training.dreambooth_report import (digit_quality, log_images, model_card, public_flags, push_to_hub,
                                                     stack_grids)
-from mm_subspace.training.script_flags import add_flags, str_to_bool
+from mm_subspace.training.script_flags import add_flags, cpu_threads, str_to_bool
 from mm_subspace.training.sdxl_diffusion import (diffusion_loss, draw_noise, edm_denoised, edm_inputs, encode_prompt,
                                                  generate_class_images, tokenize)
 from mm_subspace.training_utils import (
@@ -76,6 +76,7 @@ from mm_subspace.training_utils import (
     method_flag_values,
     nonfinite_parameters,
     param_groups,
+    resume_mixed_precision,
     save_image_grid,
     save_loss_curve,
     save_parts,
@@ -92,6 +93,9 @@ EMBEDDED_LEARNING_RATE = 2e-3  # the tiny model learns the new digit in a few hu
 DIGIT_DEFAULTS: dict[str, Any] = {"train_batch_size": 2, "num_class_images": 50, "sample_batch_size": 25,
                                   "class_inference_steps": 20, "target_preset": "sdxl_unet_wide"}
 REAL_MAX_STEPS = 500  # the MoSLoRA paper's step count
+EMBEDDED_RESOLUTION = 32  # the shipped digits SDXL: UNet sample_size 8 x VAE factor 4 (tested against its config)
+#: --resolution this many times above or below the model's native size gets a warning
+RESOLUTION_WARN_FACTOR = 2
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
 TEXT_ENCODER_PARTS = ("text_encoder", "text_encoder_2")
 
@@ -152,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=1, help="How many times each instance image is repeated per epoch.")
     g.add_argument("--resolution", type=int, default=None,
                    help="Training image size (square). Default: the model's native size (UNet sample_size × VAE factor: "
-                   "64 for the embedded model, 1024 for SDXL). Must be divisible by the VAE factor.")
+                   f"{EMBEDDED_RESOLUTION} for the embedded model, 1024 for SDXL). Must be divisible by the VAE factor; a "
+                   "size far from the native one gets a warning (the model was not trained there, and every step and "
+                   "validation image costs resolution² more).")
     g.add_argument("--center_crop", action="store_true", help="Center-crop instead of random-crop after resizing.")
     g.add_argument("--random_flip", action="store_true",
                    help="Flip each image horizontally with probability 0.5, drawn anew every epoch (like the random crop).")
@@ -183,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(g, "--recipe", "--train_batch_size", "--gradient_accumulation_steps", "--max_train_steps",
               "--num_train_epochs", "--learning_rate", "--lr_scheduler", "--lr_warmup_steps",
               "--adam_beta1", "--adam_beta2", "--adam_weight_decay", "--adam_epsilon",
-              "--max_grad_norm", "--mixed_precision", "--gradient_checkpointing", "--seed",
+              "--max_grad_norm", "--mixed_precision", "--gradient_checkpointing", "--threads", "--seed",
               recipe={"choices": RECIPES, "help": 'Paper setting from mm_subspace.recipes: moslora_sdxl (alias moslora_paper) = MoSLoRA §4.3 / the official script: rank 4, orthogonal mixer, lr 1e-4 constant, batch 1 x accumulation 4, 500 steps, 50 validation inference steps, no prior preservation, no text-encoder training; lora_sdxl = the same with LoRA. Flags given explicitly win.'},
               max_train_steps={"help": f'Optimizer steps; wins over --num_train_epochs. Default: from --num_train_epochs when given, else {EMBEDDED_MAX_STEPS} on the embedded model, {REAL_MAX_STEPS} otherwise.'},
               num_train_epochs={"help": 'Passes over the data (instance images × --repeats; with prior preservation, at least the class images), converted to steps as diffusers does; the arithmetic is logged.'},
@@ -291,7 +297,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     check_positive(args, ["rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate",
                      "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "resolution", "snr_gamma",
                      "num_class_images", "sample_batch_size", "validation_inference_steps", "class_inference_steps",
-                     "text_encoder_lr", "repeats", "num_train_epochs", "validation_epochs"])
+                     "text_encoder_lr", "repeats", "num_train_epochs", "validation_epochs", "threads"])
     check_positive(args, ["num_validation_images", "prior_loss_weight", "lr_warmup_steps", "max_grad_norm", "noise_offset",
                      "dataloader_num_workers"], allow_zero=True)
     if args.train_text_encoder_ti:
@@ -318,9 +324,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.alpha is None:
         args.alpha = float(args.rank)
 
-    if args.default_subject is None:
+    own_data = args.instance_data_dir is not None or args.dataset_name is not None
+    if args.default_subject is not None and own_data:
+        raise ConfigError("--default_subject picks the embedded subject written when no data is given; it does not apply "
+                          "with --instance_data_dir or --dataset_name: drop it")
+    if args.default_subject is None and not own_data:
         args.default_subject = "digit" if args.pretrained_model_name_or_path is None else "cat"
-    digit_default = args.default_subject == "digit" and args.instance_data_dir is None and args.dataset_name is None
+    digit_default = args.default_subject == "digit" and not own_data
     if args.with_prior_preservation is None:  # on for the digit subject (before the class-prompt check)
         args.with_prior_preservation = digit_default
     if args.with_prior_preservation and args.class_prompt is None and digit_default:
@@ -359,6 +369,21 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.validation_prompt is None:
         args.validation_prompt = args.instance_prompt
     return args
+
+
+def resolution_warning(resolution: int, native: int, model: str) -> str | None:
+    """A warning when ``--resolution`` is more than :data:`RESOLUTION_WARN_FACTOR` times above or below the model's
+    native size (``None`` when it is close): a size the model never saw trains a different task, and each step and
+    validation image costs (resolution / native)² as much (diffusers' ``--resolution=1024`` on the 32 px embedded
+    model: 1,024x the pixels)."""
+    if native / RESOLUTION_WARN_FACTOR <= resolution <= native * RESOLUTION_WARN_FACTOR:
+        return None
+    ratio = (resolution / native) ** 2
+    cost = f"{ratio:,.0f}" if ratio >= 1 else f"{ratio:.2g}"
+    return (f"--resolution {resolution} is far from the native size {native} px of {model} (UNet sample_size × VAE "
+            f"factor): the model was trained at {native} px, and every training step and validation image costs about "
+            f"{cost}x the pixels of one at {native} px. Use --resolution {native} (or leave it out) unless you "
+            "mean to fine-tune to another size")
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -431,6 +456,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     output_dir = Path(args.output_dir)
+    resuming = CheckpointManager(output_dir, args.adapter).resolve(args.resume_from_checkpoint)
+    args.mixed_precision = resume_mixed_precision(resuming, args.mixed_precision)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -444,6 +471,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.local_rank not in (-1, accelerator.local_process_index):  # torch.distributed.launch's flag: must agree
         raise ConfigError(f"--local_rank {args.local_rank} but accelerate runs this process as local rank "
                           f"{accelerator.local_process_index}; drop --local_rank (accelerate launch sets the rank)")
+    if accelerator.device.type == "cpu":
+        args.threads = cpu_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        torch.set_num_threads(args.threads)
+        logger.info("CPU: %d torch thread(s) per process (--threads)", args.threads)
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -458,7 +489,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     unet_cfg = UNet2DConditionModel.load_config(model_path, subfolder="unet", revision=args.revision)
     vae_cfg = AutoencoderKL.load_config(vae_path, subfolder=vae_sub, revision=args.revision)
     vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    resolution = args.resolution or int(unet_cfg["sample_size"]) * vae_factor
+    native = int(unet_cfg["sample_size"]) * vae_factor
+    resolution = args.resolution or native
+    warning = resolution_warning(resolution, native, "the embedded model" if args.embedded_model else model_path)
+    if warning:
+        logger.warning("%s", warning)
+    args.resolution = resolution  # training_args.json and the card record the size used
     if resolution % vae_factor:
         raise ValueError(
             f"--resolution {resolution} is not divisible by the VAE factor {vae_factor} of {vae_path}: use "

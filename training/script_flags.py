@@ -9,6 +9,7 @@ Names follow diffusers' DreamBooth script (``--train_batch_size``, ``--checkpoin
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 #: flag -> ``add_argument`` keyword arguments
@@ -47,6 +48,10 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
                           "help": "Mixed precision; frozen weights are cast to it, adapters stay fp32. Default: "
                           "accelerate config."},
     "--gradient_checkpointing": {"action": "store_true", "help": "Trade compute for memory."},
+    "--threads": {"type": int, "default": None,
+                  "help": "torch intra-op threads per process on CPU. Default: $OMP_NUM_THREADS when set, else half the "
+                  "cores this process may use, split among the processes of the machine (1 on a 2-core machine, where "
+                  "more threads contend with each other and with other jobs). Ignored on a GPU."},
     "--seed": {"type": int, "default": 0, "help": "Seed of every random draw (adapter init, data order, dropout, noise)."},
     # checkpoints
     "--output_dir": {"type": str, "default": None,
@@ -77,6 +82,21 @@ def add_flags(group: argparse._ActionsContainer, *names: str, **overrides: dict[
         raise KeyError(f"overrides for flags not added: {sorted(unknown)}")
     for name in names:
         group.add_argument(name, **{**SHARED_FLAGS[name], **overrides.get(name.lstrip("-"), {})})
+
+
+def cpu_threads(requested: int | None, local_processes: int = 1) -> int:
+    """Intra-op threads for a CPU run: ``requested`` (``--threads``), else ``$OMP_NUM_THREADS`` when set, else half
+    the cores this process may use, split among ``local_processes`` (at least 1).
+
+    A shared 2-core machine runs the tiny models about 4x faster on one thread than on two (measured:
+    100 DreamBooth steps in 116 s on 2 threads, 250 steps in 29 s on 1).
+    """
+    if requested:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // (2 * max(1, local_processes)))
 
 
 def str_to_bool(value: str) -> bool:

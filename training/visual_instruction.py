@@ -73,6 +73,7 @@ from mm_subspace.training_utils import (
     method_flag_values,
     nonfinite_parameters,
     param_groups,
+    resume_mixed_precision,
     sample_indices,
     save_loss_curve,
     step_seed,
@@ -463,6 +464,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     output_dir = Path(args.output_dir)
+    resuming = CheckpointManager(output_dir, args.adapter).resolve(args.resume_from_checkpoint)
+    args.mixed_precision = resume_mixed_precision(resuming, args.mixed_precision)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
