@@ -513,8 +513,26 @@ class LossHistory:
         self.rows = list(state["rows"])
 
 
+def ema(values: Sequence[float], smoothing: float) -> list[float]:
+    """Bias-corrected exponential moving average (as TensorBoard's smoothing): ``m_t = s·m_{t-1} + (1-s)·x_t``,
+    reported as ``m_t / (1 - s^t)`` so the start is not pulled toward 0; ``smoothing`` in [0, 1)."""
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    out, m = [], 0.0
+    for t, x in enumerate(values, start=1):
+        m = smoothing * m + (1 - smoothing) * x
+        out.append(m / (1 - smoothing**t))
+    return out
+
+
+def curve_smoothing(n: int) -> float:
+    """EMA smoothing for a curve of ``n`` points: an effective window of about n/10 points, from 1 (none) to 50."""
+    return 1 - 1 / max(1.0, min(50.0, n / 10))
+
+
 def save_loss_curve(history: LossHistory, path: str | os.PathLike, title: str = "training loss") -> Path:
-    """Plot every recorded series except ``step``/``lr`` against the step; PNG written atomically."""
+    """Plot every recorded series except ``step``/``lr`` against the step: the raw values faint, their EMA
+    (:func:`ema`, :func:`curve_smoothing`) on top, so the trend reads even at batch 1; PNG written atomically."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -526,7 +544,14 @@ def save_loss_curve(history: LossHistory, path: str | os.PathLike, title: str = 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for key in keys:
         rows = [r for r in history.rows if key in r]
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key, marker="." if len(rows) < 50 else None)
+        steps, values = [r["step"] for r in rows], [r[key] for r in rows]
+        smoothing = curve_smoothing(len(rows))
+        if smoothing == 0:
+            ax.plot(steps, values, label=key, marker=".")
+            continue
+        raw = ax.plot(steps, values, alpha=0.3, linewidth=0.8, label=f"{key} (raw)")[0]
+        ax.plot(steps, ema(values, smoothing), color=raw.get_color(), linewidth=2,
+                label=f"{key} (EMA, smoothing {smoothing:.2f})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -542,12 +567,23 @@ def save_loss_curve(history: LossHistory, path: str | os.PathLike, title: str = 
     return path
 
 
-def image_grid(images: Sequence[PIL.Image.Image], cols: int | None = None) -> PIL.Image.Image:
-    """Tile ``images`` (same size) into a grid, ``cols`` wide (default: ~square)."""
+#: grids show each image at least this many pixels on its short side (smaller ones upscaled, nearest neighbour)
+GRID_MIN_SIZE = 256
+
+
+def image_grid(images: Sequence[PIL.Image.Image], cols: int | None = None, min_size: int = 0) -> PIL.Image.Image:
+    """Tile ``images`` (same size) into a grid, ``cols`` wide (default: ~square).
+
+    ``min_size``: images whose short side is smaller are upscaled by the smallest whole factor that reaches it,
+    nearest neighbour (each pixel a sharp block: a 32 px sample becomes 256 px, not a blur or a speck).
+    """
     from PIL import Image
 
     if not images:
         raise ValueError("image_grid needs at least one image")
+    factor = math.ceil(min_size / min(images[0].size)) if min_size > min(images[0].size) else 1
+    if factor > 1:
+        images = [im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST) for im in images]
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size
@@ -557,13 +593,14 @@ def image_grid(images: Sequence[PIL.Image.Image], cols: int | None = None) -> PI
     return grid
 
 
-def save_image_grid(images: Sequence[PIL.Image.Image], path: str | os.PathLike, cols: int | None = None) -> Path:
-    """:func:`image_grid` saved as PNG atomically."""
+def save_image_grid(images: Sequence[PIL.Image.Image], path: str | os.PathLike, cols: int | None = None,
+                    min_size: int = GRID_MIN_SIZE) -> Path:
+    """:func:`image_grid` saved as PNG atomically (small images upscaled to ``min_size``, nearest)."""
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_paths(path) as (tmp,):
-        image_grid(images, cols).save(tmp, format="PNG")
+        image_grid(images, cols, min_size).save(tmp, format="PNG")
     return path
 
 
