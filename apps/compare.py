@@ -6,11 +6,16 @@
 
 UI only: every computation is in ``pipelines/`` (``SDXLAdapters.generate_batch`` renders all selected
 adapters in one denoising loop; ``LlavaAdapters.answer_batch`` answers with all of them in one batched
-``generate``). When the adapters folder holds no SDXL adapter, two small ones (lora, moslora) are
-trained for a few steps first (``training/dreambooth_sdxl.py``); when it holds no LLaVA
-adapter, two tiny ones are made with ``mm_subspace.training.demo_adapters.train_visual_instruction`` on digits scans
-(the LLaVA tab uses the shipped pretrained tiny LLaVA, ``tiny-llava-digits``).
+``generate``). When the adapters folder holds no SDXL (or LLaVA) adapter and the base is the embedded one,
+the demo adapters shipped with the package are served at once (``mm_subspace/weights/demo-adapters``:
+lora and moslora from the headline DreamBooth run on the held-out digit 9, and two tiny LLaVA ones; made by
+``training/make_demo_adapters.py``, checked against their manifest). For another base model, two small
+adapters are trained first with ``training/dreambooth_sdxl.py`` (``--demo_steps`` steps).
 Adapters made for another base model are listed with the reason instead of loaded.
+
+API (``gradio_client``): ``/generate`` takes ``prompt, negative_prompt, seed, num_inference_steps,
+guidance_scale, width, height, adapters, scales, batched`` and returns ``images, details, status``;
+``/answer`` takes ``image, question, max_new_tokens, adapters, scales, batched``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from mm_subspace.pipelines import (
     find_adapters,
 )
 from mm_subspace.training import dreambooth_sdxl
-from mm_subspace.training.demo_adapters import make_demo_llava_adapter
+from mm_subspace.training.demo_adapters import DEMO_METHODS, demo_adapters_path, make_demo_llava_adapter
 
 logger = logging.getLogger("compare")
 
@@ -40,7 +45,6 @@ DEFAULT_ADAPTERS_DIR = "runs"
 DEFAULT_PROMPT = "a handwritten digit sks"  # the embedded digits SDXL + the DreamBooth default subject (a 9)
 REAL_MODEL_PROMPT = "a photo of sks cat"  # with --pretrained_model_name_or_path
 DEFAULT_QUESTION = "is the digit even? answer yes or no."
-DEMO_METHODS = ("lora", "moslora")
 DETAIL_HEADERS = ["adapter", "method", "rank", "params", "seconds", "run"]
 ANSWER_HEADERS = ["adapter", "answer", "method", "rank", "params", "seconds", "run"]
 
@@ -57,8 +61,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--server_port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
     parser.add_argument("--demo_steps", type=int, default=None,
-                        help="training steps of each demo adapter made when the adapters folder is empty "
-                        "(default: training/dreambooth_sdxl.py's own default, the headline run)")
+                        help="with a base model of your own and no adapter for it: training steps of each demo adapter "
+                        "made first (default: training/dreambooth_sdxl.py's own default). The embedded models serve the "
+                        "shipped demo adapters instead, at once")
     parser.add_argument("--no_llava", action="store_true", help="only the SDXL tab")
     args = parser.parse_args(input_args)
     if args.demo_steps is not None and args.demo_steps < 1:
@@ -98,11 +103,21 @@ def load_all(args: argparse.Namespace) -> tuple[SDXLAdapters, LlavaAdapters | No
     llava = None if args.no_llava else LlavaAdapters.from_pretrained(args.llava_model_name_or_path)
     out_dir = Path(args.adapters[0])
     found = find_adapters(args.adapters)
+    demos = []  # the shipped demo adapters of the embedded models: served at once, nothing trained first
     if not any(i.family == "sdxl" for i in found):
-        make_default_sdxl_adapters(out_dir, args.demo_steps, args.pretrained_model_name_or_path)
+        if args.pretrained_model_name_or_path is None:
+            demos += [i for i in find_adapters([demo_adapters_path()]) if i.family == "sdxl"]
+        else:
+            make_default_sdxl_adapters(out_dir, args.demo_steps, args.pretrained_model_name_or_path)
     if llava is not None and not any(i.family == "llava" for i in found):
-        make_default_llava_adapters(llava, out_dir, args.demo_steps or 5)
-    found = find_adapters(args.adapters)
+        if args.llava_model_name_or_path is None:
+            demos += [i for i in find_adapters([demo_adapters_path()]) if i.family == "llava"]
+        else:
+            make_default_llava_adapters(llava, out_dir, args.demo_steps or 5)
+    if demos:
+        print(f"no adapter for the embedded model(s) in {', '.join(args.adapters)}: serving the shipped demo adapters "
+              f"({demo_adapters_path()}); train your own with `mm-subspace dreambooth` into {out_dir}/")
+    found = find_adapters(args.adapters) + demos
     infos = sd.load_adapters(found)
     if llava is not None:
         infos += llava.load_adapters(found)
@@ -215,17 +230,20 @@ def build_ui(sd: SDXLAdapters, llava: LlavaAdapters | None, infos: list[AdapterI
                                           datatype=["str", "number"], type="array", interactive=True,
                                           label="Per-adapter scale", static_columns=[0])
                     button = gr.Button("Generate", variant="primary", elem_id="generate")
-            status = gr.Markdown(elem_id="sdxl-status")
-            gallery = gr.Gallery(label="Images (label = adapter)", columns=max(2, min(len(names), 5)), height="auto",
+            status = gr.Markdown(label="status", elem_id="sdxl-status")
+            gallery = gr.Gallery(label="images", columns=max(2, min(len(names), 5)), height="auto",
                                  format="png", object_fit="contain", elem_id="gallery")
-            details = gr.Dataframe(headers=DETAIL_HEADERS, label="Time per adapter and method / rank / params", interactive=False)
+            details = gr.Dataframe(headers=DETAIL_HEADERS, label="details", interactive=False)
 
-            def on_generate(p, n, s, st, g, w, h, sel, sc, b, progress=gr.Progress()):
-                return run_generate(sd, p, n, s, st, g, w, h, sel, sc, b, progress)
+            def generate(prompt, negative_prompt, seed, num_inference_steps, guidance_scale, width, height, adapters,
+                         scales, batched, progress=gr.Progress()):
+                """One image per adapter (caption = adapter name), a row of details per image, and a status line."""
+                return run_generate(sd, prompt, negative_prompt, seed, num_inference_steps, guidance_scale, width,
+                                    height, adapters, scales, batched, progress)
 
             inputs = [prompt, negative, seed, steps, guidance, width, height, adapters, scales, batched]
-            button.click(on_generate, inputs, [gallery, details, status], api_name="generate")
-            prompt.submit(on_generate, inputs, [gallery, details, status], api_name=False)
+            button.click(generate, inputs, [gallery, details, status], api_name="generate")
+            prompt.submit(generate, inputs, [gallery, details, status], api_name=False)
         if llava is not None:
             from mm_subspace.data.llava import digit_image, digits_split
 
@@ -242,13 +260,14 @@ def build_ui(sd: SDXLAdapters, llava: LlavaAdapters | None, infos: list[AdapterI
                                                datatype=["str", "number"], type="array", interactive=True,
                                                label="Per-adapter scale", static_columns=[0])
                         ask = gr.Button("Ask", variant="primary", elem_id="ask")
-                lstatus = gr.Markdown()
-                answers = gr.Dataframe(headers=ANSWER_HEADERS, label="Answers", interactive=False, wrap=True)
+                lstatus = gr.Markdown(label="status")
+                answers = gr.Dataframe(headers=ANSWER_HEADERS, label="answers", interactive=False, wrap=True)
 
-                def on_ask(img, q, m, sel, sc, b):
-                    return run_answer(llava, img, q, m, sel, sc, b)
+                def answer(image, question, max_new_tokens, adapters, scales, batched):
+                    """One answer per adapter (a table row each) and a status line."""
+                    return run_answer(llava, image, question, max_new_tokens, adapters, scales, batched)
 
-                ask.click(on_ask, [image, question, max_tokens, ladapters, lscales, lbatched], [answers, lstatus], api_name="answer")
+                ask.click(answer, [image, question, max_tokens, ladapters, lscales, lbatched], [answers, lstatus], api_name="answer")
         with gr.Accordion("Adapters found (incompatible ones with the reason)", open=False):
             gr.Dataframe(table, headers=TABLE_HEADERS, interactive=False, wrap=True)
     return demo

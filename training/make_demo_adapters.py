@@ -50,6 +50,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(input_args)
 
 
+def record_shipped_base(folder: Path, name: str) -> None:
+    """Record the shipped model's name as the adapter's base, not this machine's absolute path to it."""
+    config = folder / "adapter_config.json"
+    meta = json.loads(config.read_text(encoding="utf-8"))
+    meta["base_model"]["name_or_path"] = name
+    config.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
@@ -78,6 +86,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     llava = LlavaAdapters.from_pretrained()
     for method in DEMO_METHODS:
         info = make_demo_llava_adapter(llava, out / f"llava-{method}", method, rank=LLAVA_DEMO_RANK, steps=LLAVA_DEMO_STEPS)
+        record_shipped_base(out / f"llava-{method}", "mm_subspace.tiny_llava")
         metrics[f"llava-{method}"] = {"steps": LLAVA_DEMO_STEPS, "params": info.params}
     command = "python training/make_demo_adapters.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     shipped.write_manifest(
