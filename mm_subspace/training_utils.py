@@ -481,7 +481,8 @@ def resume_mixed_precision(path: Path | None, requested: str | None) -> str | No
     if recorded is None or requested == recorded:
         return requested
     if requested is None:
-        logger.info("resuming %s: --mixed_precision %s restored from the checkpoint", path, recorded)
+        logger.warning("resuming %s: --mixed_precision %s restored from the checkpoint (pass --mixed_precision to "
+                       "choose another)", path, recorded)
         return recorded
     logger.warning("resuming %s, trained with --mixed_precision %s, with --mixed_precision %s: the rest of the run "
                    "trains in another precision; pass --mixed_precision %s to continue as it was", path, recorded,
@@ -572,7 +573,7 @@ GRID_MIN_SIZE = 256
 
 
 def image_grid(images: Sequence[PIL.Image.Image], cols: int | None = None, min_size: int = 0) -> PIL.Image.Image:
-    """Tile ``images`` (same size) into a grid, ``cols`` wide (default: ~square).
+    """Tile ``images`` into a grid, ``cols`` wide (default: ~square); cells are the largest image's size.
 
     ``min_size``: images whose short side is smaller are upscaled by the smallest whole factor that reaches it,
     nearest neighbour (each pixel a sharp block: a 32 px sample becomes 256 px, not a blur or a speck).
@@ -581,12 +582,13 @@ def image_grid(images: Sequence[PIL.Image.Image], cols: int | None = None, min_s
 
     if not images:
         raise ValueError("image_grid needs at least one image")
-    factor = math.ceil(min_size / min(images[0].size)) if min_size > min(images[0].size) else 1
+    smallest = min(min(im.size) for im in images)
+    factor = math.ceil(min_size / smallest) if min_size > smallest else 1
     if factor > 1:
         images = [im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST) for im in images]
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
+    w, h = max(im.width for im in images), max(im.height for im in images)  # images of other sizes: top-left of a cell
     grid = Image.new("RGB", (cols * w, rows * h), "white")
     for i, image in enumerate(images):
         grid.paste(image.convert("RGB"), ((i % cols) * w, (i // cols) * h))

@@ -558,3 +558,76 @@ def test_contradictory_or_disagreeing_compat_flags_are_refused(tmp_path: Path) -
 def test_xformers_flag_without_xformers_is_refused_before_loading(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs xformers .*drop the flag"):
         db.main(db.parse_args([*FAST, "--enable_xformers_memory_efficient_attention", "--output_dir", str(tmp_path)]))
+
+
+# -- runs that explain themselves --------------------------------------------------------------------
+def test_prompts_file_grid_upscaled_and_resolved_training_args(tmp_path, instance_dir):
+    """--validation_prompts_file: one image per line with its own seed/steps; 32 px images shown at 256 px; the
+    training_args.json of a run on the user's own folder records the size used and no embedded subject."""
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two lines, one image each\na photo of sks cat --d 5 --s 2\na photo of a dog --n cat --l 3\n")
+    out = tmp_path / "run"
+    args = db.parse_args(["--report_to", "none", "--rank", "2", "--validation_inference_steps", "2", "--output_dir",
+                          str(out), "--max_train_steps", "1", "--instance_data_dir", str(instance_dir),
+                          "--validation_prompts_file", str(prompts), "--threads", "1"])
+    db.main(args)
+    grid = Image.open(out / "validation" / "step-000001.png")
+    assert grid.size == (2 * 256, 256)  # 2 lines -> 2 images, each 32 px upscaled x8 (nearest)
+    recorded = json.loads((out / "training_args.json").read_text())
+    assert recorded["resolution"] == 32 and recorded["default_subject"] is None and recorded["threads"] == 1
+    assert recorded["validation_prompts_file"] == str(prompts.name if os.path.isabs(str(prompts)) else prompts)
+    with pytest.raises(ValueError, match=r"prompts.txt, line 1: unknown option --q"):
+        prompts.write_text("a cat --q 1\n")
+        db.parse_args(["--validation_prompts_file", str(prompts)])
+    with pytest.raises(ConfigError, match="--default_subject .* does not apply with --instance_data_dir"):
+        db.parse_args(["--default_subject", "cat", "--instance_data_dir", str(instance_dir)])
+
+
+def test_resolution_far_from_native_warns_with_the_native_size_and_help_states_it():
+    warning = db.resolution_warning(1024, 32, "the embedded model")
+    assert "--resolution 1024 is far from the native size 32 px" in warning and "1,024x the pixels" in warning
+    assert "Use --resolution 32" in warning
+    assert db.resolution_warning(32, 32, "m") is None and db.resolution_warning(64, 32, "m") is None
+    assert "0.062x" in db.resolution_warning(8, 32, "m")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    path = tiny_models.tiny_sdxl_path()
+    native = UNet2DConditionModel.load_config(path, subfolder="unet")["sample_size"] * 2 ** (
+        len(AutoencoderKL.load_config(path, subfolder="vae")["block_out_channels"]) - 1)
+    assert native == db.EMBEDDED_RESOLUTION == 32
+    assert f"{native} for the embedded model" in " ".join(db.build_parser().format_help().split())
+
+
+def test_threads_default_follows_omp_or_half_the_cores(monkeypatch):
+    from mm_subspace.training.script_flags import cpu_threads
+
+    assert cpu_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads(None) == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert cpu_threads(None) == 4 and cpu_threads(None, local_processes=2) == 2 and cpu_threads(None, 16) == 1
+
+
+def test_resume_restores_the_checkpoints_mixed_precision(tmp_path, instance_dir):
+    """An fp16 run resumed without --mixed_precision goes on in fp16 (said in the log); another precision warns.
+    Subprocesses: accelerate allows one precision per process."""
+    out = tmp_path / "fp16"
+    base = [sys.executable, str(SCRIPT), *FAST, "--output_dir", str(out), "--instance_data_dir", str(instance_dir),
+            "--num_validation_images", "0", "--checkpointing_steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(*extra: str) -> str:
+        proc = subprocess.run([*base, *extra], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    launch("--max_train_steps", "1", "--mixed_precision", "fp16")
+    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["mixed_precision"] == "fp16"
+    log = launch("--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    assert "--mixed_precision fp16 restored from the checkpoint" in log
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["mixed_precision"] == "fp16"
+    log = launch("--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--mixed_precision", "no")
+    assert "trained with --mixed_precision fp16, with --mixed_precision no" in log

@@ -60,6 +60,7 @@ from mm_subspace.training.dreambooth_data import DIGIT_SUBJECT_IMAGES, MicroBatc
 from mm_subspace.training.dreambooth_report import (digit_quality, log_images, model_card, public_flags, push_to_hub,
                                                     stack_grids)
 from mm_subspace.training.script_flags import add_flags, cpu_threads, str_to_bool
+from mm_subspace.training.validation_prompts import ValidationPrompt, read_validation_prompts
 from mm_subspace.training.sdxl_diffusion import (diffusion_loss, draw_noise, edm_denoised, edm_inputs, encode_prompt,
                                                  generate_class_images, tokenize)
 from mm_subspace.training_utils import (
@@ -241,7 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_prompt", type=str, default=None,
                    help="Prompt of the validation images. Default: --instance_prompt (diffusers skips validation when it is "
                    "unset; here a final validation grid is always written unless --num_validation_images 0).")
-    g.add_argument("--num_validation_images", type=int, default=4, help="Images per validation grid (0 disables validation).")
+    g.add_argument("--validation_prompts_file", type=str, default=None,
+                   help="Validate on the prompts of this file instead of --validation_prompt: one per line, one image each, "
+                   "with kohya's sample-prompt options (--n negative prompt, --d seed, --s steps, --l guidance, --w/--h "
+                   "size; e.g. 'a photo of sks dog on a beach --n blurry --d 3 --s 30'); # comments and blank lines skipped.")
+    g.add_argument("--num_validation_images", type=int, default=4,
+                   help="Images per validation grid (0 disables validation). With --validation_prompts_file: one per line.")
     g.add_argument("--validation_steps", type=int, default=None,
                    help="Validate every N steps (a grid validation/step-<N>.png each time). A final validation always runs.")
     g.add_argument("--validation_epochs", type=int, default=None,
@@ -368,6 +374,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         args.class_data_dir = os.path.join(args.output_dir, "class_images")
     if args.validation_prompt is None:
         args.validation_prompt = args.instance_prompt
+    if args.validation_prompts_file is not None:
+        read_validation_prompts(args.validation_prompts_file)  # every line checked before anything runs
     return args
 
 
@@ -697,21 +705,36 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             m.eval()
         return pipe, models
 
+    prompt_lines = read_validation_prompts(args.validation_prompts_file) if args.validation_prompts_file else None
+
     def log_validation(step: int) -> Path | None:
         if args.num_validation_images == 0:
             return None
         pipe, models = current_pipeline()
-        gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
         autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
         with autocast:
-            images = pipe(args.validation_prompt, num_images_per_prompt=args.num_validation_images, generator=gens,
-                          height=resolution, width=resolution, num_inference_steps=args.validation_inference_steps).images
+            if prompt_lines is None:
+                gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
+                images = pipe(args.validation_prompt, num_images_per_prompt=args.num_validation_images, generator=gens,
+                              height=resolution, width=resolution, num_inference_steps=args.validation_inference_steps).images
+            else:
+                images = [validation_image(pipe, line, i) for i, line in enumerate(prompt_lines)]
         for name, m in models.items():
             m.train(name in parts)
-        path = save_image_grid(images, output_dir / "validation" / f"step-{step:06d}.png", cols=len(images))
-        log_images(accelerator, images, step, args.validation_prompt)
+        cols = len(images) if prompt_lines is None else min(len(images), 4)
+        path = save_image_grid(images, output_dir / "validation" / f"step-{step:06d}.png", cols=cols)
+        log_images(accelerator, images, step, args.validation_prompt if prompt_lines is None else
+                   " | ".join(line.prompt for line in prompt_lines))
         logger.info("validation grid %s", path)
         return path
+
+    def validation_image(pipe: Any, line: ValidationPrompt, index: int) -> Any:
+        """One image of a --validation_prompts_file line; what the line leaves out takes the script's values."""
+        extra = {} if line.guidance_scale is None else {"guidance_scale": line.guidance_scale}
+        seed = args.seed + index if line.seed is None else line.seed
+        return pipe(line.prompt, negative_prompt=line.negative_prompt, generator=torch.Generator().manual_seed(seed),
+                    height=line.height or resolution, width=line.width or resolution,
+                    num_inference_steps=line.num_inference_steps or args.validation_inference_steps, **extra).images[0]
 
     # -- 9. train (a step-0 grid first: the base, as every method starts at ΔW = 0) ----------------------
     first_grid = None
