@@ -219,6 +219,8 @@ def test_prior_preservation_generates_class_images(tmp_path: Path, instance_dir:
     images = sorted((out / "class_images").glob("*.png"))
     assert len(images) == 2 and np.isfinite(result["final_loss"])
     assert len(result["prompts"]) == 4 and result["prompts"][-1] == "a photo of a cat"  # 3 captions + the class prompt
+    card = (out / "README.md").read_text()  # the card says the images were trained on their own captions
+    assert "| captions | 3 of 3 images trained on their own caption" in card and "their own captions" in card
     assert json.loads((out / "unet" / "adapter_config.json").read_text())["base_model"]["name_or_path"] == str(model)
     from PIL import Image
 
@@ -539,7 +541,7 @@ def test_default_digit_subject_learns_the_nine(tmp_path: Path) -> None:
     from PIL import Image
 
     grid = out / "validation" / f"step-0-vs-{result['global_step']}.png"
-    assert grid.name in card and Image.open(grid).size == (64, 64)  # 2 images x (step 0 row, final row)
+    assert grid.name in card and Image.open(grid).size == (512, 512)  # 2 images x (step 0 row, final row), 32 px shown at 256
     cat = db.parse_args(["--default_subject", "cat"])  # the cat photos stay one flag away
     assert cat.instance_prompt == "a photo of sks cat" and not cat.with_prior_preservation
 

@@ -214,3 +214,27 @@ def test_visual_instruction_loop_fits_the_answers(llava):
     finally:
         mms.remove_adapter(llava.model, "fit")
         llava._apply()
+
+
+def test_llava_answer_of_only_special_tokens_is_empty_not_a_tokenizer_panic():
+    """A greedy answer that is eos at once decodes to "" (the fast tokenizer's Strip decoder panics on empty input)."""
+    import torch
+
+    from mm_subspace.data.llava import digit_image
+    from mm_subspace.pipelines import LlavaAdapters
+
+    llava = LlavaAdapters.from_pretrained()
+    eos = llava.tokenizer.eos_token_id
+    real_generate = llava.model.generate
+
+    def eos_at_once(**inputs):
+        out = real_generate(**inputs)
+        prompt = inputs["input_ids"].shape[1]
+        out[:, prompt:] = eos
+        return out
+
+    llava.model.generate = eos_at_once
+    assert llava.answer(digit_image(3), "is the digit even? answer yes or no.", max_new_tokens=3).text == ""
+    llava.model.generate = real_generate
+    assert llava.answer(digit_image(3), "is the digit even? answer yes or no.", max_new_tokens=3).text
+    assert torch.is_tensor(llava.inputs("q", None)["input_ids"])

@@ -340,3 +340,23 @@ def test_shipped_tiny_llava_is_pretrained_and_verified() -> None:
         encoder = data.ConversationEncoder(processor)
         accuracy[pretrained] = vi.evaluate(model, encoder, caption, 32, 6, vi.PixelCache(processor.image_processor))
     assert accuracy[True]["mean_accuracy"] >= 0.8 and accuracy[False]["mean_accuracy"] == 0.0
+
+
+def test_model_card_snippet_runs_as_written_from_the_folder_above_the_run(tmp_path):
+    """The card's "Use it" code: relative paths only, the image and question defined; it runs as written."""
+    import shutil
+    from argparse import Namespace
+
+    from mm_subspace.training.demo_adapters import demo_adapters_path
+
+    out = tmp_path / "llava-run"
+    shutil.copytree(demo_adapters_path() / "llava-lora", out)
+    args = Namespace(model_name_or_path=None, data_path=None, adapter="lora")
+    code = vi.usage_snippet(args, out).removeprefix("```python\n").removesuffix("```")
+    assert str(tmp_path) not in code and "image = " in code and "question = " in code
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stdout.endswith("\n"), proc.stderr[-2000:]  # printed an answer
+    own = vi.usage_snippet(Namespace(model_name_or_path=str(tmp_path / "my-llava"), data_path="data.json", adapter="lora"), out)
+    assert str(tmp_path) not in own and 'from_pretrained("my-llava")' in own and 'Image.open("photo.jpg")' in own
+    assert "is the digit even" not in own  # the user's own kind of question, not the digits task's

@@ -836,7 +836,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         curve = save_loss_curve(history, output_dir / "loss_curve.png", f"DreamBooth SDXL, {args.adapter}")
         atomic_write_text(output_dir / "training_args.json", json.dumps(public_flags(args), indent=2, default=str) + "\n")
         model_card(args, output_dir, history, global_step, total_batch, world, export_note, last_grid, curve, final,
-                    quality)
+                    quality, captions=(sum(r.caption is not None for r in instance), len(instance)))
         logger.info("saved %s adapter to %s", args.adapter, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
