@@ -633,3 +633,14 @@ def test_resume_restores_the_checkpoints_mixed_precision(tmp_path, instance_dir)
     assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["mixed_precision"] == "fp16"
     log = launch("--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--mixed_precision", "no")
     assert "trained with --mixed_precision fp16, with --mixed_precision no" in log
+
+
+def test_docs_flag_tables_are_the_help_text():
+    """docs/dreambooth.md's flag tables are generated from the parser: every flag, its real default and help."""
+    from mm_subspace.training.script_flags import flags_markdown
+
+    docs = (ROOT / "docs" / "dreambooth.md").read_text()
+    assert flags_markdown(db.build_parser()) in docs
+    assert "| `--resolution` | — | Training image size (square). Default: the model's native size (UNet sample_size × VAE " \
+           f"factor: {db.EMBEDDED_RESOLUTION} for the embedded model" in docs
+    assert f"{db.EMBEDDED_MAX_STEPS} steps on the embedded model" in docs and "20 steps (embedded)" not in docs

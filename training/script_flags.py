@@ -107,3 +107,28 @@ def str_to_bool(value: str) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def flags_markdown(parser: argparse.ArgumentParser) -> str:
+    """The flag tables of a script's docs (one per argument group: flag, default, meaning + choices), from its parser;
+    docs/dreambooth.md holds exactly this for the DreamBooth script (tested), so --help and the docs agree."""
+    out = []
+    for group in parser._action_groups:
+        actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
+        if not actions or group.title in ("options", "optional arguments", "positional arguments"):
+            continue
+        out += [f"**{group.title}**", "", "| flag | default | meaning |", "|---|---|---|"]
+        for a in actions:
+            names = " / ".join(f"`{o}`" for o in a.option_strings if o.startswith("--"))
+            if isinstance(a, argparse._StoreTrueAction):
+                default = "off"
+            elif a.default is None:
+                default = "—"
+            else:
+                default = f"`{a.default}`"
+            text = a.help or ""
+            if a.choices:
+                text += f" Choices: {', '.join(map(str, a.choices))}."
+            out.append(f"| {names} | {default} | {text.replace('|', chr(92) + '|')} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
