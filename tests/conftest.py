@@ -81,3 +81,18 @@ def run_two_cpu_processes(script: Path, args: list[str], env: dict | None = None
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], digests
     assert "adapters identical on all 2 ranks" in log
     return log, digests["0"]
+
+
+def draw_triangles(folder: Path, n: int = 5, size: int = 64) -> Path:
+    """``n`` hollow triangles (black on white, ``size`` px, shifted and thinned a little each): a subject that is
+    no digit, as a user's own small images would be."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image = Image.new("RGB", (size, size), "white")
+        dx, dy, inset = (i % 3 - 1) * 2, (i // 3 - 1) * 2, 4 + i % 2
+        corners = [(size / 2 + dx, 10 + dy), (size - 10 + dx - inset, size - 12 + dy), (10 + dx + inset, size - 12 + dy)]
+        ImageDraw.Draw(image).polygon(corners, outline="black", width=size // 10)
+        image.save(folder / f"triangle_{i}.png")
+    return folder
