@@ -97,7 +97,7 @@ def test_writes_every_output(trained: Runs, method: str) -> None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
 
-    assert Image.open(out / "validation" / "step-000003.png").size == (64, 32)  # 2 images side by side
+    assert Image.open(out / "validation" / "step-000003.png").size == (512, 256)  # 2 images side by side, 32 px shown at 256
     card = (out / "README.md").read_text()
     assert f"**{method}**" in card and "final loss" in card and "validation/step-0-vs-3.png" in card  # step 0 above step 3
     assert Image.open(out / "validation" / "step-0-vs-3.png").size == (64, 64)
