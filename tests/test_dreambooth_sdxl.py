@@ -100,7 +100,7 @@ def test_writes_every_output(trained: Runs, method: str) -> None:
     assert Image.open(out / "validation" / "step-000003.png").size == (512, 256)  # 2 images side by side, 32 px shown at 256
     card = (out / "README.md").read_text()
     assert f"**{method}**" in card and "final loss" in card and "validation/step-0-vs-3.png" in card  # step 0 above step 3
-    assert Image.open(out / "validation" / "step-0-vs-3.png").size == (64, 64)
+    assert Image.open(out / "validation" / "step-0-vs-3.png").size == (512, 512)  # step 0 above step 3, each row 2 images at 256 px
     assert "--adapter" in card and "loss_curve.png" in card
     exportable = mms.get_method(method).mergeable
     assert (out / "pytorch_lora_weights.safetensors").is_file() == exportable == result["exported"]
