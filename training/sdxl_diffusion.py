@@ -38,6 +38,7 @@ def generate_class_images(args: argparse.Namespace, model_path: str, class_dir: 
                           accelerator: Any) -> None:
     """Fill ``class_dir`` up to ``--num_class_images`` with base-pipeline samples of ``--class_prompt`` (rank 0)."""
     from diffusers import StableDiffusionXLPipeline
+    from tqdm.auto import tqdm
 
     class_dir.mkdir(parents=True, exist_ok=True)
     have = len([p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES])
@@ -50,6 +51,7 @@ def generate_class_images(args: argparse.Namespace, model_path: str, class_dir: 
     pipe = StableDiffusionXLPipeline.from_pretrained(model_path, revision=args.revision, variant=args.variant, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
+    bar = tqdm(total=missing, desc="class images", unit="img")
     for start in range(have, args.num_class_images, args.sample_batch_size):
         idx = list(range(start, min(start + args.sample_batch_size, args.num_class_images)))
         gens = [torch.Generator().manual_seed(args.seed * 100_003 + i) for i in idx]
@@ -57,6 +59,8 @@ def generate_class_images(args: argparse.Namespace, model_path: str, class_dir: 
                       num_inference_steps=args.class_inference_steps).images
         for i, image in zip(idx, images):
             image.save(class_dir / f"class_{i:05d}.png")
+        bar.update(len(idx))
+    bar.close()
     del pipe
 
 
