@@ -6,11 +6,16 @@
 
 UI only: every computation is in ``pipelines/`` (``SDXLAdapters.generate_batch`` renders all selected
 adapters in one denoising loop; ``LlavaAdapters.answer_batch`` answers with all of them in one batched
-``generate``). When the adapters folder holds no SDXL adapter, two small ones (lora, moslora) are
-trained for a few steps first (``training/dreambooth_sdxl.py``); when it holds no LLaVA
-adapter, two tiny ones are made with ``mm_subspace.training.demo_adapters.train_visual_instruction`` on digits scans
-(the LLaVA tab uses the shipped pretrained tiny LLaVA, ``tiny-llava-digits``).
+``generate``). When the adapters folder holds no SDXL (or LLaVA) adapter and the base is the embedded one,
+the demo adapters shipped with the package are served at once (``mm_subspace/weights/demo-adapters``:
+lora and moslora from the headline DreamBooth run on the held-out digit 9, and two tiny LLaVA ones; made by
+``training/make_demo_adapters.py``, checked against their manifest). For another base model, two small
+adapters are trained first with ``training/dreambooth_sdxl.py`` (``--demo_steps`` steps).
 Adapters made for another base model are listed with the reason instead of loaded.
+
+API (``gradio_client``): ``/generate`` takes ``prompt, negative_prompt, seed, num_inference_steps,
+guidance_scale, width, height, adapters, scales, batched`` and returns ``images, details, status``;
+``/answer`` takes ``image, question, max_new_tokens, adapters, scales, batched``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +43,7 @@ from mm_subspace.pipelines import (
 )
 from mm_subspace.training.script_flags import finite_float
 from mm_subspace.training import dreambooth_sdxl
-from mm_subspace.training.demo_adapters import make_demo_llava_adapter
+from mm_subspace.training.demo_adapters import DEMO_METHODS, demo_adapters_path, make_demo_llava_adapter
 
 logger = logging.getLogger("compare")
 
@@ -43,7 +51,6 @@ DEFAULT_ADAPTERS_DIR = "runs"
 DEFAULT_PROMPT = "a handwritten digit sks"  # the embedded digits SDXL + the DreamBooth default subject (a 9)
 REAL_MODEL_PROMPT = "a photo of sks cat"  # with --pretrained_model_name_or_path
 DEFAULT_QUESTION = "is the digit even? answer yes or no."
-DEMO_METHODS = ("lora", "moslora")
 DETAIL_HEADERS = ["adapter", "method", "rank", "params", "seconds", "run"]
 ANSWER_HEADERS = ["adapter", "answer", "method", "rank", "params", "seconds", "run"]
 #: seconds one SDXL request may take (estimated from the measured speed of this device before it runs)
@@ -66,8 +73,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--server_port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
     parser.add_argument("--demo_steps", type=int, default=None,
-                        help="training steps of each demo adapter made when the adapters folder is empty "
-                        "(default: training/dreambooth_sdxl.py's own default, the headline run)")
+                        help="with a base model of your own and no adapter for it: training steps of each demo adapter "
+                        "made first (default: training/dreambooth_sdxl.py's own default). The embedded models serve the "
+                        "shipped demo adapters instead, at once")
     parser.add_argument("--no_llava", action="store_true", help="only the SDXL tab")
     parser.add_argument("--max_request_seconds", type=finite_float, default=DEFAULT_REQUEST_SECONDS,
                         help="budget of one SDXL request: refused when images x steps x pixels at this device's measured "
@@ -108,28 +116,68 @@ def make_default_llava_adapters(llava: LlavaAdapters, out_dir: Path, steps: int)
             make_demo_llava_adapter(llava, target, method, rank=4, steps=6 * steps, progress=lambda i, n: bar.update(1))
 
 
-def load_all(args: argparse.Namespace) -> tuple[SDXLAdapters, LlavaAdapters | None, list[AdapterInfo]]:
-    """Build the pipelines, find the adapters (making demo ones if there are none) and load them."""
-    if args.pretrained_model_name_or_path:  # a hub id that cannot be fetched: one error line, not a traceback
+def adapters_to_serve(args: argparse.Namespace) -> tuple[list[AdapterInfo], list[str]]:
+    """The adapters of ``--adapters``, plus the shipped demo adapters of each embedded model that has none there;
+    and the families (``"sdxl"``, ``"llava"``) with no adapter on a base model of the user's own (trained first).
+
+    Reads adapter files only (no model), so the page can list them before the models are in."""
+    found = find_adapters(args.adapters)
+    embedded = {"sdxl": args.pretrained_model_name_or_path is None, "llava": args.llava_model_name_or_path is None}
+    missing = [f for f in ("sdxl", *(() if args.no_llava else ("llava",))) if not any(i.family == f for i in found)]
+    demo_families = [f for f in missing if embedded[f]]
+    demos = [i for i in find_adapters([demo_adapters_path()]) if i.family in demo_families] if demo_families else []
+    return found + demos, [f for f in missing if not embedded[f]]
+
+
+def check_model_flags(args: argparse.Namespace) -> None:
+    """The model flags name a model folder or a fetchable hub id (else one :class:`HubError` naming what to do)."""
+    if args.pretrained_model_name_or_path:
         resolve_model(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", "model_index.json")
     if args.llava_model_name_or_path and not args.no_llava:
         resolve_model(args.llava_model_name_or_path, "--llava_model_name_or_path", "config.json")
+
+
+def load_all(args: argparse.Namespace) -> tuple[SDXLAdapters, LlavaAdapters | None, list[AdapterInfo]]:
+    """Build the pipelines, find the adapters (the shipped demos, or demo ones trained first for a base model of the
+    user's own, when there are none) and load them."""
     sd = SDXLAdapters.from_pretrained(args.pretrained_model_name_or_path)
     llava = None if args.no_llava else LlavaAdapters.from_pretrained(args.llava_model_name_or_path)
     out_dir = Path(args.adapters[0])
-    found = find_adapters(args.adapters)
-    if not any(i.family == "sdxl" for i in found):
+    found, to_train = adapters_to_serve(args)
+    if "sdxl" in to_train:
         make_default_sdxl_adapters(out_dir, args.demo_steps, args.pretrained_model_name_or_path)
-    if llava is not None and not any(i.family == "llava" for i in found):
+    if "llava" in to_train:
         make_default_llava_adapters(llava, out_dir, args.demo_steps or 5)
-    found = find_adapters(args.adapters)
+    if to_train:
+        found, _ = adapters_to_serve(args)
+    if any(i.path.is_relative_to(demo_adapters_path()) for i in found):
+        print(f"no adapter for the embedded model(s) in {', '.join(args.adapters)}: serving the shipped demo adapters "
+              f"({demo_adapters_path()}); train your own with `mm-subspace dreambooth` into {out_dir}/")
     infos = sd.load_adapters(found)
     if llava is not None:
         infos += llava.load_adapters(found)
     infos = list({id(i): i for i in infos + found}.values())  # + the other family's when its tab is off
     for info in infos:
         print(f"  {info.name:24s} {info.family:6s} {info.summary()}")
+    rate = sd.calibrate()  # the request budget is in seconds on this device
+    print(f"SDXL on {sd.device.type}: {rate:.3g} s per megapixel-step; requests over {args.max_request_seconds:g} s are refused")
     return sd, llava, infos
+
+
+def native_size(model: str | None) -> int:
+    """Default image size of an SDXL folder (UNet sample_size × VAE factor) from its config files; 1024 (SDXL's)
+    when they cannot be read without downloading (a hub id)."""
+    import json
+
+    from mm_subspace.tiny_models import tiny_sdxl_path
+
+    folder = Path(model) if model else tiny_sdxl_path()
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1024
 
 
 # -- request handling (validation + calls into pipelines/) ------------------------------------------------
@@ -170,6 +218,10 @@ def run_generate(
     selected = list(selected or [])
     try:
         check_sdxl_request(prompt, steps, height, width, guidance, len(selected), negative_prompt=negative)
+        not_loaded = [n for n in selected if n != BASE_LABEL and n not in sd.adapters]
+        if not_loaded:
+            raise ValueError(f"adapter(s) {not_loaded} are not loaded (see the adapters table for the reason); "
+                             f"loaded: {list(sd.adapters)}")
         scales = _scales(scale_table, selected)
         if seed is None or not float(seed).is_integer() or not 0 <= int(seed) < 2**63:
             raise ValueError(f"seed must be a whole number from 0 to 2^63-1, got {seed}")
@@ -216,17 +268,45 @@ def run_answer(
 
 
 # -- UI ---------------------------------------------------------------------------------------------------
-def build_ui(sd: SDXLAdapters, llava: LlavaAdapters | None, infos: list[AdapterInfo],
+Models = Callable[[], "tuple[SDXLAdapters, LlavaAdapters | None, list[AdapterInfo]]"]
+
+
+class BackgroundModels:
+    """:func:`load_all` in a thread, started once the page serves (so the loading does not slow the start-up);
+    calling the object waits for the models (and re-raises a loading error)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._started = threading.Event()
+        self._future: Future | None = None
+
+    def start(self) -> None:
+        self._future = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-models").submit(load_all, self.args)
+        self._started.set()
+
+    def __call__(self) -> tuple[SDXLAdapters, LlavaAdapters | None, list[AdapterInfo]]:
+        self._started.wait()
+        return self._future.result()
+
+
+def build_ui(models: Models, preview: list[AdapterInfo], size: int, llava_tab: bool = True,
              default_prompt: str = DEFAULT_PROMPT, max_seconds: float = DEFAULT_REQUEST_SECONDS) -> Any:
+    """The page. It serves before the models are in: ``preview`` (adapter files read, nothing loaded) fills the
+    lists; a request waits for ``models()``; each page load swaps in what actually loaded (incompatible adapters
+    drop out of the lists and show their reason in the table) and says when the models are ready."""
     import gradio as gr
 
-    table = [info.row() for info in infos]
-    size = sd.pipe.default_sample_size * sd.pipe.vae_scale_factor
+    def names_of(family: str, infos: list[AdapterInfo], loaded: Any = None) -> list[str]:
+        return list(loaded.adapters) if loaded is not None else [i.name for i in infos if i.family == family and i.compatible]
+
+    sdxl_names, llava_names = names_of("sdxl", preview), names_of("llava", preview)
     with gr.Blocks(title="mm-subspace · compare adapters") as demo:
         gr.Markdown("## mm-subspace · adapters side by side\nSame prompt, same seed, one image per adapter — "
                     "all selected adapters run in **one batched denoising loop** (each batch row routed to its own adapter).")
+        banner = gr.Markdown("*Loading the models… the page works already; a request waits until they are in.*",
+                             elem_id="banner")
         with gr.Tab("Text to image (SDXL)"):
-            names = [BASE_LABEL] + list(sd.adapters)
+            names = [BASE_LABEL] + sdxl_names
             with gr.Row():
                 with gr.Column(scale=2):
                     prompt = gr.Textbox(label="Prompt", value=default_prompt, elem_id="prompt")
@@ -242,26 +322,30 @@ def build_ui(sd: SDXLAdapters, llava: LlavaAdapters | None, infos: list[AdapterI
                     adapters = gr.CheckboxGroup(names, value=names, label="Adapters (+ base)", elem_id="sdxl-adapters")
                     batched = gr.Checkbox(value=True, label="Batched: all adapters in one denoising loop")
                 with gr.Column(scale=1):
-                    scales = gr.Dataframe([[n, 1.0] for n in sd.adapters], headers=["adapter", "scale"],
+                    scales = gr.Dataframe([[n, 1.0] for n in sdxl_names], headers=["adapter", "scale"],
                                           datatype=["str", "number"], type="array", interactive=True,
                                           label="Per-adapter scale", static_columns=[0])
                     button = gr.Button("Generate", variant="primary", elem_id="generate")
-            status = gr.Markdown(elem_id="sdxl-status")
-            gallery = gr.Gallery(label="Images (label = adapter)", columns=max(2, min(len(names), 5)), height="auto",
+            status = gr.Markdown(label="status", elem_id="sdxl-status")
+            gallery = gr.Gallery(label="images", columns=max(2, min(len(names), 5)), height="auto",
                                  format="png", object_fit="contain", elem_id="gallery")
-            details = gr.Dataframe(headers=DETAIL_HEADERS, label="Time per adapter and method / rank / params", interactive=False)
+            details = gr.Dataframe(headers=DETAIL_HEADERS, label="details", interactive=False)
 
-            def on_generate(p, n, s, st, g, w, h, sel, sc, b, progress=gr.Progress()):
-                return run_generate(sd, p, n, s, st, g, w, h, sel, sc, b, progress, max_seconds)
+            def generate(prompt, negative_prompt, seed, num_inference_steps, guidance_scale, width, height, adapters,
+                         scales, batched, progress=gr.Progress()):
+                """One image per adapter (caption = adapter name), a row of details per image, and a status line."""
+                return run_generate(models()[0], prompt, negative_prompt, seed, num_inference_steps, guidance_scale,
+                                    width, height, adapters, scales, batched, progress, max_seconds)
 
             inputs = [prompt, negative, seed, steps, guidance, width, height, adapters, scales, batched]
-            button.click(on_generate, inputs, [gallery, details, status], api_name="generate")
-            prompt.submit(on_generate, inputs, [gallery, details, status], api_name=False)
-        if llava is not None:
+            button.click(generate, inputs, [gallery, details, status], api_name="generate")
+            prompt.submit(generate, inputs, [gallery, details, status], api_name=False)
+        llava_lists = []
+        if llava_tab:
             from mm_subspace.data.llava import digit_image, digits_split
 
             with gr.Tab("Visual instructions (LLaVA)"):
-                lnames = [BASE_LABEL] + list(llava.adapters)
+                lnames = [BASE_LABEL] + llava_names
                 with gr.Row():  # a held-out digits scan: the shipped tiny LLaVA's domain
                     image = gr.Image(value=digit_image(digits_split()[1][0], size=128), type="pil", label="Image", height=240)
                     with gr.Column():
@@ -269,19 +353,37 @@ def build_ui(sd: SDXLAdapters, llava: LlavaAdapters | None, infos: list[AdapterI
                         max_tokens = gr.Number(label="Max new tokens", value=12, step=1)
                         ladapters = gr.CheckboxGroup(lnames, value=lnames, label="Adapters (+ base)")
                         lbatched = gr.Checkbox(value=True, label="Batched: all adapters in one generate call")
-                        lscales = gr.Dataframe([[n, 1.0] for n in llava.adapters], headers=["adapter", "scale"],
+                        lscales = gr.Dataframe([[n, 1.0] for n in llava_names], headers=["adapter", "scale"],
                                                datatype=["str", "number"], type="array", interactive=True,
                                                label="Per-adapter scale", static_columns=[0])
                         ask = gr.Button("Ask", variant="primary", elem_id="ask")
-                lstatus = gr.Markdown()
-                answers = gr.Dataframe(headers=ANSWER_HEADERS, label="Answers", interactive=False, wrap=True)
+                lstatus = gr.Markdown(label="status")
+                answers = gr.Dataframe(headers=ANSWER_HEADERS, label="answers", interactive=False, wrap=True)
 
-                def on_ask(img, q, m, sel, sc, b):
-                    return run_answer(llava, img, q, m, sel, sc, b)
+                def answer(image, question, max_new_tokens, adapters, scales, batched):
+                    """One answer per adapter (a table row each) and a status line."""
+                    return run_answer(models()[1], image, question, max_new_tokens, adapters, scales, batched)
 
-                ask.click(on_ask, [image, question, max_tokens, ladapters, lscales, lbatched], [answers, lstatus], api_name="answer")
+                ask.click(answer, [image, question, max_tokens, ladapters, lscales, lbatched], [answers, lstatus], api_name="answer")
+                llava_lists = [ladapters, lscales]
         with gr.Accordion("Adapters found (incompatible ones with the reason)", open=False):
-            gr.Dataframe(table, headers=TABLE_HEADERS, interactive=False, wrap=True)
+            table = gr.Dataframe([info.row() for info in preview], headers=TABLE_HEADERS, interactive=False, wrap=True)
+
+        def loaded() -> list[Any]:
+            """What actually loaded: adapter lists, scale tables, the adapters table and the banner."""
+            try:
+                sd, llava, infos = models()
+            except Exception as err:  # noqa: BLE001 - shown in the page instead of a blank error
+                return [gr.update()] * (3 + len(llava_lists)) + [f"**The models failed to load:** {err}"]
+            out = []
+            for pipe in [sd, *([llava] if llava_lists else [])]:
+                loaded_names = list(pipe.adapters)
+                out += [gr.update(choices=[BASE_LABEL] + loaded_names, value=[BASE_LABEL] + loaded_names),
+                        [[n, 1.0] for n in loaded_names]]
+            ready = f"Ready: {len(sd.adapters)} SDXL adapter(s)" + (f", {len(llava.adapters)} LLaVA" if llava else "")
+            return out + [[info.row() for info in infos], ready + "."]
+
+        demo.load(loaded, None, [adapters, scales, *llava_lists, table, banner], api_name=False)
     return demo
 
 
@@ -289,14 +391,18 @@ def main(input_args: list[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(input_args)
-    sd, llava, infos = load_all(args)
-    rate = sd.calibrate()  # the request budget is in seconds on this device
-    print(f"SDXL on {sd.device.type}: {rate:.3g} s per megapixel-step; requests over {args.max_request_seconds:g} s are refused")
-    demo = build_ui(sd, llava, infos, DEFAULT_PROMPT if args.pretrained_model_name_or_path is None else REAL_MODEL_PROMPT,
+    check_model_flags(args)  # a hub id that cannot be fetched: one error line at start-up, not a traceback
+    preview, _ = adapters_to_serve(args)  # adapter files only: the page lists them while the models load
+    models = BackgroundModels(args)
+    demo = build_ui(models, preview, native_size(args.pretrained_model_name_or_path), not args.no_llava,
+                    DEFAULT_PROMPT if args.pretrained_model_name_or_path is None else REAL_MODEL_PROMPT,
                     args.max_request_seconds)
     demo.queue(default_concurrency_limit=1, max_size=args.max_queue).launch(
         server_name=args.server_name, server_port=args.server_port, share=args.share, footer_links=["api"],
+        prevent_thread_lock=True,
     )
+    models.start()  # the page serves already; requests wait for the models
+    demo.block_thread()
 
 
 if __name__ == "__main__":

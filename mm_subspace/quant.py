@@ -13,6 +13,13 @@ r=512, α=256; §4.2, Table 5 and Appendix B.2).
   For an exact deployable model, export the adapter and merge it into the full-precision base.
 * The kind is registered by :mod:`mm_subspace.inject` (so on ``import mm_subspace``), without importing bitsandbytes:
   a module can only be a ``Linear4bit`` if bitsandbytes is already loaded.
+* bitsandbytes is never imported by ``import mm_subspace``; other libraries import it anyway (diffusers
+  pulls in peft, which imports it). On CPUs with AVX512-BF16 its import tries to fetch an optional fused
+  CPU kernel from the ``kernels`` hub and logs ``Failed to load CPU gemm_4bit_forward from
+  kernels-community ...`` when it cannot (offline, or an untrusted repository), 4-bit or not. That kernel
+  is only an accelerated path of the repacked AVX512-BF16 layout, which every helper here switches off
+  (below), and bitsandbytes falls back to its own library, so :func:`silence_kernel_hub_warning` (run on
+  ``import mm_subspace``) drops exactly that one message and nothing else.
 * CPU pitfall (``/work/shared/ENVIRONMENT.md``): on CPUs with AVX512-BF16 the first eval no-grad
   forward repacks the weights, after which small layers crash and training silently loses
   gradients. Every helper here, and injection itself, sets ``support_avx512bf16_for_cpu = False``.
@@ -35,6 +42,26 @@ from .config import check_choice
 logger = logging.getLogger(__name__)
 
 QUANT_TYPES = ("nf4", "fp4")
+
+KERNEL_HUB_LOGGER = "bitsandbytes.backends.cpu.ops"
+KERNEL_HUB_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _KernelHubFilter(logging.Filter):
+    """Drops bitsandbytes' "could not fetch the optional CPU kernel from the hub" warning, keeps the rest."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(KERNEL_HUB_MESSAGE)
+
+
+def silence_kernel_hub_warning() -> None:
+    """Filter bitsandbytes' kernel-hub warning out of its CPU-backend logger (idempotent; imports nothing)."""
+    hub_logger = logging.getLogger(KERNEL_HUB_LOGGER)
+    if not any(isinstance(f, _KernelHubFilter) for f in hub_logger.filters):
+        hub_logger.addFilter(_KernelHubFilter())
+
+
+silence_kernel_hub_warning()
 
 
 def _bnb() -> Any:

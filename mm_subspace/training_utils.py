@@ -5,8 +5,8 @@ Everything here is model-family agnostic: it works on "parts", a ``{name: model}
 mm_subspace adapter called ``"default"``.
 
 * :func:`param_groups`, :func:`cast_trainable_params`: optimizer groups per part, fp32 trainables.
-* :class:`CheckpointManager`: atomic ``accelerate.save_state`` checkpoints under
-  ``<output_dir>/training_state/checkpoint-<step>``, rotation, ``latest`` resolution, and
+* :class:`CheckpointManager`: atomic ``accelerate.save_state`` checkpoints in
+  ``<output_dir>/checkpoint-<step>`` (diffusers' layout), rotation, ``latest`` resolution, and
   save/load hooks that write the adapters in our own format (``<checkpoint>/<part>/``).
 * :func:`step_generator`, :func:`sample_indices`: randomness that is a pure function of
   ``(seed, rank, micro step)``, so a resumed run draws exactly what the uninterrupted one drew.
@@ -32,14 +32,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .atomic import atomic_paths, atomic_write_text, fsync_dir
 from .checkpoints import HISTORY_KEY, TRAINER_STATE, check_accelerate_files, check_history_rows, read_trainer_state
 from .errors import AdapterFileError, ConfigError, NonFiniteError
-from .inject import adapter_layers, get_state
+from .inject import adapter_layers, adapter_state_dict, get_state
+from .io import CONFIG_NAME, WEIGHTS_NAME, load_tensors_into, read_adapter_config, read_adapter_weights, save_adapter
 from .layer import AdapterLayer
-from .atomic import atomic_paths, atomic_write_text, fsync_dir
-from .inject import adapter_state_dict
-from .io import CONFIG_NAME, WEIGHTS_NAME, load_tensors_into
-from .io import read_adapter_config, read_adapter_weights, save_adapter
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -51,7 +49,9 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
 CHECKPOINT_PREFIX = "checkpoint-"
-STATE_DIR = "training_state"
+#: where checkpoints lived before they moved to diffusers' ``<output_dir>/checkpoint-<step>``: still found (``latest``,
+#: a name, rotation), so an older run resumes
+LEGACY_STATE_DIR = "training_state"
 
 
 #: training-script flags that map to a field of the method's config (passed only when the method has it)
@@ -346,7 +346,8 @@ def load_parts(parts: dict[str, nn.Module], folder: str | os.PathLike, method: s
 
 @dataclass
 class CheckpointManager:
-    """Atomic, rotated ``accelerate`` checkpoints in ``<output_dir>/training_state/checkpoint-<step>``.
+    """Atomic, rotated ``accelerate`` checkpoints in ``<output_dir>/checkpoint-<step>``, as diffusers' scripts
+    write them (checkpoints of the older ``<output_dir>/training_state/`` layout are found and resumed too).
 
     ``save`` has every rank write into ``.checkpoint-<step>.tmp`` (accelerate writes the per-rank
     RNG states there), then rank 0 renames it into place: a killed run leaves either a whole
@@ -380,13 +381,15 @@ class CheckpointManager:
 
     @property
     def root(self) -> Path:
-        return Path(self.output_dir) / STATE_DIR
+        """The folder new checkpoints go to: the output folder itself."""
+        return Path(self.output_dir)
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+        """Complete checkpoints (in the output folder and the legacy ``training_state/``), oldest first."""
+        found = []
+        for folder in (self.root, self.root / LEGACY_STATE_DIR):
+            if folder.is_dir():
+                found += [p for p in folder.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
         return sorted(found, key=checkpoint_step)
 
     def resolve(self, spec: str | None) -> Path | None:
@@ -400,7 +403,7 @@ class CheckpointManager:
         if spec == "latest":
             found = self.checkpoints()
             return found[-1] if found else None
-        for candidate in (Path(spec), self.root / spec, self.root / Path(spec).name):
+        for candidate in (Path(spec), self.root / spec, self.root / Path(spec).name, self.root / LEGACY_STATE_DIR / spec):
             if candidate.is_dir() and os.path.lexists(candidate / TRAINER_STATE):  # find_resumable checks the file
                 return candidate
         have = ", ".join(p.name for p in self.checkpoints()) or "none"
@@ -569,7 +572,7 @@ class CheckpointManager:
             accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            state = {"step": step, "method": self.method, **(extra or {})}
+            state = {"step": step, "method": self.method, "mixed_precision": accelerator.mixed_precision, **(extra or {})}
             if self.num_processes is not None:
                 state["num_processes"] = self.num_processes
             if self.history is not None:
@@ -599,6 +602,30 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name[len(CHECKPOINT_PREFIX):])
 
 
+def resume_mixed_precision(path: Path | None, requested: str | None) -> str | None:
+    """The ``--mixed_precision`` to resume checkpoint ``path`` with (call before creating the Accelerator).
+
+    Not given (``None``): the checkpoint's own, restored with a log line, so an fp16 run does not silently go on in
+    fp32. Given and different: kept, with a warning naming both. Checkpoints that recorded none: ``requested``.
+    """
+    if path is None:
+        return requested
+    try:
+        recorded = json.loads((Path(path) / TRAINER_STATE).read_text(encoding="utf-8")).get("mixed_precision")
+    except (OSError, ValueError, AttributeError):
+        return requested  # check_resumable names an unreadable state file
+    if recorded is None or requested == recorded:
+        return requested
+    if requested is None:
+        logger.warning("resuming %s: --mixed_precision %s restored from the checkpoint (pass --mixed_precision to "
+                       "choose another)", path, recorded)
+        return recorded
+    logger.warning("resuming %s, trained with --mixed_precision %s, with --mixed_precision %s: the rest of the run "
+                   "trains in another precision; pass --mixed_precision %s to continue as it was", path, recorded,
+                   requested, recorded)
+    return requested
+
+
 
 # -- loss history and plots -------------------------------------------------------------------------
 class LossHistory:
@@ -624,8 +651,26 @@ class LossHistory:
         self.rows = list(check_history_rows(state.get("rows") if isinstance(state, dict) else state, "loss history"))
 
 
+def ema(values: Sequence[float], smoothing: float) -> list[float]:
+    """Bias-corrected exponential moving average (as TensorBoard's smoothing): ``m_t = s·m_{t-1} + (1-s)·x_t``,
+    reported as ``m_t / (1 - s^t)`` so the start is not pulled toward 0; ``smoothing`` in [0, 1)."""
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    out, m = [], 0.0
+    for t, x in enumerate(values, start=1):
+        m = smoothing * m + (1 - smoothing) * x
+        out.append(m / (1 - smoothing**t))
+    return out
+
+
+def curve_smoothing(n: int) -> float:
+    """EMA smoothing for a curve of ``n`` points: an effective window of about n/10 points, from 1 (none) to 50."""
+    return 1 - 1 / max(1.0, min(50.0, n / 10))
+
+
 def save_loss_curve(history: LossHistory, path: str | os.PathLike, title: str = "training loss") -> Path:
-    """Plot every recorded series except ``step``/``lr`` against the step; PNG written atomically."""
+    """Plot every recorded series except ``step``/``lr`` against the step: the raw values faint, their EMA
+    (:func:`ema`, :func:`curve_smoothing`) on top, so the trend reads even at batch 1; PNG written atomically."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -637,7 +682,14 @@ def save_loss_curve(history: LossHistory, path: str | os.PathLike, title: str = 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for key in keys:
         rows = [r for r in history.rows if key in r]
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key, marker="." if len(rows) < 50 else None)
+        steps, values = [r["step"] for r in rows], [r[key] for r in rows]
+        smoothing = curve_smoothing(len(rows))
+        if smoothing == 0:
+            ax.plot(steps, values, label=key, marker=".")
+            continue
+        raw = ax.plot(steps, values, alpha=0.3, linewidth=0.8, label=f"{key} (raw)")[0]
+        ax.plot(steps, ema(values, smoothing), color=raw.get_color(), linewidth=2,
+                label=f"{key} (EMA, smoothing {smoothing:.2f})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -653,28 +705,41 @@ def save_loss_curve(history: LossHistory, path: str | os.PathLike, title: str = 
     return path
 
 
-def image_grid(images: Sequence[PIL.Image.Image], cols: int | None = None) -> PIL.Image.Image:
-    """Tile ``images`` (same size) into a grid, ``cols`` wide (default: ~square)."""
+#: grids show each image at least this many pixels on its short side (smaller ones upscaled, nearest neighbour)
+GRID_MIN_SIZE = 256
+
+
+def image_grid(images: Sequence[PIL.Image.Image], cols: int | None = None, min_size: int = 0) -> PIL.Image.Image:
+    """Tile ``images`` into a grid, ``cols`` wide (default: ~square); cells are the largest image's size.
+
+    ``min_size``: images whose short side is smaller are upscaled by the smallest whole factor that reaches it,
+    nearest neighbour (each pixel a sharp block: a 32 px sample becomes 256 px, not a blur or a speck).
+    """
     from PIL import Image
 
     if not images:
         raise ValueError("image_grid needs at least one image")
+    smallest = min(min(im.size) for im in images)
+    factor = math.ceil(min_size / smallest) if min_size > smallest else 1
+    if factor > 1:
+        images = [im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST) for im in images]
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
+    w, h = max(im.width for im in images), max(im.height for im in images)  # images of other sizes: top-left of a cell
     grid = Image.new("RGB", (cols * w, rows * h), "white")
     for i, image in enumerate(images):
         grid.paste(image.convert("RGB"), ((i % cols) * w, (i // cols) * h))
     return grid
 
 
-def save_image_grid(images: Sequence[PIL.Image.Image], path: str | os.PathLike, cols: int | None = None) -> Path:
-    """:func:`image_grid` saved as PNG atomically."""
+def save_image_grid(images: Sequence[PIL.Image.Image], path: str | os.PathLike, cols: int | None = None,
+                    min_size: int = GRID_MIN_SIZE) -> Path:
+    """:func:`image_grid` saved as PNG atomically (small images upscaled to ``min_size``, nearest)."""
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_paths(path) as (tmp,):
-        image_grid(images, cols).save(tmp, format="PNG")
+        image_grid(images, cols, min_size).save(tmp, format="PNG")
     return path
 
 

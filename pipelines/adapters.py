@@ -43,6 +43,8 @@ FAMILY_OF_CLASS = {
 }
 #: folders of a training run that are not adapters (checkpoints hold optimizer state, not a finished adapter)
 SKIP_DIRS = {"training_state", "logs", "validation", "instance_images", "class_images"}
+#: resumable checkpoints of a run (``<output_dir>/checkpoint-<step>``, diffusers' layout): skipped like SKIP_DIRS
+CHECKPOINT_DIR = re.compile(r"checkpoint-\d+")
 #: folder-name prefixes dropped from adapter names (default output folders of our training scripts)
 NAME_PREFIXES = ("dreambooth-sdxl-", "llava-")
 
@@ -166,7 +168,8 @@ def find_adapters(dirs: Iterable[str | os.PathLike[str]], max_depth: int = 3) ->
                 return
             if depth >= max_depth:
                 return
-            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SKIP_DIRS)
+            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                              and p.name not in SKIP_DIRS and not CHECKPOINT_DIR.fullmatch(p.name))
         except (OSError, RuntimeError) as err:  # unreadable folder, symlink loop (RuntimeError before Python 3.13)
             logger.warning("skipping %s: %s", folder, err)
             return

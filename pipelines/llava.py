@@ -139,7 +139,10 @@ class LlavaAdapters(AdapterSet):
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
             )
         new = out[:, inputs["input_ids"].shape[1]:]
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        special = set(self.tokenizer.all_special_ids)
+        rows = [[t for t in row.tolist() if t not in special] for row in new]
+        # an answer of only special tokens (eos at once) is "": the fast tokenizer's Strip decoder panics on empty input
+        return [self.tokenizer.decode(row).strip() if row else "" for row in rows]
 
     def answer(self, image: PIL.Image.Image | None, question: str, adapter: str | None = None, max_new_tokens: int = 16) -> Answer:
         """Greedy answer with only ``adapter`` active (``None`` = the base model)."""

@@ -52,7 +52,7 @@ def make_adapters(root: Path) -> None:
                 raise FileNotFoundError(f"COMPARE_ADAPTERS={real}: {source} has no unet adapter; run "
                                         f"`accelerate launch training/dreambooth_sdxl.py --adapter {name}` first")
             root.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(source, root / source.name, ignore=shutil.ignore_patterns("training_state", "class_images"))
+            shutil.copytree(source, root / source.name, ignore=shutil.ignore_patterns("checkpoint-*", "training_state", "class_images"))
     code = (
         "import sys; from pathlib import Path; root = Path(sys.argv[1])\n"
         "from mm_subspace.pipelines import SDXLAdapters, LlavaAdapters\n"
@@ -73,6 +73,19 @@ def app_url() -> str:
     """URL of the running app (started on first call); raises with the app's log if it does not come up."""
     root = Path(tempfile.mkdtemp(prefix="compare-app-"))
     make_adapters(root / "runs")
+    return launch(root)
+
+
+@functools.lru_cache(maxsize=None)
+def fresh_app_url() -> str:
+    """URL of an app started on an empty adapters folder, as on a fresh install (it serves the shipped demo adapters)."""
+    root = Path(tempfile.mkdtemp(prefix="compare-app-fresh-"))
+    (root / "runs").mkdir()
+    return launch(root)
+
+
+def launch(root: Path) -> str:
+    """Start the app on ``root/runs`` in a subprocess (stopped at exit); its URL once it answers."""
     port = free_port()
     log = open(root / "app.log", "w")
     # one intra-op thread: the tiny models run faster so on a loaded 2-core machine

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from compare_app_server import SDXL_NAMES, app_url  # tests/ is on sys.path (pytest's rootdir insertion)
+from compare_app_server import SDXL_NAMES, app_url, fresh_app_url  # tests/ is on sys.path (pytest's rootdir insertion)
 
 gradio_client = pytest.importorskip("gradio_client")
 
@@ -20,8 +20,25 @@ def client():
     return gradio_client.Client(app_url(), verbose=False)
 
 
-def generate(client, prompt="a photo of sks cat", steps=2, size=32, adapters=SDXL_NAMES):
-    return client.predict(prompt, "", 3, steps, 5.0, size, size, list(adapters), SCALES, True, api_name="/generate")
+API_PARAMETERS = ["prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width", "height",
+                  "adapters", "scales", "batched"]
+
+
+def generate(client, prompt="a photo of sks cat", steps=2, size=32, adapters=SDXL_NAMES, scales=SCALES):
+    """/generate called by its parameter names, as docs/compare.md shows."""
+    return client.predict(prompt=prompt, negative_prompt="", seed=3, num_inference_steps=steps, guidance_scale=5.0,
+                          width=size, height=size, adapters=list(adapters), scales=scales, batched=True,
+                          api_name="/generate")
+
+
+def test_api_names_its_parameters_and_outputs(client):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    generate_api = api["/generate"]
+    assert [p["parameter_name"] for p in generate_api["parameters"]] == API_PARAMETERS
+    assert [r["label"] for r in generate_api["returns"]] == ["images", "details", "status"]
+    assert [p["parameter_name"] for p in api["/answer"]["parameters"]] == [
+        "image", "question", "max_new_tokens", "adapters", "scales", "batched"]
+    assert [r["label"] for r in api["/answer"]["returns"]] == ["answers", "status"]
 
 
 def test_two_adapters_give_two_labelled_images(client):
@@ -105,3 +122,28 @@ def test_integer_fields_pass_nan_through_to_our_checks():
     assert numbers[0].preprocess(float("nan")) != numbers[0].preprocess(float("nan"))  # NaN arrives as NaN
     gallery, _, status = compare.run_generate(sd, "cat", "", 0, float("nan"), 5.0, 32, 32, ["base"], [], True)
     assert gallery == [] and status == "**Rejected:** steps must be a finite number, got nan"
+
+
+def test_fresh_install_serves_the_shipped_demo_adapters():
+    """An empty adapters folder: the app trains nothing and serves lora and moslora of the held-out 9 (and two
+    LLaVA demo adapters); the trained moslora turns "sks" into a 9 the base does not draw."""
+    from PIL import Image
+
+    from mm_subspace.eval.digits import digit_classifier
+
+    client = gradio_client.Client(fresh_app_url(), verbose=False)
+    names = ["base", "lora", "moslora"]
+    gallery, details, status = generate(client, prompt="a handwritten digit sks", steps=20, adapters=names,
+                                        scales={"headers": ["adapter", "scale"], "data": [["lora", 1.0], ["moslora", 1.0]]})
+    assert status.startswith("**Done:** 3 image(s)") and [item["caption"] for item in gallery] == names
+    reads = {}
+    for item in gallery:
+        with Image.open(item["image"]) as image:
+            reads[item["caption"]] = int(digit_classifier().predict([image.convert("RGB")])[0])
+    assert reads["moslora"] == 9 and reads["base"] != 9, reads
+    rows = {row[0]: row for row in details["data"]}
+    assert rows["lora"][1] == "lora" and rows["moslora"][1] == "moslora"
+    table, status = client.predict(image=None, question="is the digit even? answer yes or no.", max_new_tokens=4,
+                                   adapters=["lora", "moslora"], scales={"headers": ["adapter", "scale"], "data": []},
+                                   batched=True, api_name="/answer")
+    assert [row[0] for row in table["data"]] == ["lora", "moslora"] and status.startswith("**Done:** 2 answer(s)")

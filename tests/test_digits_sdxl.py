@@ -120,3 +120,18 @@ def test_shipped_model_draws_the_prompted_digits(pipe) -> None:
     # the held-out 9 was never seen: asked for by name, the base rarely draws it
     nine = D.prompt_accuracy(pipe, [9], n_per_digit=6, seed=1, num_inference_steps=10)
     assert nine.value < result.value
+
+
+def test_subject_share_tells_a_drawn_glyph_from_the_digits(tmp_path: Path) -> None:
+    """The 11-class nearest-mean reader: the glyph's own images read as the glyph, real digit scans do not."""
+    from PIL import Image
+
+    from conftest import draw_triangles
+
+    glyphs = [Image.open(p).convert("RGB").resize((32, 32)) for p in sorted(draw_triangles(tmp_path).glob("*.png"))]
+    assert D.subject_share(glyphs, glyphs) == 1.0
+    _, _, x_test, y_test = D.digits_split()
+    scans = D.digit_images(x_test[:200])
+    assert D.subject_share(scans, glyphs) < 0.05
+    with pytest.raises(ConfigError, match="subject's own images"):
+        D.subject_share(scans, [])

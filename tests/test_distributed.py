@@ -86,7 +86,7 @@ def test_consecutive_skipped_steps_stop_the_run_naming_the_flag(tmp_path: Path, 
 
 # -- validation ------------------------------------------------------------------------------------
 def test_validation_decodes_in_fp32_outside_autocast_in_chunks_with_the_images_of_one_call() -> None:
-    from mm_subspace.training.sdxl_diffusion import validation_images
+    from mm_subspace.training.sdxl_diffusion import chunked_calls, validation_images
 
     from mm_subspace.tiny_models import tiny_sdxl_pipeline
 
@@ -101,10 +101,10 @@ def test_validation_decodes_in_fp32_outside_autocast_in_chunks_with_the_images_o
 
     pipe.vae.decode = spy
     sampler = {"height": 32, "width": 32, "num_inference_steps": 2}
-    half = validation_images(pipe, "a photo", 5, 2, 7, torch.bfloat16, progress=False, **sampler)
+    half = validation_images(pipe, chunked_calls("a photo", 5, 2, 7, **sampler), torch.bfloat16, progress=False)
     assert calls == [(2, torch.float32, False), (2, torch.float32, False), (1, torch.float32, False)]
     assert len(half) == 5 and half[0].size == (32, 32)
-    chunked = validation_images(pipe, "a photo", 5, 2, 7, torch.float32, progress=False, **sampler)
+    chunked = validation_images(pipe, chunked_calls("a photo", 5, 2, 7, **sampler), torch.float32, progress=False)
     gens = [torch.Generator().manual_seed(7 + i) for i in range(5)]
     one_call = pipe("a photo", num_images_per_prompt=5, generator=gens, **sampler).images
     for a, b in zip(chunked, one_call):  # the chunking does not change an image (seeded per image)
@@ -113,7 +113,7 @@ def test_validation_decodes_in_fp32_outside_autocast_in_chunks_with_the_images_o
 
 
 def test_validation_names_the_vae_flag_when_only_the_decode_is_nonfinite(caplog: pytest.LogCaptureFixture) -> None:
-    from mm_subspace.training.sdxl_diffusion import validation_images
+    from mm_subspace.training.sdxl_diffusion import chunked_calls, validation_images
 
     from mm_subspace.tiny_models import tiny_sdxl_pipeline
 
@@ -121,8 +121,8 @@ def test_validation_names_the_vae_flag_when_only_the_decode_is_nonfinite(caplog:
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         pipe.vae.post_quant_conv.weight.fill_(float("inf"))  # what an overflowing fp16 VAE does
-    images = validation_images(pipe, "a photo", 2, 2, 0, torch.float32, progress=False, height=32, width=32,
-                               num_inference_steps=2)
+    calls = chunked_calls("a photo", 2, 2, 0, height=32, width=32, num_inference_steps=2)
+    images = validation_images(pipe, calls, torch.float32, progress=False)
     assert len(images) == 2
     assert "--pretrained_vae_model_name_or_path" in caplog.text and "latents are finite" in caplog.text
 

@@ -91,16 +91,16 @@ def test_writes_every_output(trained: Runs, method: str) -> None:
         meta = json.loads((out / part / "adapter_config.json").read_text())
         assert meta["config"]["method"] == method and (out / part / "adapter_model.safetensors").is_file()
     assert not (out / "text_encoder").exists() or method == "moslora"
-    assert (out / "training_state" / "checkpoint-2" / "trainer_state.json").is_file()
-    assert not [p for p in (out / "training_state").iterdir() if p.name.startswith(".")]  # no tmp leftovers
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint")]  # no tmp leftovers
     for png in (out / "loss_curve.png", out / "validation" / "step-000003.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
 
-    assert Image.open(out / "validation" / "step-000003.png").size == (64, 32)  # 2 images side by side
+    assert Image.open(out / "validation" / "step-000003.png").size == (512, 256)  # 2 images side by side, 32 px shown at 256
     card = (out / "README.md").read_text()
     assert f"**{method}**" in card and "final loss" in card and "validation/step-0-vs-3.png" in card  # step 0 above step 3
-    assert Image.open(out / "validation" / "step-0-vs-3.png").size == (64, 64)
+    assert Image.open(out / "validation" / "step-0-vs-3.png").size == (512, 512)  # step 0 above step 3, each row 2 images at 256 px
     assert "--adapter" in card and "loss_curve.png" in card
     exportable = mms.get_method(method).mergeable
     assert (out / "pytorch_lora_weights.safetensors").is_file() == exportable == result["exported"]
@@ -164,8 +164,8 @@ def test_kohya_output_loads_in_stock_diffusers(trained: Runs, pipes: Pipes) -> N
 
 
 def test_every_checkpoint_loads_in_stock_diffusers(trained: Runs, pipes: Pipes) -> None:
-    """training_state/checkpoint-2 holds pytorch_lora_weights.safetensors of step 2 (diffusers#6366)."""
-    ckpt = Path(trained["lora"]["output_dir"]) / "training_state" / "checkpoint-2"
+    """checkpoint-2 holds pytorch_lora_weights.safetensors of step 2 (diffusers#6366)."""
+    ckpt = Path(trained["lora"]["output_dir"]) / "checkpoint-2"
     assert (ckpt / "pytorch_lora_weights.safetensors").is_file()
     pipes.parity(ckpt, ckpt)
     final = load_file(Path(trained["lora"]["output_dir"]) / "pytorch_lora_weights.safetensors")
@@ -195,7 +195,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, instance_dir: Path) -
 
     resumed = db.main(db.parse_args([*RESUME, "--instance_data_dir", str(instance_dir), "--output_dir", str(killed),
                                      "--max_train_steps", "2", "--resume_from_checkpoint", "latest"]))
-    assert resumed["resumed_from"] == killed / "training_state" / "checkpoint-1" and resumed["global_step"] == 2
+    assert resumed["resumed_from"] == killed / "checkpoint-1" and resumed["global_step"] == 2
     straight = db.main(db.parse_args([*RESUME, "--instance_data_dir", str(instance_dir),
                                       "--output_dir", str(tmp_path / "straight"), "--max_train_steps", "2"]))
     a = load_file(killed / "unet" / "adapter_model.safetensors")
@@ -219,6 +219,8 @@ def test_prior_preservation_generates_class_images(tmp_path: Path, instance_dir:
     images = sorted((out / "class_images").glob("*.png"))
     assert len(images) == 2 and np.isfinite(result["final_loss"])
     assert len(result["prompts"]) == 4 and result["prompts"][-1] == "a photo of a cat"  # 3 captions + the class prompt
+    card = (out / "README.md").read_text()  # the card says the images were trained on their own captions
+    assert "| captions | 3 of 3 images trained on their own caption" in card and "their own captions" in card
     assert json.loads((out / "unet" / "adapter_config.json").read_text())["base_model"]["name_or_path"] == str(model)
     from PIL import Image
 
@@ -241,8 +243,8 @@ def test_two_process_cpu_run_ends_with_identical_adapters(tmp_path: Path, instan
     from mm_subspace.training_utils import adapters_digest
 
     assert adapters_digest(parts) == digest
-    assert sorted(p.name for p in (out / "training_state").iterdir()) == ["checkpoint-1", "checkpoint-2"]
-    assert (out / "training_state" / "checkpoint-2" / "random_states_1.pkl").is_file()  # both ranks' RNG
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert (out / "checkpoint-2" / "random_states_1.pkl").is_file()  # both ranks' RNG
 
 
 def test_sample_indices_shard_each_epoch_once() -> None:
@@ -319,16 +321,16 @@ def test_resume_with_other_settings_or_a_broken_checkpoint_fails_before_any_mode
               "--resume_from_checkpoint", "latest"]
     with pytest.raises(ConfigError, match=r"other adapter settings: --rank 2 \(this run: 4\)"):
         db.main(db.parse_args([*FAST, *resume, "--rank", "4"]))
-    checkpoint = lora_out / "training_state" / "checkpoint-2"
+    checkpoint = lora_out / "checkpoint-2"
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert [row["step"] for row in state["loss_history"]] == [1, 2]  # the history is JSON, not a pickle
     assert not list(checkpoint.glob("*custom_checkpoint*"))
     copy = tmp_path / "copy"
-    (copy / "training_state").mkdir(parents=True)
+    copy.mkdir()
     import shutil
 
-    shutil.copytree(checkpoint, copy / "training_state" / "checkpoint-2")
-    (copy / "training_state" / "checkpoint-2" / "trainer_state.json").write_text("[2]")
+    shutil.copytree(checkpoint, copy / "checkpoint-2")
+    (copy / "checkpoint-2" / "trainer_state.json").write_text("[2]")
     with pytest.raises(mms.AdapterFileError, match=r"checkpoint-2 cannot be resumed: .*must hold a JSON object, found list.*"
                        "No earlier complete checkpoint is left"):
         db.main(db.parse_args([*FAST, *resume[:2], "--output_dir", str(copy), "--instance_data_dir", str(instance_dir),
@@ -654,7 +656,7 @@ def test_default_digit_subject_learns_the_nine(tmp_path: Path) -> None:
     from PIL import Image
 
     grid = out / "validation" / f"step-0-vs-{result['global_step']}.png"
-    assert grid.name in card and Image.open(grid).size == (64, 64)  # 2 images x (step 0 row, final row)
+    assert grid.name in card and Image.open(grid).size == (512, 512)  # 2 images x (step 0 row, final row), 32 px shown at 256
     cat = db.parse_args(["--default_subject", "cat"])  # the cat photos stay one flag away
     assert cat.instance_prompt == "a photo of sks cat" and not cat.with_prior_preservation
 
@@ -673,3 +675,121 @@ def test_contradictory_or_disagreeing_compat_flags_are_refused(tmp_path: Path) -
 def test_xformers_flag_without_xformers_is_refused_before_loading(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs xformers .*drop the flag"):
         db.main(db.parse_args([*FAST, "--enable_xformers_memory_efficient_attention", "--output_dir", str(tmp_path)]))
+
+
+# -- runs that explain themselves --------------------------------------------------------------------
+def test_prompts_file_grid_upscaled_and_resolved_training_args(tmp_path, instance_dir):
+    """--validation_prompts_file: one image per line with its own seed/steps; 32 px images shown at 256 px; the
+    training_args.json of a run on the user's own folder records the size used and no embedded subject."""
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two lines, one image each\na photo of sks cat --d 5 --s 2\na photo of a dog --n cat --l 3\n")
+    out = tmp_path / "run"
+    args = db.parse_args(["--report_to", "none", "--rank", "2", "--validation_inference_steps", "2", "--output_dir",
+                          str(out), "--max_train_steps", "1", "--instance_data_dir", str(instance_dir),
+                          "--validation_prompts_file", str(prompts), "--threads", "1"])
+    db.main(args)
+    grid = Image.open(out / "validation" / "step-000001.png")
+    assert grid.size == (2 * 256, 256)  # 2 lines -> 2 images, each 32 px upscaled x8 (nearest)
+    recorded = json.loads((out / "training_args.json").read_text())
+    assert recorded["resolution"] == 32 and recorded["default_subject"] is None and recorded["threads"] == 1
+    assert recorded["validation_prompts_file"] == str(prompts.name if os.path.isabs(str(prompts)) else prompts)
+    with pytest.raises(ValueError, match=r"prompts.txt, line 1: unknown option --q"):
+        prompts.write_text("a cat --q 1\n")
+        db.parse_args(["--validation_prompts_file", str(prompts)])
+    with pytest.raises(ConfigError, match="--default_subject .* does not apply with --instance_data_dir"):
+        db.parse_args(["--default_subject", "cat", "--instance_data_dir", str(instance_dir)])
+
+
+def test_resolution_far_from_native_warns_with_the_native_size_and_help_states_it():
+    warning = db.resolution_warning(1024, 32, "the embedded model")
+    assert "--resolution 1024 is far from the native size 32 px" in warning and "1,024x the pixels" in warning
+    assert "Use --resolution 32" in warning
+    assert db.resolution_warning(32, 32, "m") is None and db.resolution_warning(64, 32, "m") is None
+    assert "0.062x" in db.resolution_warning(8, 32, "m")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    path = tiny_models.tiny_sdxl_path()
+    native = UNet2DConditionModel.load_config(path, subfolder="unet")["sample_size"] * 2 ** (
+        len(AutoencoderKL.load_config(path, subfolder="vae")["block_out_channels"]) - 1)
+    assert native == db.EMBEDDED_RESOLUTION == 32
+    assert f"{native} for the embedded model" in " ".join(db.build_parser().format_help().split())
+
+
+def test_threads_default_follows_omp_or_half_the_cores(monkeypatch):
+    from mm_subspace.training.script_flags import cpu_threads
+
+    assert cpu_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads(None) == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert cpu_threads(None) == 4 and cpu_threads(None, local_processes=2) == 2 and cpu_threads(None, 16) == 1
+
+
+def test_resume_restores_the_checkpoints_mixed_precision(tmp_path, instance_dir):
+    """An fp16 run resumed without --mixed_precision goes on in fp16 (said in the log); another precision warns.
+    Subprocesses: accelerate allows one precision per process."""
+    out = tmp_path / "fp16"
+    base = [sys.executable, str(SCRIPT), *FAST, "--output_dir", str(out), "--instance_data_dir", str(instance_dir),
+            "--num_validation_images", "0", "--checkpointing_steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(*extra: str) -> str:
+        proc = subprocess.run([*base, *extra], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    launch("--max_train_steps", "1", "--mixed_precision", "fp16")
+    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["mixed_precision"] == "fp16"
+    log = launch("--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    assert "--mixed_precision fp16 restored from the checkpoint" in log
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["mixed_precision"] == "fp16"
+    log = launch("--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--mixed_precision", "no")
+    assert "trained with --mixed_precision fp16, with --mixed_precision no" in log
+
+
+def test_docs_flag_tables_are_the_help_text():
+    """docs/dreambooth.md's flag tables are generated from the parser: every flag, its real default and help."""
+    from mm_subspace.training.script_flags import flags_markdown
+
+    docs = (ROOT / "docs" / "dreambooth.md").read_text()
+    assert flags_markdown(db.build_parser()) in docs
+    assert "| `--resolution` | — | Training image size (square). Default: the model's native size (UNet sample_size × VAE " \
+           f"factor: {db.EMBEDDED_RESOLUTION} for the embedded model" in docs
+    assert f"{db.EMBEDDED_MAX_STEPS} steps on the embedded model" in docs and "20 steps (embedded)" not in docs
+
+
+def test_own_glyph_subject_is_learned_with_the_documented_flags(tmp_path):
+    """docs/dreambooth.md's flags for your own small images on the embedded model: five 64 px triangles drawn here
+    (no digit) are drawn back for "a handwritten digit sks" — most images read as the triangle, not as any digit
+    (mm_subspace.eval.digits.subject_share) — while the base draws digits and the other digits survive."""
+    from PIL import Image
+
+    from conftest import draw_triangles
+    from mm_subspace.eval import digits as D
+
+    glyphs = draw_triangles(tmp_path / "triangles")
+    args = db.parse_args(["--instance_data_dir", str(glyphs), "--output_dir", str(tmp_path / "run"), "--report_to", "none",
+                          "--num_validation_images", "0", *OWN_SUBJECT_FLAGS])
+    db.main(args)
+    pipe = tiny_models.tiny_sdxl_pipeline()
+    subject = [Image.open(p).convert("RGB").resize((32, 32)) for p in sorted(glyphs.glob("*.png"))]
+    base = D.subject_share(D.generate_images(pipe, [args.instance_prompt] * 20, seed=0), subject)
+    mms.load_adapter(pipe.unet, tmp_path / "run" / "unet")
+    tuned = D.subject_share(D.generate_images(pipe, [args.instance_prompt] * 20, seed=0), subject)
+    prior = D.prompt_accuracy(pipe, D.PRETRAIN_DIGITS, 3, 0).value
+    assert base <= 0.1 and tuned > 0.5 and prior >= 0.7, (base, tuned, prior)
+
+
+#: the flags docs/dreambooth.md gives for your own small images on the embedded model (checked against the docs)
+OWN_SUBJECT_FLAGS = ["--instance_prompt", "a handwritten digit sks", "--target_preset", "sdxl_unet_wide",
+                     "--train_batch_size", "2", "--with_prior_preservation", "--class_prompt", "a handwritten digit",
+                     "--num_class_images", "50"]
+
+
+def test_own_subject_flags_are_the_documented_ones():
+    docs = " ".join((ROOT / "docs" / "dreambooth.md").read_text().replace("\\\n", " ").split())  # joined continuations
+    shown = " ".join(f'"{a}"' if " " in a else a for a in OWN_SUBJECT_FLAGS)
+    assert shown in docs, shown

@@ -552,8 +552,8 @@ def test_llama_round_trips_through_every_format(tmp_path, method):
     imported = _llama()
     mms.import_peft(imported, tmp_path / "peft")
     torch.testing.assert_close(_logits(imported), expected, rtol=1e-5, atol=1e-5)
-    for fmt in ("diffusers", "kohya"):
-        with pytest.raises(ConfigError, match="component"):
+    for fmt in ("diffusers", "kohya"):  # --component cannot make a LLaMA adapter an SDXL one: point to peft
+        with pytest.raises(ConfigError, match=rf"{fmt} has no format for a LlamaForCausalLM adapter.*--to peft"):
             convert_adapter(tmp_path / "ours", tmp_path / fmt, fmt)
 
 
@@ -616,3 +616,28 @@ def test_directories_and_malformed_tensors_raise_only_subspace_errors(tmp_path):
     with pytest.raises(SubspaceError):
         mms.import_kohya(tmp_path / "k.safetensors", text_encoder=model)
     assert not mms.list_adapters(model)
+
+
+def test_llava_adapter_to_diffusers_says_there_is_no_llava_format_and_points_to_peft(tmp_path):
+    from mm_subspace.tiny_models import tiny_llava
+
+    model, _ = tiny_llava()
+    mms.inject(model, mms.config_for("moslora", rank=2, targets="llava"))
+    mms.save_adapter(model, tmp_path / "llava")
+    for fmt in ("diffusers", "kohya"):
+        with pytest.raises(ConfigError, match=rf"{fmt} has no format for a LlavaForConditionalGeneration adapter.*"
+                                              r"no --component can help.*--to peft") as err:
+            convert_adapter(tmp_path / "llava", tmp_path / fmt, fmt)
+        assert not (tmp_path / fmt).exists(), err.value
+    assert convert_adapter(tmp_path / "llava", tmp_path / "peft", "peft").is_dir()  # where the message points works
+
+
+def test_adapter_of_unrecorded_base_to_diffusers_asks_for_the_component(tmp_path):
+    model = _llama()
+    mms.inject(model, mms.config_for("lora", rank=2, targets=LLAMA_TARGETS))
+    folder = mms.save_adapter(model, tmp_path / "ours")
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    meta["base_model"].pop("class")
+    (folder / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="say which component"):
+        convert_adapter(folder, tmp_path / "d", "diffusers")

@@ -66,6 +66,10 @@ def test_find_adapters_layouts(sdxl, tmp_path):
     # a flat folder is found too, and the training state of a run is not taken for an adapter
     (root / "dreambooth-sdxl-lora" / "training_state" / "checkpoint-1").mkdir(parents=True, exist_ok=True)
     assert len(find_adapters([root])) == 3
+    # nor the checkpoints of a run that has no final adapter yet (diffusers' <output_dir>/checkpoint-<step>)
+    import shutil
+    shutil.copytree(infos["lora"].path / "unet", root / "killed-run" / "checkpoint-1" / "unet")
+    assert len(find_adapters([root])) == 3 and not find_adapters([root / "killed-run"])
 
 
 def test_base_row_equals_the_pipeline_alone(sdxl):
@@ -280,3 +284,27 @@ def test_pipeline_loads_an_adapter_by_hub_id(sdxl, tmp_path, monkeypatch):
             mms.remove_adapter(sd.components[component], info.name)
         sd.adapters.pop(info.name, None)
         sd.scales.pop(info.name, None)
+
+
+def test_llava_answer_of_only_special_tokens_is_empty_not_a_tokenizer_panic():
+    """A greedy answer that is eos at once decodes to "" (the fast tokenizer's Strip decoder panics on empty input)."""
+    import torch
+
+    from mm_subspace.data.llava import digit_image
+    from mm_subspace.pipelines import LlavaAdapters
+
+    llava = LlavaAdapters.from_pretrained()
+    eos = llava.tokenizer.eos_token_id
+    real_generate = llava.model.generate
+
+    def eos_at_once(**inputs):
+        out = real_generate(**inputs)
+        prompt = inputs["input_ids"].shape[1]
+        out[:, prompt:] = eos
+        return out
+
+    llava.model.generate = eos_at_once
+    assert llava.answer(digit_image(3), "is the digit even? answer yes or no.", max_new_tokens=3).text == ""
+    llava.model.generate = real_generate
+    assert llava.answer(digit_image(3), "is the digit even? answer yes or no.", max_new_tokens=3).text
+    assert torch.is_tensor(llava.inputs("q", None)["input_ids"])

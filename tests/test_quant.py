@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -220,3 +223,34 @@ def test_trainable_module_must_not_be_quantised():
     with pytest.raises(mms.ConfigError, match="quantised"):
         mms.inject(q, mms.LoraConfig(rank=4, targets=["2"], trainable_modules=["0"]))
     assert mms.list_adapters(q) == {} and isinstance(q[2], bnb.nn.Linear4bit)  # nothing was mutated
+
+
+def test_import_mm_subspace_does_not_import_bitsandbytes():
+    """`import mm_subspace` (and its tiny models) leaves bitsandbytes unloaded: only a 4-bit request loads it."""
+    code = ("import sys, mm_subspace, mm_subspace.tiny_models\n"
+            "print('bitsandbytes' in sys.modules)\n"
+            "mm_subspace.quant._bnb()\n"
+            "print('bitsandbytes' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.stdout.split() == ["False", "True"]
+
+
+def test_kernel_hub_warning_is_silenced_other_bitsandbytes_warnings_are_not(caplog):
+    """bitsandbytes' "could not fetch the CPU kernel from the hub" line is dropped; its other warnings pass."""
+    hub_logger = logging.getLogger(quant.KERNEL_HUB_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=quant.KERNEL_HUB_LOGGER):
+        hub_logger.warning("%s: %s. Please make sure you already `pip install kernels`", quant.KERNEL_HUB_MESSAGE,
+                           "no network")
+        hub_logger.warning("some other bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
+    quant.silence_kernel_hub_warning()  # idempotent: still one filter
+    assert sum(isinstance(f, quant._KernelHubFilter) for f in hub_logger.filters) == 1
+
+
+def test_importing_bitsandbytes_after_mm_subspace_prints_no_kernel_hub_message():
+    """The real import (peft and diffusers import bitsandbytes on every run) is silent about the kernel hub."""
+    code = "import mm_subspace, bitsandbytes\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert quant.KERNEL_HUB_MESSAGE not in out.stderr + out.stdout

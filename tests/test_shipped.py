@@ -148,7 +148,7 @@ def test_unparsable_manifest_is_a_shipped_model_error(tmp_path, text):
 
 def test_the_shipped_models_list_exactly_their_files():
     """The folders under mm_subspace/weights pass the strict check (no unlisted file was committed)."""
-    assert shipped.list_shipped() == ["tiny-llava-digits", "tiny-sdxl-digits"]
+    assert shipped.list_shipped() == ["demo-adapters", "tiny-llava-digits", "tiny-sdxl-digits"]
     for name in shipped.list_shipped():
         folder = shipped.WEIGHTS_DIR / name
         shipped._verified.discard(folder)

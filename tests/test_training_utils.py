@@ -19,9 +19,13 @@ from mm_subspace.training_utils import (
     adapters_digest,
     cast_trainable_params,
     check_finite,
+    curve_smoothing,
+    ema,
     image_grid,
     locate_nonfinite,
     param_groups,
+    save_image_grid,
+    save_loss_curve,
     step_generator,
 )
 
@@ -77,6 +81,38 @@ def test_checkpoints_are_atomic_rotated_and_restore_adapters_exactly(tmp_path: P
     with pytest.raises(FileNotFoundError, match="checkpoint-2, checkpoint-3"):
         manager.resolve("checkpoint-9")
     assert CheckpointManager(tmp_path / "fresh", "moslora").resolve("latest") is None
+
+
+def test_checkpoints_go_to_output_dir_like_diffusers_and_the_old_layout_still_resumes(tmp_path: Path) -> None:
+    """New checkpoints: <output_dir>/checkpoint-N (diffusers' layout); <output_dir>/training_state/checkpoint-N of an
+    older run are still listed, resolved by name and by ``latest``, resumed exactly and rotated."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    manager = CheckpointManager(tmp_path, "moslora", total_limit=2)
+    manager.register_hooks(accelerator, {"net": model})
+    model, optimizer = accelerator.prepare(model, optimizer)
+    digests = {}
+    for step in (1, 2):
+        model(torch.randn(3, 8)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert manager.save(accelerator, step) == tmp_path / f"checkpoint-{step}"
+        digests[step] = adapters_digest({"net": model})
+    (tmp_path / "training_state").mkdir()
+    (tmp_path / "checkpoint-1").rename(tmp_path / "training_state" / "checkpoint-1")  # as an older run left it
+    assert manager.checkpoints() == [tmp_path / "training_state" / "checkpoint-1", tmp_path / "checkpoint-2"]
+    old = manager.resolve("checkpoint-1")
+    assert old == tmp_path / "training_state" / "checkpoint-1" and manager.check_resumable(old, ["net"]) == 1
+    accelerator.load_state(str(old))
+    assert adapters_digest({"net": model}) == digests[1]
+    (tmp_path / "checkpoint-2").rename(tmp_path / "training_state" / "checkpoint-2")
+    assert manager.resolve("latest") == tmp_path / "training_state" / "checkpoint-2"
+    manager.save(accelerator, 3)  # rotation (limit 2) removes the oldest, wherever it is
+    assert [p.relative_to(tmp_path).as_posix() for p in manager.checkpoints()] == ["training_state/checkpoint-2",
+                                                                                   "checkpoint-3"]
 
 
 def test_locate_nonfinite_names_the_first_bad_module() -> None:
@@ -321,3 +357,50 @@ def test_no_checkpoint_of_nonfinite_parameters(tmp_path: Path) -> None:
         manager.save(accelerator, 4)
     assert [p.name for p in manager.checkpoints()] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     assert not list(manager.root.glob(".checkpoint-4*"))
+
+
+def test_ema_is_bias_corrected_and_follows_the_recurrence() -> None:
+    assert ema([3.0] * 5, 0.9) == pytest.approx([3.0] * 5)  # no pull toward 0 at the start
+    values = [1.0, 0.0, 2.0, 5.0]
+    m, expected = 0.0, []
+    for t, x in enumerate(values, start=1):  # m_t = s m_{t-1} + (1 - s) x_t, reported as m_t / (1 - s^t)
+        m = 0.8 * m + 0.2 * x
+        expected.append(m / (1 - 0.8**t))
+    assert ema(values, 0.8) == pytest.approx(expected)
+    assert ema(values, 0.0) == values
+    assert curve_smoothing(5) == 0.0 and curve_smoothing(250) == pytest.approx(0.96) and curve_smoothing(10**6) == 0.98
+    with pytest.raises(ValueError, match="smoothing"):
+        ema(values, 1.0)
+
+
+def test_loss_curve_draws_the_raw_loss_and_its_ema(tmp_path: Path, monkeypatch) -> None:
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, x, y, **kw: drawn.append((kw.get("label"), list(y))) or original(self, x, y, **kw))
+    history = LossHistory()
+    noisy = [1.0 + (-1) ** i * 0.5 for i in range(200)]  # batch-1 noise around 1.0
+    for step, value in enumerate(noisy, start=1):
+        history.append(step, loss=value, aux_loss=0.0, lr=1e-3)
+    assert save_loss_curve(history, tmp_path / "curve.png").is_file()
+    labels = dict(drawn)
+    assert labels["loss (raw)"] == noisy  # no aux loss series (all zero), no lr
+    smooth = labels["loss (EMA, smoothing 0.95)"]
+    assert smooth == pytest.approx(ema(noisy, 0.95)) and max(abs(v - 1.0) for v in smooth[50:]) < 0.05
+
+
+def test_grids_upscale_small_images_nearest_to_256_px(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    small = [Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=rng, dtype=torch.uint8).numpy()) for _ in range(4)]
+    grid = Image.open(save_image_grid(small, tmp_path / "grid.png", cols=4))
+    assert grid.size == (4 * 256, 256)
+    block = grid.crop((256, 0, 512, 256)).resize((32, 32), Image.Resampling.NEAREST)
+    assert block.tobytes() == small[1].convert("RGB").tobytes()  # every pixel an 8x8 block of the original
+    assert grid.getpixel((256 + 7, 7)) == grid.getpixel((256, 0))
+    big = [Image.new("RGB", (300, 300), "red")]
+    assert Image.open(save_image_grid(big, tmp_path / "big.png")).size == (300, 300)  # large images untouched
+    assert image_grid(small, cols=2).size == (64, 64)  # image_grid alone keeps the size unless asked

@@ -88,7 +88,7 @@ def test_writes_every_output_and_reload_reproduces_logits(trained: Runs, name: s
     for f in ("adapter_config.json", "adapter_model.safetensors", "README.md", "loss_curve.png", "eval.json",
               "training_args.json"):
         assert (out / f).is_file(), f
-    assert sorted(p.name for p in (out / "training_state").iterdir()) == ["checkpoint-2"]
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-2"]
     assert not list(out.glob("*.bin"))  # one safetensors file holds everything trained
     ev = json.loads((out / "eval.json").read_text())
     assert set(ev[name.split("-")[0]]["tasks"]) == set(data.DIGIT_TASKS)
@@ -282,7 +282,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
     assert not (killed / "adapter_config.json").exists()
     resumed = vi.main(vi.parse_args([*RESUME, "--output_dir", str(killed), "--max_train_steps", "2",
                                      "--resume_from_checkpoint", "latest"]))
-    assert resumed["resumed_from"] == killed / "training_state" / "checkpoint-1" and resumed["global_step"] == 2
+    assert resumed["resumed_from"] == killed / "checkpoint-1" and resumed["global_step"] == 2
     straight = vi.main(vi.parse_args([*RESUME, "--output_dir", str(tmp_path / "straight"), "--max_train_steps", "2"]))
     a = load_file(killed / "adapter_model.safetensors")
     b = load_file(tmp_path / "straight" / "adapter_model.safetensors")
@@ -295,7 +295,7 @@ def test_two_process_cpu_run_ends_with_identical_adapters(tmp_path: Path) -> Non
     out = tmp_path / "ddp"
     run_two_cpu_processes(SCRIPT, [*FAST, "--adapter", "moslora", "--vision_rank", "4", "--max_train_steps", "2",
                                    "--skip_eval", "--output_dir", str(out)], env={"PYTHONPATH": str(ROOT)})
-    assert (out / "training_state" / "checkpoint-1" / "random_states_1.pkl").is_file()
+    assert (out / "checkpoint-1" / "random_states_1.pkl").is_file()
 
 
 def test_fsdp2_sharded_run_saves_the_same_adapter(tmp_path: Path) -> None:
@@ -491,3 +491,23 @@ def test_llava15_like_folder_trains_and_greedy_answers_end_at_eos(llava15_like: 
             expected = tok(" " + rec.messages[k]["content"] + "</s>", add_special_tokens=False).input_ids
             assert out == expected, (rec.id, k, tok.convert_ids_to_tokens(out))
             assert out[-1] == tok.eos_token_id
+
+
+def test_model_card_snippet_runs_as_written_from_the_folder_above_the_run(tmp_path):
+    """The card's "Use it" code: relative paths only, the image and question defined; it runs as written."""
+    import shutil
+    from argparse import Namespace
+
+    from mm_subspace.training.demo_adapters import demo_adapters_path
+
+    out = tmp_path / "llava-run"
+    shutil.copytree(demo_adapters_path() / "llava-lora", out)
+    args = Namespace(model_name_or_path=None, data_path=None, adapter="lora")
+    code = vi.usage_snippet(args, out).removeprefix("```python\n").removesuffix("```")
+    assert str(tmp_path) not in code and "image = " in code and "question = " in code
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stdout.endswith("\n"), proc.stderr[-2000:]  # printed an answer
+    own = vi.usage_snippet(Namespace(model_name_or_path=str(tmp_path / "my-llava"), data_path="data.json", adapter="lora"), out)
+    assert str(tmp_path) not in own and 'from_pretrained("my-llava")' in own and 'Image.open("photo.jpg")' in own
+    assert "is the digit even" not in own  # the user's own kind of question, not the digits task's

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mm_subspace.pipelines.adapters import AdapterInfo, adapter_info
@@ -28,7 +29,26 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEMO_EXAMPLES", "demo_examples", "make_demo_llava_adapter", "make_demo_sdxl_adapter", "train_visual_instruction"]
+__all__ = ["DEMO_ADAPTERS", "DEMO_EXAMPLES", "DEMO_METHODS", "demo_adapters_path", "demo_examples", "make_demo_llava_adapter",
+           "make_demo_sdxl_adapter", "train_visual_instruction"]
+
+#: the demo adapters shipped with the package (``mm_subspace/weights/<DEMO_ADAPTERS>``, made by
+#: ``training/make_demo_adapters.py``): DreamBooth-SDXL and LLaVA adapters of each method in DEMO_METHODS
+DEMO_ADAPTERS = "demo-adapters"
+DEMO_METHODS = ("lora", "moslora")
+
+
+def demo_adapters_path() -> Path:
+    """The shipped demo adapters' folder (``dreambooth-sdxl-lora/``, ``-moslora/``, ``llava-lora/``, ``llava-moslora/``),
+    every file checked against its manifest first (:func:`mm_subspace.shipped.shipped_path`).
+
+    The SDXL ones are the headline DreamBooth run on the embedded digits SDXL (the held-out 9, ``"a handwritten digit
+    sks"``); the LLaVA ones are tiny instruction adapters of the embedded digits LLaVA. Load them with
+    ``SDXLAdapters.load_adapters(find_adapters([demo_adapters_path()]))``.
+    """
+    from mm_subspace.shipped import shipped_path
+
+    return shipped_path(DEMO_ADAPTERS)
 
 
 def make_demo_sdxl_adapter(

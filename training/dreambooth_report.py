@@ -48,7 +48,7 @@ def log_images(accelerator: Any, images: list[Any], step: int, caption: str) -> 
             logger.warning("could not log validation images to %s: %s", tracker.name, err)
 
 
-HUB_EXCLUDE = ("training_state/*", "instance_images/*", "class_images/*")
+HUB_EXCLUDE = ("checkpoint-*/*", "training_state/*", "instance_images/*", "class_images/*")
 
 
 
@@ -142,7 +142,8 @@ def digit_quality(args: argparse.Namespace, pipe: Any, resolution: int) -> dict[
 
 def model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory, steps: int, total_batch: int,
                 world: int, export_note: str, grid: Path | None, curve: Path, parts: dict[str, torch.nn.Module],
-                quality: dict[str, Any] | None = None) -> None:
+                quality: dict[str, Any] | None = None, captions: tuple[int, int] = (0, 0)) -> None:
+    """Write the run's README.md. ``captions``: (images with their own caption, all instance images)."""
     name = args.pretrained_model_name_or_path
     local = name is not None and (os.path.isabs(name) or os.path.exists(name))
     hub_base = None if name is None or local else name  # front-matter base_model: hub ids only
@@ -152,6 +153,9 @@ def model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory,
     summary = {
         "base model": base,
         "instance prompt": f"`{args.instance_prompt}`",
+        "captions": (f"{captions[0]} of {captions[1]} images trained on their own caption (metadata.jsonl / .csv / .txt "
+                     f"or --caption_column){'; the others on the instance prompt' if captions[0] < captions[1] else ''}"
+                     if captions[0] else "none: every image trained on the instance prompt"),
         "steps": steps,
         "batch (per process × processes × accumulation)": f"{args.train_batch_size} × {world} × "
                                                           f"{args.gradient_accumulation_steps} = {total_batch}",
@@ -184,7 +188,9 @@ def model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory,
     if export_note.startswith("`pytorch"):
         usage += (f"\nStock diffusers, no mm_subspace needed:\n\n```python\npipe.load_lora_weights("
                   f'"{repo}")\n```\n')
-    usage += f"\nTrigger: use `{args.instance_prompt}` in the prompt.\n"
+    usage += f"\nTrigger: use `{args.instance_prompt}` in the prompt"
+    usage += (" (the images were trained on their own captions, which contain it or describe the subject: prompts in "
+              "their style work best).\n" if captions[0] else ".\n")
     final_grid = output_dir / "validation" / f"step-{steps:06d}.png"  # the last step alone (grid may stack step 0 above it)
     shown = final_grid if final_grid.is_file() else grid
     widget = [{"text": args.validation_prompt, "output": {"url": shown.relative_to(output_dir).as_posix()}}] if shown else None

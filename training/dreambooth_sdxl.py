@@ -20,7 +20,7 @@ loop under ``accumulate``, checkpoints on ``sync_gradients``, validation, save),
   ``mm_subspace.load_adapter(pipe.unet, out / "unet")``); ``pytorch_lora_weights.safetensors``
   (stock ``StableDiffusionXLPipeline.load_lora_weights``) when the method folds to plain LoRA;
   ``README.md`` model card; ``loss_curve.png``; ``validation/step-<N>.png`` grids;
-  ``training_state/checkpoint-<N>/`` written atomically.
+  ``checkpoint-<N>/`` written atomically (diffusers' layout).
 * Every random draw of a step (data order, VAE sample, noise, timesteps) comes from a generator
   seeded by ``(seed, rank, micro step)``, so ``--resume_from_checkpoint latest`` after a kill
   reproduces the uninterrupted run bit for bit on CPU.
@@ -48,23 +48,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mm_subspace.training.dreambooth_data import DIGIT_SUBJECT_IMAGES, MicroBatches, instance_records, schedule
+from mm_subspace.training.dreambooth_report import digit_quality, log_images, model_card, public_flags, push_to_hub, stack_grids
+from mm_subspace.training.script_flags import add_flags, check_unit_interval, cpu_threads, finite_float, str_to_bool
+from mm_subspace.training.sdxl_diffusion import (
+    chunked_calls,
+    diffusion_loss,
+    draw_noise,
+    edm_denoised,
+    edm_inputs,
+    encode_prompt,
+    generate_class_images,
+    tokenize,
+    validation_images,
+)
+from mm_subspace.training.validation_prompts import ValidationPrompt, read_validation_prompts
 
 import mm_subspace
 from mm_subspace import tiny_models
-from mm_subspace.caption_data import list_images
-from mm_subspace.distributed import (SkippedSteps, apply_test_overrides, check_setup, log_sharding,
-                                     process_group_kwargs, replicate_trainable, sync_replicated_grads)
-from mm_subspace.errors import ConfigError, MergeError
-from mm_subspace.hub import resolve_model
-from mm_subspace.eval import digits as digits_eval
 from mm_subspace.atomic import atomic_write_text
+from mm_subspace.caption_data import list_images
 from mm_subspace.compat import enable_activation_checkpointing, require
-from mm_subspace.training.dreambooth_data import DIGIT_SUBJECT_IMAGES, MicroBatches, instance_records, schedule
-from mm_subspace.training.dreambooth_report import (digit_quality, log_images, model_card, public_flags, push_to_hub,
-                                                    stack_grids)
-from mm_subspace.training.script_flags import add_flags, check_unit_interval, finite_float, str_to_bool
-from mm_subspace.training.sdxl_diffusion import (diffusion_loss, draw_noise, edm_denoised, edm_inputs, encode_prompt,
-                                                 generate_class_images, tokenize, validation_images)
+from mm_subspace.distributed import (
+    SkippedSteps,
+    apply_test_overrides,
+    check_setup,
+    log_sharding,
+    process_group_kwargs,
+    replicate_trainable,
+    sync_replicated_grads,
+)
+from mm_subspace.errors import ConfigError, MergeError
+from mm_subspace.eval import digits as digits_eval
+from mm_subspace.hub import resolve_model
 from mm_subspace.training_utils import (
     CheckpointManager,
     LossHistory,
@@ -79,6 +95,7 @@ from mm_subspace.training_utils import (
     method_flag_values,
     nonfinite_parameters,
     param_groups,
+    resume_mixed_precision,
     save_image_grid,
     save_loss_curve,
     save_parts,
@@ -95,6 +112,9 @@ EMBEDDED_LEARNING_RATE = 2e-3  # the tiny model learns the new digit in a few hu
 DIGIT_DEFAULTS: dict[str, Any] = {"train_batch_size": 2, "num_class_images": 50, "sample_batch_size": 25,
                                   "class_inference_steps": 20, "target_preset": "sdxl_unet_wide"}
 REAL_MAX_STEPS = 500  # the MoSLoRA paper's step count
+EMBEDDED_RESOLUTION = 32  # the shipped digits SDXL: UNet sample_size 8 x VAE factor 4 (tested against its config)
+#: --resolution this many times above or below the model's native size gets a warning
+RESOLUTION_WARN_FACTOR = 2
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
 TEXT_ENCODER_PARTS = ("text_encoder", "text_encoder_2")
 
@@ -159,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=1, help="How many times each instance image is repeated per epoch.")
     g.add_argument("--resolution", type=int, default=None,
                    help="Training image size (square). Default: the model's native size (UNet sample_size × VAE factor: "
-                   "64 for the embedded model, 1024 for SDXL). Must be divisible by the VAE factor.")
+                   f"{EMBEDDED_RESOLUTION} for the embedded model, 1024 for SDXL). Must be divisible by the VAE factor; a "
+                   "size far from the native one gets a warning (the model was not trained there, and every step and "
+                   "validation image costs resolution² more).")
     g.add_argument("--center_crop", action="store_true", help="Center-crop instead of random-crop after resizing.")
     g.add_argument("--random_flip", action="store_true",
                    help="Flip each image horizontally with probability 0.5, drawn anew every epoch (like the random crop).")
@@ -190,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(g, "--recipe", "--train_batch_size", "--gradient_accumulation_steps", "--max_train_steps",
               "--num_train_epochs", "--learning_rate", "--lr_scheduler", "--lr_warmup_steps",
               "--adam_beta1", "--adam_beta2", "--adam_weight_decay", "--adam_epsilon",
-              "--max_grad_norm", "--mixed_precision", "--gradient_checkpointing", "--seed", "--max_skipped_steps",
-              "--ddp_timeout",
+              "--max_grad_norm", "--mixed_precision", "--gradient_checkpointing", "--threads", "--seed",
+              "--max_skipped_steps", "--ddp_timeout",
               recipe={"choices": RECIPES, "help": 'Paper setting from mm_subspace.recipes: moslora_sdxl (alias moslora_paper) = MoSLoRA §4.3 / the official script: rank 4, orthogonal mixer, lr 1e-4 constant, batch 1 x accumulation 4, 500 steps, 50 validation inference steps, no prior preservation, no text-encoder training; lora_sdxl = the same with LoRA. Flags given explicitly win.'},
               max_train_steps={"help": f'Optimizer steps; wins over --num_train_epochs. Default: from --num_train_epochs when given, else {EMBEDDED_MAX_STEPS} on the embedded model, {REAL_MAX_STEPS} otherwise.'},
               num_train_epochs={"help": 'Passes over the data (instance images × --repeats; with prior preservation, at least the class images), converted to steps as diffusers does; the arithmetic is logged.'},
@@ -228,13 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(g, "--output_dir", "--checkpointing_steps", "--checkpoints_total_limit",
               "--resume_from_checkpoint",
               output_dir={"help": "Output folder. Default: runs/dreambooth-sdxl-<adapter> (the comparison app scans runs/)."},
-              checkpointing_steps={"help": 'Save a resumable checkpoint (training_state/checkpoint-<step>) every N optimizer steps. Default: 500, or half of --max_train_steps when that is less (the embedded default saves at 125 and 250).'})
+              checkpointing_steps={"help": 'Save a resumable checkpoint (<output_dir>/checkpoint-<step>, as diffusers) every N optimizer steps. Default: 500, or half of --max_train_steps when that is less (the embedded default saves at 125 and 250).'})
     g.add_argument("--output_kohya_format", action="store_true",
                    help="Also write pytorch_lora_weights_kohya.safetensors (kohya / A1111 / ComfyUI keys, mixer folded, true alpha).")
 
     g = parser.add_argument_group("hub")
     g.add_argument("--push_to_hub", action="store_true",
-                   help="Upload the output folder (without training_state/ and the photos) to the Hub at the end. Offline, "
+                   help="Upload the output folder (without checkpoints and the photos) to the Hub at the end. Offline, "
                    "the run ends normally and prints the exact upload command.")
     g.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (user/name). Default: the output folder's name.")
     g.add_argument("--hub_token", type=str, default=None, help="Hub token. Default: the one saved by `hf auth login`.")
@@ -243,7 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_prompt", type=str, default=None,
                    help="Prompt of the validation images. Default: --instance_prompt (diffusers skips validation when it is "
                    "unset; here a final validation grid is always written unless --num_validation_images 0).")
-    g.add_argument("--num_validation_images", type=int, default=4, help="Images per validation grid (0 disables validation).")
+    g.add_argument("--validation_prompts_file", type=str, default=None,
+                   help="Validate on the prompts of this file instead of --validation_prompt: one per line, one image each, "
+                   "with kohya's sample-prompt options (--n negative prompt, --d seed, --s steps, --l guidance, --w/--h "
+                   "size; e.g. 'a photo of sks dog on a beach --n blurry --d 3 --s 30'); # comments and blank lines skipped.")
+    g.add_argument("--num_validation_images", type=int, default=4,
+                   help="Images per validation grid (0 disables validation). With --validation_prompts_file: one per line.")
     g.add_argument("--validation_steps", type=int, default=None,
                    help="Validate every N steps (a grid validation/step-<N>.png each time). A final validation always runs.")
     g.add_argument("--validation_epochs", type=int, default=None,
@@ -300,9 +327,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
     check_positive(args, ["rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate",
                      "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "resolution", "snr_gamma",
-                     "num_class_images", "sample_batch_size", "validation_inference_steps", "validation_batch_size", "ddp_timeout",
-                     "max_skipped_steps", "class_inference_steps",
-                     "text_encoder_lr", "repeats", "num_train_epochs", "validation_epochs"])
+                     "num_class_images", "sample_batch_size", "validation_inference_steps", "validation_batch_size",
+                     "ddp_timeout", "max_skipped_steps", "class_inference_steps",
+                     "text_encoder_lr", "repeats", "num_train_epochs", "validation_epochs", "threads"])
     check_positive(args, ["num_validation_images", "prior_loss_weight", "lr_warmup_steps", "max_grad_norm", "noise_offset",
                      "dataloader_num_workers", "adam_weight_decay", "adam_weight_decay_text_encoder", "alpha",
                      "lora_dropout", "lr_power"], allow_zero=True)
@@ -337,9 +364,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.alpha is None:
         args.alpha = float(args.rank)
 
-    if args.default_subject is None:
+    own_data = args.instance_data_dir is not None or args.dataset_name is not None
+    if args.default_subject is not None and own_data:
+        raise ConfigError("--default_subject picks the embedded subject written when no data is given; it does not apply "
+                          "with --instance_data_dir or --dataset_name: drop it")
+    if args.default_subject is None and not own_data:
         args.default_subject = "digit" if args.pretrained_model_name_or_path is None else "cat"
-    digit_default = args.default_subject == "digit" and args.instance_data_dir is None and args.dataset_name is None
+    digit_default = args.default_subject == "digit" and not own_data
     if args.with_prior_preservation is None:  # on for the digit subject (before the class-prompt check)
         args.with_prior_preservation = digit_default
     if args.with_prior_preservation and args.class_prompt is None and digit_default:
@@ -377,6 +408,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         args.class_data_dir = os.path.join(args.output_dir, "class_images")
     if args.validation_prompt is None:
         args.validation_prompt = args.instance_prompt
+    if args.validation_prompts_file is not None:
+        read_validation_prompts(args.validation_prompts_file)  # every line checked before anything runs
     return args
 
 
@@ -403,6 +436,21 @@ def check_resolution(resolution: int, vae_factor: int = 1, unet_factor: int = 1,
     if resolution < smallest:
         raise ConfigError(f"--resolution {resolution} is too small for this model: its VAE (factor {vae_factor}) and "
                           f"UNet ({unet_factor}x downsampling) need at least {smallest} px")
+
+
+def resolution_warning(resolution: int, native: int, model: str) -> str | None:
+    """A warning when ``--resolution`` is more than :data:`RESOLUTION_WARN_FACTOR` times above or below the model's
+    native size (``None`` when it is close): a size the model never saw trains a different task, and each step and
+    validation image costs (resolution / native)² as much (diffusers' ``--resolution=1024`` on the 32 px embedded
+    model: 1,024x the pixels)."""
+    if native / RESOLUTION_WARN_FACTOR <= resolution <= native * RESOLUTION_WARN_FACTOR:
+        return None
+    ratio = (resolution / native) ** 2
+    cost = f"{ratio:,.0f}" if ratio >= 1 else f"{ratio:.2g}"
+    return (f"--resolution {resolution} is far from the native size {native} px of {model} (UNet sample_size × VAE "
+            f"factor): the model was trained at {native} px, and every training step and validation image costs about "
+            f"{cost}x the pixels of one at {native} px. Use --resolution {native} (or leave it out) unless you "
+            "mean to fine-tune to another size")
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -475,6 +523,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     output_dir = Path(args.output_dir)
+    resuming = CheckpointManager(output_dir, args.adapter).resolve(args.resume_from_checkpoint)
+    args.mixed_precision = resume_mixed_precision(resuming, args.mixed_precision)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -490,6 +540,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.local_rank not in (-1, accelerator.local_process_index):  # torch.distributed.launch's flag: must agree
         raise ConfigError(f"--local_rank {args.local_rank} but accelerate runs this process as local rank "
                           f"{accelerator.local_process_index}; drop --local_rank (accelerate launch sets the rank)")
+    if accelerator.device.type == "cpu":
+        args.threads = cpu_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        torch.set_num_threads(args.threads)
+        logger.info("CPU: %d torch thread(s) per process (--threads)", args.threads)
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -509,7 +563,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     unet_cfg = UNet2DConditionModel.load_config(model_path, subfolder="unet", revision=args.revision)
     vae_cfg = AutoencoderKL.load_config(vae_path, subfolder=vae_sub, revision=args.revision)
     vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    resolution = args.resolution or int(unet_cfg["sample_size"]) * vae_factor
+    native = int(unet_cfg["sample_size"]) * vae_factor
+    resolution = args.resolution or native
+    warning = resolution_warning(resolution, native, "the embedded model" if args.embedded_model else model_path)
+    if warning:
+        logger.warning("%s", warning)
+    args.resolution = resolution  # training_args.json and the card record the size used
     check_resolution(resolution, vae_factor, 2 ** (len(unet_cfg["down_block_types"]) - 1), vae_path)
     scheduler_class = DDPMScheduler.load_config(model_path, subfolder="scheduler", revision=args.revision)["_class_name"]
     edm_scheduler = "EDM" in scheduler_class
@@ -714,6 +773,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return pipe, models
 
     validated: set[int] = set()  # steps with a grid (the same on every rank)
+    prompt_lines = read_validation_prompts(args.validation_prompts_file) if args.validation_prompts_file else None
 
     def log_validation(step: int) -> Path | None:
         """The validation grid of ``step``: rank 0 writes it; every rank runs it when the UNet is sharded."""
@@ -721,17 +781,32 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             return None
         validated.add(step)
         pipe, models = current_pipeline()
-        images = validation_images(pipe, args.validation_prompt, args.num_validation_images, args.validation_batch_size,
-                                   args.seed, weight_dtype, progress=accelerator.is_local_main_process, height=resolution,
-                                   width=resolution, num_inference_steps=args.validation_inference_steps)
+        if prompt_lines is None:
+            calls = chunked_calls(args.validation_prompt, args.num_validation_images, args.validation_batch_size,
+                                  args.seed, height=resolution, width=resolution,
+                                  num_inference_steps=args.validation_inference_steps)
+        else:
+            calls = [validation_call(line, i) for i, line in enumerate(prompt_lines)]
+        images = validation_images(pipe, calls, weight_dtype, progress=accelerator.is_local_main_process)
         for name, m in models.items():
             m.train(name in parts)
         if not accelerator.is_main_process:
             return None
-        path = save_image_grid(images, output_dir / "validation" / f"step-{step:06d}.png", cols=len(images))
-        log_images(accelerator, images, step, args.validation_prompt)
+        cols = len(images) if prompt_lines is None else min(len(images), 4)
+        path = save_image_grid(images, output_dir / "validation" / f"step-{step:06d}.png", cols=cols)
+        log_images(accelerator, images, step, args.validation_prompt if prompt_lines is None else
+                   " | ".join(line.prompt for line in prompt_lines))
         logger.info("validation grid %s", path)
         return path
+
+    def validation_call(line: ValidationPrompt, index: int) -> dict[str, Any]:
+        """The pipeline call of a --validation_prompts_file line; what the line leaves out takes the script's values."""
+        extra = {} if line.guidance_scale is None else {"guidance_scale": line.guidance_scale}
+        seed = args.seed + index if line.seed is None else line.seed
+        return {"prompt": line.prompt, "negative_prompt": line.negative_prompt,
+                "generator": torch.Generator().manual_seed(seed), "height": line.height or resolution,
+                "width": line.width or resolution,
+                "num_inference_steps": line.num_inference_steps or args.validation_inference_steps, **extra}
 
     # -- 9. train (a step-0 grid first: the base, as every method starts at ΔW = 0) ----------------------
     first_grid = None
@@ -846,7 +921,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         curve = save_loss_curve(history, output_dir / "loss_curve.png", f"DreamBooth SDXL, {args.adapter}")
         atomic_write_text(output_dir / "training_args.json", json.dumps(public_flags(args), indent=2, default=str) + "\n")
         model_card(args, output_dir, history, global_step, total_batch, world, export_note, last_grid, curve, final,
-                    quality)
+                    quality, captions=(sum(r.caption is not None for r in instance), len(instance)))
         logger.info("saved %s adapter to %s", args.adapter, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()

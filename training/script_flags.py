@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
+
+
+import os
 from typing import Any
 
 from mm_subspace.distributed import DEFAULT_DDP_TIMEOUT, DEFAULT_MAX_SKIPPED_STEPS
@@ -74,6 +77,10 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
                           "help": "Mixed precision; frozen weights are cast to it, adapters stay fp32. Default: "
                           "accelerate config."},
     "--gradient_checkpointing": {"action": "store_true", "help": "Trade compute for memory."},
+    "--threads": {"type": int, "default": None,
+                  "help": "torch intra-op threads per process on CPU. Default: $OMP_NUM_THREADS when set, else half the "
+                  "cores this process may use, split among the processes of the machine (1 on a 2-core machine, where "
+                  "more threads contend with each other and with other jobs). Ignored on a GPU."},
     "--seed": {"type": int, "default": 0, "help": "Seed of every random draw (adapter init, data order, dropout, noise)."},
     "--max_skipped_steps": {"type": int, "default": DEFAULT_MAX_SKIPPED_STEPS,
                             "help": "fp16: the loss scaler skips the steps whose gradients overflow while it calibrates "
@@ -85,7 +92,7 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
     "--output_dir": {"type": str, "default": None,
                      "help": "Output folder (the comparison app scans runs/)."},
     "--checkpointing_steps": {"type": int, "default": None,
-                              "help": "Save a resumable checkpoint (training_state/checkpoint-<step>) every N optimizer "
+                              "help": "Save a resumable checkpoint (<output_dir>/checkpoint-<step>, as diffusers) every N optimizer "
                               "steps. Default: 500, or half of --max_train_steps when that is less."},
     "--checkpoints_total_limit": {"type": int, "default": None, "help": "Keep at most this many checkpoints."},
     "--resume_from_checkpoint": {"type": str, "default": None,
@@ -112,6 +119,21 @@ def add_flags(group: argparse._ActionsContainer, *names: str, **overrides: dict[
         group.add_argument(name, **{**SHARED_FLAGS[name], **overrides.get(name.lstrip("-"), {})})
 
 
+def cpu_threads(requested: int | None, local_processes: int = 1) -> int:
+    """Intra-op threads for a CPU run: ``requested`` (``--threads``), else ``$OMP_NUM_THREADS`` when set, else half
+    the cores this process may use, split among ``local_processes`` (at least 1).
+
+    A shared 2-core machine runs the tiny models about 4x faster on one thread than on two (measured:
+    100 DreamBooth steps in 116 s on 2 threads, 250 steps in 29 s on 1).
+    """
+    if requested:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // (2 * max(1, local_processes)))
+
+
 def str_to_bool(value: str) -> bool:
     """argparse type for true/false flags (diffusers' ``type=bool`` makes "False" true)."""
     text = str(value).strip().lower()
@@ -134,3 +156,28 @@ def check_unit_interval(args: argparse.Namespace, names: Sequence[str] = UNIT_IN
         value = getattr(args, name, None)
         if value is not None and not 0.0 <= value < 1.0:
             raise ConfigError(f"--{name} must be in [0, 1), got {value}")
+
+
+def flags_markdown(parser: argparse.ArgumentParser) -> str:
+    """The flag tables of a script's docs (one per argument group: flag, default, meaning + choices), from its parser;
+    docs/dreambooth.md holds exactly this for the DreamBooth script (tested), so --help and the docs agree."""
+    out = []
+    for group in parser._action_groups:
+        actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
+        if not actions or group.title in ("options", "optional arguments", "positional arguments"):
+            continue
+        out += [f"**{group.title}**", "", "| flag | default | meaning |", "|---|---|---|"]
+        for a in actions:
+            names = " / ".join(f"`{o}`" for o in a.option_strings if o.startswith("--"))
+            if isinstance(a, argparse._StoreTrueAction):
+                default = "off"
+            elif a.default is None:
+                default = "—"
+            else:
+                default = f"`{a.default}`"
+            text = a.help or ""
+            if a.choices:
+                text += f" Choices: {', '.join(map(str, a.choices))}."
+            out.append(f"| {names} | {default} | {text.replace('|', chr(92) + '|')} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"

@@ -41,6 +41,7 @@ def generate_class_images(args: argparse.Namespace, model_path: str, class_dir: 
     rank: the missing images are split across the ranks (as diffusers does), each seeded by its index, so the
     images do not depend on the number of processes."""
     from diffusers import StableDiffusionXLPipeline
+    from tqdm.auto import tqdm
 
     if accelerator.is_main_process:
         class_dir.mkdir(parents=True, exist_ok=True)
@@ -59,6 +60,7 @@ def generate_class_images(args: argparse.Namespace, model_path: str, class_dir: 
                                                          dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(accelerator.device)
+        bar = tqdm(total=len(mine), desc="class images", unit="img", disable=not accelerator.is_local_main_process)
         for start in range(0, len(mine), args.sample_batch_size):
             idx = mine[start: start + args.sample_batch_size]
             gens = [torch.Generator().manual_seed(args.seed * 100_003 + i) for i in idx]
@@ -66,6 +68,8 @@ def generate_class_images(args: argparse.Namespace, model_path: str, class_dir: 
                           num_inference_steps=args.class_inference_steps).images
             for i, image in zip(idx, images):
                 image.save(class_dir / f"class_{i:05d}.png")
+            bar.update(len(idx))
+        bar.close()
         del pipe
     accelerator.wait_for_everyone()
 
@@ -94,39 +98,41 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def validation_images(pipe: Any, prompt: str, n: int, batch_size: int, seed: int, weight_dtype: torch.dtype,
-                      progress: bool = True, **sampler: Any) -> list[Any]:
-    """``n`` validation images of ``prompt``, ``batch_size`` per pipeline call (image ``i`` seeded ``seed + i``, so
-    the chunking does not change them). The denoising runs under autocast to ``weight_dtype``; the latents are
-    decoded by :func:`decode_latents` in fp32 outside it.
+def chunked_calls(prompt: str, n: int, batch_size: int, seed: int, **sampler: Any) -> list[dict[str, Any]]:
+    """Pipeline calls for ``n`` images of ``prompt``, ``batch_size`` per call; image ``i`` seeded ``seed + i`` (its own
+    generator), so the chunking does not change an image."""
+    return [{"prompt": prompt, "num_images_per_prompt": len(idx), **sampler,
+             "generator": [torch.Generator().manual_seed(seed + i) for i in idx]}
+            for idx in (range(start, min(start + batch_size, n)) for start in range(0, n, batch_size))]
 
-    A NaN/inf image is logged as an error naming the cause and the fix (the images are still returned)."""
+
+def validation_images(pipe: Any, calls: list[dict[str, Any]], weight_dtype: torch.dtype, progress: bool = True) -> list[Any]:
+    """The images of ``calls`` (``pipe`` keyword arguments each, e.g. :func:`chunked_calls`), with a progress bar. The
+    denoising runs under autocast to ``weight_dtype``; the latents are decoded by :func:`decode_latents` in fp32
+    outside it. A NaN/inf image is logged as an error naming the cause and the fix (the images are still returned)."""
     from tqdm.auto import tqdm
 
-    device = pipe.unet.device
-    autocast = (torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32
+    autocast = (torch.autocast(pipe.unet.device.type, dtype=weight_dtype) if weight_dtype != torch.float32
                 else contextlib.nullcontext())
     images: list[Any] = []
-    bad = 0
-    for start in tqdm(range(0, n, batch_size), desc="Validation", disable=not progress, leave=False):
-        idx = range(start, min(start + batch_size, n))
-        gens = [torch.Generator().manual_seed(seed + i) for i in idx]
+    bad, bad_latents = 0, False
+    for call in tqdm(calls, desc="Validation", disable=not progress, leave=False):
         with autocast:
-            latents = pipe(prompt, num_images_per_prompt=len(idx), generator=gens, output_type="latent", **sampler).images
+            latents = pipe(**call, output_type="latent").images
+        bad_latents |= not bool(torch.isfinite(latents).all())
         pixels = decode_latents(pipe.vae, latents)
         bad += int((~torch.isfinite(pixels)).flatten(1).any(1).sum())
         if getattr(pipe, "watermark", None) is not None:
             pixels = pipe.watermark.apply_watermark(pixels)
         images += pipe.image_processor.postprocess(torch.nan_to_num(pixels), output_type="pil")
-    if bad:
-        if not torch.isfinite(latents).all():
-            logger.error("validation: %d of %d images are NaN/inf because the UNet's latents are (%s): the adapter or "
-                         "the fp16 run diverged; try --mixed_precision bf16 or a lower --learning_rate", bad, n,
-                         str(weight_dtype).replace("torch.", ""))
-        else:
-            logger.error("validation: %d of %d images are NaN/inf although the latents are finite: the VAE overflows; "
-                         "pass one that is stable in half precision with --pretrained_vae_model_name_or_path (e.g. "
-                         "madebyollin/sdxl-vae-fp16-fix)", bad, n)
+    if bad and bad_latents:
+        logger.error("validation: %d of %d images are NaN/inf because the UNet's latents are (%s): the adapter or the "
+                     "fp16 run diverged; try --mixed_precision bf16 or a lower --learning_rate", bad, len(images),
+                     str(weight_dtype).replace("torch.", ""))
+    elif bad:
+        logger.error("validation: %d of %d images are NaN/inf although the latents are finite: the VAE overflows; pass "
+                     "one that is stable in half precision with --pretrained_vae_model_name_or_path (e.g. "
+                     "madebyollin/sdxl-vae-fp16-fix)", bad, len(images))
     return images
 
 

@@ -77,6 +77,7 @@ from mm_subspace.training_utils import (
     method_flag_values,
     nonfinite_parameters,
     param_groups,
+    resume_mixed_precision,
     sample_indices,
     save_loss_curve,
     step_seed,
@@ -567,6 +568,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     output_dir = Path(args.output_dir)
+    resuming = CheckpointManager(output_dir, args.adapter).resolve(args.resume_from_checkpoint)
+    args.mixed_precision = resume_mixed_precision(resuming, args.mixed_precision)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -789,6 +792,30 @@ def _append_eval_to_card(card: Path, results: dict[str, Any]) -> None:
     atomic_write_text(card, text)
 
 
+def usage_snippet(args: argparse.Namespace, output_dir: Path) -> str:
+    """The card's "Use it" code: runs as written from the folder above the run's (relative paths, no local absolute
+    path), with an image and a question defined: a digits scan and a digits question for the embedded data, a
+    photo and a question of the user's own kind otherwise."""
+    model = args.model_name_or_path
+    if model is None:
+        load = "llava = LlavaAdapters.from_pretrained()  # the embedded tiny LLaVA this adapter was trained on\n"
+    elif os.path.isabs(model) or os.path.exists(model):
+        load = (f'llava = LlavaAdapters.from_pretrained("{Path(model).name}")  # your copy of the base model '
+                "(a local folder when trained)\n")
+    else:
+        load = f'llava = LlavaAdapters.from_pretrained("{model}")\n'
+    if args.data_path is None:
+        inputs = ("from mm_subspace.data.llava import digit_image\n\n", "image = digit_image(7)  # a digits scan\n",
+                  'question = "is the digit even? answer yes or no."\n')
+    else:
+        inputs = ("from PIL import Image\n\n", 'image = Image.open("photo.jpg").convert("RGB")  # an image like your data\'s\n',
+                  'question = "Describe the image."  # a question like those of your data\n')
+    return (f"```python\n{inputs[0]}from mm_subspace.pipelines.llava import LlavaAdapters\n\n{load}"
+            f'llava.load_adapter("{output_dir.name}", name="{args.adapter}")  # this run\'s folder\n'
+            f"{inputs[1]}{inputs[2]}"
+            f'print(llava.answer(image, question, adapter="{args.adapter}").text)\n```')
+
+
 def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory, steps: int, total_batch: int,
                 world: int, peft_note: str, curve: Path, model: Any, results: dict[str, Any], trainable: int,
                 sec_per_step: float, base_name: str) -> None:
@@ -812,12 +839,9 @@ def _model_card(args: argparse.Namespace, output_dir: Path, history: LossHistory
     sections = {}
     if results:
         sections["Evaluation"] = eval_table(results)
-    sections["Use it"] = (
-        "```python\nimport mm_subspace as mms\nfrom mm_subspace.pipelines.llava import LlavaAdapters\n\n"
-        f"llava = LlavaAdapters.from_pretrained({args.model_name_or_path!r})\n"
-        f'llava.load_adapter("{output_dir.as_posix()}", name="{args.adapter}")\n'
-        f'print(llava.answer(image, "is the digit even? answer yes or no.", adapter="{args.adapter}").text)\n```\n\n'
-        "Merged into a full model: `mm_subspace.pipelines.llava.save_merged_llava(base, adapter_dir, out)` or `--save_merged`."
+    sections["Use it"] = usage_snippet(args, output_dir) + (
+        "\n\nMerged into a full model: `mm_subspace.pipelines.llava.save_merged_llava(base, adapter_dir, out)` or "
+        "`--save_merged`."
     )
     write_model_card(output_dir, title=f"Visual-instruction tuning — {args.adapter}", base_model=base_name,
                      method=args.adapter, summary=summary,

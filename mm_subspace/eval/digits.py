@@ -60,6 +60,7 @@ __all__ = [
     "prompt_accuracy",
     "subject_fidelity",
     "subject_images",
+    "subject_share",
     "to_8x8",
 ]
 
@@ -293,3 +294,26 @@ def subject_fidelity(pipe: StableDiffusionXLPipeline, prompt: str = INSTANCE_PRO
     read = [int(p) for p in digit_classifier().predict(images)]
     histogram = {d: read.count(d) / n for d in sorted(set(read))}
     return QualityResult(value=read.count(target) / n, n=n, per_digit=histogram, predictions=read, images=images)
+
+
+def subject_share(images: Sequence[Any], subject_images: Sequence[Any]) -> float:
+    """Share of ``images`` that look more like ``subject_images`` than like any digit 0-9.
+
+    The classifier always names a digit, so it cannot say "not a digit". This reader works in the same 8x8 ink
+    features (:func:`to_8x8`) with 11 classes — the mean train-split scan of each digit and the mean of the
+    subject's own images — and reads each image as the nearest class mean: a learned non-digit subject (a glyph
+    drawn by the user) counts only when it is closer to the subject than to every digit.
+
+    Raises:
+        ConfigError: no images or no subject images.
+    """
+    import numpy as np
+
+    if len(subject_images) == 0:
+        raise ConfigError("subject_share needs the subject's own images")
+    x_train, y_train, _, _ = digits_split()
+    means = np.stack([x_train[y_train == d].reshape(-1, 64).mean(0) for d in range(10)]
+                     + [to_8x8(subject_images).mean(0)])
+    features = to_8x8(images)
+    nearest = np.argmin(((features[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
+    return float((nearest == 10).mean())

@@ -102,6 +102,13 @@ def convert_models(
     out = Path(out)
     if to in ("diffusers", "kohya"):
         if None in models:
+            base_class = ((base_models or {}).get(None) or {}).get("class")
+            if base_class:  # a known non-SDXL model (LLaVA, LLaMA, ...): no --component can make it one
+                raise ConfigError(
+                    f"{to} has no format for a {base_class} adapter: {to} files hold SDXL pipeline components only "
+                    f"({', '.join(sorted(KOHYA_PREFIX))}), so no --component can help. Use --to peft (stock PEFT loads it with "
+                    "PeftModel.from_pretrained) or --to mm_subspace"
+                )
             raise ConfigError(
                 f"the {to} format is for SDXL pipelines; say which component this adapter belongs to "
                 f"(component= / --component, one of {sorted(KOHYA_PREFIX)})"
