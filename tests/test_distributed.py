@@ -64,7 +64,7 @@ def test_dreambooth_fp16_scaler_skips_the_overflowing_first_steps_and_trains(tmp
     assert 1 <= result["skipped_steps"] < 8  # 2**24 overflows at first; the scale halves until steps succeed
     assert_trained_and_finite(out / "unet")
     for step in (4, 8):  # checkpoints written during and after the skipped steps hold finite adapters
-        assert all(torch.isfinite(t).all() for t in adapter_tensors(out / "training_state" / f"checkpoint-{step}" / "unet").values())
+        assert all(torch.isfinite(t).all() for t in adapter_tensors(out / f"checkpoint-{step}" / "unet").values())
 
 
 def test_visual_instruction_fp16_scaler_skips_the_overflowing_first_steps_and_trains(tmp_path: Path,
@@ -169,7 +169,7 @@ def test_shipped_accelerate_configs_load_and_are_supported_setups(config: Path) 
 def test_resume_on_another_number_of_processes_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "db"
     db.main(db.parse_args([*DB_FAST, "--output_dir", str(out), "--max_train_steps", "1"]))
-    ckpt = out / "training_state" / "checkpoint-1"
+    ckpt = out / "checkpoint-1"
     assert json.loads((ckpt / "trainer_state.json").read_text())["num_processes"] == 1
     assert CheckpointManager(out, "moslora", num_processes=1).check_resumable(ckpt, ["unet"]) == 1
     with pytest.raises(ConfigError, match=r"written by a run on 1 processes, this one has 2.*--num_processes 1"):
@@ -208,7 +208,7 @@ def test_fsdp2_two_processes_train_the_adapter_of_ddp_checkpoint_it_alone_and_re
     run_two_cpu_processes(path, [*common, "--output_dir", str(tmp_path / "ddp")], env={"PYTHONPATH": str(ROOT)},
                           timeout=900)
     _assert_same_adapter(tmp_path / "fsdp" / part, tmp_path / "ddp" / part)  # sharding the base changes nothing
-    ckpt = tmp_path / "fsdp" / "training_state" / "checkpoint-1"
+    ckpt = tmp_path / "fsdp" / "checkpoint-1"
     files = _checkpoint_files(ckpt)
     assert not [f for f in files if "fsdp" in f or f.startswith("pytorch_model") or f.endswith(".distcp")], files
     weights = sum((ckpt / f).stat().st_size for f in files if f.endswith(".safetensors"))
@@ -221,8 +221,8 @@ def test_fsdp2_two_processes_train_the_adapter_of_ddp_checkpoint_it_alone_and_re
         assert json.loads((tmp_path / "fsdp" / "eval.json").read_text())  # evaluation ran on the sharded model
     # resume the sharded run from checkpoint-1: the same adapter as the uninterrupted one
     resumed = tmp_path / "resumed"
-    (resumed / "training_state").mkdir(parents=True)
-    os.symlink(ckpt, resumed / "training_state" / "checkpoint-1")
+    resumed.mkdir()
+    os.symlink(ckpt, resumed / "checkpoint-1")
     if script == "dreambooth":
         os.symlink(tmp_path / "fsdp" / "class_images", resumed / "class_images")
     log, _ = run_two_cpu_processes(path, [*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest",
