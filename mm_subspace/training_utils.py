@@ -32,14 +32,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .atomic import atomic_paths, atomic_write_text, fsync_dir
 from .checkpoints import HISTORY_KEY, TRAINER_STATE, check_accelerate_files, check_history_rows, read_trainer_state
 from .errors import AdapterFileError, ConfigError, NonFiniteError
-from .inject import adapter_layers, get_state
+from .inject import adapter_layers, adapter_state_dict, get_state
+from .io import CONFIG_NAME, WEIGHTS_NAME, load_tensors_into, read_adapter_config, read_adapter_weights, save_adapter
 from .layer import AdapterLayer
-from .atomic import atomic_paths, atomic_write_text, fsync_dir
-from .inject import adapter_state_dict
-from .io import CONFIG_NAME, WEIGHTS_NAME, load_tensors_into
-from .io import read_adapter_config, read_adapter_weights, save_adapter
 
 if TYPE_CHECKING:
     import PIL.Image

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mm_subspace.training import llava_eval
-from mm_subspace.training import visual_instruction as vi
 from safetensors.torch import load_file
 
 import mm_subspace as mms
@@ -27,6 +25,8 @@ from conftest import checkpointing_on, kill_at_first_checkpoint, run_two_cpu_pro
 from mm_subspace import tiny_models
 from mm_subspace.data import llava as data
 from mm_subspace.errors import ConfigError, DataError
+from mm_subspace.training import llava_eval
+from mm_subspace.training import visual_instruction as vi
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "visual_instruction.py"

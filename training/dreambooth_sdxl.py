@@ -41,7 +41,6 @@ import contextlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import time
 import warnings
@@ -52,19 +51,27 @@ import torch
 
 import mm_subspace
 from mm_subspace import tiny_models
-from mm_subspace.caption_data import list_images
-from mm_subspace.errors import ConfigError, MergeError
-from mm_subspace.hub import resolve_model
-from mm_subspace.eval import digits as digits_eval
 from mm_subspace.atomic import atomic_write_text
-from mm_subspace.compat import enable_activation_checkpointing, require
+from mm_subspace.caption_data import list_images
+from mm_subspace.compat import enable_activation_checkpointing
+from mm_subspace.errors import ConfigError, MergeError
+from mm_subspace.eval import digits as digits_eval
+from mm_subspace.hub import resolve_model
+from mm_subspace.training.dreambooth_checks import check_resolution, refuse_bad_combinations, resolution_warning
 from mm_subspace.training.dreambooth_data import DIGIT_SUBJECT_IMAGES, MicroBatches, instance_records, schedule
-from mm_subspace.training.dreambooth_report import (digit_quality, log_images, model_card, public_flags, push_to_hub,
-                                                    stack_grids)
+from mm_subspace.training.dreambooth_report import digit_quality, log_images, model_card, public_flags, push_to_hub, stack_grids
+from mm_subspace.training.optimizers import make_optimizer
 from mm_subspace.training.script_flags import add_flags, check_unit_interval, cpu_threads, finite_float, str_to_bool
+from mm_subspace.training.sdxl_diffusion import (
+    diffusion_loss,
+    draw_noise,
+    edm_denoised,
+    edm_inputs,
+    encode_prompt,
+    generate_class_images,
+    tokenize,
+)
 from mm_subspace.training.validation_prompts import ValidationPrompt, read_validation_prompts
-from mm_subspace.training.sdxl_diffusion import (diffusion_loss, draw_noise, edm_denoised, edm_inputs, encode_prompt,
-                                                 generate_class_images, tokenize)
 from mm_subspace.training_utils import (
     CheckpointManager,
     LossHistory,
@@ -78,7 +85,6 @@ from mm_subspace.training_utils import (
     locate_nonfinite,
     method_flag_values,
     nonfinite_parameters,
-    param_groups,
     resume_mixed_precision,
     save_image_grid,
     save_loss_curve,
@@ -97,8 +103,6 @@ DIGIT_DEFAULTS: dict[str, Any] = {"train_batch_size": 2, "num_class_images": 50,
                                   "class_inference_steps": 20, "target_preset": "sdxl_unet_wide"}
 REAL_MAX_STEPS = 500  # the MoSLoRA paper's step count
 EMBEDDED_RESOLUTION = 32  # the shipped digits SDXL: UNet sample_size 8 x VAE factor 4 (tested against its config)
-#: --resolution this many times above or below the model's native size gets a warning
-RESOLUTION_WARN_FACTOR = 2
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
 TEXT_ENCODER_PARTS = ("text_encoder", "text_encoder_2")
 
@@ -317,30 +321,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     check_unit_interval(args)
     if args.resolution is not None:
         check_resolution(args.resolution)  # the VAE and UNet factors are checked once the model's config is read
-    if args.train_text_encoder_ti:
-        raise ConfigError(
-            "--train_text_encoder_ti (pivotal tuning: new token embeddings, diffusers' advanced script) is not supported: "
-            "this script trains adapters only. Use --train_text_encoder to adapt both text encoders; see docs/dreambooth.md"
-        )
-    if args.dataset_name and args.instance_data_dir:
-        raise ValueError("pass one of --dataset_name and --instance_data_dir, not both")
-    if args.instance_data_dir is not None and not Path(args.instance_data_dir).expanduser().is_dir():
-        raise ConfigError(f"--instance_data_dir {args.instance_data_dir}: no such folder; pass the folder of the "
-                          "subject's images (or leave the flag out for the embedded default subject)")
-    if args.validation_steps and args.validation_epochs:
-        raise ValueError("pass one of --validation_steps and --validation_epochs, not both")
-    if args.do_edm_style_training and args.snr_gamma is not None:
-        raise ValueError("--snr_gamma (Min-SNR weighting of DDPM timesteps) is not defined for --do_edm_style_training; drop one")
-    if args.hub_token is not None and args.report_to in ("wandb", "all"):
-        raise ValueError("--hub_token with --report_to wandb would expose the token in the run's config (as diffusers "
-                         "refuses); log in once with `hf auth login` instead")
-    if args.output_kohya_format:
-        if not adapter_cls.mergeable or is_dora(args.adapter):
-            why = "DoRA's magnitude has no kohya slot" if is_dora(args.adapter) else adapter_cls.merge_refusal
-            raise ConfigError(f"--output_kohya_format needs an adapter that folds to plain LoRA, not {args.adapter}: {why}")
-    if args.use_8bit_adam and args.optimizer != "adamw":
-        raise ConfigError(f"--use_8bit_adam is bitsandbytes' 8-bit AdamW; it does not apply to --optimizer {args.optimizer}: "
-                          "drop one of them")
+    refuse_bad_combinations(args, adapter_cls)
     if args.alpha is None:
         args.alpha = float(args.rank)
 
@@ -393,46 +374,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-#: SDXL pipelines generate only sizes divisible by 8 (their own check), whatever the VAE
-PIPELINE_SIZE_FACTOR = 8
-
-
-def _multiple_hint(value: int, factor: int) -> str:
-    below = max(factor, value - value % factor)
-    return f"use {below}" + (f" or {below + factor}" if below < value else "")
-
-
-def check_resolution(resolution: int, vae_factor: int = 1, unet_factor: int = 1, vae_path: str = "") -> None:
-    """``--resolution`` must be a multiple of the VAE factor and of 8 (the SDXL pipeline's validation and class
-    images), and give a latent at least as large as the UNet's downsampling (``2**(down blocks - 1)``): checked
-    before training (the parse-time part without a model), so a bad size never trains and then fails in the final
-    validation or evaluation."""
-    factor = math.lcm(vae_factor, PIPELINE_SIZE_FACTOR)
-    if resolution % factor:
-        of = f"the VAE factor {vae_factor} of {vae_path} and " if factor != PIPELINE_SIZE_FACTOR else ""
-        raise ConfigError(f"--resolution {resolution} is not divisible by {of}{PIPELINE_SIZE_FACTOR} (SDXL pipelines "
-                          f"generate sizes divisible by {PIPELINE_SIZE_FACTOR}): {_multiple_hint(resolution, factor)}")
-    smallest = math.lcm(factor, vae_factor * unet_factor)
-    if resolution < smallest:
-        raise ConfigError(f"--resolution {resolution} is too small for this model: its VAE (factor {vae_factor}) and "
-                          f"UNet ({unet_factor}x downsampling) need at least {smallest} px")
-
-
-def resolution_warning(resolution: int, native: int, model: str) -> str | None:
-    """A warning when ``--resolution`` is more than :data:`RESOLUTION_WARN_FACTOR` times above or below the model's
-    native size (``None`` when it is close): a size the model never saw trains a different task, and each step and
-    validation image costs (resolution / native)² as much (diffusers' ``--resolution=1024`` on the 32 px embedded
-    model: 1,024x the pixels)."""
-    if native / RESOLUTION_WARN_FACTOR <= resolution <= native * RESOLUTION_WARN_FACTOR:
-        return None
-    ratio = (resolution / native) ** 2
-    cost = f"{ratio:,.0f}" if ratio >= 1 else f"{ratio:.2g}"
-    return (f"--resolution {resolution} is far from the native size {native} px of {model} (UNet sample_size × VAE "
-            f"factor): the model was trained at {native} px, and every training step and validation image costs about "
-            f"{cost}x the pixels of one at {native} px. Use --resolution {native} (or leave it out) unless you "
-            "mean to fine-tune to another size")
-
-
 # --------------------------------------------------------------------------------------------- data
 def _targets(spec: str) -> str | list[str]:
     """A preset name stays a string; ``"to_q,to_v"`` becomes a list of module names."""
@@ -449,35 +390,6 @@ def adapter_config(args: argparse.Namespace, targets: str | list[str]) -> mm_sub
     kwargs: dict[str, Any] = dict(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=targets)
     kwargs.update(method_flag_values(args))
     return mm_subspace.config_for(args.adapter, **kwargs)
-
-
-def make_optimizer(args: argparse.Namespace, parts: dict[str, torch.nn.Module], world: int) -> torch.optim.Optimizer:
-    """AdamW (torch or bitsandbytes 8-bit) or Prodigy over one group per part, with diffusers' lr rules:
-    ``--scale_lr`` scales ``--learning_rate`` only; Prodigy uses ``--learning_rate`` for every group."""
-    lr = args.learning_rate
-    if args.scale_lr:
-        lr = lr * args.gradient_accumulation_steps * args.train_batch_size * world
-    text_lr = args.text_encoder_lr
-    if args.optimizer == "prodigy":
-        if args.train_text_encoder and text_lr != lr:
-            logger.warning("--optimizer prodigy: text encoders use --learning_rate %g too (Prodigy adapts one step "
-                           "size; diffusers does the same), not --text_encoder_lr %g", lr, text_lr)
-        text_lr = lr
-        if lr <= 0.1:
-            logger.warning("--optimizer prodigy with --learning_rate %g: Prodigy estimates the step size itself and "
-                           "expects a learning rate around 1.0", lr)
-    groups = param_groups(parts, {"unet": lr, "*": text_lr},
-                          {"unet": args.adam_weight_decay, "*": args.adam_weight_decay_text_encoder})
-    betas = (args.adam_beta1, args.adam_beta2)
-    if args.optimizer == "prodigy":
-        prodigyopt = require("prodigyopt", "--optimizer prodigy", "train")
-        return prodigyopt.Prodigy(groups, betas=betas, beta3=args.prodigy_beta3, eps=args.adam_epsilon,
-                                  decouple=args.prodigy_decouple, use_bias_correction=args.prodigy_use_bias_correction,
-                                  safeguard_warmup=args.prodigy_safeguard_warmup)
-    if args.use_8bit_adam:
-        bnb = require("bitsandbytes", "--use_8bit_adam", "quant")
-        return bnb.optim.AdamW8bit(groups, betas=betas, eps=args.adam_epsilon)
-    return torch.optim.AdamW(groups, betas=betas, eps=args.adam_epsilon)
 
 
 # --------------------------------------------------------------------------------------------- main

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Sequence
-
-
 import os
+from collections.abc import Sequence
 from typing import Any
 
 

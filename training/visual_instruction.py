@@ -49,19 +49,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from mm_subspace.training.llava_eval import (_append_eval_to_card, _model_card, generation_routing,
-                                             run_eval)
-from mm_subspace.training.script_flags import add_flags, check_unit_interval, finite_float
 
 import mm_subspace
 from mm_subspace import presets, tiny_models
+from mm_subspace.atomic import atomic_write_text
+from mm_subspace.compat import enable_activation_checkpointing
 from mm_subspace.data import llava as data
 from mm_subspace.errors import ConfigError, MergeError
 from mm_subspace.hub import resolve_model
-from mm_subspace.atomic import atomic_write_text
-from mm_subspace.compat import enable_activation_checkpointing
 from mm_subspace.inject import routing
 from mm_subspace.methods import sulora
+from mm_subspace.training.llava_eval import _append_eval_to_card, _model_card, generation_routing, run_eval
+from mm_subspace.training.script_flags import add_flags, check_unit_interval, finite_float
 from mm_subspace.training_utils import (
     ADAPTER_NAME,
     CheckpointManager,
