@@ -67,6 +67,7 @@ from mm_subspace.training.sdxl_diffusion import (
     draw_noise,
     edm_denoised,
     edm_inputs,
+    encode_latents,
     encode_prompt,
     generate_class_images,
     tokenize,
@@ -545,22 +546,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     class_images = [im for _, im in classes] if args.with_prior_preservation else []
     data = MicroBatches(args, resolution, [r.image for r in instance], prompt_rows, class_images, len(prompts) - 1,
                         rank, world)
-    latents_mean = vae_cfg.get("latents_mean")
-    latents_std = vae_cfg.get("latents_std")
-
-    def encode_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        with torch.no_grad():
-            latents = vae.encode(x.to(device, dtype=vae.dtype)).latent_dist.sample(generator=generator)
-        if latents_mean is not None and latents_std is not None:
-            mean = torch.tensor(latents_mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(latents_std).view(1, -1, 1, 1).to(latents)
-            return ((latents - mean) * vae.config.scaling_factor / std).to(weight_dtype)
-        return (latents * vae.config.scaling_factor).to(weight_dtype)
 
     cached: dict[str, torch.Tensor] = {}
     if args.cache_latents:  # one VAE sample per entry (each repeat keeps its own epoch-0 crop)
         for key, pixels in data.cache_pixels().items():
-            cached[key] = torch.cat([encode_images(chunk, step_generator(args.seed, 0xCAC4E, i, len(cached)))
+            cached[key] = torch.cat([encode_latents(vae, weight_dtype, chunk, step_generator(args.seed, 0xCAC4E, i, len(cached)))
                                      for i, chunk in enumerate(pixels.split(8))])
 
     token_ids = [tokenize(tok, prompts) for tok in tokenizers]
@@ -621,7 +611,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                  *([cached["class"][item["class_entries"]]] if args.with_prior_preservation else [])])
             latents = latents.to(device, dtype=weight_dtype)
         else:
-            latents = encode_images(item["pixels"], gen)
+            latents = encode_latents(vae, weight_dtype, item["pixels"], gen)
         return {"latents": latents, "rows": item["rows"], "time_ids": item["time_ids"].to(device, dtype=weight_dtype),
                 **draw_noise(noise_scheduler, latents, gen, args.noise_offset, edm)}
 
