@@ -41,9 +41,9 @@ from mm_subspace.pipelines import (
     check_sdxl_request,
     find_adapters,
 )
-from mm_subspace.training.script_flags import finite_float
 from mm_subspace.training import dreambooth_sdxl
 from mm_subspace.training.demo_adapters import DEMO_METHODS, demo_adapters_path, make_demo_llava_adapter
+from mm_subspace.training.script_flags import finite_float
 
 logger = logging.getLogger("compare")
 

@@ -246,9 +246,8 @@ def bench_sdxl(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
 
 def bench_llava(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     from mm_subspace.pipelines import LlavaAdapters
-    from mm_subspace.training.demo_adapters import make_demo_llava_adapter
-
     from mm_subspace.tiny_models import sample_photo
+    from mm_subspace.training.demo_adapters import make_demo_llava_adapter
 
     llava = LlavaAdapters.from_pretrained()
     names = []

@@ -35,7 +35,6 @@ from _common import RESULTS, machine, markdown_table, write_results
 import mm_subspace as mms
 from mm_subspace.training import visual_instruction as vi
 
-
 METHODS = ("lora", "moslora", "ts_mixing", "asylora", "sulora", "dora")
 INITS = ("kaiming_uniform", "kaiming_unit", "orthogonal", "identity", "normal", "zero")
 

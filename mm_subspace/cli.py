@@ -31,8 +31,8 @@ import importlib
 import json
 import logging
 import sys
-from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, SubspaceError
@@ -243,8 +243,8 @@ def _from_pretrained(cls: Any, folder: Path, config_path: Path) -> Any:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .inject import merge_and_unload
     from .formats import adapter_components
+    from .inject import merge_and_unload
     from .io import base_fingerprint, load_adapter, read_adapter_config
 
     base_dir, out = Path(args.base), Path(args.out)

@@ -5,7 +5,6 @@ The app runs in a subprocess on 127.0.0.1 (free port) with pre-made adapters; se
 
 from __future__ import annotations
 
-
 import pytest
 
 from compare_app_server import SDXL_NAMES, app_url, fresh_app_url  # tests/ is on sys.path (pytest's rootdir insertion)

@@ -227,10 +227,10 @@ def test_visual_instruction_command_refuses_the_sdxl_recipe_alias(tmp_path):
 def test_dreambooth_command_trains_from_any_directory_like_the_script(tmp_path):
     """`mm-subspace dreambooth ARGS` from a folder outside the checkout (relative paths) writes the same adapter
     as ``main(parse_args(ARGS))`` of training/dreambooth_sdxl.py in this process."""
-    from mm_subspace.training import dreambooth_sdxl
     from safetensors.torch import load_file
 
     from mm_subspace.tiny_models import write_cat_photos
+    from mm_subspace.training import dreambooth_sdxl
 
     write_cat_photos(tmp_path / "cat", n=2, size=40)
     argv = ["--resolution", "32", "--rank", "2", "--report_to", "none", "--max_train_steps", "2",

@@ -19,13 +19,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from mm_subspace.training import dreambooth_sdxl as db
-from mm_subspace.training import visual_instruction as vi
 from safetensors.torch import load_file
 
 from conftest import run_two_cpu_processes
 from mm_subspace import distributed
 from mm_subspace.errors import ConfigError, NonFiniteError
+from mm_subspace.training import dreambooth_sdxl as db
+from mm_subspace.training import visual_instruction as vi
 from mm_subspace.training_utils import CheckpointManager
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,9 +86,8 @@ def test_consecutive_skipped_steps_stop_the_run_naming_the_flag(tmp_path: Path, 
 
 # -- validation ------------------------------------------------------------------------------------
 def test_validation_decodes_in_fp32_outside_autocast_in_chunks_with_the_images_of_one_call() -> None:
-    from mm_subspace.training.sdxl_diffusion import chunked_calls, validation_images
-
     from mm_subspace.tiny_models import tiny_sdxl_pipeline
+    from mm_subspace.training.sdxl_diffusion import chunked_calls, validation_images
 
     pipe = tiny_sdxl_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -113,9 +112,8 @@ def test_validation_decodes_in_fp32_outside_autocast_in_chunks_with_the_images_o
 
 
 def test_validation_names_the_vae_flag_when_only_the_decode_is_nonfinite(caplog: pytest.LogCaptureFixture) -> None:
-    from mm_subspace.training.sdxl_diffusion import chunked_calls, validation_images
-
     from mm_subspace.tiny_models import tiny_sdxl_pipeline
+    from mm_subspace.training.sdxl_diffusion import chunked_calls, validation_images
 
     pipe = tiny_sdxl_pipeline()
     pipe.set_progress_bar_config(disable=True)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import kill_at_first_checkpoint, run_two_cpu_processes
 import torch
 from safetensors.torch import load_file
 
 import mm_subspace as mms
+from conftest import kill_at_first_checkpoint, run_two_cpu_processes
 from mm_subspace import tiny_models
 from mm_subspace.errors import ConfigError, NonFiniteError, TargetError
 from mm_subspace.training import dreambooth_sdxl as db

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from mm_subspace.pipelines.adapters import find_adapters
 from torch import nn
 
 import mm_subspace as mms
+from mm_subspace.pipelines.adapters import find_adapters
 
 
 @contextlib.contextmanager

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import adapted, checkpointing_on
 import torch
 from torch import nn
 
 import mm_subspace as mms
+from conftest import adapted, checkpointing_on
 from mm_subspace.errors import AdapterFileError, ConfigError, NonFiniteError
 from mm_subspace.training_utils import (
     CheckpointManager,
@@ -161,8 +161,8 @@ def test_activation_checkpointing_is_on_without_the_deprecated_alias() -> None:
 
     from transformers import LlamaForCausalLM
 
-    from mm_subspace.tiny_models import tiny_llama_path
     from mm_subspace.compat import enable_activation_checkpointing
+    from mm_subspace.tiny_models import tiny_llama_path
 
     torch.manual_seed(0)
     ids = torch.randint(300, 4000, (2, 10))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from mm_subspace.training.validation_prompts import ValidationPrompt, parse_validation_prompts, read_validation_prompts
 
 TEXT = """# validation prompts

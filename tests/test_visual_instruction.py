@@ -17,14 +17,15 @@ import types
 from pathlib import Path
 
 import pytest
-from conftest import checkpointing_on, kill_at_first_checkpoint, run_two_cpu_processes
 import torch
 from safetensors.torch import load_file
 
 import mm_subspace as mms
+from conftest import checkpointing_on, kill_at_first_checkpoint, run_two_cpu_processes
 from mm_subspace import tiny_models
 from mm_subspace.data import llava as data
 from mm_subspace.errors import ConfigError, DataError
+from mm_subspace.training import llava_eval
 from mm_subspace.training import visual_instruction as vi
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -339,7 +340,7 @@ def test_shipped_tiny_llava_is_pretrained_and_verified() -> None:
     for pretrained in (True, False):
         model, processor = tiny_models.tiny_llava(pretrained=pretrained)
         encoder = data.ConversationEncoder(processor)
-        accuracy[pretrained] = vi.evaluate(model, encoder, caption, 32, 6, vi.pixel_values(processor.image_processor))
+        accuracy[pretrained] = llava_eval.evaluate(model, encoder, caption, 32, 6, vi.pixel_values(processor.image_processor))
     assert accuracy[True]["mean_accuracy"] >= 0.8 and accuracy[False]["mean_accuracy"] == 0.0
 
 
@@ -372,10 +373,10 @@ def test_allow_outside_data_reaches_the_llava_reader(tmp_path: Path) -> None:
     args = vi.parse_args(flags)
     with pytest.raises(mms.errors.DataError, match="outside"):  # the lazy training set
         vi.training_set(args, encoder, None)
-    assert isinstance(vi.load_records(args)[0], mms.errors.DataError)  # the evaluation records
+    assert isinstance(llava_eval.load_records(args)[0], mms.errors.DataError)  # the evaluation records
     args = vi.parse_args([*flags, "--allow_outside_data"])
     assert len(vi.training_set(args, encoder, None)) == 1
-    assert not isinstance(vi.load_records(args)[0], mms.errors.DataError)
+    assert not isinstance(llava_eval.load_records(args)[0], mms.errors.DataError)
 
 
 # --------------------------------------------------------------------------- a LLaVA-1.5-like folder
@@ -503,11 +504,11 @@ def test_model_card_snippet_runs_as_written_from_the_folder_above_the_run(tmp_pa
     out = tmp_path / "llava-run"
     shutil.copytree(demo_adapters_path() / "llava-lora", out)
     args = Namespace(model_name_or_path=None, data_path=None, adapter="lora")
-    code = vi.usage_snippet(args, out).removeprefix("```python\n").removesuffix("```")
+    code = llava_eval.usage_snippet(args, out).removeprefix("```python\n").removesuffix("```")
     assert str(tmp_path) not in code and "image = " in code and "question = " in code
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0 and proc.stdout.endswith("\n"), proc.stderr[-2000:]  # printed an answer
-    own = vi.usage_snippet(Namespace(model_name_or_path=str(tmp_path / "my-llava"), data_path="data.json", adapter="lora"), out)
+    own = llava_eval.usage_snippet(Namespace(model_name_or_path=str(tmp_path / "my-llava"), data_path="data.json", adapter="lora"), out)
     assert str(tmp_path) not in own and 'from_pretrained("my-llava")' in own and 'Image.open("photo.jpg")' in own
     assert "is the digit even" not in own  # the user's own kind of question, not the digits task's

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mm_subspace.pipelines.adapters import AdapterInfo, adapter_info
-
 from mm_subspace.presets import LLAVA_LM_TARGETS
 
 if TYPE_CHECKING:
     import PIL.Image
+
     from mm_subspace.pipelines import LlavaAdapters, SDXLAdapters
 
 logger = logging.getLogger(__name__)

@@ -40,7 +40,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import math
 import os
 import time
 import warnings
@@ -48,27 +47,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mm_subspace.training.dreambooth_data import DIGIT_SUBJECT_IMAGES, MicroBatches, instance_records, schedule
-from mm_subspace.training.dreambooth_report import digit_quality, log_images, model_card, public_flags, push_to_hub, stack_grids
-from mm_subspace.training.script_flags import add_flags, check_unit_interval, cpu_threads, finite_float, str_to_bool
-from mm_subspace.training.sdxl_diffusion import (
-    chunked_calls,
-    diffusion_loss,
-    draw_noise,
-    edm_denoised,
-    edm_inputs,
-    encode_prompt,
-    generate_class_images,
-    tokenize,
-    validation_images,
-)
-from mm_subspace.training.validation_prompts import ValidationPrompt, read_validation_prompts
 
 import mm_subspace
 from mm_subspace import tiny_models
 from mm_subspace.atomic import atomic_write_text
 from mm_subspace.caption_data import list_images
-from mm_subspace.compat import enable_activation_checkpointing, require
+from mm_subspace.compat import enable_activation_checkpointing
 from mm_subspace.distributed import (
     SkippedSteps,
     apply_test_overrides,
@@ -81,6 +65,24 @@ from mm_subspace.distributed import (
 from mm_subspace.errors import ConfigError, MergeError
 from mm_subspace.eval import digits as digits_eval
 from mm_subspace.hub import resolve_model
+from mm_subspace.training.dreambooth_checks import check_resolution, refuse_bad_combinations, resolution_warning
+from mm_subspace.training.dreambooth_data import DIGIT_SUBJECT_IMAGES, MicroBatches, instance_records, schedule
+from mm_subspace.training.dreambooth_report import digit_quality, log_images, model_card, public_flags, push_to_hub, stack_grids
+from mm_subspace.training.optimizers import make_optimizer
+from mm_subspace.training.script_flags import add_flags, check_unit_interval, cpu_threads, finite_float, str_to_bool
+from mm_subspace.training.sdxl_diffusion import (
+    chunked_calls,
+    diffusion_loss,
+    draw_noise,
+    edm_denoised,
+    edm_inputs,
+    encode_latents,
+    encode_prompt,
+    generate_class_images,
+    tokenize,
+    validation_images,
+)
+from mm_subspace.training.validation_prompts import ValidationPrompt, read_validation_prompts
 from mm_subspace.training_utils import (
     CheckpointManager,
     LossHistory,
@@ -94,7 +96,6 @@ from mm_subspace.training_utils import (
     locate_nonfinite,
     method_flag_values,
     nonfinite_parameters,
-    param_groups,
     resume_mixed_precision,
     save_image_grid,
     save_loss_curve,
@@ -113,8 +114,6 @@ DIGIT_DEFAULTS: dict[str, Any] = {"train_batch_size": 2, "num_class_images": 50,
                                   "class_inference_steps": 20, "target_preset": "sdxl_unet_wide"}
 REAL_MAX_STEPS = 500  # the MoSLoRA paper's step count
 EMBEDDED_RESOLUTION = 32  # the shipped digits SDXL: UNet sample_size 8 x VAE factor 4 (tested against its config)
-#: --resolution this many times above or below the model's native size gets a warning
-RESOLUTION_WARN_FACTOR = 2
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
 TEXT_ENCODER_PARTS = ("text_encoder", "text_encoder_2")
 
@@ -337,30 +336,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     check_unit_interval(args)
     if args.resolution is not None:
         check_resolution(args.resolution)  # the VAE and UNet factors are checked once the model's config is read
-    if args.train_text_encoder_ti:
-        raise ConfigError(
-            "--train_text_encoder_ti (pivotal tuning: new token embeddings, diffusers' advanced script) is not supported: "
-            "this script trains adapters only. Use --train_text_encoder to adapt both text encoders; see docs/dreambooth.md"
-        )
-    if args.dataset_name and args.instance_data_dir:
-        raise ValueError("pass one of --dataset_name and --instance_data_dir, not both")
-    if args.instance_data_dir is not None and not Path(args.instance_data_dir).expanduser().is_dir():
-        raise ConfigError(f"--instance_data_dir {args.instance_data_dir}: no such folder; pass the folder of the "
-                          "subject's images (or leave the flag out for the embedded default subject)")
-    if args.validation_steps and args.validation_epochs:
-        raise ValueError("pass one of --validation_steps and --validation_epochs, not both")
-    if args.do_edm_style_training and args.snr_gamma is not None:
-        raise ValueError("--snr_gamma (Min-SNR weighting of DDPM timesteps) is not defined for --do_edm_style_training; drop one")
-    if args.hub_token is not None and args.report_to in ("wandb", "all"):
-        raise ValueError("--hub_token with --report_to wandb would expose the token in the run's config (as diffusers "
-                         "refuses); log in once with `hf auth login` instead")
-    if args.output_kohya_format:
-        if not adapter_cls.mergeable or is_dora(args.adapter):
-            why = "DoRA's magnitude has no kohya slot" if is_dora(args.adapter) else adapter_cls.merge_refusal
-            raise ConfigError(f"--output_kohya_format needs an adapter that folds to plain LoRA, not {args.adapter}: {why}")
-    if args.use_8bit_adam and args.optimizer != "adamw":
-        raise ConfigError(f"--use_8bit_adam is bitsandbytes' 8-bit AdamW; it does not apply to --optimizer {args.optimizer}: "
-                          "drop one of them")
+    refuse_bad_combinations(args, adapter_cls)
     if args.alpha is None:
         args.alpha = float(args.rank)
 
@@ -413,46 +389,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-#: SDXL pipelines generate only sizes divisible by 8 (their own check), whatever the VAE
-PIPELINE_SIZE_FACTOR = 8
-
-
-def _multiple_hint(value: int, factor: int) -> str:
-    below = max(factor, value - value % factor)
-    return f"use {below}" + (f" or {below + factor}" if below < value else "")
-
-
-def check_resolution(resolution: int, vae_factor: int = 1, unet_factor: int = 1, vae_path: str = "") -> None:
-    """``--resolution`` must be a multiple of the VAE factor and of 8 (the SDXL pipeline's validation and class
-    images), and give a latent at least as large as the UNet's downsampling (``2**(down blocks - 1)``): checked
-    before training (the parse-time part without a model), so a bad size never trains and then fails in the final
-    validation or evaluation."""
-    factor = math.lcm(vae_factor, PIPELINE_SIZE_FACTOR)
-    if resolution % factor:
-        of = f"the VAE factor {vae_factor} of {vae_path} and " if factor != PIPELINE_SIZE_FACTOR else ""
-        raise ConfigError(f"--resolution {resolution} is not divisible by {of}{PIPELINE_SIZE_FACTOR} (SDXL pipelines "
-                          f"generate sizes divisible by {PIPELINE_SIZE_FACTOR}): {_multiple_hint(resolution, factor)}")
-    smallest = math.lcm(factor, vae_factor * unet_factor)
-    if resolution < smallest:
-        raise ConfigError(f"--resolution {resolution} is too small for this model: its VAE (factor {vae_factor}) and "
-                          f"UNet ({unet_factor}x downsampling) need at least {smallest} px")
-
-
-def resolution_warning(resolution: int, native: int, model: str) -> str | None:
-    """A warning when ``--resolution`` is more than :data:`RESOLUTION_WARN_FACTOR` times above or below the model's
-    native size (``None`` when it is close): a size the model never saw trains a different task, and each step and
-    validation image costs (resolution / native)² as much (diffusers' ``--resolution=1024`` on the 32 px embedded
-    model: 1,024x the pixels)."""
-    if native / RESOLUTION_WARN_FACTOR <= resolution <= native * RESOLUTION_WARN_FACTOR:
-        return None
-    ratio = (resolution / native) ** 2
-    cost = f"{ratio:,.0f}" if ratio >= 1 else f"{ratio:.2g}"
-    return (f"--resolution {resolution} is far from the native size {native} px of {model} (UNet sample_size × VAE "
-            f"factor): the model was trained at {native} px, and every training step and validation image costs about "
-            f"{cost}x the pixels of one at {native} px. Use --resolution {native} (or leave it out) unless you "
-            "mean to fine-tune to another size")
-
-
 # --------------------------------------------------------------------------------------------- data
 def _targets(spec: str) -> str | list[str]:
     """A preset name stays a string; ``"to_q,to_v"`` becomes a list of module names."""
@@ -469,35 +405,6 @@ def adapter_config(args: argparse.Namespace, targets: str | list[str]) -> mm_sub
     kwargs: dict[str, Any] = dict(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=targets)
     kwargs.update(method_flag_values(args))
     return mm_subspace.config_for(args.adapter, **kwargs)
-
-
-def make_optimizer(args: argparse.Namespace, parts: dict[str, torch.nn.Module], world: int) -> torch.optim.Optimizer:
-    """AdamW (torch or bitsandbytes 8-bit) or Prodigy over one group per part, with diffusers' lr rules:
-    ``--scale_lr`` scales ``--learning_rate`` only; Prodigy uses ``--learning_rate`` for every group."""
-    lr = args.learning_rate
-    if args.scale_lr:
-        lr = lr * args.gradient_accumulation_steps * args.train_batch_size * world
-    text_lr = args.text_encoder_lr
-    if args.optimizer == "prodigy":
-        if args.train_text_encoder and text_lr != lr:
-            logger.warning("--optimizer prodigy: text encoders use --learning_rate %g too (Prodigy adapts one step "
-                           "size; diffusers does the same), not --text_encoder_lr %g", lr, text_lr)
-        text_lr = lr
-        if lr <= 0.1:
-            logger.warning("--optimizer prodigy with --learning_rate %g: Prodigy estimates the step size itself and "
-                           "expects a learning rate around 1.0", lr)
-    groups = param_groups(parts, {"unet": lr, "*": text_lr},
-                          {"unet": args.adam_weight_decay, "*": args.adam_weight_decay_text_encoder})
-    betas = (args.adam_beta1, args.adam_beta2)
-    if args.optimizer == "prodigy":
-        prodigyopt = require("prodigyopt", "--optimizer prodigy", "train")
-        return prodigyopt.Prodigy(groups, betas=betas, beta3=args.prodigy_beta3, eps=args.adam_epsilon,
-                                  decouple=args.prodigy_decouple, use_bias_correction=args.prodigy_use_bias_correction,
-                                  safeguard_warmup=args.prodigy_safeguard_warmup)
-    if args.use_8bit_adam:
-        bnb = require("bitsandbytes", "--use_8bit_adam", "quant")
-        return bnb.optim.AdamW8bit(groups, betas=betas, eps=args.adam_epsilon)
-    return torch.optim.AdamW(groups, betas=betas, eps=args.adam_epsilon)
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -655,22 +562,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     class_images = [im for _, im in classes] if args.with_prior_preservation else []
     data = MicroBatches(args, resolution, [r.image for r in instance], prompt_rows, class_images, len(prompts) - 1,
                         rank, world)
-    latents_mean = vae_cfg.get("latents_mean")
-    latents_std = vae_cfg.get("latents_std")
-
-    def encode_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        with torch.no_grad():
-            latents = vae.encode(x.to(device, dtype=vae.dtype)).latent_dist.sample(generator=generator)
-        if latents_mean is not None and latents_std is not None:
-            mean = torch.tensor(latents_mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(latents_std).view(1, -1, 1, 1).to(latents)
-            return ((latents - mean) * vae.config.scaling_factor / std).to(weight_dtype)
-        return (latents * vae.config.scaling_factor).to(weight_dtype)
 
     cached: dict[str, torch.Tensor] = {}
     if args.cache_latents:  # one VAE sample per entry (each repeat keeps its own epoch-0 crop)
         for key, pixels in data.cache_pixels().items():
-            cached[key] = torch.cat([encode_images(chunk, step_generator(args.seed, 0xCAC4E, i, len(cached)))
+            cached[key] = torch.cat([encode_latents(vae, weight_dtype, chunk, step_generator(args.seed, 0xCAC4E, i, len(cached)))
                                      for i, chunk in enumerate(pixels.split(8))])
 
     token_ids = [tokenize(tok, prompts) for tok in tokenizers]
@@ -732,7 +628,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                  *([cached["class"][item["class_entries"]]] if args.with_prior_preservation else [])])
             latents = latents.to(device, dtype=weight_dtype)
         else:
-            latents = encode_images(item["pixels"], gen)
+            latents = encode_latents(vae, weight_dtype, item["pixels"], gen)
         return {"latents": latents, "rows": item["rows"], "time_ids": item["time_ids"].to(device, dtype=weight_dtype),
                 **draw_noise(noise_scheduler, latents, gen, args.noise_offset, edm)}
 

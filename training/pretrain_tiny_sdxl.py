@@ -47,10 +47,10 @@ import torch
 import torch.nn.functional as F
 
 from mm_subspace import tiny_models
-from mm_subspace.eval import digits as D
-from mm_subspace.shipped import WEIGHTS_DIR, write_manifest
 from mm_subspace.atomic import atomic_paths
 from mm_subspace.compat import declare_float32_configs
+from mm_subspace.eval import digits as D
+from mm_subspace.shipped import WEIGHTS_DIR, write_manifest
 from mm_subspace.training_utils import LossHistory, save_image_grid, save_loss_curve, step_generator
 
 logger = logging.getLogger("pretrain_tiny_sdxl")

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Sequence
-
-
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from mm_subspace.distributed import DEFAULT_DDP_TIMEOUT, DEFAULT_MAX_SKIPPED_STEPS

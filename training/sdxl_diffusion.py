@@ -217,3 +217,16 @@ def diffusion_loss(noise_scheduler: Any, batch: dict[str, torch.Tensor], pred: t
     if prior_loss_weight is not None:
         loss = loss + prior_loss_weight * prior.mean()
     return loss
+
+
+def encode_latents(vae: Any, dtype: torch.dtype, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Images (-1..1) to the UNet's latents in ``dtype``: a VAE sample (drawn from ``generator``), shifted by the
+    VAE's ``latents_mean`` / ``latents_std`` when its config has them, scaled by its ``scaling_factor``."""
+    with torch.no_grad():
+        latents = vae.encode(x.to(vae.device, dtype=vae.dtype)).latent_dist.sample(generator=generator)
+    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        return ((latents - mean) * vae.config.scaling_factor / std).to(dtype)
+    return (latents * vae.config.scaling_factor).to(dtype)

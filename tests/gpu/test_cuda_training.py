@@ -59,8 +59,9 @@ def assert_trained_and_finite(weights: Path) -> None:
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_headline_dreambooth_30_steps(tmp_path: Path, precision: str, peak_memory: dict) -> None:
-    from mm_subspace.training import dreambooth_sdxl as db
     from PIL import Image
+
+    from mm_subspace.training import dreambooth_sdxl as db
 
     out = tmp_path / precision
     result = db.main(db.parse_args(["--output_dir", str(out), "--mixed_precision", precision, "--max_train_steps", "30",
@@ -91,9 +92,8 @@ def test_qmoslora_visual_instruction_4bit_bf16_20_steps(tmp_path: Path, peak_mem
 
 def test_batched_generation_k4_equals_k1_runs(tmp_path: Path, peak_memory: dict) -> None:
     from mm_subspace.pipelines.sdxl import SDXLAdapters
-    from mm_subspace.training.demo_adapters import make_demo_sdxl_adapter
-
     from mm_subspace.tiny_models import tiny_sdxl_path
+    from mm_subspace.training.demo_adapters import make_demo_sdxl_adapter
 
     torch.manual_seed(0)
     sd = SDXLAdapters.from_pretrained(tiny_sdxl_path())
