@@ -115,7 +115,7 @@ def test_integer_fields_pass_nan_through_to_our_checks():
     from mm_subspace.tiny_models import tiny_sdxl_path
 
     sd = SDXLAdapters.from_pretrained(tiny_sdxl_path(pretrained=False))
-    demo = compare.build_ui(sd, None, [])
+    demo = compare.build_ui(lambda: (sd, None, []), [], 32, llava_tab=False)
     numbers = [block for block in demo.blocks.values() if isinstance(block, gr.Number)]
     assert len(numbers) == 5 and all(block.precision is None for block in numbers)  # no int() of a NaN in Gradio
     assert numbers[0].preprocess(float("nan")) != numbers[0].preprocess(float("nan"))  # NaN arrives as NaN
