@@ -16,9 +16,10 @@ import platform
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 
-import mm_subspace as mms
+import mm_subspace as mms  # noqa: E402  (after the environment settings above)
 
 RANK = 16
 ALPHA = 32.0
@@ -77,7 +78,8 @@ def interleaved(
     """Time every case ``repeats`` times, round-robin, after ``warmup`` rounds.
 
     Returns name -> list of seconds of ``clock`` (wall clock by default; ``time.thread_time`` counts only the CPU
-    time of the calling thread, not the time other jobs on a shared machine take it off the CPU). Interleaving spreads load spikes over all cases; every
+    time of the calling thread, not the time other jobs on a shared machine take it off the CPU). Interleaving spreads load spikes over
+    all cases; every
     other round runs in reverse order, so no case always follows the same neighbour.
     """
     for _ in range(warmup):

@@ -6,7 +6,8 @@ digit 9, "a handwritten digit sks", prior preservation on "a handwritten digit")
 for every seed. Reported: subject fidelity (share of instance-prompt images a digit classifier reads
 as 9) and prior preservation (prompt accuracy on 0-8 with the adapter on), mean ± std over seeds;
 trainable parameters (what the equal-rank comparison is about) and stored ones (everything the adapter
-files hold: the trainable ones plus frozen tensors such as AsyLoRA's and SuLoRA's frozen A); seconds per optimizer step (median over seeds; depends on the machine's load).
+files hold: the trainable ones plus frozen tensors such as AsyLoRA's and SuLoRA's frozen A); seconds per optimizer step (median over
+seeds; depends on the machine's load).
 The class images are generated once and shared by every run (same base, prompt and seed).
 
     python benchmarks/dreambooth_quality.py [--seeds 0 1 2] [--threads 1] [--max_train_steps N]

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, help_) in SCRIPTS.items():  # listed in --help; main() hands their arguments over untouched
+    for name, (_module, help_) in SCRIPTS.items():  # listed in --help; main() hands their arguments over untouched
         sub.add_parser(name, help=help_, add_help=False).add_argument("script_args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("inspect", help="print method, rank, targets, trainable parameters, base fingerprint",

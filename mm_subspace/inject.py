@@ -12,7 +12,8 @@ import contextlib
 import difflib
 import logging
 import re
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn

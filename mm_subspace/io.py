@@ -28,34 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import (
-    atomic_paths,
-    file_errors,
-    leftovers,
-    read_text_file,
-    register_repair,
-    require_regular_file,
-    sha256_file,
-)
+from .atomic import atomic_paths, file_errors, leftovers, read_text_file, register_repair, require_regular_file, sha256_file
 from .bases import find_base
 from .config import AdapterConfig
-from .errors import (
-    AdapterFileError,
-    ConfigError,
-    IncompatibleAdapterError,
-    SubspaceError,
-)
+from .errors import AdapterFileError, ConfigError, IncompatibleAdapterError, SubspaceError
 from .hub import ADAPTER_FILES, resolve
-from .inject import (
-    adapter_state_dict,
-    check_adapter_name,
-    get_state,
-    inject,
-    iter_adapters,
-    rollback,
-    set_adapter,
-    trainable_module_state,
-)
+from .inject import adapter_state_dict, check_adapter_name, get_state, inject, iter_adapters, rollback, set_adapter, trainable_module_state
 from .targets import base_of, candidate_modules
 
 logger = logging.getLogger(__name__)

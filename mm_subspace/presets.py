@@ -354,3 +354,14 @@ def with_preset_defaults(config):
         elif defaults[key].default is not dataclasses.MISSING and current == defaults[key].default:
             changes[key] = value
     return config.replace(**changes) if changes else config
+
+
+def parse_targets(spec: str) -> str | list[str]:
+    """A command-line targets value: a preset name stays a string (:func:`list_presets`); ``"to_q,to_v"`` becomes a
+    list of module names or suffixes."""
+    if spec in PRESETS:
+        return spec
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ConfigError(f"empty target list {spec!r}; presets: {', '.join(list_presets())}")
+    return names

@@ -76,7 +76,7 @@ def app_url() -> str:
     return launch(root)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fresh_app_url() -> str:
     """URL of an app started on an empty adapters folder, as on a fresh install (it serves the shipped demo adapters)."""
     root = Path(tempfile.mkdtemp(prefix="compare-app-fresh-"))

@@ -11,12 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mm_subspace.checkpoints import (
-    TRAINER_STATE,
-    check_accelerate_files,
-    load_torch_state,
-    read_trainer_state,
-)
+from mm_subspace.checkpoints import TRAINER_STATE, check_accelerate_files, load_torch_state, read_trainer_state
 from mm_subspace.errors import AdapterFileError
 
 

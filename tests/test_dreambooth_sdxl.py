@@ -23,6 +23,8 @@ import mm_subspace as mms
 from conftest import kill_at_first_checkpoint, run_two_cpu_processes
 from mm_subspace import tiny_models
 from mm_subspace.errors import ConfigError, NonFiniteError, TargetError
+from mm_subspace.training import dreambooth_checks as checks
+from mm_subspace.training import dreambooth_report as report
 from mm_subspace.training import dreambooth_sdxl as db
 from mm_subspace.training_utils import CheckpointManager, sample_indices
 
@@ -354,11 +356,12 @@ def test_float_flags_must_be_finite_and_in_range(capsys: pytest.CaptureFixture) 
                        (["--instance_data_dir", "cat/"], "--instance_data_dir cat/: no such folder")):
         with pytest.raises(ConfigError, match=re.escape(says)):
             db.parse_args(argv)
-    db.check_resolution(8, vae_factor=4, unet_factor=2)  # the embedded model's smallest size
-    with pytest.raises(ConfigError, match="too small for this model: its VAE \\(factor 8\\) and UNet \\(4x downsampling\\) need at least 32 px"):
-        db.check_resolution(16, vae_factor=8, unet_factor=4)  # SDXL
+    checks.check_resolution(8, vae_factor=4, unet_factor=2)  # the embedded model's smallest size
+    says = "too small for this model: its VAE \\(factor 8\\) and UNet \\(4x downsampling\\) need at least 32 px"
+    with pytest.raises(ConfigError, match=says):
+        checks.check_resolution(16, vae_factor=8, unet_factor=4)  # SDXL
     with pytest.raises(ConfigError, match="not divisible by the VAE factor 16 of x and 8 .*: use 16 or 32"):
-        db.check_resolution(24, vae_factor=16, vae_path="x")
+        checks.check_resolution(24, vae_factor=16, vae_path="x")
 
 
 def test_interrupted_default_subject_leaves_no_partial_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -628,7 +631,7 @@ def test_validation_images_reach_every_tracker(tmp_path: Path, caplog: pytest.Lo
     tb.start()  # what accelerator.init_trackers does
     images = tiny_models.cat_photos(2, 16)
     with caplog.at_level("WARNING"):
-        db.log_images(SimpleNamespace(trackers=[tb, Broken()]), images, 3, "a photo of sks cat")
+        report.log_images(SimpleNamespace(trackers=[tb, Broken()]), images, 3, "a photo of sks cat")
     tb.finish()
     events = EventAccumulator(str(tmp_path / "run")).Reload()
     assert events.Tags()["images"] == ["validation"], events.Tags()
@@ -703,11 +706,11 @@ def test_prompts_file_grid_upscaled_and_resolved_training_args(tmp_path, instanc
 
 
 def test_resolution_far_from_native_warns_with_the_native_size_and_help_states_it():
-    warning = db.resolution_warning(1024, 32, "the embedded model")
+    warning = checks.resolution_warning(1024, 32, "the embedded model")
     assert "--resolution 1024 is far from the native size 32 px" in warning and "1,024x the pixels" in warning
     assert "Use --resolution 32" in warning
-    assert db.resolution_warning(32, 32, "m") is None and db.resolution_warning(64, 32, "m") is None
-    assert "0.062x" in db.resolution_warning(8, 32, "m")
+    assert checks.resolution_warning(32, 32, "m") is None and checks.resolution_warning(64, 32, "m") is None
+    assert "0.062x" in checks.resolution_warning(8, 32, "m")
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     path = tiny_models.tiny_sdxl_path()

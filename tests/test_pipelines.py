@@ -13,20 +13,9 @@ import pytest
 import torch
 
 import mm_subspace as mms
-from mm_subspace.pipelines import (
-    LlavaAdapters,
-    SDXLAdapters,
-    check_llava_request,
-    check_sdxl_request,
-    find_adapters,
-)
+from mm_subspace.pipelines import LlavaAdapters, SDXLAdapters, check_llava_request, check_sdxl_request, find_adapters
 from mm_subspace.presets import LLAVA_LM_TARGETS as LANGUAGE_TARGETS
-from mm_subspace.training.demo_adapters import (
-    demo_examples,
-    make_demo_llava_adapter,
-    make_demo_sdxl_adapter,
-    train_visual_instruction,
-)
+from mm_subspace.training.demo_adapters import demo_examples, make_demo_llava_adapter, make_demo_sdxl_adapter, train_visual_instruction
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -97,7 +97,8 @@ def make_demo_sdxl_adapter(
     return adapter_info(out_dir)
 
 
-def _train_steps(pipe: Any, components: list[str], name: str, steps: int, photos: list[Any], progress: Callable[[int, int], None] | None) -> None:
+def _train_steps(pipe: Any, components: list[str], name: str, steps: int, photos: list[Any],
+                 progress: Callable[[int, int], None] | None) -> None:
     """A few DreamBooth steps: noise the photos' latents, predict the noise, MSE (Ruiz et al. 2023, Eq. 1)."""
     import numpy as np
     import torch

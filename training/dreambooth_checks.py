@@ -4,12 +4,20 @@ model can take, a warning for sizes far from the model's native one, and flag co
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mm_subspace.errors import ConfigError
+from mm_subspace.training.script_flags import cpu_threads
 from mm_subspace.training_utils import is_dora
+
+logger = logging.getLogger("dreambooth_sdxl")
 
 #: ``--resolution`` more than this factor above or below the model's native size gets a warning
 RESOLUTION_WARN_FACTOR = 2
@@ -81,3 +89,55 @@ def refuse_bad_combinations(args: argparse.Namespace, adapter_cls: Any) -> None:
     if args.use_8bit_adam and args.optimizer != "adamw":
         raise ConfigError(f"--use_8bit_adam is bitsandbytes' 8-bit AdamW; it does not apply to --optimizer {args.optimizer}: "
                           "drop one of them")
+
+
+def set_up_process(args: argparse.Namespace, accelerator: Any) -> None:
+    """Per-process settings checked once accelerate knows the process: ``--local_rank`` must agree with it, CPU
+    threads (``--threads``, split among the processes of this machine), TF32 on CUDA, xformers installed if asked."""
+    if args.local_rank not in (-1, accelerator.local_process_index):  # torch.distributed.launch's flag: must agree
+        raise ConfigError(f"--local_rank {args.local_rank} but accelerate runs this process as local rank "
+                          f"{accelerator.local_process_index}; drop --local_rank (accelerate launch sets the rank)")
+    if accelerator.device.type == "cpu":
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        args.threads = cpu_threads(args.threads, local_world)
+        torch.set_num_threads(args.threads)
+        logger.info("CPU: %d torch thread(s) per process (--threads)", args.threads)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        raise ConfigError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); without it "
+                          "PyTorch's SDPA attention runs, already memory-efficient: drop the flag")
+
+
+def model_resolution(args: argparse.Namespace, model_path: str, vae_path: str, vae_sub: str | None) -> int:
+    """The training size: ``--resolution`` or the model's native size (UNet ``sample_size`` × VAE factor), read from
+    the config files only (no weights load), warned about when far from native and checked against the VAE and UNet
+    factors; recorded in ``args.resolution`` (training_args.json and the card)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet_cfg = UNet2DConditionModel.load_config(model_path, subfolder="unet", revision=args.revision)
+    vae_cfg = AutoencoderKL.load_config(vae_path, subfolder=vae_sub, revision=args.revision)
+    vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    native = int(unet_cfg["sample_size"]) * vae_factor
+    resolution = args.resolution or native
+    warning = resolution_warning(resolution, native, "the embedded model" if args.embedded_model else model_path)
+    if warning:
+        logger.warning("%s", warning)
+    check_resolution(resolution, vae_factor, 2 ** (len(unet_cfg["down_block_types"]) - 1), vae_path)
+    args.resolution = resolution
+    return resolution
+
+
+def has_edm_scheduler(args: argparse.Namespace, model_path: str) -> bool:
+    """Whether the model ships an EDM scheduler (then EDM-style training is on by itself, as in diffusers'
+    script); ``--snr_gamma`` is refused with it (Min-SNR weighting is defined for DDPM timesteps)."""
+    from diffusers import DDPMScheduler
+
+    scheduler_class = DDPMScheduler.load_config(model_path, subfolder="scheduler", revision=args.revision)["_class_name"]
+    edm_scheduler = "EDM" in scheduler_class
+    if edm_scheduler and not args.do_edm_style_training:
+        if args.snr_gamma is not None:
+            raise ValueError(f"{model_path} has an EDM scheduler ({scheduler_class}): EDM-style training is used, and "
+                             "--snr_gamma is not defined for it; drop --snr_gamma")
+        logger.info("%s has an EDM scheduler (%s): EDM-style training switched on", model_path, scheduler_class)
+    return edm_scheduler

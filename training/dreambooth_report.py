@@ -18,13 +18,7 @@ import torch
 
 import mm_subspace
 from mm_subspace.eval import digits as digits_eval
-from mm_subspace.training_utils import (
-    LossHistory,
-    adapter_summary,
-    is_dora,
-    save_image_grid,
-    write_model_card,
-)
+from mm_subspace.training_utils import LossHistory, adapter_summary, is_dora, save_image_grid, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -218,3 +212,17 @@ def quality_section(q: dict[str, Any]) -> str:
         f"{q['sampler']['num_inference_steps']} Euler steps, guidance {q['sampler']['guidance_scale']}, "
         f"{q['sampler']['height']} px, seed {q.get('seed', 'as --seed')}.\n"
     )
+
+
+def kohya_export(path: Path, parts: dict[str, Any]) -> str:
+    """``--output_kohya_format``: write ``path`` (kohya / A1111 / ComfyUI keys) and return the model card's note; a
+    target kohya's SDXL layout cannot name is logged and noted instead (the run's other outputs stand)."""
+    import mm_subspace
+    from mm_subspace.errors import ConfigError, MergeError
+
+    try:
+        kohya = mm_subspace.export_kohya(path, **parts)
+    except (ConfigError, MergeError) as err:
+        logger.error("--output_kohya_format: no kohya file written: %s", err)
+        return f" Not exported to kohya: {err}"
+    return f" `{kohya.name}`: kohya / A1111 / ComfyUI keys, mixer folded, true alpha."

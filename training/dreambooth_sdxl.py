@@ -37,7 +37,6 @@ loop under ``accumulate``, checkpoints on ``sync_gradients``, validation, save),
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -65,11 +64,26 @@ from mm_subspace.distributed import (
 from mm_subspace.errors import ConfigError, MergeError
 from mm_subspace.eval import digits as digits_eval
 from mm_subspace.hub import resolve_model
-from mm_subspace.training.dreambooth_checks import check_resolution, refuse_bad_combinations, resolution_warning
-from mm_subspace.training.dreambooth_data import DIGIT_SUBJECT_IMAGES, MicroBatches, instance_records, schedule
-from mm_subspace.training.dreambooth_report import digit_quality, log_images, model_card, public_flags, push_to_hub, stack_grids
+from mm_subspace.presets import parse_targets
+from mm_subspace.training import dreambooth_report as report
+from mm_subspace.training.dreambooth_checks import (
+    check_resolution,
+    has_edm_scheduler,
+    model_resolution,
+    refuse_bad_combinations,
+    set_up_process,
+)
+from mm_subspace.training.dreambooth_data import MicroBatches, instance_records, schedule
+from mm_subspace.training.dreambooth_flags import (
+    DEFAULT_INSTANCE_PROMPT,
+    DIGIT_DEFAULTS,
+    EMBEDDED_LEARNING_RATE,
+    EMBEDDED_MAX_STEPS,
+    REAL_MAX_STEPS,
+    build_parser,
+)
 from mm_subspace.training.optimizers import make_optimizer
-from mm_subspace.training.script_flags import add_flags, check_unit_interval, cpu_threads, finite_float, str_to_bool
+from mm_subspace.training.script_flags import check_unit_interval
 from mm_subspace.training.sdxl_diffusion import (
     chunked_calls,
     diffusion_loss,
@@ -106,198 +120,8 @@ from mm_subspace.training_utils import (
 
 logger = logging.getLogger("dreambooth_sdxl")
 
-DEFAULT_INSTANCE_PROMPT = "a photo of sks cat"  # --default_subject cat, or an --instance_data_dir
-EMBEDDED_MAX_STEPS = 250  # embedded default: about a minute on 2 free CPU cores (32 px, batch 2 + 2 class images)
-EMBEDDED_LEARNING_RATE = 2e-3  # the tiny model learns the new digit in a few hundred steps (1e-4 does not move it)
-#: defaults of the digit subject (flags given explicitly win); chosen so the headline run stays about a minute
-DIGIT_DEFAULTS: dict[str, Any] = {"train_batch_size": 2, "num_class_images": 50, "sample_batch_size": 25,
-                                  "class_inference_steps": 20, "target_preset": "sdxl_unet_wide"}
-REAL_MAX_STEPS = 500  # the MoSLoRA paper's step count
-EMBEDDED_RESOLUTION = 32  # the shipped digits SDXL: UNet sample_size 8 x VAE factor 4 (tested against its config)
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
 TEXT_ENCODER_PARTS = ("text_encoder", "text_encoder_2")
-
-#: ``--recipe`` names: the SDXL recipes of mm_subspace.recipes (``moslora_paper`` = ``moslora_sdxl``, kept as an alias)
-RECIPES = (*mm_subspace.recipes.list_recipes("sdxl"), *sorted(mm_subspace.recipes.ALIASES))
-
-
-
-# --------------------------------------------------------------------------------------------- args
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="DreamBooth for SDXL with any mm_subspace adapter. No arguments: the shipped tiny SDXL "
-        "pretrained on the digits 0-8 learns the held-out digit 9 from five real scans, offline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    g = parser.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                   help="SDXL hub id or local folder (diffusers layout). Default: the embedded tiny SDXL "
-                   "(mm_subspace.tiny_models.tiny_sdxl_path()).")
-    g.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
-                   help="A separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix. Default: the model's vae/.")
-    g.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the hub.")
-    g.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
-
-    g = parser.add_argument_group("adapter")
-    add_flags(g, "--adapter", "--rank", "--alpha", "--lora_dropout", "--mixer_init", "--num_subspaces", "--pairing", "--a_init",
-              "--router_temperature")
-    g.add_argument("--target_preset", type=str, default="sdxl_unet",
-                   help="UNet modules to adapt: a preset name (mm_subspace.list_presets()) or comma-separated module names/suffixes. "
-                   "The digit subject defaults to sdxl_unet_wide (attention + feed-forward + time embeddings): with attention "
-                   "only, the tiny UNet learns the 9 but loses the other digits.")
-    g.add_argument("--train_text_encoder", action="store_true",
-                   help="Also put adapters on both text encoders (targets: --text_encoder_target_preset).")
-    g.add_argument("--text_encoder_target_preset", type=str, default="sdxl_text_encoders",
-                   help="Text-encoder modules to adapt with --train_text_encoder: preset name or comma-separated names.")
-
-    g = parser.add_argument_group("data")
-    g.add_argument("--instance_data_dir", type=str, default=None,
-                   help="Folder of subject photos. Default: <output_dir>/instance_images, filled per --default_subject.")
-    g.add_argument("--default_subject", type=str, default=None, choices=["digit", "cat"],
-                   help="Subject written to <output_dir>/instance_images when --instance_data_dir is not given: 'digit' = "
-                   f"{DIGIT_SUBJECT_IMAGES} real scans of the digit 9 from the digits test split (9 is held out of the embedded "
-                   "model's pretraining), prompt 'a handwritten digit sks', class prompt 'a handwritten digit', prior "
-                   "preservation on; 'cat' = 4 real cat photos (crops of scikit-image's chelsea, CC0), prompt 'a photo of sks "
-                   "cat'. Default: digit on the embedded model, cat otherwise.")
-    g.add_argument("--instance_prompt", type=str, default=None,
-                   help=f"Prompt with the identifier of the subject (the caption of every image that has none). Default: 'a handwritten digit sks' for the digit subject, "
-                   f"{DEFAULT_INSTANCE_PROMPT!r} otherwise.")
-    g.add_argument("--caption_column", type=str, default=None,
-                   help="Caption column of metadata.jsonl/metadata.csv in --instance_data_dir (default: the first of "
-                   "text, caption, prompt it has) or of --dataset_name (default: none, every image gets --instance_prompt). "
-                   "<image>.txt sidecar files are read too; see docs/dreambooth.md for the precedence rules.")
-    g.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
-    g.add_argument("--dataset_name", type=str, default=None,
-                   help="Instead of --instance_data_dir: a datasets data set (a folder saved with save_to_disk, a local "
-                   "data folder, or a hub id). Needs the `datasets` library (extra: train).")
-    g.add_argument("--allow_outside_data", action="store_true",
-                   help="Accept images named by metadata.jsonl/metadata.csv (and symlinks) that resolve outside "
-                   "--instance_data_dir / --class_data_dir (data kept elsewhere on purpose). Default: refused.")
-    g.add_argument("--dataset_config_name", type=str, default=None, help="Config of --dataset_name, if it has several.")
-    g.add_argument("--cache_dir", type=str, default=None, help="Cache folder of downloaded data sets.")
-    g.add_argument("--repeats", type=int, default=1, help="How many times each instance image is repeated per epoch.")
-    g.add_argument("--resolution", type=int, default=None,
-                   help="Training image size (square). Default: the model's native size (UNet sample_size × VAE factor: "
-                   f"{EMBEDDED_RESOLUTION} for the embedded model, 1024 for SDXL). Must be divisible by the VAE factor; a "
-                   "size far from the native one gets a warning (the model was not trained there, and every step and "
-                   "validation image costs resolution² more).")
-    g.add_argument("--center_crop", action="store_true", help="Center-crop instead of random-crop after resizing.")
-    g.add_argument("--random_flip", action="store_true",
-                   help="Flip each image horizontally with probability 0.5, drawn anew every epoch (like the random crop).")
-    g.add_argument("--image_interpolation_mode", type=str, default="lanczos",
-                   choices=["lanczos", "bicubic", "bilinear", "nearest"], help="Resize interpolation.")
-    g.add_argument("--cache_latents", action="store_true",
-                   help="Encode every image with the VAE once before training (faster steps; the VAE sample and the "
-                   "crop/flip of each repeat are then fixed).")
-    g.add_argument("--dataloader_num_workers", type=int, default=0,
-                   help="Worker processes that crop, flip and batch the images (0: the main process).")
-
-    g = parser.add_argument_group("prior preservation")
-    g.add_argument("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=None,
-                   help="Add the prior-preservation loss on class images (DreamBooth, Ruiz et al. 2023). Default: on for "
-                   "the digit subject (class prompt 'a handwritten digit'), off otherwise.")
-    g.add_argument("--class_data_dir", type=str, default=None,
-                   help="Folder of class images; missing ones are generated with the base pipeline. "
-                   "Default: <output_dir>/class_images.")
-    g.add_argument("--class_prompt", type=str, default=None, help="Prompt of the class, e.g. 'a photo of a cat'.")
-    g.add_argument("--num_class_images", type=int, default=100, help="Number of class images to use (and generate if missing).")
-    g.add_argument("--prior_loss_weight", type=finite_float, default=1.0, help="Weight of the prior-preservation loss.")
-    g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
-    g.add_argument("--class_inference_steps", type=int, default=25, help="Denoising steps per generated class image.")
-    g.add_argument("--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
-                   help="Precision of the pipeline that generates class images. Default: fp16 on a GPU, fp32 otherwise.")
-
-    g = parser.add_argument_group("training")
-    add_flags(g, "--recipe", "--train_batch_size", "--gradient_accumulation_steps", "--max_train_steps",
-              "--num_train_epochs", "--learning_rate", "--lr_scheduler", "--lr_warmup_steps",
-              "--adam_beta1", "--adam_beta2", "--adam_weight_decay", "--adam_epsilon",
-              "--max_grad_norm", "--mixed_precision", "--gradient_checkpointing", "--threads", "--seed",
-              "--max_skipped_steps", "--ddp_timeout",
-              recipe={"choices": RECIPES, "help": 'Paper setting from mm_subspace.recipes: moslora_sdxl (alias moslora_paper) = MoSLoRA §4.3 / the official script: rank 4, orthogonal mixer, lr 1e-4 constant, batch 1 x accumulation 4, 500 steps, 50 validation inference steps, no prior preservation, no text-encoder training; lora_sdxl = the same with LoRA. Flags given explicitly win.'},
-              max_train_steps={"help": f'Optimizer steps; wins over --num_train_epochs. Default: from --num_train_epochs when given, else {EMBEDDED_MAX_STEPS} on the embedded model, {REAL_MAX_STEPS} otherwise.'},
-              num_train_epochs={"help": 'Passes over the data (instance images × --repeats; with prior preservation, at least the class images), converted to steps as diffusers does; the arithmetic is logged.'},
-              learning_rate={"default": None, "help": f'Learning rate of the adapter parameters. Default: {EMBEDDED_LEARNING_RATE:g} on the embedded model, 1e-4 otherwise.'},
-              adam_weight_decay={"default": 0.0001, "help": 'AdamW weight decay of the UNet adapters.'},
-              gradient_checkpointing={"help": 'Trade compute for memory in the UNet (and text encoders).'})
-    g.add_argument("--text_encoder_lr", type=finite_float, default=5e-6,
-                   help="Learning rate of text-encoder adapters (as diffusers; with --optimizer prodigy it is --learning_rate).")
-    g.add_argument("--scale_lr", action="store_true",
-                   help="Multiply --learning_rate (not --text_encoder_lr, as diffusers) by accumulation × batch size × processes.")
-    g.add_argument("--optimizer", type=str.lower, default="adamw", choices=["adamw", "prodigy"],
-                   help="AdamW (torch, or bitsandbytes' 8-bit with --use_8bit_adam) or Prodigy (prodigyopt, extra: train; "
-                   "use --learning_rate 1.0).")
-    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit (extra: quant). AdamW only.")
-    g.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
-    g.add_argument("--lr_power", type=finite_float, default=1.0, help="Power of the polynomial scheduler.")
-    g.add_argument("--adam_weight_decay_text_encoder", type=finite_float, default=1e-3, help="AdamW weight decay of text-encoder adapters.")
-    g.add_argument("--prodigy_beta3", type=finite_float, default=None,
-                   help="Prodigy's step-size running-average coefficient. Default: sqrt(beta2).")
-    g.add_argument("--prodigy_decouple", type=str_to_bool, default=True, help="Prodigy: AdamW-style decoupled weight decay (true/false).")
-    g.add_argument("--prodigy_use_bias_correction", type=str_to_bool, default=True, help="Prodigy: Adam's bias correction (true/false).")
-    g.add_argument("--prodigy_safeguard_warmup", type=str_to_bool, default=True,
-                   help="Prodigy: leave lr out of the D estimate's denominator during warm-up (true/false).")
-    g.add_argument("--snr_gamma", type=finite_float, default=None,
-                   help="Min-SNR weighting gamma (Hang et al. 2023, §3.4); 5.0 is recommended. Default: plain MSE.")
-    g.add_argument("--noise_offset", type=finite_float, default=0.0, help="Noise offset (per-channel constant added to the noise).")
-    g.add_argument("--do_edm_style_training", action="store_true",
-                   help="EDM-style training (Karras et al. 2022): sigmas from an Euler scheduler, preconditioned inputs and "
-                   "outputs, x0 target. Switched on automatically for a model whose scheduler is an EDM one "
-                   "(e.g. Playground v2.5).")
-    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs (no effect on CPU).")
-
-    g = parser.add_argument_group("checkpoints")
-    add_flags(g, "--output_dir", "--checkpointing_steps", "--checkpoints_total_limit",
-              "--resume_from_checkpoint",
-              output_dir={"help": "Output folder. Default: runs/dreambooth-sdxl-<adapter> (the comparison app scans runs/)."},
-              checkpointing_steps={"help": 'Save a resumable checkpoint (<output_dir>/checkpoint-<step>, as diffusers) every N optimizer steps. Default: 500, or half of --max_train_steps when that is less (the embedded default saves at 125 and 250).'})
-    g.add_argument("--output_kohya_format", action="store_true",
-                   help="Also write pytorch_lora_weights_kohya.safetensors (kohya / A1111 / ComfyUI keys, mixer folded, true alpha).")
-
-    g = parser.add_argument_group("hub")
-    g.add_argument("--push_to_hub", action="store_true",
-                   help="Upload the output folder (without checkpoints and the photos) to the Hub at the end. Offline, "
-                   "the run ends normally and prints the exact upload command.")
-    g.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (user/name). Default: the output folder's name.")
-    g.add_argument("--hub_token", type=str, default=None, help="Hub token. Default: the one saved by `hf auth login`.")
-
-    g = parser.add_argument_group("validation and logging")
-    g.add_argument("--validation_prompt", type=str, default=None,
-                   help="Prompt of the validation images. Default: --instance_prompt (diffusers skips validation when it is "
-                   "unset; here a final validation grid is always written unless --num_validation_images 0).")
-    g.add_argument("--validation_prompts_file", type=str, default=None,
-                   help="Validate on the prompts of this file instead of --validation_prompt: one per line, one image each, "
-                   "with kohya's sample-prompt options (--n negative prompt, --d seed, --s steps, --l guidance, --w/--h "
-                   "size; e.g. 'a photo of sks dog on a beach --n blurry --d 3 --s 30'); # comments and blank lines skipped.")
-    g.add_argument("--num_validation_images", type=int, default=4,
-                   help="Images per validation grid (0 disables validation). With --validation_prompts_file: one per line.")
-    g.add_argument("--validation_steps", type=int, default=None,
-                   help="Validate every N steps (a grid validation/step-<N>.png each time). A final validation always runs.")
-    g.add_argument("--validation_epochs", type=int, default=None,
-                   help="Validate every N epochs (converted to steps; the arithmetic is logged). Not with --validation_steps.")
-    g.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps of validation images.")
-    g.add_argument("--validation_batch_size", type=int, default=4,
-                   help="Validation images per pipeline call (the images do not depend on it; lower it to save memory).")
-    g.add_argument("--eval_subject_digit", type=int, default=None,
-                   help="Measure subject fidelity (share of instance-prompt images a digit classifier reads as this digit) and "
-                   "prior preservation (prompt accuracy on the other digits 0-8) with mm_subspace.eval.digits after "
-                   "training, for the adapter and the base; logged and written to the model card. Default: 9 for the "
-                   "digit subject, off otherwise.")
-    g.add_argument("--num_fidelity_images", type=int, default=20, help="Instance-prompt images of the subject-fidelity metric.")
-    g.add_argument("--prior_images_per_digit", type=int, default=5, help="Images per digit of the prior-preservation metric.")
-    add_flags(g, "--report_to", "--logging_dir")
-
-    g = parser.add_argument_group("diffusers compatibility")
-    g.add_argument("--use_dora", action="store_true",
-                   help="diffusers' spelling of DoRA: --adapter lora becomes dora, --adapter moslora becomes dora with a mixer.")
-    g.add_argument("--local_rank", type=int, default=-1,
-                   help="torch.distributed.launch's flag: accepted when it agrees with the local rank accelerate runs.")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                   help="xformers attention in the UNet, as diffusers (needs xformers; without the flag PyTorch's "
-                   "memory-efficient SDPA attention runs).")
-    g.add_argument("--train_text_encoder_ti", action="store_true",
-                   help="NOT SUPPORTED (pivotal tuning / textual inversion of diffusers' advanced script): refused with an "
-                   "error. Use --train_text_encoder.")
-    return parser
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -360,9 +184,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             raise ValueError("--with_prior_preservation needs --class_prompt (e.g. --class_prompt 'a photo of a cat')")
     else:
         if args.class_data_dir is not None:
-            warnings.warn("--class_data_dir is ignored without --with_prior_preservation")
+            warnings.warn("--class_data_dir is ignored without --with_prior_preservation", stacklevel=2)
         if args.class_prompt is not None:
-            warnings.warn("--class_prompt is ignored without --with_prior_preservation")
+            warnings.warn("--class_prompt is ignored without --with_prior_preservation", stacklevel=2)
 
     args.embedded_model = args.pretrained_model_name_or_path is None
     if args.instance_prompt is None:
@@ -390,16 +214,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------- data
-def _targets(spec: str) -> str | list[str]:
-    """A preset name stays a string; ``"to_q,to_v"`` becomes a list of module names."""
-    if spec in mm_subspace.list_presets():
-        return spec
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    if not names:
-        raise ConfigError(f"empty target list {spec!r}; presets: {', '.join(mm_subspace.list_presets())}")
-    return names
-
-
 def adapter_config(args: argparse.Namespace, targets: str | list[str]) -> mm_subspace.AdapterConfig:
     """``config_for(args.adapter, ...)`` with the method-specific flags its config has."""
     kwargs: dict[str, Any] = dict(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=targets)
@@ -412,11 +226,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train; returns ``{"output_dir", "global_step", "final_loss", "final_aux_loss", "digest", "exported",
     "resumed_from"}``."""
     from accelerate import Accelerator
-    from accelerate.utils import (
-        DistributedDataParallelKwargs,
-        ProjectConfiguration,
-        set_seed,
-    )
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from diffusers import (
         AutoencoderKL,
         DDPMScheduler,
@@ -444,19 +254,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info("%s", accelerator.state)
     rank, world = accelerator.process_index, accelerator.num_processes
-    if args.local_rank not in (-1, accelerator.local_process_index):  # torch.distributed.launch's flag: must agree
-        raise ConfigError(f"--local_rank {args.local_rank} but accelerate runs this process as local rank "
-                          f"{accelerator.local_process_index}; drop --local_rank (accelerate launch sets the rank)")
-    if accelerator.device.type == "cpu":
-        args.threads = cpu_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-        torch.set_num_threads(args.threads)
-        logger.info("CPU: %d torch thread(s) per process (--threads)", args.threads)
+    set_up_process(args, accelerator)  # --local_rank agrees, CPU threads, TF32, xformers present
     set_seed(args.seed)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
-        raise ConfigError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); without it "
-                          "PyTorch's SDPA attention runs, already memory-efficient: drop the flag")
 
     # -- 1. everything that can be wrong with the input is checked before any model loads ----------
     # a local folder must hold the model, a hub id must be fetchable: one HubError, no retries and tracebacks
@@ -467,26 +266,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     model_path = args.pretrained_model_name_or_path or str(tiny_models.tiny_sdxl_path())
     vae_path = args.pretrained_vae_model_name_or_path or model_path
     vae_sub = None if args.pretrained_vae_model_name_or_path else "vae"
-    unet_cfg = UNet2DConditionModel.load_config(model_path, subfolder="unet", revision=args.revision)
-    vae_cfg = AutoencoderKL.load_config(vae_path, subfolder=vae_sub, revision=args.revision)
-    vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    native = int(unet_cfg["sample_size"]) * vae_factor
-    resolution = args.resolution or native
-    warning = resolution_warning(resolution, native, "the embedded model" if args.embedded_model else model_path)
-    if warning:
-        logger.warning("%s", warning)
-    args.resolution = resolution  # training_args.json and the card record the size used
-    check_resolution(resolution, vae_factor, 2 ** (len(unet_cfg["down_block_types"]) - 1), vae_path)
-    scheduler_class = DDPMScheduler.load_config(model_path, subfolder="scheduler", revision=args.revision)["_class_name"]
-    edm_scheduler = "EDM" in scheduler_class
-    if edm_scheduler and not args.do_edm_style_training:
-        if args.snr_gamma is not None:
-            raise ValueError(f"{model_path} has an EDM scheduler ({scheduler_class}): EDM-style training is used, and "
-                             "--snr_gamma is not defined for it; drop --snr_gamma")
-        logger.info("%s has an EDM scheduler (%s): EDM-style training switched on", model_path, scheduler_class)
+    resolution = model_resolution(args, model_path, vae_path, vae_sub)  # from the configs; args.resolution set
+    edm_scheduler = has_edm_scheduler(args, model_path)
     edm = edm_scheduler or args.do_edm_style_training
-    config_unet = adapter_config(args, _targets(args.target_preset))  # ConfigError on bad values
-    config_text = adapter_config(args, _targets(args.text_encoder_target_preset)) if args.train_text_encoder else None
+    config_unet = adapter_config(args, parse_targets(args.target_preset))  # ConfigError on bad values
+    config_text = adapter_config(args, parse_targets(args.text_encoder_target_preset)) if args.train_text_encoder else None
     part_names = ["unet", *(TEXT_ENCODER_PARTS if args.train_text_encoder else ())]
     # DeepSpeed, FSDP1, FSDP2 with the text encoders: refused here. Sharded (FSDP2): forwards need every rank
     sharded = check_setup(accelerator, len(part_names)) == "fsdp2"
@@ -617,8 +401,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     total_batch = args.train_batch_size * world * args.gradient_accumulation_steps
     logger.info("***** training: %d instance images, %d steps (%d epochs), batch %d per process x %d processes x %d "
                 "accumulation = %d, %s optimizer%s", len(instance), args.max_train_steps, args.num_train_epochs,
-                args.train_batch_size, world, args.gradient_accumulation_steps, total_batch, type(getattr(optimizer, "optimizer", optimizer)).__name__,
-                ", EDM-style" if edm else "")
+                args.train_batch_size, world, args.gradient_accumulation_steps, total_batch,
+                type(getattr(optimizer, "optimizer", optimizer)).__name__, ", EDM-style" if edm else "")
 
     # -- 7. one micro-step: every random draw from step_generator(seed, rank, micro_step) -------------
     def micro_batch(micro_step: int, item: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -690,7 +474,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             return None
         cols = len(images) if prompt_lines is None else min(len(images), 4)
         path = save_image_grid(images, output_dir / "validation" / f"step-{step:06d}.png", cols=cols)
-        log_images(accelerator, images, step, args.validation_prompt if prompt_lines is None else
+        report.log_images(accelerator, images, step, args.validation_prompt if prompt_lines is None else
                    " | ".join(line.prompt for line in prompt_lines))
         logger.info("validation grid %s", path)
         return path
@@ -736,7 +520,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 terms = accelerator.gather(torch.stack([loss.detach(), aux.detach().float()]).reshape(1, 2)).mean(0)
                 if not skips.scaling:
                     check_finite({"loss": terms[0].item(), "aux_loss": terms[1].item()}, global_step + 1,
-                                 lambda: where_nonfinite(batch), manager.last_saved)
+                                 lambda batch=batch: where_nonfinite(batch), manager.last_saved)
                 sums += terms / args.gradient_accumulation_steps
                 accelerator.backward(loss + aux)
                 for n in trained:  # drop aux terms re-recorded by gradient-checkpointing recomputation
@@ -746,7 +530,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
                     if not skips.scaling:
-                        check_finite({"grad_norm": float(grad_norm)}, global_step + 1, lambda: where_nonfinite(batch),
+                        check_finite({"grad_norm": float(grad_norm)}, global_step + 1, lambda batch=batch: where_nonfinite(batch),
                                      manager.last_saved)
                 optimizer.step()
                 lr_scheduler.step()
@@ -793,35 +577,30 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             export_note = f"not exported to diffusers LoRA: {err}"
             logger.warning("%s", export_note)
         if args.output_kohya_format:
-            try:
-                kohya = mm_subspace.export_kohya(output_dir / KOHYA_WEIGHTS, **final)
-                export_note += f" `{kohya.name}`: kohya / A1111 / ComfyUI keys, mixer folded, true alpha."
-            except (ConfigError, MergeError) as err:  # e.g. a target kohya's SDXL layout cannot name
-                logger.error("--output_kohya_format: no kohya file written: %s", err)
-                export_note += f" Not exported to kohya: {err}"
+            export_note += report.kohya_export(output_dir / KOHYA_WEIGHTS, final)
     quality = None
     if validating:  # rank 0, or every rank when the UNet is sharded
         if args.num_validation_images and global_step not in validated:
             last_grid = log_validation(global_step)
         if args.eval_subject_digit is not None:
-            quality = digit_quality(args, current_pipeline()[0], resolution)
+            quality = report.digit_quality(args, current_pipeline()[0], resolution)
             for name, m in zip(("unet", "text_encoder", "text_encoder_2"), (unet, text_encoder, text_encoder_2)):
                 m.train(name in parts)
     if accelerator.is_main_process:
         start_grid = first_grid or output_dir / "validation" / f"step-{0:06d}.png"
         if last_grid is not None and start_grid.is_file() and start_grid != last_grid:
-            last_grid = stack_grids([start_grid, last_grid], output_dir / "validation" / f"step-0-vs-{global_step}.png")
+            last_grid = report.stack_grids([start_grid, last_grid], output_dir / "validation" / f"step-0-vs-{global_step}.png")
         if quality is not None:
             accelerator.log({f"quality/{k}": v for k, v in quality.items() if isinstance(v, float)}, step=global_step)
             atomic_write_text(output_dir / "quality.json", json.dumps(quality, indent=2) + "\n")
         curve = save_loss_curve(history, output_dir / "loss_curve.png", f"DreamBooth SDXL, {args.adapter}")
-        atomic_write_text(output_dir / "training_args.json", json.dumps(public_flags(args), indent=2, default=str) + "\n")
-        model_card(args, output_dir, history, global_step, total_batch, world, export_note, last_grid, curve, final,
+        atomic_write_text(output_dir / "training_args.json", json.dumps(report.public_flags(args), indent=2, default=str) + "\n")
+        report.model_card(args, output_dir, history, global_step, total_batch, world, export_note, last_grid, curve, final,
                     quality, captions=(sum(r.caption is not None for r in instance), len(instance)))
         logger.info("saved %s adapter to %s", args.adapter, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    hub = push_to_hub(args, output_dir) if args.push_to_hub and accelerator.is_main_process else None
+    hub = report.push_to_hub(args, output_dir) if args.push_to_hub and accelerator.is_main_process else None
     return {"output_dir": output_dir, "global_step": global_step, "final_loss": history.last("loss"),
             "quality": quality if accelerator.is_main_process else None, "seconds_per_step": seconds_per_step,
             "final_aux_loss": history.last("aux_loss"), "digest": digest, "exported": exported, "resumed_from": resume_path,

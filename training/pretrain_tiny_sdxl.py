@@ -61,7 +61,8 @@ PHASE_VAE, PHASE_UNET, PHASE_DONE = 0, 1, 2
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seed", type=int, default=0, help="Seed of every random draw (data order, noise, timesteps, prompts); the init is tiny_models' fixed one.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of every random draw (data order, noise, timesteps, prompts); the init is "
+                                                       "tiny_models' fixed one.")
     p.add_argument("--output_dir", type=str, default="runs/pretrain-tiny-sdxl")
     p.add_argument("--ship", action="store_true", help=f"Write the fp16 pipeline + manifest to mm_subspace/weights/{SHIP_NAME}.")
     p.add_argument("--num_threads", type=int, default=None, help="torch intra-op threads (1 is fastest on a busy machine).")
@@ -354,7 +355,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     extra = {"sampler": {**D.SAMPLER, "seeding": "image i: torch.Generator().manual_seed(seed * 100003 + i)"},
              "train_seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads(),
              "training": {k: v for k, v in vars(args).items() if k not in ("ship", "output_dir")},
-             "text_encoders": "trained jointly with the UNet from tiny_models' seeded init (EMA shipped)" if (args.text_encoder_lr is None or args.text_encoder_lr > 0) else "seeded random init, frozen"}
+             "text_encoders": "trained jointly with the UNet from tiny_models' seeded init (EMA shipped)"
+             if (args.text_encoder_lr is None or args.text_encoder_lr > 0) else "seeded random init, frozen"}
     write_manifest(fp16_dir, name=SHIP_NAME, command=command, data=data, metrics=metrics, **extra)
     logger.info("metrics: %s", json.dumps(metrics, indent=1))
     logger.info("train %.0f s; samples %s", train_seconds, grid)

@@ -181,10 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
               "--adam_beta1", "--adam_beta2", "--adam_weight_decay", "--adam_epsilon",
               "--max_grad_norm", "--mixed_precision", "--gradient_checkpointing", "--seed", "--max_skipped_steps",
               "--ddp_timeout",
-              recipe={"help": 'From mm_subspace.recipes: moslora_vi_llama3 = MoSLoRA Table 8 (LLaMA3+ViT): LLM r 64 α 128, ViT r 64 α 16, batch 8 × accumulation 2, lr 2e-5, 1 epoch, projector frozen; moslora_vi_llama3_official = the same as the official XTuner config runs it (projector trained). Flags given explicitly win.'},
+              recipe={"help": 'From mm_subspace.recipes: moslora_vi_llama3 = MoSLoRA Table 8 (LLaMA3+ViT): LLM r 64 α 128, ViT r 64 α '
+                              '16, batch 8 × accumulation 2, lr 2e-5, 1 epoch, projector frozen; moslora_vi_llama3_official = the same '
+                              'as the official XTuner config runs it (projector trained). Flags given explicitly win.'},
               train_batch_size={"default": 16, "help": "Batch size per process. Default: 16 on the embedded "
                                 "model; a real --model_name_or_path takes the MoSLoRA recipe's (8, with accumulation 2)."},
-              max_train_steps={"help": f'Optimizer steps; overrides --num_train_epochs. Default: {EMBEDDED_MAX_STEPS} on the embedded default, else from --num_train_epochs.'},
+              max_train_steps={"help": f'Optimizer steps; overrides --num_train_epochs. Default: {EMBEDDED_MAX_STEPS} on the embedded '
+                                       'default, else from --num_train_epochs.'},
               num_train_epochs={"type": finite_float, "default": 1.0, "help": 'Epochs when --max_train_steps is not given.'},
               learning_rate={"default": 0.002, "help": 'Learning rate of the adapters (and projector). Default: 2e-3 on '
                              'the embedded model; a real --model_name_or_path takes the MoSLoRA recipe\'s 2e-5.'},
@@ -448,11 +451,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or with ``--eval_only`` evaluate). Returns ``{"output_dir", "global_step", "final_loss",
     "final_aux_loss", "digest", "eval", "peft_exported", "resumed_from", "trainable_parameters"}``."""
     from accelerate import Accelerator
-    from accelerate.utils import (
-        DistributedDataParallelKwargs,
-        ProjectConfiguration,
-        set_seed,
-    )
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -600,7 +599,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 terms = accelerator.gather(torch.stack([loss.detach(), aux.detach().float()]).reshape(1, 2)).mean(0).cpu()
                 if not skips.scaling:
                     check_finite({"loss": terms[0].item(), "aux_loss": terms[1].item()}, global_step + 1,
-                                 lambda: where_nonfinite(batch), manager.last_saved)
+                                 lambda batch=batch: where_nonfinite(batch), manager.last_saved)
                 sums += terms / args.gradient_accumulation_steps
                 accelerator.backward(loss + aux)
                 mm_subspace.aux_loss(model)  # drop terms re-recorded by gradient-checkpointing recomputation
@@ -609,7 +608,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
                     if not skips.scaling:
-                        check_finite({"grad_norm": float(grad_norm)}, global_step + 1, lambda: where_nonfinite(batch),
+                        check_finite({"grad_norm": float(grad_norm)}, global_step + 1, lambda batch=batch: where_nonfinite(batch),
                                      manager.last_saved)
                 optimizer.step()
                 lr_scheduler.step()

@@ -27,34 +27,10 @@ from ..hub import ADAPTER_FILES, PIPELINE_ADAPTER_FILES, resolve
 from ..io import CONFIG_NAME, read_adapter_config, save_adapter
 from .common import CLASS_OF_COMPONENT, COMPONENT_OF_CLASS, load_standin, standin_model
 from .diffusers import DIFFUSERS_WEIGHTS, diffusers_state_dict, export_diffusers
-from .dora_peft import (
-    dora_factors,
-    dora_magnitudes,
-    export_dora_peft,
-    import_dora_peft,
-    refuse_dora,
-)
-from .kohya import (
-    KOHYA_PREFIX,
-    export_kohya,
-    import_kohya,
-    kohya_module_key,
-    kohya_state_dict,
-    sgm_unet_name,
-)
-from .official_moslora import (
-    import_moslora,
-    read_official_moslora,
-    standin_from_official,
-)
-from .peft import (
-    PEFT_WEIGHTS,
-    export_peft,
-    import_peft,
-    lora_factors,
-    lora_state_dict,
-    read_peft_config,
-)
+from .dora_peft import dora_factors, dora_magnitudes, export_dora_peft, import_dora_peft, refuse_dora
+from .kohya import KOHYA_PREFIX, export_kohya, import_kohya, kohya_module_key, kohya_state_dict, sgm_unet_name
+from .official_moslora import import_moslora, read_official_moslora, standin_from_official
+from .peft import PEFT_WEIGHTS, export_peft, import_peft, lora_factors, lora_state_dict, read_peft_config
 
 #: formats an adapter converts to
 FORMATS = ("mm_subspace", "peft", "diffusers", "kohya")

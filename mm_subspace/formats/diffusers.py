@@ -24,7 +24,8 @@ def diffusers_state_dict(model: nn.Module, adapter_name: str = "default") -> dic
     """One component's tensors for ``pytorch_lora_weights.safetensors`` (keys without the component prefix).
 
     Plain LoRA (mixer and scale folded into B), or for DoRA the same plus
-    ``<module>.lora_magnitude_vector.weight`` (out,): diffusers' loader sees the magnitude keys and builds PEFT DoRA layers (scale folded into B
+    ``<module>.lora_magnitude_vector.weight`` (out,): diffusers' loader sees the magnitude keys and builds PEFT DoRA layers (scale
+    folded into B
     is exact there too, since DoRA's ΔW = s·B·A both inside the norm and on the low-rank path).
     """
     if not dora_magnitudes(model, adapter_name):

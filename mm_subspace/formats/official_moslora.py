@@ -23,15 +23,7 @@ from ..atomic import file_errors
 from ..errors import AdapterFileError, ConfigError
 from ..hub import PEFT_FILES, resolve
 from ..io import read_tensors
-from .common import (
-    CLASS_OF_COMPONENT,
-    inject_and_load,
-    key_listing,
-    modules_of,
-    peft_tensors,
-    report_ignored,
-    standin_model,
-)
+from .common import CLASS_OF_COMPONENT, inject_and_load, key_listing, modules_of, peft_tensors, report_ignored, standin_model
 from .diffusers import DIFFUSERS_WEIGHTS
 from .kohya import KOHYA_PREFIX
 from .peft import peft_lora_fields, read_peft_config, read_peft_weights

@@ -20,15 +20,7 @@ from torch import nn
 from ..atomic import atomic_paths, file_errors, read_text_file, require_regular_file
 from ..errors import AdapterFileError, ConfigError
 from ..hub import PEFT_FILES, resolve
-from ..inject import (
-    TRAINABLE_PREFIX,
-    get_state,
-    inject,
-    iter_adapters,
-    rollback,
-    set_adapter,
-    trainable_module_state,
-)
+from ..inject import TRAINABLE_PREFIX, get_state, inject, iter_adapters, rollback, set_adapter, trainable_module_state
 from ..io import FORMAT, load_tensors_into, read_tensors, save_tensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"

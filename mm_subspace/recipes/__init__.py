@@ -36,13 +36,7 @@ learning rate and epochs (Supplementary Table 6) are ``recipe.tasks``; pick one 
 from __future__ import annotations
 
 from . import moslora, sulora, survey  # noqa: F401  (the catalogues: importing them registers their recipes)
-from .apply import (
-    CONFIG_FLAGS,
-    FLAG_ALIASES,
-    METHOD_DESTS,
-    apply_recipe_to_args,
-    explicit_dests,
-)
+from .apply import CONFIG_FLAGS, FLAG_ALIASES, METHOD_DESTS, apply_recipe_to_args, explicit_dests
 from .moslora import VISION_PATTERN
 from .registry import (
     ALIASES,
@@ -56,13 +50,7 @@ from .registry import (
     list_recipes,
     register_recipe,
 )
-from .survey import (
-    SURVEY_FIXED_METHODS,
-    SURVEY_GLUE_TASKS,
-    SURVEY_MODELS,
-    SURVEY_RANK_METHODS,
-    SURVEY_RANKS,
-)
+from .survey import SURVEY_FIXED_METHODS, SURVEY_GLUE_TASKS, SURVEY_MODELS, SURVEY_RANK_METHODS, SURVEY_RANKS
 
 __all__ = [
     "ALIASES",

@@ -39,13 +39,7 @@ from .reference import (
     roberta_large_config,
     sdxl_base_unet_config,
 )
-from .sdxl import (
-    TINY_SDXL_NAME,
-    TINY_SDXL_SHIPPED,
-    tiny_sdxl_components,
-    tiny_sdxl_path,
-    tiny_sdxl_pipeline,
-)
+from .sdxl import TINY_SDXL_NAME, TINY_SDXL_SHIPPED, tiny_sdxl_components, tiny_sdxl_path, tiny_sdxl_pipeline
 from .tokenizers import (
     BOS_TOKEN,
     CHAT_TEMPLATE,
@@ -64,15 +58,7 @@ from .tokenizers import (
     clip_tokenizer_files,
     lm_tokenizer,
 )
-from .vision import (
-    CLIP_MEAN,
-    CLIP_STD,
-    tiny_clip_model,
-    tiny_clip_processor,
-    tiny_clip_vision,
-    tiny_open_clip_vit,
-    tiny_timm_vit,
-)
+from .vision import CLIP_MEAN, CLIP_STD, tiny_clip_model, tiny_clip_processor, tiny_clip_vision, tiny_open_clip_vit, tiny_timm_vit
 
 __all__ = [
     "BOS_TOKEN",

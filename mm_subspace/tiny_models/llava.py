@@ -9,24 +9,10 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 
 from .cache import SEED, cached, seeded
-from .tokenizers import (
-    CHAT_TEMPLATE,
-    IMAGE_TOKEN,
-    IMAGE_TOKEN_ID,
-    LM_MAX_LENGTH,
-    LM_VOCAB_SIZE,
-    PAD_TOKEN_ID,
-    lm_tokenizer,
-)
+from .tokenizers import CHAT_TEMPLATE, IMAGE_TOKEN, IMAGE_TOKEN_ID, LM_MAX_LENGTH, LM_VOCAB_SIZE, PAD_TOKEN_ID, lm_tokenizer
 from .vision import clip_image_processor, tiny_clip_vision_config
 
 TINY_LLAMA_NAME = "tiny-llama-v1"

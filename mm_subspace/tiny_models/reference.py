@@ -8,10 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-    )
+    from transformers import CLIPVisionConfig, LlamaConfig
 
 
 

@@ -10,10 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from transformers import (
-        CLIPTokenizer,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
 from .cache import cached
 
@@ -149,15 +146,7 @@ def clip_tokenizer() -> CLIPTokenizer:
 
 def _build_lm_tokenizer() -> PreTrainedTokenizerFast:
     """Causal-LM tokenizer on the CLIP BPE vocabulary: bos prepended, no eos appended."""
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        normalizers,
-        pre_tokenizers,
-        processors,
-    )
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 

@@ -7,12 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-    from transformers import (
-        CLIPModel,
-        CLIPProcessor,
-        CLIPVisionConfig,
-        CLIPVisionModel,
-    )
+    from transformers import CLIPModel, CLIPProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from .cache import SEED, seeded
 from .tokenizers import CLIP_VOCAB_SIZE, clip_tokenizer
