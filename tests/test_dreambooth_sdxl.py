@@ -24,8 +24,10 @@ from conftest import kill_at_first_checkpoint, run_two_cpu_processes
 from mm_subspace import tiny_models
 from mm_subspace.errors import ConfigError, NonFiniteError, TargetError
 from mm_subspace.training import dreambooth_checks as checks
+from mm_subspace.training import dreambooth_flags as flags
 from mm_subspace.training import dreambooth_report as report
 from mm_subspace.training import dreambooth_sdxl as db
+from mm_subspace.training.dreambooth_data import DIGIT_SUBJECT_IMAGES
 from mm_subspace.training_utils import CheckpointManager, sample_indices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -651,7 +653,7 @@ def test_default_digit_subject_learns_the_nine(tmp_path: Path) -> None:
     assert args.instance_prompt == "a handwritten digit sks" and args.eval_subject_digit == 9
     result = db.main(args)
     q = result["quality"]
-    assert len(list((out / "instance_images").glob("*.png"))) == db.DIGIT_SUBJECT_IMAGES
+    assert len(list((out / "instance_images").glob("*.png"))) == DIGIT_SUBJECT_IMAGES
     assert q["adapter_subject_fidelity"] > q["base_subject_fidelity"] + 0.3, q
     assert json.loads((out / "quality.json").read_text()) == q
     card = (out / "README.md").read_text()
@@ -716,7 +718,7 @@ def test_resolution_far_from_native_warns_with_the_native_size_and_help_states_i
     path = tiny_models.tiny_sdxl_path()
     native = UNet2DConditionModel.load_config(path, subfolder="unet")["sample_size"] * 2 ** (
         len(AutoencoderKL.load_config(path, subfolder="vae")["block_out_channels"]) - 1)
-    assert native == db.EMBEDDED_RESOLUTION == 32
+    assert native == flags.EMBEDDED_RESOLUTION == 32
     assert f"{native} for the embedded model" in " ".join(db.build_parser().format_help().split())
 
 
@@ -760,7 +762,7 @@ def test_docs_flag_tables_are_the_help_text():
     docs = (ROOT / "docs" / "dreambooth.md").read_text()
     assert flags_markdown(db.build_parser()) in docs
     assert "| `--resolution` | — | Training image size (square). Default: the model's native size (UNet sample_size × VAE " \
-           f"factor: {db.EMBEDDED_RESOLUTION} for the embedded model" in docs
+           f"factor: {flags.EMBEDDED_RESOLUTION} for the embedded model" in docs
     assert f"{db.EMBEDDED_MAX_STEPS} steps on the embedded model" in docs and "20 steps (embedded)" not in docs
 
 
