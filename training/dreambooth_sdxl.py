@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(g, "--output_dir", "--checkpointing_steps", "--checkpoints_total_limit",
               "--resume_from_checkpoint",
               output_dir={"help": "Output folder. Default: runs/dreambooth-sdxl-<adapter> (the comparison app scans runs/)."},
-              checkpointing_steps={"help": 'Save a resumable checkpoint (training_state/checkpoint-<step>) every N optimizer steps. Default: 500, or half of --max_train_steps when that is less (the embedded default saves at 125 and 250).'})
+              checkpointing_steps={"help": 'Save a resumable checkpoint (training_state/checkpoint-<step>) every N optimizer steps. Default: 500, or half of --max_train_steps when that is less (the embedded default saves at 250 and 500).'})
     g.add_argument("--output_kohya_format", action="store_true",
                    help="Also write pytorch_lora_weights_kohya.safetensors (kohya / A1111 / ComfyUI keys, mixer folded, true alpha).")
 
