@@ -36,8 +36,8 @@ import _common as C
 #: (key for --methods, label, --adapter, extra flags); the key of a method's default case is the method's name
 CASES: list[tuple[str, str, str, list[str]]] = [
     ("lora", "lora", "lora", []),
-    ("moslora", "moslora (orthogonal mixer, default)", "moslora", []),
-    ("moslora_kaiming", "moslora (kaiming_uniform mixer, paper)", "moslora", ["--mixer_init", "kaiming_uniform"]),
+    ("moslora", "moslora (orthogonal mixer: default, paper §4.3 SDXL)", "moslora", []),
+    ("moslora_kaiming", "moslora (kaiming_uniform mixer: paper Table 3)", "moslora", ["--mixer_init", "kaiming_uniform"]),
     ("ts_mixing", "ts_mixing", "ts_mixing", []),
     ("asylora", "asylora (orthonormal frozen A, default)", "asylora", []),
     ("sulora", "sulora (paired, orthonormal frozen A, default)", "sulora", []),
@@ -210,7 +210,7 @@ def _grid(rows: dict[str, list[Any]], path: Path) -> None:
 
     if not rows:
         return
-    scale, label_w = 2, 170
+    scale, label_w = 2, 8 + 6 * max(len(label) for label in rows)  # PIL's default font: about 6 px per character
     side = next(iter(rows.values()))[0].width * scale
     canvas = Image.new("RGB", (label_w + side * GRID_IMAGES, side * len(rows)), "white")
     draw = ImageDraw.Draw(canvas)
