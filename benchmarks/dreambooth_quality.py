@@ -36,7 +36,7 @@ import _common as C
 #: (key for --methods, label, --adapter, extra flags); the key of a method's default case is the method's name
 CASES: list[tuple[str, str, str, list[str]]] = [
     ("lora", "lora", "lora", []),
-    ("moslora", "moslora (orthogonal mixer: default, paper §4.3 SDXL)", "moslora", []),
+    ("moslora", "moslora (orthogonal mixer: default, paper's SDXL run)", "moslora", []),
     ("moslora_kaiming", "moslora (kaiming_uniform mixer: paper Table 3)", "moslora", ["--mixer_init", "kaiming_uniform"]),
     ("ts_mixing", "ts_mixing", "ts_mixing", []),
     ("asylora", "asylora (orthonormal frozen A, default)", "asylora", []),
