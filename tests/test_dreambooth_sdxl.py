@@ -281,6 +281,19 @@ def test_parse_args_errors_and_recipe() -> None:
     assert default.max_train_steps == db.EMBEDDED_MAX_STEPS and default.output_dir == "runs/dreambooth-sdxl-moslora"
 
 
+def test_digit_subject_defaults_yield_to_flags_recipes_and_other_subjects() -> None:
+    """The embedded digit run trains with cosine decay and prior weight 1.5 (chosen by benchmarks/dreambooth_quality.py);
+    an explicit flag or a recipe wins, and other subjects keep diffusers' defaults (constant, weight 1)."""
+    digit = db.parse_args([])
+    assert (digit.lr_scheduler, digit.prior_loss_weight, digit.max_train_steps) == ("cosine", 1.5, 500)
+    assert digit.checkpointing_steps == 250
+    mine = db.parse_args(["--lr_scheduler", "constant", "--prior_loss_weight", "1"])
+    assert (mine.lr_scheduler, mine.prior_loss_weight) == ("constant", 1.0)
+    assert db.parse_args(["--recipe", "moslora_paper"]).lr_scheduler == "constant"
+    cat = db.parse_args(["--default_subject", "cat"])
+    assert (cat.lr_scheduler, cat.prior_loss_weight) == ("constant", 1.0)
+
+
 def test_bad_instance_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ConfigError, match="missing: no such folder"):  # at parse time: one error line from the CLI
         run(tmp_path / "o1", instance=tmp_path / "missing")
@@ -791,7 +804,7 @@ def test_own_glyph_subject_is_learned_with_the_documented_flags(tmp_path):
 #: the flags docs/dreambooth.md gives for your own small images on the embedded model (checked against the docs)
 OWN_SUBJECT_FLAGS = ["--instance_prompt", "a handwritten digit sks", "--target_preset", "sdxl_unet_wide",
                      "--train_batch_size", "2", "--with_prior_preservation", "--class_prompt", "a handwritten digit",
-                     "--num_class_images", "50"]
+                     "--num_class_images", "50", "--max_train_steps", "250"]
 
 
 def test_own_subject_flags_are_the_documented_ones():
