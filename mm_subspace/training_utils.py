@@ -611,9 +611,9 @@ def resume_mixed_precision(path: Path | None, requested: str | None) -> str | No
     if path is None:
         return requested
     try:
-        recorded = json.loads((Path(path) / TRAINER_STATE).read_text(encoding="utf-8")).get("mixed_precision")
-    except (OSError, ValueError, AttributeError):
-        return requested  # check_resumable names an unreadable state file
+        recorded = read_trainer_state(path).get("mixed_precision")
+    except AdapterFileError:
+        return requested  # check_resumable names an unreadable state file (and offers the previous checkpoint)
     if recorded is None or requested == recorded:
         return requested
     if requested is None:
