@@ -2,17 +2,19 @@
 
 Each method trains the headline run (``training/dreambooth_sdxl.py --adapter <method>`` with its
 defaults: the embedded tiny SDXL pretrained on the digits 0-8, five test-split scans of the held-out
-digit 9, "a handwritten digit sks", prior preservation on "a handwritten digit") at the same rank,
-for every seed. Reported: subject fidelity (share of instance-prompt images a digit classifier reads
-as 9) and prior preservation (prompt accuracy on 0-8 with the adapter on), mean ± std over seeds and the
-worst seed (the headline asks for fidelity ≥ 90 % and prior ≥ 85 % on every seed);
+digit 9, "a handwritten digit sks", prior preservation on "a handwritten digit", adapters on the UNet and
+both text encoders) at the same rank, for every seed; the ``*_budget`` cases run AsyLoRA and SuLoRA at the
+rank whose trainable parameter count is closest to LoRA's (equal trainable budget). Reported: subject
+fidelity (share of ``--fidelity_images`` instance-prompt images a digit classifier reads as 9) and prior
+preservation (prompt accuracy on 0-8 with the adapter on, ``--prior_images_per_digit`` each), mean ± std
+over seeds and the worst seed (the headline asks for fidelity ≥ 90 % and prior ≥ 85 % on every seed);
 trainable parameters (what the equal-rank comparison is about) and stored ones (everything the adapter
 files hold: the trainable ones plus frozen tensors such as AsyLoRA's and SuLoRA's frozen A); seconds per
 optimizer step (median over seeds; depends on the machine's load).
 The class images are generated once and shared by every run (same base, prompt and seed).
 
     python benchmarks/dreambooth_quality.py [--seeds 0 1 2] [--headline_seeds 0 1 2 3 4] [--methods lora moslora]
-        [--threads 1] [--max_train_steps N] [--work_dir DIR]
+        [--threads 1] [--max_train_steps N] [--work_dir DIR] [--fidelity_images 40] [--prior_images_per_digit 10]
 
 ``--work_dir`` keeps the runs: a rerun with the same folder reuses every finished (method, seed) run, so more
 seeds or methods can be added later and the tables cover all of them.
@@ -33,7 +35,9 @@ from typing import Any
 
 import _common as C
 
-#: (key for --methods, label, --adapter, extra flags); the key of a method's default case is the method's name
+#: (key for --methods, label, --adapter, extra flags); the key of a method's default case is the method's name.
+#: ``BUDGET`` in the flags: the rank whose trainable count is closest to LoRA's at ``--rank`` (counted on the UNet)
+BUDGET = "<budget rank>"
 CASES: list[tuple[str, str, str, list[str]]] = [
     ("lora", "lora", "lora", []),
     ("moslora", "moslora (orthogonal mixer: default, paper's SDXL run)", "moslora", []),
@@ -42,6 +46,8 @@ CASES: list[tuple[str, str, str, list[str]]] = [
     ("asylora", "asylora (orthonormal frozen A, default)", "asylora", []),
     ("sulora", "sulora (paired, orthonormal frozen A, default)", "sulora", []),
     ("dora", "dora", "dora", []),
+    ("asylora_budget", "asylora at LoRA's trainable budget", "asylora", [BUDGET]),
+    ("sulora_budget", "sulora at LoRA's trainable budget", "sulora", [BUDGET]),
 ]
 #: the headline pair (docs/dreambooth.md): run on --headline_seeds
 HEADLINE = ("lora", "moslora")
@@ -53,10 +59,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--headline_seeds", type=int, nargs="+", default=None,
                         help=f"seeds of the headline pair {HEADLINE} (default: --seeds)")
-    parser.add_argument("--rank", type=int, default=4, help="the same rank for every method (the script's default)")
+    parser.add_argument("--rank", type=int, default=None, help="the same rank for every method (default: the script's, 6)")
     parser.add_argument("--max_train_steps", type=int, default=None, help="default: the script's embedded default")
     parser.add_argument("--methods", nargs="+", default=None, choices=[c[0] for c in CASES],
                         help="subset of the cases by key: a method's name is its default case (default: all)")
+    parser.add_argument("--fidelity_images", type=int, default=40,
+                        help="instance-prompt images per run for subject fidelity (the script's default: 20)")
+    parser.add_argument("--prior_images_per_digit", type=int, default=10,
+                        help="images per digit 0-8 per run for prior preservation (the script's default: 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--work_dir", type=str, default=None, help="where runs go (default: a temporary folder)")
     return parser.parse_args()
@@ -66,6 +76,28 @@ def _script() -> Any:
     from mm_subspace.training import dreambooth_sdxl
 
     return dreambooth_sdxl
+
+
+def budget_rank(method: str, rank: int) -> int:
+    """The rank of ``method`` whose trainable parameter count on the UNet's targets is closest to LoRA's at ``rank``."""
+    import mm_subspace as mms
+    from mm_subspace.presets import get_preset
+    from mm_subspace.tiny_models import tiny_sdxl_pipeline
+    from mm_subspace.training.dreambooth_flags import DIGIT_DEFAULTS
+
+    unet = tiny_sdxl_pipeline().unet.requires_grad_(False)
+    targets = get_preset(DIGIT_DEFAULTS["target_preset"]).resolve(unet)
+
+    def trainable(name: str, r: int) -> int:
+        mms.inject(unet, mms.config_for(name, rank=r, alpha=r, targets=targets), "_count")
+        mms.set_adapter(unet, "_count")
+        try:
+            return mms.parameter_counts(unet, "_count").trainable
+        finally:
+            mms.remove_adapter(unet, "_count")
+
+    budget = trainable("lora", rank)
+    return min(range(1, 4 * rank + 1), key=lambda r: (abs(trainable(method, r) - budget), r))
 
 
 def _params(out: Path) -> dict[str, int]:
@@ -108,6 +140,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def main() -> None:
     args = parse_args()
+    if args.rank is None:
+        from mm_subspace.training.dreambooth_flags import DIGIT_DEFAULTS
+
+        args.rank = DIGIT_DEFAULTS["rank"]
     C.set_threads(args.threads)
     db = _script()
     cases = [c for c in CASES if args.methods is None or c[0] in args.methods]
@@ -118,10 +154,16 @@ def main() -> None:
     base: dict[str, float] | None = None
     for key, label, method, extra in cases:
         seeds = args.headline_seeds if key in HEADLINE and args.headline_seeds else args.seeds
+        rank = budget_rank(method, args.rank) if BUDGET in extra else args.rank
+        if BUDGET in extra:
+            extra = [f for f in extra if f != BUDGET]
+            label = f"{label} (r={rank})"
         for seed in seeds:
-            out = work / f"{method}{''.join(extra[1:])}-seed{seed}"
-            argv = ["--adapter", method, "--rank", str(args.rank), "--seed", str(seed), "--output_dir", str(out),
-                    "--report_to", "none", "--num_validation_images", "0", "--class_data_dir", str(class_dir), *extra]
+            out = work / f"{method}{''.join(extra[1:])}{'' if rank == args.rank else f'-r{rank}'}-seed{seed}"
+            argv = ["--adapter", method, "--rank", str(rank), "--seed", str(seed), "--output_dir", str(out),
+                    "--report_to", "none", "--num_validation_images", "0", "--class_data_dir", str(class_dir),
+                    "--num_fidelity_images", str(args.fidelity_images),
+                    "--prior_images_per_digit", str(args.prior_images_per_digit), *extra]
             if args.max_train_steps:
                 argv += ["--max_train_steps", str(args.max_train_steps)]
             t0 = time.time()
@@ -168,12 +210,15 @@ def main() -> None:
     seeds_note = (f"{'/'.join(map(str, counts))} seeds per method" if counts[0] >= 3 else
                   f"ONLY {counts[0]} seed(s) for some methods because of CPU time: their ± is not a real spread")
     md = [f"DreamBooth on the embedded digits SDXL: `training/dreambooth_sdxl.py --adapter <method> --rank {args.rank}` "
-          f"defaults ({steps} steps, prior preservation on), {seeds_note}; mean ± std and the worst seed. "
+          f"defaults ({steps} steps, prior preservation on; the budget rows at the rank given), {seeds_note}; "
+          f"mean ± std and the worst seed; {args.fidelity_images} fidelity and {9 * args.prior_images_per_digit} prior "
+          "images per run. "
           f"Base (no adapter): subject fidelity {base['fidelity']:.0%}, prior preservation {base['prior']:.0%}. "
           f"Training wall time {wall / 60:.1f} min in all (torch threads: {args.threads or 'all'}).", "",
           C.markdown_table(["method", "seeds", "subject fidelity (9 for 'sks')", "worst seed", "prior preservation (0-8)",
                             "worst seed", "trainable params", "stored params (incl. frozen)", "s / step"], rows)]
     payload = {"seeds": args.seeds, "headline_seeds": args.headline_seeds, "rank": args.rank, "steps": steps,
+               "fidelity_images": args.fidelity_images, "prior_images_per_digit": args.prior_images_per_digit,
                "base": base, "summary": summary, "runs": runs, "wall_s": wall}
     C.write_results("dreambooth_quality", payload, "\n".join(md))
     _plot(summary, base, C.RESULTS / "dreambooth_quality.png", seeds_note)

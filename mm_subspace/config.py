@@ -232,3 +232,9 @@ class LowRankConfig(AdapterConfig):
         if isinstance(self.mpc_coef, bool) or not isinstance(self.mpc_coef, (int, float)) or self.mpc_coef < 0:
             raise ConfigError(f"{self.method}: mpc_coef must be a number >= 0, got {self.mpc_coef!r}")
         check_choice(f"{self.method}: mpc_activation", self.mpc_activation, ACTIVATIONS)
+
+    @property
+    def frozen_factor(self) -> str | None:
+        """``"A"`` or ``"B"``: the factor that stays frozen at its init (AsyLoRA, SuLoRA), so only the other one
+        trains; ``None`` when both train (LoRA and the rest)."""
+        return None

@@ -108,7 +108,8 @@ def check_setup(accelerator: Accelerator, trained_models: int, quantized: bool =
                               "tensors with uniform dtype'); set fsdp_version: 2 in the accelerate config" + supported)
         if trained_models > 1:
             raise ConfigError(f"FSDP2 through accelerate shards one trained model, this run trains {trained_models} "
-                              "(--train_text_encoder): train the UNet only with FSDP2, or use DDP" + supported)
+                              "(--train_text_encoder, on by default for the embedded digit subject): train the UNet only with FSDP2 "
+                              "(--no-train_text_encoder), or use DDP" + supported)
         if quantized:
             raise ConfigError("FSDP2 with a 4-bit (bitsandbytes) base is not supported: use DDP with --load_in_4bit, "
                               "or FSDP2 with a bf16 base" + supported)

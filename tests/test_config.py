@@ -21,3 +21,11 @@ def test_nonfinite_config_numbers_are_refused(value, where, method):
         kwargs = {"alpha": value}
     with pytest.raises(ConfigError, match="finite"):
         mms.config_for(method, rank=2, **kwargs)
+
+
+def test_frozen_factor_names_the_factor_that_stays_at_its_init() -> None:
+    assert mms.config_for("lora", rank=2).frozen_factor is None
+    assert mms.config_for("moslora", rank=2).frozen_factor is None
+    assert mms.config_for("asylora", rank=2).frozen_factor == "A"
+    assert mms.config_for("asylora", rank=2, freeze="B").frozen_factor == "B"
+    assert mms.config_for("sulora", rank=2).frozen_factor == "A"

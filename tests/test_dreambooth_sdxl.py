@@ -282,16 +282,36 @@ def test_parse_args_errors_and_recipe() -> None:
 
 
 def test_digit_subject_defaults_yield_to_flags_recipes_and_other_subjects() -> None:
-    """The embedded digit run trains with cosine decay and prior weight 1.5 (chosen by benchmarks/dreambooth_quality.py);
-    an explicit flag or a recipe wins, and other subjects keep diffusers' defaults (constant, weight 1)."""
+    """The embedded digit run trains rank 6 with 50 warm-up steps, cosine decay, prior weight 2 and adapters on both
+    text encoders at lr 1e-3 (chosen with benchmarks/dreambooth_quality.py, docs/dreambooth.md); an explicit flag or a
+    recipe wins, and other subjects keep diffusers' defaults (rank 4, constant, no warm-up, weight 1, UNet only,
+    text-encoder lr 5e-6)."""
     digit = db.parse_args([])
-    assert (digit.lr_scheduler, digit.prior_loss_weight, digit.max_train_steps) == ("cosine", 1.5, 500)
+    assert (digit.lr_scheduler, digit.lr_warmup_steps, digit.prior_loss_weight, digit.max_train_steps) == ("cosine", 50, 2.0, 500)
+    assert (digit.rank, digit.alpha, digit.train_text_encoder, digit.text_encoder_lr, digit.learning_rate) == (6, 6.0, True, 1e-3, 2e-3)
+    assert db.parse_args(["--rank", "4"]).alpha == 4.0  # alpha follows the rank actually used
     assert digit.checkpointing_steps == 250
-    mine = db.parse_args(["--lr_scheduler", "constant", "--prior_loss_weight", "1"])
-    assert (mine.lr_scheduler, mine.prior_loss_weight) == ("constant", 1.0)
-    assert db.parse_args(["--recipe", "moslora_paper"]).lr_scheduler == "constant"
+    mine = db.parse_args(["--lr_scheduler", "constant", "--prior_loss_weight", "1", "--no-train_text_encoder",
+                          "--lr_warmup_steps", "0"])
+    assert (mine.lr_scheduler, mine.prior_loss_weight, mine.train_text_encoder, mine.lr_warmup_steps) == ("constant", 1.0, False, 0)
+    paper = db.parse_args(["--recipe", "moslora_paper"])
+    assert (paper.lr_scheduler, paper.train_text_encoder) == ("constant", False)
     cat = db.parse_args(["--default_subject", "cat"])
-    assert (cat.lr_scheduler, cat.prior_loss_weight) == ("constant", 1.0)
+    assert (cat.rank, cat.lr_scheduler, cat.lr_warmup_steps, cat.prior_loss_weight) == (4, "constant", 0, 1.0)
+    assert (cat.train_text_encoder, cat.text_encoder_lr) == (False, 5e-6)
+
+
+@pytest.mark.parametrize(("argv", "lr"), [
+    (["--adapter", "asylora"], 6e-3),                                     # A frozen: only B trains
+    (["--adapter", "sulora"], 6e-3),                                      # A frozen (§3.2): the bank B and the router train
+    (["--adapter", "asylora", "--learning_rate", "1e-3"], 1e-3),          # the user's lr wins
+    (["--adapter", "lora"], 2e-3),
+    (["--adapter", "moslora"], 2e-3),
+    (["--adapter", "asylora", "--default_subject", "cat"], 2e-3),         # the digit subject's default only
+])
+def test_b_only_adapters_default_to_a_larger_lr_on_the_digit_subject(argv: list[str], lr: float) -> None:
+    assert db.parse_args(argv).learning_rate == pytest.approx(lr)
+
 
 
 def test_bad_instance_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

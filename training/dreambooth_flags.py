@@ -14,11 +14,16 @@ from mm_subspace.training.script_flags import add_flags, finite_float, str_to_bo
 DEFAULT_INSTANCE_PROMPT = "a photo of sks cat"  # --default_subject cat, or an --instance_data_dir
 EMBEDDED_MAX_STEPS = 500  # embedded default: under two minutes on 2 free CPU cores (32 px, batch 2 + 2 class images)
 EMBEDDED_LEARNING_RATE = 2e-3  # the tiny model learns the new digit in a few hundred steps (1e-4 does not move it)
-#: defaults of the digit subject (flags given explicitly win): cosine decay and prior weight 1.5 hold fidelity and
-#: prior preservation on more seeds (benchmarks/dreambooth_quality.py; 250 constant steps at weight 1 did not)
+#: defaults of the digit subject (flags given explicitly win), chosen by benchmarks/dreambooth_quality.py and the probes
+#: of docs/dreambooth.md ("The embedded default: how it was chosen"): adapters on both text encoders (lr 1e-3) keep
+#: the other digits; rank 6 with 50 warm-up steps before the cosine decay, at prior weight 2, learns the 9
 DIGIT_DEFAULTS: dict[str, Any] = {"train_batch_size": 2, "num_class_images": 50, "sample_batch_size": 25,
-                                  "class_inference_steps": 20, "target_preset": "sdxl_unet_wide",
-                                  "lr_scheduler": "cosine", "prior_loss_weight": 1.5}
+                                  "class_inference_steps": 20, "target_preset": "sdxl_unet_wide", "rank": 6,
+                                  "lr_scheduler": "cosine", "lr_warmup_steps": 50, "prior_loss_weight": 2.0,
+                                  "train_text_encoder": True, "text_encoder_lr": 1e-3}
+#: the digit subject's learning rate for adapters that train only B (AsyLoRA with its A frozen, SuLoRA): one factor
+#: moves ΔW instead of two, and at 2e-3 AsyLoRA learned the 9 in 28 % of images (6e-3: 73 %; docs/dreambooth.md)
+DIGIT_B_ONLY_LEARNING_RATE = 6e-3
 REAL_MAX_STEPS = 500  # the MoSLoRA paper's step count
 EMBEDDED_RESOLUTION = 32  # the shipped digits SDXL: UNet sample_size 8 x VAE factor 4 (tested against its config)
 
@@ -43,13 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("adapter")
     add_flags(g, "--adapter", "--rank", "--alpha", "--lora_dropout", "--mixer_init", "--num_subspaces", "--pairing", "--a_init",
-              "--router_temperature")
+              "--router_temperature",
+              rank={"help": "Rank r of the adapter's low-rank factors (the embedded digit subject defaults to 6)."})
     g.add_argument("--target_preset", type=str, default="sdxl_unet",
                    help="UNet modules to adapt: a preset name (mm_subspace.list_presets()) or comma-separated module names/suffixes. "
                    "The digit subject defaults to sdxl_unet_wide (attention + feed-forward + time embeddings): with attention "
                    "only, the tiny UNet learns the 9 but loses the other digits.")
-    g.add_argument("--train_text_encoder", action="store_true",
-                   help="Also put adapters on both text encoders (targets: --text_encoder_target_preset).")
+    g.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=False,
+                   help="Also put adapters on both text encoders (targets: --text_encoder_target_preset). On by default for the "
+                   "embedded digit subject (with --text_encoder_lr 1e-3; --no-train_text_encoder turns it off).")
     g.add_argument("--text_encoder_target_preset", type=str, default="sdxl_text_encoders",
                    help="Text-encoder modules to adapt with --train_text_encoder: preset name or comma-separated names.")
 

@@ -76,6 +76,7 @@ from mm_subspace.training.dreambooth_checks import (
 from mm_subspace.training.dreambooth_data import MicroBatches, instance_records, schedule
 from mm_subspace.training.dreambooth_flags import (
     DEFAULT_INSTANCE_PROMPT,
+    DIGIT_B_ONLY_LEARNING_RATE,
     DIGIT_DEFAULTS,
     EMBEDDED_LEARNING_RATE,
     EMBEDDED_MAX_STEPS,
@@ -161,8 +162,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.resolution is not None:
         check_resolution(args.resolution)  # the VAE and UNet factors are checked once the model's config is read
     refuse_bad_combinations(args, adapter_cls)
-    if args.alpha is None:
-        args.alpha = float(args.rank)
 
     own_data = args.instance_data_dir is not None or args.dataset_name is not None
     if args.default_subject is not None and own_data:
@@ -179,6 +178,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         for key, value in DIGIT_DEFAULTS.items():
             if key not in explicit and key not in from_recipe:  # the user's flags and a recipe win
                 setattr(args, key, value)
+    if args.alpha is None:
+        args.alpha = float(args.rank)
     if args.with_prior_preservation:
         if args.class_prompt is None:
             raise ValueError("--with_prior_preservation needs --class_prompt (e.g. --class_prompt 'a photo of a cat')")
@@ -193,6 +194,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         args.instance_prompt = digits_eval.INSTANCE_PROMPT if digit_default else DEFAULT_INSTANCE_PROMPT
     if args.learning_rate is None:
         args.learning_rate = EMBEDDED_LEARNING_RATE if args.embedded_model else 1e-4
+        if digit_default and args.embedded_model and getattr(adapter_config(args, "unet"), "frozen_factor", None) == "A":
+            args.learning_rate = DIGIT_B_ONLY_LEARNING_RATE  # only B trains (AsyLoRA, SuLoRA): docs/dreambooth.md
     if args.eval_subject_digit is None and digit_default:
         args.eval_subject_digit = digits_eval.SUBJECT_DIGIT
     if args.eval_subject_digit is not None and not 0 <= args.eval_subject_digit <= 9:

@@ -169,6 +169,8 @@ def flags_markdown(parser: argparse.ArgumentParser) -> str:
             names = " / ".join(f"`{o}`" for o in a.option_strings if o.startswith("--"))
             if isinstance(a, argparse._StoreTrueAction):
                 default = "off"
+            elif isinstance(a, argparse.BooleanOptionalAction) and isinstance(a.default, bool):
+                default = "on" if a.default else "off"
             elif a.default is None:
                 default = "—"
             else:

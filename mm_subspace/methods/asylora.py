@@ -71,6 +71,10 @@ class AsyLoRAConfig(LowRankConfig):
         check_choice("asylora: freeze", self.freeze, FREEZE_CHOICES)
         check_a_init("asylora", self.a_init)
 
+    @property
+    def frozen_factor(self) -> str:
+        return self.freeze
+
 
 @register_method
 class AsyLoRA(LowRankAdapter):

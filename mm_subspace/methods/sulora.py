@@ -129,6 +129,10 @@ class SuLoRAConfig(LowRankConfig):
                     f"out of N. Use num_subspaces={2 * too_big} (the paper's N = 2r) or None."
                 )
 
+    @property
+    def frozen_factor(self) -> str:
+        return "A"  # §3.2: A frozen as in AsyLoRA; the bank B and the router train
+
     def subspaces_for(self, rank: int) -> int:
         """N for a module of rank ``rank``."""
         return self.num_subspaces if self.num_subspaces is not None else 2 * rank
