@@ -151,7 +151,9 @@ def main() -> None:
           f"(no vision adapters, so the budgets compare exactly); "
           f"equal trainable-parameter budget = LoRA r={args.budget_rank}; steps = "
           f"{args.max_train_steps or vi.EMBEDDED_MAX_STEPS}, batch {defaults.get_default('train_batch_size')}, lr "
-          f"{defaults.get_default('learning_rate')} {defaults.get_default('lr_scheduler')}, alpha = 2r, {args.jobs} runs at "
+          f"{defaults.get_default('learning_rate')} {defaults.get_default('lr_scheduler')} "
+          f"(per method: {', '.join(f'{m} {lr:g}' for m, lr in vi.EMBEDDED_METHOD_LEARNING_RATES.items())}), "
+          f"alpha = 2r, {args.jobs} runs at "
           f"a time with {args.threads} thread(s) each.\n"]
     rows, plot = [], {}
     runner = Runner(args)  # every part's runs are queued up front, so the workers never wait on the tables

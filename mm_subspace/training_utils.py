@@ -55,7 +55,7 @@ LEGACY_STATE_DIR = "training_state"
 
 
 #: training-script flags that map to a field of the method's config (passed only when the method has it)
-METHOD_FLAGS = ("mixer_init", "num_subspaces", "pairing", "a_init", "router_temperature")
+METHOD_FLAGS = ("mixer_init", "num_subspaces", "pairing", "a_init", "router_temperature", "balance_coef")
 
 
 def check_method_flags(args: Any, flags: tuple[str, ...] = METHOD_FLAGS) -> None:

@@ -67,7 +67,7 @@ class Runs(dict):
     def __missing__(self, method: str) -> dict:
         if method not in mms.list_methods():
             pytest.skip(f"method {method!r} is not registered (mm_subspace.list_methods() = {mms.list_methods()})")
-        extra = {"moslora": ["--train_text_encoder", "--output_kohya_format"]}.get(method, [])
+        extra = {"moslora": ["--train_text_encoder", "--output_kohya_format"], "sulora": ["--balance_coef", "0.01"]}.get(method, [])
         self[method] = run(self.root / method, "--adapter", method, "--max_train_steps", "3",
                            "--checkpointing_steps", "2", "--num_validation_images", "2", *extra, instance=self.instance)
         return self[method]
@@ -262,9 +262,12 @@ def test_parse_args_errors_and_recipe() -> None:
         db.parse_args(["--adapter", "moslor"])
     with pytest.raises(ConfigError, match="--mixer_init does not apply to --adapter lora"):
         db.parse_args(["--adapter", "lora", "--mixer_init", "orthogonal"])
-    sulora = db.parse_args(["--adapter", "sulora", "--pairing", "index", "--a_init", "kaiming", "--router_temperature", "0.5"])
+    sulora = db.parse_args(["--adapter", "sulora", "--pairing", "index", "--a_init", "kaiming", "--router_temperature", "0.5",
+                            "--balance_coef", "0.02"])
     config = db.adapter_config(sulora, "sdxl_unet")
-    assert (config.pairing, config.a_init, config.router_temperature) == ("index", "kaiming", 0.5)
+    assert (config.pairing, config.a_init, config.router_temperature, config.balance_coef) == ("index", "kaiming", 0.5, 0.02)
+    with pytest.raises(ConfigError, match="--balance_coef does not apply to --adapter lora; it is a flag of sulora"):
+        db.parse_args(["--adapter", "lora", "--balance_coef", "0"])
     with pytest.raises(ValueError, match="needs --class_prompt"):
         db.parse_args(["--with_prior_preservation", "--default_subject", "cat"])
     with pytest.raises(ValueError, match="--rank must be > 0"):
@@ -581,7 +584,7 @@ def test_random_crop_and_flip_are_drawn_per_epoch_and_reproducible() -> None:
 def test_optimizer_learning_rates_follow_diffusers(monkeypatch: pytest.MonkeyPatch) -> None:
     parts = {"unet": torch.nn.Linear(2, 2), "text_encoder": torch.nn.Linear(2, 2)}
     args = db.parse_args(["--scale_lr", "--train_batch_size", "2", "--gradient_accumulation_steps", "3", "--train_text_encoder",
-                          "--learning_rate", "1e-4"])  # the embedded digit default's own lr is 2e-3
+                          "--learning_rate", "1e-4", "--default_subject", "cat"])  # the digit subject's own: 2e-3, 1e-3
     assert args.text_encoder_lr == 5e-6  # diffusers' default, not --learning_rate
     lrs = {g["name"]: g["lr"] for g in db.make_optimizer(args, parts, world=2).param_groups}
     assert lrs == {"unet": pytest.approx(1e-4 * 2 * 3 * 2), "text_encoder": 5e-6}  # --scale_lr: --learning_rate only

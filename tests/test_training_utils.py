@@ -189,16 +189,16 @@ def test_is_dora_and_method_flag_values_follow_the_registry():
     from mm_subspace.training_utils import check_method_flags, is_dora, method_flag_values
 
     assert is_dora("dora") and not is_dora("lora") and not is_dora("moslora")
-    args = argparse.Namespace(adapter="moslora", mixer_init="orthogonal", num_subspaces=None)
+    args = argparse.Namespace(adapter="moslora", mixer_init="orthogonal", num_subspaces=None, balance_coef=None)
     assert method_flag_values(args) == {"mixer_init": "orthogonal"}
     args.adapter = "lora"  # lora has no mixer: the flag is not passed on
     assert method_flag_values(args) == {}
     sulora = argparse.Namespace(adapter="sulora", mixer_init=None, num_subspaces=8, pairing="index", a_init="kaiming",
-                                router_temperature=0.5)
+                                router_temperature=0.5, balance_coef=0.0)
     assert method_flag_values(sulora) == {"num_subspaces": 8, "pairing": "index", "a_init": "kaiming",
-                                          "router_temperature": 0.5}
+                                          "router_temperature": 0.5, "balance_coef": 0.0}  # 0 is a value, not "unset"
     asy = argparse.Namespace(**{**vars(sulora), "adapter": "asylora", "num_subspaces": None, "pairing": None,
-                                "router_temperature": None})
+                                "router_temperature": None, "balance_coef": None})
     assert method_flag_values(asy) == {"a_init": "kaiming"}
     with pytest.raises(ConfigError, match="--pairing does not apply to --adapter asylora; it is a flag of sulora"):
         check_method_flags(argparse.Namespace(**{**vars(asy), "pairing": "paired"}))

@@ -241,6 +241,23 @@ def test_real_path_folder_model_json_data_and_bad_records(tmp_path: Path) -> Non
     assert meta["base_model"]["name_or_path"] == model
 
 
+@pytest.mark.parametrize(("argv", "lr"), [
+    (["--adapter", "sulora"], 6e-3),                              # docs/methods.md: SuLoRA at LoRA's budget needs 6e-3
+    (["--adapter", "sulora", "--learning_rate", "1e-3"], 1e-3),   # the user's flag wins
+    (["--adapter", "asylora"], 2e-3),                             # AsyLoRA (B only too) lost a seed at 6e-3
+    (["--adapter", "lora"], 2e-3),
+    (["--adapter", "sulora", "--model_name_or_path", "x"], None),  # a real model takes the recipe's lr, not ours
+])
+def test_embedded_learning_rate_per_method(argv: list[str], lr: float | None) -> None:
+    args = vi.parse_args(argv)
+    if lr is None:
+        assert args.learning_rate != vi.EMBEDDED_METHOD_LEARNING_RATES["sulora"]
+        return
+    assert args.learning_rate == pytest.approx(lr)
+    if args.adapter == "sulora":
+        assert vi.adapter_config(args).balance_coef == 0.0  # the load-balance loss is off by default
+
+
 def test_parse_args_errors_and_recipe() -> None:
     args = vi.parse_args(["--recipe", "moslora_vi_llama3", "--learning_rate", "1e-3"])
     assert (args.adapter, args.rank, args.alpha, args.vision_rank, args.vision_alpha) == ("moslora", 64, 128.0, 64, 16.0)

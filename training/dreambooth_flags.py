@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("adapter")
     add_flags(g, "--adapter", "--rank", "--alpha", "--lora_dropout", "--mixer_init", "--num_subspaces", "--pairing", "--a_init",
-              "--router_temperature",
+              "--router_temperature", "--balance_coef",
               rank={"help": "Rank r of the adapter's low-rank factors (the embedded digit subject defaults to 6)."})
     g.add_argument("--target_preset", type=str, default="sdxl_unet",
                    help="UNet modules to adapt: a preset name (mm_subspace.list_presets()) or comma-separated module names/suffixes. "

@@ -53,6 +53,9 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
     "--router_temperature": {"type": float, "default": None,
                              "help": "SuLoRA: router softmax temperature (default 1). Only for methods with a "
                              "router_temperature field."},
+    "--balance_coef": {"type": finite_float, "default": None,
+                       "help": "SuLoRA: weight of the load-balance loss (Eq. 6) added to the objective (default 0: off; the "
+                       "sulora_* recipes use 0.01). Only for methods with a balance_coef field."},
     # training
     "--recipe": {"type": str, "default": None,
                  "help": "Paper setting from mm_subspace.recipes (`mm-subspace recipes` lists them). Flags given "
