@@ -22,7 +22,7 @@ DIGIT_DEFAULTS: dict[str, Any] = {"train_batch_size": 2, "num_class_images": 50,
                                   "lr_scheduler": "cosine", "lr_warmup_steps": 50, "prior_loss_weight": 2.0,
                                   "train_text_encoder": True, "text_encoder_lr": 1e-3}
 #: the digit subject's learning rate for adapters that train only B (AsyLoRA with its A frozen, SuLoRA): one factor
-#: moves ΔW instead of two, and at 2e-3 AsyLoRA learned the 9 in 28 % of images (6e-3: 73 %; docs/dreambooth.md)
+#: moves ΔW instead of two, and at 2e-3 AsyLoRA learned the 9 in 28 % of images (6e-3: 73 %; docs/methods.md)
 DIGIT_B_ONLY_LEARNING_RATE = 6e-3
 REAL_MAX_STEPS = 500  # the MoSLoRA paper's step count
 EMBEDDED_RESOLUTION = 32  # the shipped digits SDXL: UNet sample_size 8 x VAE factor 4 (tested against its config)
