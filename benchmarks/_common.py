@@ -286,6 +286,25 @@ def train_step_fn(model: nn.Module, loss_fn: Callable, batch: Any) -> Callable[[
 
 
 # -- output ---------------------------------------------------------------------------------------------
+def count_params(model: nn.Module, method: str, rank: int, targets: Any, **extra: Any) -> mms.ParameterCounts:
+    """Trainable and stored (frozen tensors included) parameters of ``method`` at ``rank`` on ``targets`` of ``model``,
+    counted on an adapter injected under a temporary name and removed again."""
+    mms.inject(model, mms.config_for(method, rank=rank, targets=targets, **extra), "_count")
+    try:
+        mms.set_adapter(model, "_count")
+        return mms.parameter_counts(model, "_count")
+    finally:
+        mms.remove_adapter(model, "_count")
+
+
+def budget_rank(model: nn.Module, method: str, lora_rank: int, targets: Any) -> int:
+    """The rank of ``method`` whose trainable count on ``targets`` is closest to LoRA's at ``lora_rank`` (ties: the
+    smaller rank; TS-Mixing takes even ranks only). Equal budgets compare trainable parameters, not stored ones."""
+    budget = count_params(model, "lora", lora_rank, targets).trainable
+    candidates = range(2, 4 * lora_rank + 1, 2) if method == "ts_mixing" else range(1, 4 * lora_rank + 1)
+    return min(candidates, key=lambda r: (abs(count_params(model, method, r, targets).trainable - budget), r))
+
+
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):

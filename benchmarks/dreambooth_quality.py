@@ -80,24 +80,12 @@ def _script() -> Any:
 
 def budget_rank(method: str, rank: int) -> int:
     """The rank of ``method`` whose trainable parameter count on the UNet's targets is closest to LoRA's at ``rank``."""
-    import mm_subspace as mms
     from mm_subspace.presets import get_preset
     from mm_subspace.tiny_models import tiny_sdxl_pipeline
     from mm_subspace.training.dreambooth_flags import DIGIT_DEFAULTS
 
     unet = tiny_sdxl_pipeline().unet.requires_grad_(False)
-    targets = get_preset(DIGIT_DEFAULTS["target_preset"]).resolve(unet)
-
-    def trainable(name: str, r: int) -> int:
-        mms.inject(unet, mms.config_for(name, rank=r, alpha=r, targets=targets), "_count")
-        mms.set_adapter(unet, "_count")
-        try:
-            return mms.parameter_counts(unet, "_count").trainable
-        finally:
-            mms.remove_adapter(unet, "_count")
-
-    budget = trainable("lora", rank)
-    return min(range(1, 4 * rank + 1), key=lambda r: (abs(trainable(method, r) - budget), r))
+    return C.budget_rank(unet, method, rank, get_preset(DIGIT_DEFAULTS["target_preset"]).resolve(unet))
 
 
 def _params(out: Path) -> dict[str, int]:

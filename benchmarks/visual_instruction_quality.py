@@ -30,40 +30,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _common
 from _common import RESULTS, machine, markdown_table, write_results
 
-import mm_subspace as mms
 from mm_subspace.training import visual_instruction as vi
 
 METHODS = ("lora", "moslora", "ts_mixing", "asylora", "sulora", "dora")
 INITS = ("kaiming_uniform", "kaiming_unit", "orthogonal", "identity", "normal", "zero")
 
 
-def count_params(model: Any, method: str, rank: int, **extra: Any) -> mms.ParameterCounts:
-    """Trainable and stored (frozen tensors included) parameters of ``method`` at ``rank`` on the LM targets."""
-    config = mms.config_for(method, rank=rank, alpha=2 * rank, targets=vi.LLM_TARGETS, **extra)
-    mms.inject(model, config, "_count")
-    try:
-        mms.set_adapter(model, "_count")
-        return mms.parameter_counts(model, "_count")
-    finally:
-        mms.remove_adapter(model, "_count")
-
-
 def budget_ranks(methods: list[str], budget_rank: int) -> dict[str, tuple[int, int, int]]:
     """method -> (rank, trainable params, stored params) with the trainable count closest to LoRA's at ``budget_rank``
-    (equal budgets compare trainable parameters; stored ones add frozen tensors such as SuLoRA's and AsyLoRA's A)."""
+    on the LM targets (stored ones add frozen tensors such as SuLoRA's and AsyLoRA's A)."""
     from mm_subspace.tiny_models import tiny_llava
 
     model, _ = tiny_llava()
     model.requires_grad_(False)
-    budget = count_params(model, "lora", budget_rank).trainable
     out = {}
     for method in methods:
-        candidates = range(2, 4 * budget_rank + 1, 2) if method == "ts_mixing" else range(1, 4 * budget_rank + 1)
-        best = min((abs(count_params(model, method, r).trainable - budget), r) for r in candidates)
-        counts = count_params(model, method, best[1])
-        out[method] = (best[1], counts.trainable, counts.stored)
+        rank = _common.budget_rank(model, method, budget_rank, vi.LLM_TARGETS)
+        counts = _common.count_params(model, method, rank, vi.LLM_TARGETS)
+        out[method] = (rank, counts.trainable, counts.stored)
     return out
 
 
@@ -73,7 +60,7 @@ def sweep_stored(rank: int, mults: tuple[int, ...]) -> dict[int, int]:
 
     model, _ = tiny_llava()
     model.requires_grad_(False)
-    return {m: count_params(model, "sulora", rank, num_subspaces=m * rank).stored for m in mults}
+    return {m: _common.count_params(model, "sulora", rank, vi.LLM_TARGETS, num_subspaces=m * rank).stored for m in mults}
 
 
 def run(args: argparse.Namespace, method: str, rank: int, seed: int, *extra: str, eval_base: bool = False) -> dict[str, Any]:
