@@ -174,6 +174,12 @@ class AdapterConfig:
         """JSON-able dict with the method name under ``"method"``."""
         return {"method": self.method, **dataclasses.asdict(self)}
 
+    @property
+    def frozen_factor(self) -> str | None:
+        """``"A"`` or ``"B"``: the low-rank factor that stays frozen at its init (AsyLoRA, SuLoRA), so only the other
+        one trains; ``None`` when both train or the method has no such pair (LoRA, DoRA, IA3, ...)."""
+        return None
+
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
@@ -232,9 +238,3 @@ class LowRankConfig(AdapterConfig):
         if isinstance(self.mpc_coef, bool) or not isinstance(self.mpc_coef, (int, float)) or self.mpc_coef < 0:
             raise ConfigError(f"{self.method}: mpc_coef must be a number >= 0, got {self.mpc_coef!r}")
         check_choice(f"{self.method}: mpc_activation", self.mpc_activation, ACTIVATIONS)
-
-    @property
-    def frozen_factor(self) -> str | None:
-        """``"A"`` or ``"B"``: the factor that stays frozen at its init (AsyLoRA, SuLoRA), so only the other one
-        trains; ``None`` when both train (LoRA and the rest)."""
-        return None

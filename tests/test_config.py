@@ -29,3 +29,4 @@ def test_frozen_factor_names_the_factor_that_stays_at_its_init() -> None:
     assert mms.config_for("asylora", rank=2).frozen_factor == "A"
     assert mms.config_for("asylora", rank=2, freeze="B").frozen_factor == "B"
     assert mms.config_for("sulora", rank=2).frozen_factor == "A"
+    assert mms.config_for("ia3").frozen_factor is None  # not a low-rank method: no factor to freeze

@@ -194,8 +194,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         args.instance_prompt = digits_eval.INSTANCE_PROMPT if digit_default else DEFAULT_INSTANCE_PROMPT
     if args.learning_rate is None:
         args.learning_rate = EMBEDDED_LEARNING_RATE if args.embedded_model else 1e-4
-        if digit_default and args.embedded_model and getattr(adapter_config(args, "unet"), "frozen_factor", None) == "A":
-            args.learning_rate = DIGIT_B_ONLY_LEARNING_RATE  # only B trains (AsyLoRA, SuLoRA): docs/dreambooth.md
+        if digit_default and args.embedded_model and adapter_config(args, "unet").frozen_factor == "A":
+            args.learning_rate = DIGIT_B_ONLY_LEARNING_RATE  # only B trains (AsyLoRA, SuLoRA): docs/methods.md
     if args.eval_subject_digit is None and digit_default:
         args.eval_subject_digit = digits_eval.SUBJECT_DIGIT
     if args.eval_subject_digit is not None and not 0 <= args.eval_subject_digit <= 9:
