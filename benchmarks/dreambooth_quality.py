@@ -36,8 +36,7 @@ from typing import Any
 import _common as C
 
 #: (key for --methods, label, --adapter, extra flags); the key of a method's default case is the method's name.
-#: ``BUDGET`` in the flags: the rank whose trainable count is closest to LoRA's at ``--rank`` (counted on the UNet)
-BUDGET = "<budget rank>"
+#: A key ending in ``_budget`` runs the method at the rank whose trainable count is closest to LoRA's at ``--rank``
 CASES: list[tuple[str, str, str, list[str]]] = [
     ("lora", "lora", "lora", []),
     ("moslora", "moslora (orthogonal mixer: default, paper's SDXL run)", "moslora", []),
@@ -46,8 +45,8 @@ CASES: list[tuple[str, str, str, list[str]]] = [
     ("asylora", "asylora (orthonormal frozen A, default)", "asylora", []),
     ("sulora", "sulora (paired, orthonormal frozen A, default)", "sulora", []),
     ("dora", "dora", "dora", []),
-    ("asylora_budget", "asylora at LoRA's trainable budget", "asylora", [BUDGET]),
-    ("sulora_budget", "sulora at LoRA's trainable budget", "sulora", [BUDGET]),
+    ("asylora_budget", "asylora at LoRA's trainable budget", "asylora", []),
+    ("sulora_budget", "sulora at LoRA's trainable budget", "sulora", []),
 ]
 #: the headline pair (docs/dreambooth.md): run on --headline_seeds
 HEADLINE = ("lora", "moslora")
@@ -142,9 +141,8 @@ def main() -> None:
     base: dict[str, float] | None = None
     for key, label, method, extra in cases:
         seeds = args.headline_seeds if key in HEADLINE and args.headline_seeds else args.seeds
-        rank = budget_rank(method, args.rank) if BUDGET in extra else args.rank
-        if BUDGET in extra:
-            extra = [f for f in extra if f != BUDGET]
+        rank = budget_rank(method, args.rank) if key.endswith("_budget") else args.rank
+        if key.endswith("_budget"):
             label = f"{label} (r={rank})"
         for seed in seeds:
             out = work / f"{method}{''.join(extra[1:])}{'' if rank == args.rank else f'-r{rank}'}-seed{seed}"
