@@ -285,13 +285,13 @@ def test_parse_args_errors_and_recipe() -> None:
 
 
 def test_digit_subject_defaults_yield_to_flags_recipes_and_other_subjects() -> None:
-    """The embedded digit run trains rank 6 with 50 warm-up steps, cosine decay, prior weight 2 and adapters on both
-    text encoders at lr 1e-3 (chosen with benchmarks/dreambooth_quality.py, docs/dreambooth.md); an explicit flag or a
+    """The embedded digit run trains rank 6 with 50 warm-up steps, cosine decay, prior weight 1.5 and adapters on both
+    text encoders at lr 2e-3 (chosen with benchmarks/dreambooth_quality.py, docs/dreambooth.md); an explicit flag or a
     recipe wins, and other subjects keep diffusers' defaults (rank 4, constant, no warm-up, weight 1, UNet only,
     text-encoder lr 5e-6)."""
     digit = db.parse_args([])
-    assert (digit.lr_scheduler, digit.lr_warmup_steps, digit.prior_loss_weight, digit.max_train_steps) == ("cosine", 50, 2.0, 500)
-    assert (digit.rank, digit.alpha, digit.train_text_encoder, digit.text_encoder_lr, digit.learning_rate) == (6, 6.0, True, 1e-3, 2e-3)
+    assert (digit.lr_scheduler, digit.lr_warmup_steps, digit.prior_loss_weight, digit.max_train_steps) == ("cosine", 50, 1.5, 500)
+    assert (digit.rank, digit.alpha, digit.train_text_encoder, digit.text_encoder_lr, digit.learning_rate) == (6, 6.0, True, 2e-3, 2e-3)
     assert db.parse_args(["--rank", "4"]).alpha == 4.0  # alpha follows the rank actually used
     assert digit.checkpointing_steps == 250
     mine = db.parse_args(["--lr_scheduler", "constant", "--prior_loss_weight", "1", "--no-train_text_encoder",
