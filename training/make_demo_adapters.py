@@ -8,8 +8,9 @@ fresh install shows real adapters within seconds instead of training first:
 
 * ``dreambooth-sdxl-lora/``, ``dreambooth-sdxl-moslora/``: the headline DreamBooth run
   (``training/dreambooth_sdxl.py --adapter <method>``, every default: the shipped digits SDXL taught
-  the held-out 9, 250 steps, rank 4 on ``sdxl_unet_wide``), the adapter folders only (``unet/``), with the
-  measured subject fidelity and prior preservation in the manifest;
+  the held-out 9, 500 steps, rank 6 on ``sdxl_unet_wide`` and both text encoders), the adapter folders only
+  (``unet/``, ``text_encoder/``, ``text_encoder_2/``), with the measured subject fidelity and prior
+  preservation in the manifest;
 * ``llava-lora/``, ``llava-moslora/``: tiny adapters of the shipped digits LLaVA
   (:func:`mm_subspace.training.demo_adapters.make_demo_llava_adapter`, rank 4, 30 steps on
   :data:`~mm_subspace.training.demo_adapters.DEMO_EXAMPLES`).
