@@ -34,6 +34,8 @@ ACCELERATE_PATTERNS = ("optimizer*.bin", "scheduler*.bin", "sampler*.bin", "dl_s
 REQUIRED_FILES = ("optimizer.bin",)
 #: keys of one loss-history row: the step (an int) and named finite floats
 HISTORY_KEY = "loss_history"
+#: ``trainer_state.json`` key of the fp16 loss scaler's skipped-step counts ({"total": int, "consecutive": int})
+SKIPPED_KEY = "skipped_steps"
 
 
 def _is_int(value: Any) -> bool:
@@ -82,6 +84,12 @@ def read_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
         raise AdapterFileError(f"{path}: 'method' is missing or not a string (got {state.get('method')!r:.60})")
     if HISTORY_KEY in state:
         check_history_rows(state[HISTORY_KEY], str(path))
+    if SKIPPED_KEY in state:
+        skipped = state[SKIPPED_KEY]
+        if not (isinstance(skipped, dict) and set(skipped) == {"total", "consecutive"}
+                and all(_is_int(v) and v >= 0 for v in skipped.values()) and skipped["consecutive"] <= skipped["total"]):
+            raise AdapterFileError(f"{path}: {SKIPPED_KEY!r} must be {{'total': int, 'consecutive': int}} with "
+                                   f"0 <= consecutive <= total (got {skipped!r:.80}): the file is corrupt")
     return state
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_paths, atomic_write_text, fsync_dir
-from .checkpoints import HISTORY_KEY, TRAINER_STATE, check_accelerate_files, check_history_rows, read_trainer_state
+from .checkpoints import HISTORY_KEY, SKIPPED_KEY, TRAINER_STATE, check_accelerate_files, check_history_rows, read_trainer_state
 from .errors import AdapterFileError, ConfigError, NonFiniteError
 from .inject import adapter_layers, adapter_state_dict, get_state
 from .io import CONFIG_NAME, WEIGHTS_NAME, load_tensors_into, read_adapter_config, read_adapter_weights, save_adapter
@@ -376,6 +376,9 @@ class CheckpointManager:
     last_saved: Path | None = field(default=None, init=False)
     #: the loss history saved in (and restored from) ``trainer_state.json``
     history: LossHistory | None = field(default=None, init=False)
+    #: the fp16 loss scaler's skipped-step counter (:class:`mm_subspace.distributed.SkippedSteps`), saved and
+    #: restored with it, so a resumed run keeps its total and the run of consecutive skips it was in
+    skipped: Any = field(default=None, init=False)
     #: the trained parts (set by :meth:`register_hooks`): checked finite before every save
     parts: dict[str, nn.Module] = field(default_factory=dict, init=False)
 
@@ -503,9 +506,12 @@ class CheckpointManager:
             raise AdapterFileError(f"checkpoint {path} cannot be resumed: {err}. {offer}") from None
 
     def restore(self, state: dict[str, Any]) -> None:
-        """After ``accelerator.load_state``: the loss history of ``state`` (a checked ``trainer_state.json``)."""
+        """After ``accelerator.load_state``: the loss history and skipped-step counts of ``state`` (a checked
+        ``trainer_state.json``; checkpoints written before the counts were saved restore none)."""
         if self.history is not None:
             self.history.rows = [dict(row) for row in state.get(HISTORY_KEY, [])]
+        if self.skipped is not None and SKIPPED_KEY in state:
+            self.skipped.load_state_dict(state[SKIPPED_KEY])
 
     def register_hooks(self, accelerator: Accelerator, parts: dict[str, nn.Module], base_model: str | None = None,
                        export: Callable[[dict[str, nn.Module], Path], None] | None = None) -> None:
@@ -577,6 +583,8 @@ class CheckpointManager:
                 state["num_processes"] = self.num_processes
             if self.history is not None:
                 state[HISTORY_KEY] = self.history.rows
+            if self.skipped is not None:
+                state[SKIPPED_KEY] = self.skipped.state_dict()
             atomic_write_text(tmp / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
             fsync_dir(tmp)
             if final.exists():  # a re-run of the same step: replace it

@@ -22,7 +22,8 @@ def _write_state(folder, content: bytes | str) -> None:
 
 
 def test_trainer_state_round_trip(tmp_path):
-    state = {"step": 3, "method": "moslora", "loss_history": [{"step": 1, "loss": 0.5, "lr": 1e-4}]}
+    state = {"step": 3, "method": "moslora", "loss_history": [{"step": 1, "loss": 0.5, "lr": 1e-4}],
+             "skipped_steps": {"total": 2, "consecutive": 1}}
     _write_state(tmp_path / "c", json.dumps(state))
     assert read_trainer_state(tmp_path / "c") == state
 
@@ -40,6 +41,10 @@ def test_trainer_state_round_trip(tmp_path):
     ('{"step": 2, "method": "lora", "loss_history": {"rows": []}}', "'loss_history' must be a list"),
     ('{"step": 2, "method": "lora", "loss_history": [{"step": 1, "loss": NaN}]}', r"loss_history\[0\]"),
     ('{"step": 2, "method": "lora", "loss_history": [{"loss": 1.0}]}', r"loss_history\[0\]"),
+    ('{"step": 2, "method": "lora", "skipped_steps": [3, 1]}', "'skipped_steps' must be"),
+    ('{"step": 2, "method": "lora", "skipped_steps": {"total": 1, "consecutive": 2}}', "0 <= consecutive <= total"),
+    ('{"step": 2, "method": "lora", "skipped_steps": {"total": -1, "consecutive": 0}}', "'skipped_steps' must be"),
+    ('{"step": 2, "method": "lora", "skipped_steps": {"total": 1.5, "consecutive": 0}}', "'skipped_steps' must be"),
 ])
 def test_broken_trainer_state_names_the_file(tmp_path, content, says):
     _write_state(tmp_path / "checkpoint-2", content)

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from conftest import run_two_cpu_processes
@@ -65,6 +66,21 @@ def test_dreambooth_fp16_scaler_skips_the_overflowing_first_steps_and_trains(tmp
     assert_trained_and_finite(out / "unet")
     for step in (4, 8):  # checkpoints written during and after the skipped steps hold finite adapters
         assert all(torch.isfinite(t).all() for t in adapter_tensors(out / f"checkpoint-{step}" / "unet").values())
+
+
+def test_fp16_skipped_step_counts_survive_a_resume(tmp_path: Path, forced_scaler: None) -> None:
+    """The skipped-step counts are saved in trainer_state.json with the checkpoint: resuming from step 4 ends with
+    the same total as the uninterrupted run, not only the skips after the resume."""
+    out = tmp_path / "db"
+    flags = [*DB_FAST, "--output_dir", str(out), "--mixed_precision", "fp16", "--max_train_steps", "8",
+             "--checkpointing_steps", "4"]
+    whole = db.main(db.parse_args(flags))
+    saved = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["skipped_steps"]
+    assert saved["total"] >= 1  # the scale 2**24 overflows on the first steps
+    AcceleratorState._reset_state(reset_partial_state=True)  # a second run in this process, as the fixture does
+    resumed = db.main(db.parse_args([*flags, "--resume_from_checkpoint", "checkpoint-4"]))
+    assert resumed["resumed_from"] == out / "checkpoint-4"
+    assert resumed["skipped_steps"] == whole["skipped_steps"] >= saved["total"]
 
 
 def test_visual_instruction_fp16_scaler_skips_the_overflowing_first_steps_and_trains(tmp_path: Path,

@@ -375,6 +375,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     manager.register_hooks(accelerator, parts, base_model=args.pretrained_model_name_or_path or "mm_subspace.tiny_sdxl",
                            export=checkpoint_export)
     manager.history = history  # saved as JSON in trainer_state.json (never pickled)
+    skips = SkippedSteps(accelerator, args.max_skipped_steps)  # fp16: steps the loss scaler skips are not divergence
+    manager.skipped = skips  # its counts too, so a resumed run keeps them
     trained = list(parts)
     replicate_trainable(accelerator, [parts[n] for n in trained])  # FSDP2: the frozen base is sharded, adapters whole
     prepared = accelerator.prepare(*[parts[n] for n in trained], optimizer, lr_scheduler)
@@ -508,7 +510,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(global_step * accum, args.max_train_steps * accum),
                                          num_workers=args.dataloader_num_workers)
     items = iter(loader)
-    skips = SkippedSteps(accelerator, args.max_skipped_steps)  # fp16: steps the loss scaler skips are not divergence
     while global_step < args.max_train_steps:
         sums = torch.zeros(2, device=device)  # diffusion loss, aux loss over this optimizer step
         for micro in range(args.gradient_accumulation_steps):

@@ -547,6 +547,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     history = LossHistory()
     manager.register_hooks(accelerator, parts, base_model=base_name)
     manager.history = history  # saved as JSON in trainer_state.json (never pickled)
+    skips = SkippedSteps(accelerator, args.max_skipped_steps)  # fp16: steps the loss scaler skips are not divergence
+    manager.skipped = skips  # its counts too, so a resumed run keeps them
     replicate_trainable(accelerator, [model])  # FSDP2: the frozen base is sharded, adapters whole
     model_w, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -592,7 +594,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     model_w.train()
     started, step_times = time.perf_counter(), []
-    skips = SkippedSteps(accelerator, args.max_skipped_steps)  # fp16: steps the loss scaler skips are not divergence
     while global_step < args.max_train_steps:
         t0 = time.perf_counter()
         sums = torch.zeros(2)
