@@ -144,8 +144,9 @@ def main() -> None:
     base: dict[str, float] | None = None
     for key, label, method, extra in cases:
         seeds = args.headline_seeds if key in HEADLINE and args.headline_seeds else args.seeds
-        rank = budget_rank(method, args.rank) if key.endswith("_budget") else args.rank
+        rank = args.rank
         if key.endswith("_budget"):
+            rank = budget_rank(method, args.rank)
             label = f"{label} (r={rank})"
         for seed in seeds:
             out = work / f"{method}{''.join(extra[1:])}{'' if rank == args.rank else f'-r{rank}'}-seed{seed}"

@@ -8,8 +8,9 @@ _SULORA_ALPHA = ("The paper gives no α: alpha = r with the default alpha/r scal
                  "paper's convention pass scaling_mode='alpha' and your α. Eq. (4) is read literally (pairing='index', "
                  "Kaiming A); build_config(pairing='paired', a_init='orthonormal') gives the library defaults "
                  "(docs/methods.md, SuLoRA pairing).")
-#: Eq. (4) read literally, with LoRA's Kaiming A (the library defaults pair a_i with b_i and freeze an orthonormal A)
-_SULORA_EQ4 = dict(pairing="index", a_init="kaiming", balance_coef=0.01)  # Eq. 4 literally, Kaiming A, Eq. 6 on
+#: Eq. (4) read literally, with LoRA's Kaiming A and the load-balance loss of Eq. (6) on (the library defaults pair
+#: a_i with b_i, freeze an orthonormal A and leave Eq. 6 off)
+_SULORA_EQ4 = dict(pairing="index", a_init="kaiming", balance_coef=0.01)
 _GLUE = "GLUE (CoLA, SST-2, MRPC, QNLI, STS-B, RTE, MNLI, QQP); 3 seeds averaged (§4.3)."
 register_recipe(Recipe(
     "sulora_glue_r4", "roberta", "sulora", dict(rank=4, alpha=4.0, num_subspaces=8, targets="roberta_qv", **_SULORA_EQ4),
